@@ -1,0 +1,215 @@
+"""The one decoder protocol every model speaks, and `Model`: weights + tokenizer + that protocol.
+
+Every architecture (T5, LLaMA, an early-exit view of LLaMA) is an nnx module with four methods:
+
+  prepare(prompt_ids[B,S], prompt_mask[B,S], cache, num_layers=None) -> (context, cache)
+      T5: runs the encoder once and precomputes cross-attention K/V (cache passes through).
+      LLaMA: prefills the whole (right-padded) prompt into the cache at positions 0..S-1.
+  init_cache(batch, max_len, dtype, num_layers=None) -> cache
+      Fixed-shape K/V buffers indexed by absolute position (a pytree, no mutable collections).
+  decode(tokens[B,T], start[B], cache, context, num_layers=None) -> (logits[B,T,V] float32, cache)
+      Writes K/V at absolute positions start..start+T-1 of each row (positions outside
+      [0, max_len) are dropped) and attends causally by absolute position. Rolling back rejected
+      draft tokens costs nothing: the next call overwrites from the new length.
+  embed(context) -> [B, D] float32
+      The query representation for the policy: T5 mean-pools encoder states over real tokens;
+      LLaMA takes the final (normed) hidden state of the last real prompt token.
+
+`num_layers` lets an early-exit view run only the first k decoder layers (then the final norm
+and the shared LM head); T5 ignores it.
+
+`Decoder` is the static, hashable half (graph definition + exit layer) that jit treats as a
+compile-time constant; the weights travel separately as an `nnx.State` pytree argument so they are
+never baked into the HLO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Cache = Any  # a pytree of fixed-shape arrays
+Context = Any  # a dict of arrays produced by `prepare`
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """Static half of a model: everything jit must know at trace time, nothing it must not."""
+
+  graphdef: Any  # nnx.GraphDef of the architecture module (config included)
+  exit_layers: int | None = None  # early-exit view: run only the first k decoder layers
+
+  def _module(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def prepare(self, params, prompt_ids, prompt_mask, cache):
+    return self._module(params).prepare(prompt_ids, prompt_mask, cache, num_layers=self.exit_layers)
+
+  def init_cache(self, params, batch: int, max_len: int):
+    module = self._module(params)
+    return module.init_cache(batch, max_len, module.config.dtype, num_layers=self.exit_layers)
+
+  def decode(self, params, tokens, start, cache, context):
+    return self._module(params).decode(tokens, start, cache, context, num_layers=self.exit_layers)
+
+  def embed(self, params, context):
+    return self._module(params).embed(context)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(decoder: Decoder, params, input_ids, attention_mask, decoder_input_ids):
+  """Uncached forward pass through the protocol: prepare, then one decode call from position 0."""
+  batch = input_ids.shape[0]
+  if decoder_input_ids is None:  # decoder-only: the prompt itself is decoded from position 0
+    tokens = input_ids
+    cache = decoder.init_cache(params, batch, input_ids.shape[1])
+    context = None  # decoder-only decode needs no context
+  else:
+    tokens = decoder_input_ids
+    cache = decoder.init_cache(params, batch, decoder_input_ids.shape[1])
+    context, cache = decoder.prepare(params, input_ids, attention_mask, cache)
+  start = jnp.zeros((batch,), jnp.int32)
+  logits, _ = decoder.decode(params, tokens, start, cache, context)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(decoder: Decoder, params, input_ids, attention_mask):
+  cache = decoder.init_cache(params, input_ids.shape[0], input_ids.shape[1])
+  context, _ = decoder.prepare(params, input_ids, attention_mask, cache)
+  return decoder.embed(params, context)
+
+
+class Model:
+  """A loaded model: config, weights, tokenizer and the decoder protocol.
+
+  Attributes:
+    decoder: the static `Decoder` (graph definition, exit layer) used as a jit constant.
+    params: the weights, an `nnx.State` pytree.
+    config: the architecture's frozen config dataclass (`T5Config` or `LlamaConfig`).
+    tokenizer: a transformers tokenizer, or None when the directory holds no tokenizer files.
+    name: where the model came from (directory or hub id), for tables and logs.
+  """
+
+  def __init__(self, module: nnx.Module, tokenizer=None, name: str = "model",
+               exit_layers: int | None = None):
+    graphdef, params = nnx.split(module)
+    self.decoder = Decoder(graphdef, exit_layers)
+    self.params = params
+    self.config = module.config
+    self.tokenizer = tokenizer
+    self.name = name if exit_layers is None else f"{name}@layer{exit_layers}"
+
+  @classmethod
+  def _from_parts(cls, decoder, params, config, tokenizer, name):
+    model = cls.__new__(cls)
+    model.decoder, model.params, model.config = decoder, params, config
+    model.tokenizer, model.name = tokenizer, name
+    return model
+
+  # ----- facts the decoding loop and the bandit need -----
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.config.is_encoder_decoder
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self.config.pad_token_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.config.eos_token_id
+
+  @property
+  def decoder_start_id(self) -> int | None:
+    return self.config.decoder_start_token_id if self.is_encoder_decoder else None
+
+  @property
+  def max_positions(self) -> int | None:
+    """Longest sequence the model supports (None: relative positions, no hard limit)."""
+    return getattr(self.config, "max_position_embeddings", None)
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  @property
+  def exit_layers(self) -> int | None:
+    return self.decoder.exit_layers
+
+  @property
+  def num_params(self) -> int:
+    """Parameters this model actually runs (an early-exit view counts only its layers)."""
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+    if self.exit_layers is None:
+      return total
+    per_layer = self.config.params_per_decoder_layer
+    return total - per_layer * (self.config.num_decoder_layers - self.exit_layers)
+
+  # ----- eager conveniences (numpy in, numpy out) -----
+  def logits(self, input_ids, decoder_input_ids=None, attention_mask=None) -> np.ndarray:
+    """Full forward logits.
+
+    Args:
+      input_ids: int [B, S], right-padded with any id where `attention_mask` is 0.
+      decoder_input_ids: int [B, T] (T5 only; required there): decoder inputs starting with the
+        decoder start token. Must be None for decoder-only models.
+      attention_mask: {0,1} [B, S], 1 for real tokens; default all ones.
+
+    Returns:
+      float32 numpy [B, T, V]: logits at every decoder position (T = S for decoder-only models).
+    """
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    if self.is_encoder_decoder and decoder_input_ids is None:
+      raise ValueError(f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
+                       f"(starting with decoder_start_token_id={self.decoder_start_id}).")
+    if not self.is_encoder_decoder and decoder_input_ids is not None:
+      raise ValueError(f"{self.name} is decoder-only: pass the whole sequence as input_ids and "
+                       "leave decoder_input_ids=None.")
+    if decoder_input_ids is not None:
+      decoder_input_ids = jnp.asarray(np.asarray(decoder_input_ids, np.int32))
+    out = _full_logits(self.decoder, self.params, input_ids, attention_mask, decoder_input_ids)
+    return np.asarray(out, np.float32)
+
+  def embed(self, input_ids, attention_mask=None) -> np.ndarray:
+    """Query embedding for the policy: float32 numpy [B, D] (see the module docstring)."""
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    return np.asarray(_embed(self.decoder, self.params, input_ids, attention_mask), np.float32)
+
+  def early_exit(self, layers: int) -> "Model":
+    """A drafter made of the first `layers` decoder layers + final norm + the shared LM head.
+
+    The view shares the target's weights (no copy). LLaMA only.
+    """
+    if self.is_encoder_decoder:
+      raise ValueError("early_exit is for decoder-only (LLaMA) targets; T5 has no early-exit view.")
+    total = self.config.num_decoder_layers
+    if not 1 <= layers <= total:
+      raise ValueError(f"early_exit(layers={layers}): must be between 1 and the model's {total} layers.")
+    decoder = Decoder(self.decoder.graphdef, layers)
+    base = self.name.split("@")[0]
+    return Model._from_parts(decoder, self.params, self.config, self.tokenizer, f"{base}@layer{layers}")
+
+  def __repr__(self):
+    kind = "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
+    return f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, dtype={self.config.dtype})"
+
+
+def _as_batch(input_ids, attention_mask):
+  ids = np.asarray(input_ids)
+  if ids.ndim == 1:
+    ids = ids[None]
+  if ids.ndim != 2 or ids.shape[1] == 0:
+    raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}.")
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+  return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
