@@ -1,0 +1,222 @@
+"""`generate`: checks inputs, buckets prompts, compiles once per shape, runs the loop, reports stats.
+
+Compilation is ahead of time (`jit(...).lower(...).compile()`), so `stats.seconds` never includes
+it, and every compilation is counted (`compilation_count()`) and logged: a benchmark can show that
+the count does not grow with the number of queries once their buckets are warm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import numpy as np
+
+from jax_specsel.decoding import loop, sampling
+from jax_specsel.models.interface import Model
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 8
+_COMPILED: dict = {}
+_COMPILE_SECONDS: list[float] = []
+
+
+@dataclasses.dataclass
+class Stats:
+  """Per-call counters of one `generate` call (per-row arrays where noted).
+
+  drafted: draft tokens proposed (gamma per round per active row), [B].
+  accepted: draft tokens the target validated (paper A.6: a rejection rejects the rest), [B].
+  acceptance_rate: accepted / drafted over the batch (nan without a drafter).
+  rounds: rounds per row, [B]; target_calls: target decode calls for the batch.
+  mean_accepted_length: tokens per round including the bonus/correction token = 1 + accepted/rounds.
+  per_position: [gamma] rounds in which draft position i was accepted, summed over rows.
+  seconds: wall time of the compiled call (compilation excluded); compile_seconds: 0 when cached.
+  """
+
+  drafted: np.ndarray
+  accepted: np.ndarray
+  rounds: np.ndarray
+  per_position: np.ndarray
+  target_calls: int
+  seconds: float
+  compile_seconds: float
+  new_tokens: int
+
+  @property
+  def acceptance_rate(self) -> float:
+    total = int(self.drafted.sum())
+    return float(self.accepted.sum()) / total if total else float("nan")
+
+  @property
+  def mean_accepted_length(self) -> float:
+    return 1.0 + float(self.accepted.sum()) / max(int(self.rounds.sum()), 1)
+
+  @property
+  def ms_per_token(self) -> float:
+    return 1e3 * self.seconds / max(self.new_tokens, 1)
+
+  def as_dict(self) -> dict:
+    return {"drafted": int(self.drafted.sum()), "accepted": int(self.accepted.sum()),
+            "acceptance_rate": self.acceptance_rate, "target_calls": self.target_calls,
+            "mean_accepted_length": self.mean_accepted_length,
+            "per_position": self.per_position.tolist(), "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds, "new_tokens": self.new_tokens,
+            "ms_per_token": self.ms_per_token}
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: np.ndarray  # int32 [B, max_new_tokens], padded with the pad id after EOS / length
+  lengths: np.ndarray  # int32 [B] generated tokens per row (EOS included when emitted)
+  stats: Stats
+
+
+def compilation_count() -> int:
+  """How many generation programs have been compiled in this process."""
+  return len(_COMPILE_SECONDS)
+
+
+def bucket_length(length: int, limit: int | None = None) -> int:
+  """Power-of-two bucket (at least MIN_BUCKET) for a prompt length, capped at `limit`."""
+  bucket = max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+  return min(bucket, limit) if limit else bucket
+
+
+def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int = 7,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             max_new_tokens: int = 64, seed: int = 0, attention_mask=None) -> GenerateOutput:
+  """Autoregressive (drafter=None) or speculative generation in one compiled while_loop.
+
+  Args:
+    target: the model whose distribution is sampled (greedy: whose argmax text is reproduced).
+    prompt_ids: int [B, S] right-padded (with `attention_mask`), or a list of B id lists.
+    drafter: a `Model` of the same family and tokenizer, an early-exit view, or None.
+    gamma: draft tokens per round (ignored without a drafter).
+    temperature: 0 for greedy; > 0 samples (the drafter samples with the same processing).
+    top_k: keep the k most likely ids (0: off). top_p: nucleus mass in (0, 1] (1: off).
+    max_new_tokens: tokens to generate at most per row.
+    seed: PRNG seed for every random draw.
+    attention_mask: {0,1} [B, S], 1 on real prompt tokens; default: every token is real.
+
+  Returns:
+    GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
+  """
+  _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  ids, mask = _pad_prompts(prompt_ids, attention_mask, target)
+  if drafter is not None:
+    check_compatible(target, drafter)
+  settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
+  spec = loop.LoopSpec(
+      target=target.decoder, drafter=None if drafter is None else drafter.decoder,
+      gamma=0 if drafter is None else int(gamma), settings=settings,
+      max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
+      eos_id=target.eos_id, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
+      target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
+  drafter_params = None if drafter is None else drafter.params
+  args = (target.params, drafter_params, ids, mask, jax.random.PRNGKey(seed))
+  compiled, compile_seconds = _compiled(spec, args)
+  started = time.perf_counter()
+  state = jax.block_until_ready(compiled(*args))
+  seconds = time.perf_counter() - started
+  return _output(spec, state, seconds, compile_seconds)
+
+
+def _check_settings(gamma, temperature, top_k, top_p, max_new_tokens):
+  if int(gamma) < 1:
+    raise ValueError(f"gamma={gamma}: the number of draft tokens per round must be >= 1.")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy decoding).")
+  if int(top_k) < 0:
+    raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables the top-k filter).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 disables the nucleus filter).")
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1.")
+
+
+def _pad_prompts(prompt_ids, attention_mask, target: Model):
+  """Right-pads prompts to their power-of-two bucket in numpy (no device op per new length)."""
+  if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
+    rows = [np.asarray(r, np.int64).reshape(-1) for r in prompt_ids]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), target.pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  else:
+    ids = np.asarray(prompt_ids, np.int64)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+  if ids.ndim != 2 or ids.shape[0] == 0:
+    raise ValueError(f"prompt_ids must be [batch, length] with batch >= 1, got shape {ids.shape}.")
+  lengths = mask.sum(axis=1)
+  if (lengths == 0).any():
+    raise ValueError(f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row needs "
+                     "at least one real token (for decoder-only models, e.g. the BOS token).")
+  limit = target.max_positions
+  if limit and lengths.max() > limit:
+    raise ValueError(f"a prompt has {int(lengths.max())} tokens but {target.name} supports at most "
+                     f"{limit} positions (max_position_embeddings): truncate the prompt.")
+  out_of_vocab = mask.astype(bool) & ((ids < 0) | (ids >= target.vocab_size))
+  if out_of_vocab.any():
+    raise ValueError(f"prompt ids must lie in [0, {target.vocab_size}) for {target.name}.")
+  bucket = bucket_length(int(lengths.max()), limit)
+  padded_ids = np.full((ids.shape[0], bucket), target.pad_id, np.int32)
+  padded_mask = np.zeros((ids.shape[0], bucket), np.int32)
+  width = min(ids.shape[1], bucket)
+  padded_ids[:, :width] = np.where(mask[:, :width] > 0, ids[:, :width], target.pad_id)
+  padded_mask[:, :width] = mask[:, :width]
+  return padded_ids, padded_mask
+
+
+def check_compatible(target: Model, drafter: Model) -> None:
+  """Raises ValueError unless the drafter can draft for the target (same family and tokenizer)."""
+  if drafter.is_encoder_decoder != target.is_encoder_decoder:
+    raise ValueError(f"drafter {drafter.name} and target {target.name} must both be encoder-decoder "
+                     "or both decoder-only.")
+  if (drafter.eos_id, drafter.pad_id) != (target.eos_id, target.pad_id):
+    raise ValueError(f"drafter {drafter.name} uses eos/pad ids {(drafter.eos_id, drafter.pad_id)} but "
+                     f"target {target.name} uses {(target.eos_id, target.pad_id)}: different tokenizers.")
+  if target.tokenizer is not None and drafter.tokenizer is not None:
+    if _real_vocab(target.tokenizer) != _real_vocab(drafter.tokenizer):
+      raise ValueError(f"drafter {drafter.name} and target {target.name} have different tokenizers: "
+                       "speculative decoding needs a shared vocabulary (ids must mean the same text).")
+  elif abs(target.vocab_size - drafter.vocab_size) > 256:
+    raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
+                     f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
+
+
+def _real_vocab(tokenizer) -> dict:
+  return dict(tokenizer.get_vocab())
+
+
+def _compiled(spec, args):
+  batch, prompt_length = args[2].shape
+  cache_key = (spec, batch, prompt_length)
+  if cache_key in _COMPILED:
+    return _COMPILED[cache_key], 0.0
+  started = time.perf_counter()
+  compiled = jax.jit(loop.run, static_argnums=0).lower(spec, *args).compile()
+  seconds = time.perf_counter() - started
+  _COMPILED[cache_key] = compiled
+  _COMPILE_SECONDS.append(seconds)
+  log.info("compiled generation #%d (batch %d, prompt bucket %d, gamma %d, %s) in %.2fs",
+           len(_COMPILE_SECONDS), batch, prompt_length, spec.gamma,
+           "greedy" if spec.settings.greedy else "sampled", seconds)
+  return compiled, seconds
+
+
+def _output(spec, state, seconds, compile_seconds) -> GenerateOutput:
+  lengths = np.asarray(state.num_generated, np.int32)
+  tokens = np.asarray(state.tokens)[:, :spec.max_new_tokens].copy()
+  tokens[np.arange(spec.max_new_tokens)[None, :] >= lengths[:, None]] = spec.pad_id
+  rounds = np.asarray(state.rounds)
+  stats = Stats(drafted=rounds * spec.gamma, accepted=np.asarray(state.accepted), rounds=rounds,
+                per_position=np.asarray(state.accepted_at).sum(axis=0),
+                target_calls=int(state.target_calls), seconds=seconds,
+                compile_seconds=compile_seconds, new_tokens=int(lengths.sum()))
+  return GenerateOutput(tokens=tokens, lengths=lengths, stats=stats)

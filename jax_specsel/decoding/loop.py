@@ -1,0 +1,211 @@
+"""The whole generation as one `lax.while_loop`: autoregressive (gamma = 0) and speculative rounds.
+
+One round, per batch row:
+  1. the drafter catches up on [previous, pending] at positions position-1, position (its cache
+     may lack the last accepted draft), then proposes gamma tokens x_1..x_gamma;
+  2. the target scores [pending, x_1..x_gamma] in one `decode` call at `position`;
+  3. accept a prefix of n drafts and draw one more token (correction or bonus);
+  4. emit x_1..x_n and that token; it becomes the new `pending` at position + n + 1.
+With no drafter (gamma = 0) step 2 scores [pending] alone and step 3 draws the next token: plain
+autoregressive decoding through the same machinery. Caches are indexed by absolute position, so
+rejected drafts need no rollback: the next round overwrites them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jax_specsel.decoding import sampling
+from jax_specsel.models.attention import write_at_positions
+from jax_specsel.models.interface import Decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """Everything static about a generation call (a jit compile-time constant)."""
+
+  target: Decoder
+  drafter: Decoder | None
+  gamma: int  # 0 when there is no drafter
+  settings: sampling.SamplingSettings
+  max_new_tokens: int
+  is_encoder_decoder: bool
+  eos_id: int
+  pad_id: int
+  start_id: int  # T5 decoder start token; unused for decoder-only models
+  target_vocab: int
+  drafter_vocab: int
+
+  def cache_length(self, prompt_length: int) -> int:
+    """Room for the prompt (decoder-only), every emitted token and one over-long verify block."""
+    prompt_part = 0 if self.is_encoder_decoder else prompt_length
+    return prompt_part + self.max_new_tokens + self.gamma + 2
+
+
+@struct.dataclass
+class LoopState:
+  tokens: jax.Array  # int32 [B, max_new + gamma + 1] emitted ids (garbage past num_generated)
+  num_generated: jax.Array  # int32 [B]
+  pending: jax.Array  # int32 [B] last emitted token, not yet in the target cache
+  position: jax.Array  # int32 [B] absolute position of `pending`
+  previous: jax.Array  # int32 [B] token at position - 1 (for the drafter's catch-up)
+  done: jax.Array  # bool [B]
+  target_cache: Any
+  drafter_cache: Any
+  key: jax.Array
+  rounds: jax.Array  # int32 [B] rounds this row took part in
+  accepted: jax.Array  # int32 [B] accepted draft tokens (paper A.6)
+  accepted_at: jax.Array  # int32 [B, gamma] rounds in which draft position i was accepted
+  target_calls: jax.Array  # int32 [] target decode calls (one per round for the whole batch)
+
+
+def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, key):
+  """Generates for a right-padded prompt batch; jit this with `spec` static.
+
+  Args:
+    spec: the static LoopSpec.
+    target_params, drafter_params: nnx.State weights (drafter_params None without a drafter).
+    prompt_ids: int32 [B, S] right-padded prompts; prompt_mask: int32 [B, S], 1 on real tokens.
+    key: PRNG key.
+
+  Returns:
+    The final LoopState.
+  """
+  batch, prompt_length = prompt_ids.shape
+  cache_length = spec.cache_length(prompt_length)
+  target_cache = spec.target.init_cache(target_params, batch, cache_length)
+  target_context, target_cache = spec.target.prepare(target_params, prompt_ids, prompt_mask, target_cache)
+  drafter_context = drafter_cache = None
+  if spec.drafter is not None:
+    drafter_cache = spec.drafter.init_cache(drafter_params, batch, cache_length)
+    drafter_context, drafter_cache = spec.drafter.prepare(drafter_params, prompt_ids, prompt_mask,
+                                                          drafter_cache)
+  state = _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key)
+
+  def body(state):
+    return _round(spec, target_params, drafter_params, target_context, drafter_context, state)
+
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key) -> LoopState:
+  batch = prompt_ids.shape[0]
+  zeros = jnp.zeros((batch,), jnp.int32)
+  if spec.is_encoder_decoder:
+    pending = jnp.full((batch,), spec.start_id, jnp.int32)
+    position, previous = zeros, jnp.full((batch,), spec.pad_id, jnp.int32)
+  else:  # the last prompt token is re-fed by the first round (it is then in the cache twice-written)
+    last = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1
+    pending = jnp.take_along_axis(prompt_ids, last[:, None], axis=1)[:, 0]
+    before_last = jnp.take_along_axis(prompt_ids, jnp.maximum(last - 1, 0)[:, None], axis=1)[:, 0]
+    position, previous = last, jnp.where(last > 0, before_last, spec.pad_id)
+  return LoopState(
+      tokens=jnp.full((batch, spec.max_new_tokens + spec.gamma + 1), spec.pad_id, jnp.int32),
+      num_generated=zeros, pending=pending, position=position, previous=previous,
+      done=jnp.zeros((batch,), bool), target_cache=target_cache, drafter_cache=drafter_cache,
+      key=key, rounds=zeros, accepted=zeros,
+      accepted_at=jnp.zeros((batch, spec.gamma), jnp.int32), target_calls=jnp.zeros((), jnp.int32))
+
+
+def _round(spec, target_params, drafter_params, target_context, drafter_context, state):
+  key, draft_key, accept_key = jax.random.split(state.key, 3)
+  drafter_cache = state.drafter_cache
+  if spec.gamma:
+    draft_tokens, draft_logprobs, drafter_cache = _draft(spec, drafter_params, drafter_context,
+                                                         state, draft_key)
+    block = jnp.concatenate([state.pending[:, None], draft_tokens], axis=1)
+  else:
+    draft_tokens = draft_logprobs = None
+    block = state.pending[:, None]
+  target_logits, target_cache = spec.target.decode(target_params, block, state.position,
+                                                   state.target_cache, target_context)
+  num_accepted, next_token = _verify(spec, draft_tokens, draft_logprobs, target_logits, accept_key)
+  return _advance(spec, state, draft_tokens, num_accepted, next_token, target_cache,
+                  drafter_cache, key)
+
+
+def _draft(spec, drafter_params, drafter_context, state, key):
+  """Catch up on [previous, pending], then propose gamma tokens. Returns tokens [B,G], log q or None."""
+  keys = jax.random.split(key, spec.gamma)
+  catch_up = jnp.stack([state.previous, state.pending], axis=1)
+  logits, cache = spec.drafter.decode(drafter_params, catch_up, state.position - 1,
+                                      state.drafter_cache, drafter_context)
+  first, first_logprobs = sampling.sample_token(_to_target_vocab(spec, logits[:, -1]), spec.settings,
+                                                keys[0])
+
+  def step(carry, step_key):
+    cache, token, position = carry
+    logits, cache = spec.drafter.decode(drafter_params, token[:, None], position, cache,
+                                        drafter_context)
+    token, logprobs = sampling.sample_token(_to_target_vocab(spec, logits[:, 0]), spec.settings,
+                                            step_key)
+    return (cache, token, position + 1), (token, logprobs)
+
+  (cache, _, _), (rest, rest_logprobs) = jax.lax.scan(step, (cache, first, state.position + 1),
+                                                      keys[1:])
+  tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+  if spec.settings.greedy:
+    return tokens, None, cache
+  logprobs = jnp.concatenate([first_logprobs[:, None], jnp.swapaxes(rest_logprobs, 0, 1)], axis=1)
+  return tokens, logprobs, cache
+
+
+def _to_target_vocab(spec, logits):
+  """Drafter logits [B, Vd] on the target's ids [B, Vt]: padding rows differ (T5 32100 vs 32128)."""
+  if spec.drafter_vocab == spec.target_vocab:
+    return logits
+  if spec.drafter_vocab > spec.target_vocab:
+    return logits[:, :spec.target_vocab]
+  fill = jnp.full((logits.shape[0], spec.target_vocab - spec.drafter_vocab), -jnp.inf, logits.dtype)
+  return jnp.concatenate([logits, fill], axis=1)
+
+
+def _verify(spec, draft_tokens, draft_logprobs, target_logits, key):
+  """(num_accepted [B], next_token [B]) for one round."""
+  batch = target_logits.shape[0]
+  if not spec.gamma:  # autoregressive: just draw the next token
+    token, _ = sampling.sample_token(target_logits[:, 0], spec.settings, key)
+    return jnp.zeros((batch,), jnp.int32), token
+  if spec.settings.greedy:
+    return sampling.greedy_accept(draft_tokens, target_logits)
+  target_logprobs = sampling.process_logits(target_logits, spec.settings)
+  return sampling.speculative_accept(draft_tokens, draft_logprobs, target_logprobs, key)
+
+
+def _advance(spec, state, draft_tokens, num_accepted, next_token, target_cache, drafter_cache, key):
+  """Emits x_1..x_n + next_token per row, handles EOS and max_new_tokens, updates counters."""
+  gamma, active = spec.gamma, ~state.done
+  slots = jnp.arange(gamma + 1)[None, :]  # [1, G+1]
+  if gamma:
+    drafted = jnp.concatenate([draft_tokens, next_token[:, None]], axis=1)
+    emitted = jnp.where(slots < num_accepted[:, None], drafted, next_token[:, None])
+  else:
+    emitted = next_token[:, None]
+  is_eos = (emitted == spec.eos_id) & (slots <= num_accepted[:, None])
+  first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), gamma + 1)
+  room = spec.max_new_tokens - state.num_generated
+  kept = jnp.minimum(jnp.minimum(num_accepted + 1, first_eos + 1), room)
+  finished = (first_eos <= num_accepted) | (kept >= room)
+  tokens = write_at_positions(state.tokens, emitted, state.num_generated)
+  if gamma:
+    previous = jnp.where(num_accepted > 0, jnp.take_along_axis(
+        draft_tokens, jnp.maximum(num_accepted - 1, 0)[:, None], axis=1)[:, 0], state.pending)
+    accepted_at = state.accepted_at + ((slots[:, :gamma] < num_accepted[:, None]) & active[:, None])
+  else:
+    previous, accepted_at = state.pending, state.accepted_at
+  keep = lambda new, old: jnp.where(active, new, old)
+  return LoopState(
+      tokens=jnp.where(active[:, None], tokens, state.tokens),
+      num_generated=keep(state.num_generated + kept, state.num_generated),
+      pending=keep(next_token, state.pending),
+      position=keep(state.position + num_accepted + 1, state.position),
+      previous=keep(previous, state.previous),
+      done=state.done | finished,
+      target_cache=target_cache, drafter_cache=drafter_cache, key=key,
+      rounds=state.rounds + active, accepted=state.accepted + num_accepted * active,
+      accepted_at=accepted_at.astype(jnp.int32), target_calls=state.target_calls + 1)

@@ -1,0 +1,222 @@
+"""The decoding loop driven by fake models with exact expected tokens, and the sampling math vs numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+import jax_specsel.decoding as dec
+from jax_specsel.decoding import sampling
+from fake_models import fake_model, reference_greedy
+
+
+# ---------------------------------------------------------------- sampling math vs numpy
+def _numpy_speculative(draft_tokens, q, p, uniforms):
+  """Reference: (num_accepted, next-token distribution) per row, written from the paper."""
+  batch, gamma = draft_tokens.shape
+  accepted, dists = [], []
+  for b in range(batch):
+    n = 0
+    while n < gamma:
+      x = draft_tokens[b, n]
+      if uniforms[b, n] < min(1.0, p[b, n, x] / q[b, n, x]):
+        n += 1
+      else:
+        break
+    if n < gamma:
+      residual = np.maximum(p[b, n] - q[b, n], 0.0)
+      dist = residual / residual.sum()
+    else:
+      dist = p[b, gamma]
+    accepted.append(n)
+    dists.append(dist)
+  return np.array(accepted), np.array(dists)
+
+
+def test_speculative_accept_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  batch, gamma, vocab = 64, 4, 6
+  p = rng.dirichlet(np.ones(vocab) * 0.7, size=(batch, gamma + 1))
+  q = rng.dirichlet(np.ones(vocab) * 0.7, size=(batch, gamma))
+  draft = np.array([[rng.choice(vocab, p=q[b, i]) for i in range(gamma)] for b in range(batch)])
+  key = jax.random.PRNGKey(3)
+  num_accepted, next_token = sampling.speculative_accept(
+      jnp.asarray(draft), jnp.log(jnp.asarray(q, jnp.float32)), jnp.log(jnp.asarray(p, jnp.float32)), key)
+  uniform_key, residual_key = jax.random.split(key)
+  uniforms = np.asarray(jax.random.uniform(uniform_key, (batch, gamma)))
+  ref_accepted, ref_dists = _numpy_speculative(draft, q, p, uniforms)
+  np.testing.assert_array_equal(np.asarray(num_accepted), ref_accepted)
+  assert 0 < ref_accepted.mean() < gamma  # the case mixes rejections and full acceptances
+  ref_next = jax.random.categorical(residual_key, jnp.log(jnp.asarray(ref_dists, jnp.float32)), axis=-1)
+  np.testing.assert_array_equal(np.asarray(next_token), np.asarray(ref_next))
+
+
+def test_greedy_accept_rule():
+  vocab = 5
+  targets = np.array([[2, 3, 4, 0], [2, 1, 1, 1], [4, 4, 4, 3]])  # target argmax per block slot
+  logits = np.eye(vocab)[targets] * 5.0
+  drafts = np.array([[2, 3, 4], [2, 3, 1], [0, 4, 4]])
+  num_accepted, next_token = sampling.greedy_accept(jnp.asarray(drafts), jnp.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(num_accepted), [3, 1, 0])
+  np.testing.assert_array_equal(np.asarray(next_token), [0, 1, 4])
+
+
+def test_top_k_top_p_processing_against_numpy():
+  logits = np.array([[2.0, 1.0, 0.5, 0.0, -1.0]])
+  out = np.exp(np.asarray(sampling.process_logits(jnp.asarray(logits),
+                                                  sampling.SamplingSettings(0.5, 3, 1.0))))
+  ref = np.exp(logits[0, :3] / 0.5) / np.exp(logits[0, :3] / 0.5).sum()
+  np.testing.assert_allclose(out[0], np.r_[ref, 0, 0], rtol=1e-5)
+  probs = np.exp(logits[0]) / np.exp(logits[0]).sum()  # [0.55, 0.20, 0.12, 0.07, 0.03]
+  out = np.exp(np.asarray(sampling.process_logits(jnp.asarray(logits),
+                                                  sampling.SamplingSettings(1.0, 0, 0.8))))
+  keep = np.cumsum(probs) - probs < 0.8  # the first three reach 0.8
+  np.testing.assert_allclose(out[0], np.where(keep, probs, 0) / probs[keep].sum(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the loop, greedy exactness
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_speculative_equals_autoregressive(gamma):
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  prompts = [[2, 3, 4], [5], [6, 7, 8, 9, 10, 11, 2, 3, 4], [3, 3]]
+  auto = dec.generate(target, prompts, max_new_tokens=20)
+  for drafter_seed in (1, 2):
+    drafter = fake_model(drafter_seed, vocab_size=12, eos_id=1, sharpness=1.0)
+    spec = dec.generate(target, prompts, drafter=drafter, gamma=gamma, max_new_tokens=20)
+    np.testing.assert_array_equal(spec.tokens, auto.tokens)
+    np.testing.assert_array_equal(spec.lengths, auto.lengths)
+  for row, prompt in enumerate(prompts):  # and both equal uncached decoding, row by row
+    ref = reference_greedy(target, prompt, 20)
+    assert auto.tokens[row, :auto.lengths[row]].tolist() == ref
+
+
+def test_partially_aligned_drafter_accepts_some():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  drafter = fake_model(0, vocab_size=12, eos_id=1)  # same weights: every draft is accepted
+  out = dec.generate(target, [[2, 3, 4]], drafter=drafter, gamma=4, max_new_tokens=12)
+  assert out.stats.acceptance_rate == 1.0
+  assert out.stats.target_calls == 3 and out.stats.mean_accepted_length == 5.0
+  assert out.stats.per_position.tolist() == [3, 3, 3, 3]
+
+
+def test_eos_inside_accepted_block_stops_the_row():
+  target = fake_model(4, vocab_size=10, eos_id=1)
+  prompts = [[k] for k in range(2, 10)]
+  auto = dec.generate(target, prompts, max_new_tokens=30)
+  stopped = [r for r in range(len(prompts)) if auto.tokens[r, auto.lengths[r] - 1] == 1]
+  assert stopped, "the fake model should emit EOS for some prompt"
+  spec = dec.generate(target, prompts, drafter=target, gamma=7, max_new_tokens=30)
+  np.testing.assert_array_equal(spec.tokens, auto.tokens)
+  np.testing.assert_array_equal(spec.lengths, auto.lengths)
+  for r in stopped:
+    assert (spec.tokens[r, spec.lengths[r]:] == target.pad_id).all()
+
+
+def test_max_new_tokens_smaller_than_gamma():
+  target = fake_model(0, vocab_size=12, eos_id=99 % 12)
+  auto = dec.generate(target, [[2, 3]], max_new_tokens=3)
+  spec = dec.generate(target, [[2, 3]], drafter=target, gamma=7, max_new_tokens=3)
+  assert spec.tokens.shape == (1, 3) and spec.lengths.tolist() == [3]
+  np.testing.assert_array_equal(spec.tokens, auto.tokens)
+
+
+@pytest.mark.parametrize("length", [8, 16])
+def test_prompt_that_fills_its_bucket_exactly(length):
+  assert dec.bucket_length(length) == length
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  prompt = [2 + (i % 9) for i in range(length)]
+  spec = dec.generate(target, [prompt], drafter=fake_model(2, vocab_size=12), gamma=3,
+                      max_new_tokens=10)
+  assert spec.tokens[0, :spec.lengths[0]].tolist() == reference_greedy(target, prompt, 10)
+
+
+def test_prompts_in_one_bucket_reuse_the_compiled_program():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  dec.generate(target, [[2, 3, 4]], max_new_tokens=9)
+  before = dec.compilation_count()
+  for length in range(1, 9):
+    dec.generate(target, [[2] * length], max_new_tokens=9)
+  assert dec.compilation_count() == before
+  dec.generate(target, [[2] * 9], max_new_tokens=9)  # the next bucket compiles once
+  assert dec.compilation_count() == before + 1
+
+
+# ---------------------------------------------------------------- sampling preserves the distribution
+def _exact_two_token_distribution(target, prompt, settings):
+  """p(x1, x2 | prompt) from the target's full-forward logits, with the same processing."""
+  vocab = target.vocab_size
+  first = np.exp(np.asarray(sampling.process_logits(
+      jnp.asarray(target.logits(np.asarray([prompt]))[:, -1]), settings)))[0]
+  joint = np.zeros((vocab, vocab))
+  seqs = np.asarray([prompt + [x] for x in range(vocab)])
+  second = np.exp(np.asarray(sampling.process_logits(jnp.asarray(target.logits(seqs)[:, -1]), settings)))
+  for x in range(vocab):
+    joint[x] = first[x] * second[x]
+  return joint
+
+
+def _chi_square_pvalue(samples, joint, vocab):
+  counts = np.bincount(samples[:, 0] * vocab + samples[:, 1], minlength=vocab * vocab)
+  expected = joint.reshape(-1) / joint.sum() * len(samples)
+  cells = expected > 0
+  assert counts[~cells].sum() == 0, "sampled a pair the target gives probability 0"
+  expected = expected[cells] * counts[cells].sum() / expected[cells].sum()
+  return scipy_stats.chisquare(counts[cells], expected).pvalue
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p):
+  vocab, num_samples, prompt = 6, 40000, [2, 3]
+  target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
+  drafter = fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
+  settings = sampling.SamplingSettings(temperature, top_k, top_p)
+  joint = _exact_two_token_distribution(target, prompt, settings)
+  out = dec.generate(target, [prompt] * num_samples, drafter=drafter, gamma=3, temperature=temperature,
+                     top_k=top_k, top_p=top_p, max_new_tokens=2, seed=11)
+  assert 0.05 < out.stats.acceptance_rate < 0.95  # both branches (accept, residual) are exercised
+  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  # Power check: the same test on samples from a 2%-perturbed distribution must fail.
+  rng = np.random.default_rng(0)
+  support = (joint > 0) / (joint > 0).sum()
+  perturbed = 0.98 * joint / joint.sum() + 0.02 * support  # a 2% mixture, same support
+  flat = rng.choice(vocab * vocab, size=num_samples, p=perturbed.reshape(-1) / perturbed.sum())
+  assert _chi_square_pvalue(np.stack([flat // vocab, flat % vocab], 1), joint, vocab) < 1e-3
+
+
+def test_seed_changes_samples_and_is_reproducible():
+  target = fake_model(0, vocab_size=12, eos_id=1, sharpness=0.5)
+  a = dec.generate(target, [[2, 3]] * 8, temperature=1.0, max_new_tokens=10, seed=1)
+  b = dec.generate(target, [[2, 3]] * 8, temperature=1.0, max_new_tokens=10, seed=1)
+  c = dec.generate(target, [[2, 3]] * 8, temperature=1.0, max_new_tokens=10, seed=2)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gamma": 0}, "gamma"), ({"temperature": -0.5}, "temperature"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_bad_settings_raise(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    dec.generate(fake_model(0), [[2, 3]], **kwargs)
+
+
+def test_bad_prompts_raise():
+  target = fake_model(0)
+  with pytest.raises(ValueError, match="empty prompt"):
+    dec.generate(target, np.array([[2, 3]]), attention_mask=np.array([[0, 0]]))
+  with pytest.raises(ValueError, match="at most"):
+    dec.generate(target, [[2] * 600])
+  with pytest.raises(ValueError, match="prompt ids"):
+    dec.generate(target, [[2, 300]])
+
+
+def test_incompatible_drafter_raises():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  with pytest.raises(ValueError, match="eos/pad"):
+    dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=12, eos_id=3))
+  with pytest.raises(ValueError, match="vocabulary sizes"):
+    dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=400, eos_id=1))
