@@ -6,9 +6,10 @@ Public API:
   bandit.train_policy / bandit.load_policy          (jax_specsel.bandit)
 """
 
+from jax_specsel.decoding import GenerateOutput, compilation_count, generate
 from jax_specsel.models.interface import Decoder, Model
 from jax_specsel.models.loading import (CheckpointNotFoundError, UnsupportedModelError,
                                         WeightMismatchError, load_model)
 
-__all__ = ["Decoder", "Model", "load_model", "CheckpointNotFoundError", "UnsupportedModelError",
+__all__ = ["Decoder", "Model", "load_model", "generate", "GenerateOutput", "compilation_count", "CheckpointNotFoundError", "UnsupportedModelError",
            "WeightMismatchError"]

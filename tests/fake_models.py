@@ -76,3 +76,21 @@ def reference_greedy(model: Model, prompt: list[int], max_new_tokens: int) -> li
     if token == model.eos_id:
       break
   return out
+
+
+def word_tokenizer(vocab_size: int):
+  """A word-level tokenizer whose id i is the word "w<i>" (ids 0-2: <pad>, </s>, <unk>)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+  core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                 unk_token="<unk>")
+
+
+def fake_model_with_tokenizer(seed: int, vocab_size: int = 12, sharpness: float = 3.0,
+                              name: str = "fake") -> Model:
+  model = fake_model(seed, vocab_size=vocab_size, eos_id=1, sharpness=sharpness, name=name)
+  model.tokenizer = word_tokenizer(vocab_size)
+  return model

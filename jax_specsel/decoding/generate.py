@@ -106,7 +106,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
     GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
   """
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
-  ids, mask = _pad_prompts(prompt_ids, attention_mask, target)
+  ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   if drafter is not None:
     check_compatible(target, drafter)
   settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
@@ -138,7 +138,7 @@ def _check_settings(gamma, temperature, top_k, top_p, max_new_tokens):
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1.")
 
 
-def _pad_prompts(prompt_ids, attention_mask, target: Model):
+def pad_prompts(prompt_ids, attention_mask, target: Model):
   """Right-pads prompts to their power-of-two bucket in numpy (no device op per new length)."""
   if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
     rows = [np.asarray(r, np.int64).reshape(-1) for r in prompt_ids]
