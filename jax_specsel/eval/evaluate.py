@@ -1,0 +1,160 @@
+"""Evaluation of the paper's tables: quality, ms/token, speedup, acceptance, choice histogram.
+
+Every query is decoded on its own (batch 1), as the paper's A.7 accounting prescribes: the query
+embedding is computed but not timed (it reuses the target's first pass), the policy's inference is
+timed and added to the decoding time of the option it chose. Each single option (autoregressive,
+every drafter) is measured on every query too, which gives the baselines and a per-query cost table
+from which policy sweeps (alpha, number of training examples) are priced without re-decoding.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+import time
+from typing import Sequence
+
+import datasets
+import jax
+import numpy as np
+
+from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text, embed_prompts
+from jax_specsel.data.tasks import get_task
+from jax_specsel.decoding import generate
+from jax_specsel.eval import metrics
+from jax_specsel.models.interface import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  gamma: int = 7
+  temperature: float = 0.0  # the paper samples at T=1; greedy makes every option's text identical
+  max_new_tokens: int = 64
+  seeds: tuple[int, ...] = (0, 1, 2)  # repeats over which ms/token mean and spread are taken
+
+
+@dataclasses.dataclass
+class QueryRun:
+  seconds: float
+  tokens: int
+  accepted: int
+  drafted: int
+  text: str
+
+
+def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
+               seed: int) -> QueryRun:
+  """Decodes one query with one option (drafter None: autoregressive)."""
+  out = generate(target, [prompt_ids], drafter=drafter, gamma=config.gamma,
+                 temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed)
+  return QueryRun(out.stats.seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
+                  int(out.stats.drafted.sum()), decode_text(target, out)[0])
+
+
+def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, policy=None,
+             config: EvalConfig = EvalConfig()) -> dict:
+  """Measures every single option and, with a policy, its greedy and dynamic variants.
+
+  Args:
+    target: the target model (tokenizer attached).
+    drafters: name -> drafter; names must match the policy's option names.
+    examples: columns id, task, prompt, reference.
+    policy: a trained bandit Policy (option names: drafter names and possibly "autoregressive").
+    config: decoding settings and seeds.
+
+  Returns:
+    {"domains": {task: {option: row}}, "choices": {task: {option: share}}, "per_query": {...}}
+    with rows {quality, ms_per_token, ms_per_token_spread, speedup, acceptance_rate}.
+  """
+  prompts = target.tokenizer(list(examples["prompt"]))["input_ids"]
+  options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
+  _warm_up(target, options, prompts, config)
+  runs = {name: [[run_option(target, d, p, config, s) for p in prompts] for s in config.seeds]
+          for name, d in options.items()}
+  choices = {}
+  if policy is not None:
+    embeddings = embed_prompts(target, prompts)  # not timed (paper A.7)
+    for variant, greedy in (("policy_greedy", True), ("policy_dynamic", False)):
+      runs[variant], choices[variant] = _run_policy(target, options, policy, prompts, embeddings,
+                                                    greedy, config)
+  return _summarize(examples, runs, choices)
+
+
+def _warm_up(target, options, prompts, config):
+  """Compiles every (option, prompt bucket) once so no timed call includes compilation."""
+  seen = set()
+  for prompt in prompts:
+    bucket = max(8, 1 << (len(prompt) - 1).bit_length())
+    if bucket not in seen:
+      seen.add(bucket)
+      for drafter in options.values():
+        run_option(target, drafter, prompt, config, 0)
+
+
+def _run_policy(target, options, policy, prompts, embeddings, greedy, config):
+  names = policy.option_names
+  unknown = set(names) - set(options)
+  if unknown:
+    raise ValueError(f"the policy chooses among {names} but options {sorted(unknown)} are not given.")
+  per_seed, chosen = [], []
+  for seed in config.seeds:
+    runs = []
+    key = jax.random.key(seed)
+    for i, prompt in enumerate(prompts):
+      key, sub = jax.random.split(key)
+      started = time.perf_counter()
+      choice = int(policy.choose_one(embeddings[i], greedy=greedy, key=sub))
+      policy_seconds = time.perf_counter() - started
+      run = run_option(target, options[names[choice]], prompt, config, seed)
+      run.seconds += policy_seconds
+      runs.append(run)
+      if seed == config.seeds[0]:
+        chosen.append(names[choice])
+    per_seed.append(runs)
+  return per_seed, chosen
+
+
+def _summarize(examples, runs, choices) -> dict:
+  tasks = list(examples["task"])
+  references = list(examples["reference"])
+  domains, shares = {}, {}
+  for task in dict.fromkeys(tasks):
+    rows = [i for i, t in enumerate(tasks) if t == task]
+    domains[task] = {name: _option_row(task, option_runs, rows, references)
+                     for name, option_runs in runs.items()}
+    base = domains[task][AUTOREGRESSIVE]["ms_per_token"]
+    for row in domains[task].values():
+      row["speedup"] = base / row["ms_per_token"]
+    for variant, chosen in choices.items():
+      counts = collections.Counter(chosen[i] for i in rows)
+      shares.setdefault(task, {})[variant] = {k: v / len(rows) for k, v in sorted(counts.items())}
+  per_query = {name: [[r.seconds, r.tokens] for r in option_runs[0]] for name, option_runs in runs.items()}
+  return {"domains": domains, "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
+          "choices_by_variant": shares, "per_query": per_query}
+
+
+def _option_row(task, option_runs, rows, references) -> dict:
+  ms = [1e3 * sum(runs[i].seconds for i in rows) / max(sum(runs[i].tokens for i in rows), 1)
+        for runs in option_runs]
+  first = option_runs[0]
+  drafted = sum(first[i].drafted for i in rows)
+  metric = _metric_for(task)
+  quality = metrics.quality(metric, [first[i].text for i in rows], [references[i] for i in rows])
+  return {"quality": quality, "metric": metric, "ms_per_token": statistics.mean(ms),
+          "ms_per_token_spread": statistics.pstdev(ms) if len(ms) > 1 else 0.0,
+          "acceptance_rate": sum(first[i].accepted for i in rows) / drafted if drafted else None}
+
+
+def _metric_for(task: str) -> str:
+  try:
+    return get_task(task).metric
+  except (KeyError, ValueError):
+    return "rouge_l"
+
+
+def price_choices(per_query: dict, chosen: Sequence[str], policy_seconds: float = 0.0) -> float:
+  """ms/token of a policy from the per-query cost table of the single options (no re-decoding)."""
+  seconds = sum(per_query[name][i][0] for i, name in enumerate(chosen)) + policy_seconds
+  tokens = sum(per_query[name][i][1] for i, name in enumerate(chosen))
+  return 1e3 * seconds / max(tokens, 1)

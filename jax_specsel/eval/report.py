@@ -1,0 +1,93 @@
+"""Tables laid out like the paper's (Tables 1, 3, 4), choice histograms, and the Figure 2 / 3 plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+ORDER_FIRST = ("autoregressive",)
+ORDER_LAST = ("policy_greedy", "policy_dynamic")
+
+
+def _ordered(options) -> list[str]:
+  middle = [o for o in options if o not in ORDER_FIRST + ORDER_LAST]
+  return [o for o in ORDER_FIRST if o in options] + middle + [o for o in ORDER_LAST if o in options]
+
+
+def results_table(result: dict) -> str:
+  """Markdown: one row per option; per domain quality, speedup (ms/token ± spread), accept %."""
+  domains = list(result["domains"])
+  options = _ordered(next(iter(result["domains"].values())))
+  head = "| option | " + " | ".join(f"{d}: quality | {d}: speedup (ms/token) | {d}: accept %" for d in domains)
+  head += " | average speedup |\n|---" + "|---" * (3 * len(domains) + 1) + "|\n"
+  lines = []
+  for option in options:
+    cells, speedups = [], []
+    for d in domains:
+      row = result["domains"][d][option]
+      accept = "-" if row["acceptance_rate"] is None else f"{100 * row['acceptance_rate']:.1f}"
+      cells += [f"{row['quality']:.2f}", f"{row['speedup']:.2f}x ({row['ms_per_token']:.3f} ± "
+                f"{row['ms_per_token_spread']:.3f})", accept]
+      speedups.append(row["speedup"])
+    lines.append(f"| {option} | " + " | ".join(cells) + f" | {sum(speedups) / len(speedups):.2f}x |")
+  return head + "\n".join(lines) + "\n"
+
+
+def choices_table(result: dict) -> str:
+  """Markdown: share of queries per option chosen by each policy variant, per domain."""
+  lines = ["| domain | policy | choices |", "|---|---|---|"]
+  for domain, variants in result.get("choices_by_variant", {}).items():
+    for variant, shares in variants.items():
+      text = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
+      lines.append(f"| {domain} | {variant} | {text} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=2, default=float)
+  os.replace(path + ".tmp", path)
+
+
+def plot_alpha_sweep(sweep: dict, path: str) -> None:
+  """Figure 2: share of choices per option and ms/token versus alpha."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  alphas = [p["alpha"] for p in sweep["points"]]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  for option in sweep["options"]:
+    left.plot(alphas, [p["shares"].get(option, 0.0) for p in sweep["points"]], marker="o", label=option)
+  left.set_xlabel("alpha (weight of alignment, eq. 2)")
+  left.set_ylabel("share of queries")
+  left.legend()
+  right.plot(alphas, [p["ms_per_token"] for p in sweep["points"]], marker="o", label="policy")
+  for option, ms in sweep["single_options"].items():
+    right.axhline(ms, linestyle="--", linewidth=1, label=option)
+  right.set_xlabel("alpha")
+  right.set_ylabel("ms/token")
+  right.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_sample_efficiency(curve: dict, path: str) -> None:
+  """Figure 3: ms/token of the policy versus training examples (log x), single options as lines."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  sizes = [p["examples"] for p in curve["points"]]
+  ax.errorbar(sizes, [p["ms_per_token"] for p in curve["points"]],
+              yerr=[p.get("ms_per_token_spread", 0.0) for p in curve["points"]], marker="o", label="policy")
+  for option, ms in curve["single_options"].items():
+    ax.axhline(ms, linestyle="--", linewidth=1, label=option)
+  ax.set_xscale("log")
+  ax.set_xlabel("training examples")
+  ax.set_ylabel("ms/token")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,108 @@
+"""Speed measurement: ms/token of generation options, model step times, and the analytic ideal.
+
+Everything here is measured side by side in one process (the machines are shared and noisy, so
+ratios from one run mean more than absolute numbers from different runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_specsel.decoding import generate
+from jax_specsel.models.interface import Decoder, Model
+
+
+def expected_tokens_per_round(acceptance: float, gamma: int) -> float:
+  """Leviathan Thm 3.8: (1 - a^(g+1)) / (1 - a), the bonus token included."""
+  if acceptance >= 1.0:
+    return gamma + 1.0
+  return (1.0 - acceptance ** (gamma + 1)) / (1.0 - acceptance)
+
+
+def solve_acceptance(tokens_per_round: float, gamma: int) -> float:
+  """The per-token acceptance a whose expected tokens per round equals the measured tau."""
+  tau = min(max(tokens_per_round, 1.0), gamma + 1.0)
+  low, high = 0.0, 1.0
+  for _ in range(60):  # bisection: expected_tokens_per_round is increasing in a
+    mid = 0.5 * (low + high)
+    low, high = (mid, high) if expected_tokens_per_round(mid, gamma) < tau else (low, mid)
+  return 0.5 * (low + high)
+
+
+def leviathan_speedup(acceptance: float, gamma: int, cost_ratio: float) -> float:
+  """Wall-time improvement (1 - a^(g+1)) / ((1 - a)(g c + 1)) of Leviathan et al. 2023."""
+  return expected_tokens_per_round(acceptance, gamma) / (gamma * cost_ratio + 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _step(decoder: Decoder, batch: int, cache_length: int, block: int, params, tokens, start, cache,
+          context):
+  del batch, cache_length, block  # part of the compile key only
+  return decoder.decode(params, tokens, start, cache, context)
+
+
+def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int, position: int,
+                     cache_length: int = 256, repeats: int = 30) -> float:
+  """Median seconds of one jitted `decode` of `block` tokens at `position` (batch of prompt_ids).
+
+  Args:
+    model: target or drafter.
+    prompt_ids: int [B, S] prompt (encoded once; decoder-only models prefill it).
+    block: tokens per decode call (1 for a drafter or autoregressive step, gamma+1 to verify).
+    position: absolute position of the block's first token.
+    cache_length: K/V buffer length (as the loop would allocate).
+    repeats: timed calls after one warm-up.
+  """
+  decoder, params = model.decoder, model.params
+  ids = jnp.asarray(prompt_ids, jnp.int32)
+  batch = ids.shape[0]
+  cache = decoder.init_cache(params, batch, cache_length)
+  context, cache = decoder.prepare(params, ids, jnp.ones_like(ids), cache)
+  tokens = jnp.full((batch, block), 3, jnp.int32)
+  start = jnp.full((batch,), position, jnp.int32)
+  args = (params, tokens, start, cache, context)
+  jax.block_until_ready(_step(decoder, batch, cache_length, block, *args))
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(_step(decoder, batch, cache_length, block, *args))
+    times.append(time.perf_counter() - started)
+  return statistics.median(times)
+
+
+def measure_generation(target: Model, prompts: list[list[int]], drafter: Model | None, gamma: int,
+                       max_new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
+  """ms/token (median and spread over repeats) and acceptance statistics over prompts, batch 1.
+
+  Each repeat decodes every prompt once; a repeat's ms/token is its total time over its total
+  generated tokens. The first pass is a warm-up that compiles each prompt bucket.
+  """
+  def one_pass(seed):
+    seconds = tokens = accepted = drafted = rounds = 0
+    for prompt in prompts:
+      out = generate(target, [prompt], drafter=drafter, gamma=gamma, temperature=temperature,
+                     max_new_tokens=max_new_tokens, seed=seed)
+      seconds += out.stats.seconds
+      tokens += out.stats.new_tokens
+      accepted += int(out.stats.accepted.sum())
+      drafted += int(out.stats.drafted.sum())
+      rounds += int(out.stats.rounds.sum())
+    return 1e3 * seconds / max(tokens, 1), accepted, drafted, rounds, tokens
+
+  one_pass(0)
+  runs = [one_pass(seed) for seed in range(repeats)]
+  ms = [r[0] for r in runs]
+  accepted, drafted, rounds, tokens = (sum(r[i] for r in runs) for i in range(1, 5))
+  return {
+      "ms_per_token": statistics.median(ms),
+      "ms_per_token_spread": (max(ms) - min(ms)) / 2,
+      "acceptance_rate": accepted / drafted if drafted else float("nan"),
+      "tokens_per_round": 1.0 + accepted / max(rounds, 1),  # tau: bonus/correction included
+      "tokens": tokens // max(len(runs), 1),
+  }
