@@ -7,6 +7,7 @@ them one at a time (launch/collect.py, train_policy.py, evaluate.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -83,6 +84,12 @@ def run(target: Model, drafters: dict[str, Model], train: datasets.Dataset, test
   policy = train_stage(dataset, meta, config, output_dir)
   result = evaluate_stage(target, drafters, test, policy, config, output_dir)
   extra = experiments_stage(dataset, meta, test, target, result, config, output_dir)
+  return write_report(result, extra, target, drafters, output_dir)
+
+
+def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, Model],
+                 output_dir: str) -> dict:
+  """report.json (the schema `make demo` promises) and report.md in output_dir."""
   payload = {"domains": result["domains"], "choices": result["choices"],
              "choices_by_variant": result["choices_by_variant"], "checks": effect_checks(result),
              "figures": {"alpha_sweep": "figure2_alpha_sweep.png",
@@ -121,7 +128,7 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
            "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
            report.results_table(payload), "\n## Choices of the policy per domain\n",
            report.choices_table(payload), "\n## Checks of the paper's effect\n",
-           "```json\n" + __import__("json").dumps(payload["checks"], indent=2) + "\n```\n",
+           "```json\n" + json.dumps(payload["checks"], indent=2) + "\n```\n",
            "\n## Figures\n\n![alpha sweep](figure2_alpha_sweep.png)\n\n"
            "![sample efficiency](figure3_sample_efficiency.png)\n"]
   return "\n".join(parts)

@@ -83,11 +83,14 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
   Each repeat decodes every prompt once; a repeat's ms/token is its total time over its total
   generated tokens. The first pass is a warm-up that compiles each prompt bucket.
   """
+  compile_seconds = [0.0]
+
   def one_pass(seed):
     seconds = tokens = accepted = drafted = rounds = 0
     for prompt in prompts:
       out = generate(target, [prompt], drafter=drafter, gamma=gamma, temperature=temperature,
                      max_new_tokens=max_new_tokens, seed=seed)
+      compile_seconds[0] += out.stats.compile_seconds
       seconds += out.stats.seconds
       tokens += out.stats.new_tokens
       accepted += int(out.stats.accepted.sum())
@@ -105,4 +108,5 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
       "acceptance_rate": accepted / drafted if drafted else float("nan"),
       "tokens_per_round": 1.0 + accepted / max(rounds, 1),  # tau: bonus/correction included
       "tokens": tokens // max(len(runs), 1),
+      "compile_seconds": compile_seconds[0],
   }

@@ -1,0 +1,32 @@
+"""The embedded default: synthetic world, models trained here, the whole pipeline on a CPU.
+
+  python launch/demo.py --config=configs/demo.py [--config.output_dir=reports/demo ...]
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # world, zoo, collection sampling, policy
+  config.output_dir = "reports/demo"  # report.md, report.json, figures, collection, policy
+  config.cache_dir = ""  # zoo cache; "" = under the user cache ($XDG_CACHE_HOME/jax_specsel)
+  config.zoo = "default"  # "default" or "tiny" (seconds, for tests)
+  config.collect_per_domain = 300  # training queries per domain for the offline collection
+  config.test_per_domain = 40  # evaluation queries per domain (each decoded per option and seed)
+  config.max_new_tokens = 48  # longest output of the world's domains plus headroom
+  config.collect_batch_size = 32  # queries per generate call during collection
+  config.shard_size = 300  # queries per collection shard (the unit of resumption)
+  # Policy (paper sec. 2): eq. 2 with alpha weighing alignment, A.5 costs in units of cost_unit.
+  config.alpha = 0.5  # the paper's setting with the autoregressive option (Tables 3, 4)
+  config.cost_unit = 1e7  # our models have millions of params: 1e7 makes sizes matter like the paper's
+  config.autoregressive_option = True
+  config.estimator = "default"  # "default" (library default) or "paper" (plain REINFORCE)
+  # Decoding (evaluation): greedy, so every option yields the target's own text.
+  config.gamma = 5
+  config.temperature = 0.0
+  config.eval_seeds = (0, 1, 2)
+  # Figure 2 and 3 experiments, priced from the per-query cost table.
+  config.alphas = (0.0, 0.25, 0.5, 0.75, 1.0)
+  config.sample_sizes = (8, 32, 128, 512)
+  return config

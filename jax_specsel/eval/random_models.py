@@ -1,0 +1,53 @@
+"""Random-weight HuggingFace checkpoints for speed measurements (timing needs no trained weights).
+
+Needs torch and transformers' PyTorch models (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import os
+
+# A target of a few tens of millions of parameters and a drafter ~10x cheaper per step.
+RANDOM_PAIRS = {
+    "t5": (dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+           dict(d_model=256, d_kv=32, d_ff=1024, num_layers=2, num_heads=4)),
+    "llama": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                   num_key_value_heads=8),
+              dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4)),
+}
+
+
+def build_random_checkpoint(family: str, sizes: dict, directory: str, seed: int) -> str:
+  """Saves a random transformers model as a HF checkpoint directory; returns the directory.
+
+  The EOS id is the last id, so random weights rarely stop early and every option generates
+  about the same number of tokens.
+  """
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  if family == "t5":
+    vocab = 32128
+    config = transformers.T5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", eos_token_id=vocab - 1,
+                                   pad_token_id=0, decoder_start_token_id=0, tie_word_embeddings=False,
+                                   **sizes)
+    config.tie_word_embeddings = False  # transformers 5.23 forces True in the constructor
+    model = transformers.T5ForConditionalGeneration(config)
+  elif family == "llama":
+    vocab = 32000
+    config = transformers.LlamaConfig(vocab_size=vocab, eos_token_id=vocab - 1, bos_token_id=1, pad_token_id=0,
+                                      max_position_embeddings=1024, **sizes)
+    model = transformers.LlamaForCausalLM(config)
+  else:
+    raise ValueError(f"unknown family {family!r}: use 't5' or 'llama'.")
+  model.eval().save_pretrained(directory)
+  return directory
+
+
+def random_pair(family: str, directory: str) -> tuple[str, str]:
+  """(target_dir, drafter_dir) of a random pair of the family, saved under directory."""
+  target_sizes, drafter_sizes = RANDOM_PAIRS[family]
+  target = build_random_checkpoint(family, target_sizes, os.path.join(directory, f"{family}-target"), 0)
+  drafter = build_random_checkpoint(family, drafter_sizes, os.path.join(directory, f"{family}-drafter"), 1)
+  return target, drafter

@@ -1,0 +1,45 @@
+"""Every experiment config loads and is complete (no download: only the config objects)."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from jax_specsel.data import tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task", "memory_gb",
+                "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
+                "autoregressive_option", "estimator", "gamma", "temperature", "eval_seeds", "alphas",
+                "sample_sizes", "output_dir", "seed")
+PIPELINE_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
+                   "autoregressive_option", "estimator", "gamma", "temperature", "eval_seeds", "alphas",
+                   "sample_sizes", "output_dir")
+
+
+def _config_modules():
+  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  return [n for n in names if n != "__init__"]
+
+
+def test_there_is_a_config_per_paper_experiment():
+  assert {"demo", "paper_t5_table1", "paper_t5_table2", "paper_t5_table3_4", "paper_vicuna_table5",
+          "paper_llama_table6"} <= set(_config_modules())
+
+
+@pytest.mark.parametrize("name", _config_modules())
+def test_config_is_complete(name, monkeypatch):
+  monkeypatch.syspath_prepend(ROOT)
+  config = importlib.import_module(f"configs.{name}").get_config()
+  required = PIPELINE_FIELDS if name == "demo" else PAPER_FIELDS
+  missing = [field for field in required if field not in config]
+  assert not missing, f"configs/{name}.py lacks {missing}"
+  assert 0.0 <= config.alpha <= 1.0 and config.gamma >= 1 and config.temperature >= 0
+  if name != "demo":
+    for task in config.tasks:
+      tasks.get_task(task)  # every task is registered
+    assert config.memory_gb > 0 and config.drafters
+    assert config.estimator in ("paper", "default")
