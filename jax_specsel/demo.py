@@ -15,7 +15,7 @@ from jax_specsel.data import tasks, world as world_lib
 log = logging.getLogger(__name__)
 
 _WORLD_METRICS = {world_lib.TRANSLATE: "bleu", world_lib.SUMMARIZE: "rouge_l",
-                  world_lib.ARITHMETIC: "exact_match"}
+                  world_lib.ARITHMETIC: "exact_text"}  # digits are separate words: whole answer
 
 
 def register_world_tasks() -> None:

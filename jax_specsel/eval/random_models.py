@@ -34,6 +34,9 @@ def build_random_checkpoint(family: str, sizes: dict, directory: str, seed: int)
                                    **sizes)
     config.tie_word_embeddings = False  # transformers 5.23 forces True in the constructor
     model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():  # untied random T5s get independent embed_tokens; real ones share them
+      model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+      model.decoder.embed_tokens.weight.copy_(model.shared.weight)
   elif family == "llama":
     vocab = 32000
     config = transformers.LlamaConfig(vocab_size=vocab, eos_token_id=vocab - 1, bos_token_id=1, pad_token_id=0,

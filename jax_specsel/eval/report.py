@@ -26,7 +26,8 @@ def results_table(result: dict) -> str:
     for d in domains:
       row = result["domains"][d][option]
       accept = "-" if row["acceptance_rate"] is None else f"{100 * row['acceptance_rate']:.1f}"
-      cells += [f"{row['quality']:.2f}", f"{row['speedup']:.2f}x ({row['ms_per_token']:.3f} ± "
+      quality = "-" if row["quality"] is None else f"{row['quality']:.2f}"
+      cells += [quality, f"{row['speedup']:.2f}x ({row['ms_per_token']:.3f} ± "
                 f"{row['ms_per_token_spread']:.3f})", accept]
       speedups.append(row["speedup"])
     lines.append(f"| {option} | " + " | ".join(cells) + f" | {sum(speedups) / len(speedups):.2f}x |")

@@ -1,0 +1,264 @@
+"""The drafter-selection policy: an MLP over query embeddings, softmax over options.
+
+Paper section 3.1: a 3-layer MLP (Linear(D,512) tanh Linear(512,512) tanh Linear(512,K)) whose
+input is the target's sentence embedding of the query and whose output is a distribution over
+the drafting options (drafters, and optionally plain autoregressive decoding).
+
+`Policy` holds the network weights as an `nnx.State` pytree plus the metadata needed to use it
+later (input width, option names, training config, input standardization). Its jitted functions
+close over the static graph definition only, never over the weights.
+
+Saved layout (orbax, a directory): item `state` = {params, input_mean, input_scale} (StandardSave)
+and item `metadata` = JSON (widths, option names, config, training info).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+_FORMAT_VERSION = 1
+
+
+class PolicyNetwork(nnx.Module):
+  """MLP from a query embedding [B, D] to option logits [B, K], tanh between layers.
+
+  Initialization is flax's default (LeCun-normal kernels, zero biases), not PyTorch's uniform
+  one that the paper inherited; at 3 layers of 512 this makes no measurable difference.
+  """
+
+  def __init__(self, input_dim: int, num_options: int, hidden_dim: int = 512,
+               num_layers: int = 3, *, rngs: nnx.Rngs):
+    if num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    widths = [input_dim] + [hidden_dim] * (num_layers - 1) + [num_options]
+    self.layers = nnx.List([nnx.Linear(fan_in, fan_out, rngs=rngs)
+                            for fan_in, fan_out in zip(widths[:-1], widths[1:])])
+
+  def __call__(self, embeddings: jax.Array) -> jax.Array:
+    hidden = embeddings  # [B, D]
+    for layer in self.layers[:-1]:
+      hidden = jnp.tanh(layer(hidden))  # [B, H]
+    return self.layers[-1](hidden)  # [B, K]
+
+
+def _standardized_logits(graphdef, params, input_mean, input_scale, embeddings):
+  network = nnx.merge(graphdef, params)
+  return network((embeddings - input_mean) / input_scale)
+
+
+def _probabilities(graphdef, params, input_mean, input_scale, embeddings):
+  return jax.nn.softmax(
+      _standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1)
+
+
+def _choices(graphdef, params, input_mean, input_scale, embeddings, key, greedy):
+  logits = _standardized_logits(graphdef, params, input_mean, input_scale, embeddings)
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _single_choice(graphdef, params, input_mean, input_scale, embedding, key, greedy):
+  return _choices(graphdef, params, input_mean, input_scale, embedding[None, :], key, greedy)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_functions(graphdef) -> tuple[Callable, Callable, Callable]:
+  """Jitted (probabilities, batch choices, single choice) bound to one graph definition.
+
+  The graph definition is bound here rather than passed as a static argument: hashing it costs
+  ~80 us, which would land on every per-query call. Cached, so policies of the same shape share
+  the compiled code. The weights stay arguments, never baked into the compiled program.
+  """
+  return (jax.jit(functools.partial(_probabilities, graphdef)),
+          jax.jit(functools.partial(_choices, graphdef), static_argnums=5),
+          jax.jit(functools.partial(_single_choice, graphdef), static_argnums=5))
+
+
+class Policy:
+  """A trained drafter-selection policy.
+
+  Attributes:
+    input_dim: width D of the query embeddings it takes.
+    num_options: number K of options it chooses among.
+    option_names: optional names of the options (e.g. drafter ids, "autoregressive").
+    config: the training config (ml_collections.ConfigDict) or None.
+    training_info: dict of training facts (steps, resumed_from_step, mean reward per epoch).
+    params: the network weights (nnx.State of nnx.Param).
+  """
+
+  def __init__(self, network: PolicyNetwork, *, input_mean: np.ndarray | None = None,
+               input_scale: np.ndarray | None = None,
+               option_names: Sequence[str] | None = None,
+               config: ml_collections.ConfigDict | None = None,
+               training_info: dict[str, Any] | None = None):
+    self.graphdef, self.params = nnx.split(network, nnx.Param)
+    self.input_dim = int(network.layers[0].in_features)
+    self.num_options = int(network.layers[-1].out_features)
+    self.hidden_dim = int(network.layers[0].out_features)
+    self.num_layers = len(network.layers)
+    mean = np.zeros(self.input_dim) if input_mean is None else input_mean
+    scale = np.ones(self.input_dim) if input_scale is None else input_scale
+    self.input_mean = jnp.asarray(mean, jnp.float32)  # [D]
+    self.input_scale = jnp.asarray(scale, jnp.float32)  # [D]
+    if self.input_mean.shape != (self.input_dim,) or self.input_scale.shape != (self.input_dim,):
+      raise ValueError(f"input_mean/input_scale must have shape ({self.input_dim},), got "
+                       f"{self.input_mean.shape} and {self.input_scale.shape}")
+    if option_names is not None and len(option_names) != self.num_options:
+      raise ValueError(f"{len(option_names)} option names for {self.num_options} options: "
+                       f"{list(option_names)}")
+    self.option_names = None if option_names is None else [str(n) for n in option_names]
+    self.config = config
+    self.training_info = dict(training_info or {})
+    self._probabilities_fn, self._choices_fn, self._single_choice_fn = _jitted_functions(
+        self.graphdef)
+    self._unused_key = None  # the key greedy calls pass (and ignore), created on first use
+
+  def _check_batch(self, embeddings) -> jax.Array:
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    if embeddings.ndim != 2:
+      raise ValueError(f"expected embeddings of shape [M, {self.input_dim}], got "
+                       f"{embeddings.shape}; use choose_one for a single [D] embedding")
+    if embeddings.shape[1] != self.input_dim:
+      raise ValueError(f"embeddings have width {embeddings.shape[1]} but the policy was trained "
+                       f"on width {self.input_dim}; embed queries with the same target model")
+    return embeddings
+
+  def probabilities(self, embeddings) -> np.ndarray:
+    """Option probabilities pi(.|q).
+
+    Args:
+      embeddings: [M, D] query embeddings.
+
+    Returns:
+      float32 array [M, K], rows summing to 1.
+    """
+    embeddings = self._check_batch(embeddings)
+    return np.asarray(self._probabilities_fn(self.params, self.input_mean, self.input_scale,
+                                             embeddings))
+
+  def choose(self, embeddings, greedy: bool = True, seed: int = 0) -> np.ndarray:
+    """Options for a batch of queries.
+
+    Args:
+      embeddings: [M, D] query embeddings.
+      greedy: True takes the argmax (the paper's greedy policy); False samples from pi(.|q)
+        (the dynamic policy).
+      seed: seed of the samples when greedy is False (same seed, same choices).
+
+    Returns:
+      int32 array [M] of option indices in [0, K).
+    """
+    embeddings = self._check_batch(embeddings)
+    key = jax.random.key(seed)
+    return np.asarray(self._choices_fn(self.params, self.input_mean, self.input_scale,
+                                       embeddings, key, bool(greedy)))
+
+  def choose_one(self, embedding, greedy: bool = True, seed: int = 0,
+                 key: jax.Array | None = None) -> int:
+    """The option for one query: the cheap per-query path the paper times (appendix A.7).
+
+    Args:
+      embedding: [D] embedding of one query (numpy or a device array; a device array is not
+        copied to the host).
+      greedy: argmax if True, else a sample from pi(.|q).
+      seed: seed of the sample when greedy is False and no key is given.
+      key: a jax PRNG key; overrides seed (saves ~50 us of key creation per call).
+
+    Returns:
+      The option index.
+    """
+    # Device arrays of the right dtype pass through untouched (a cast is a dispatch, ~100 us).
+    if not (isinstance(embedding, jax.Array) and embedding.dtype == jnp.float32):
+      embedding = np.asarray(embedding, np.float32)
+    if embedding.shape != (self.input_dim,):
+      raise ValueError(f"choose_one takes one embedding of shape ({self.input_dim},), got "
+                       f"{embedding.shape}; for a batch use choose")
+    if key is None:
+      # Greedy ignores the key: reuse one instead of creating a key on every call.
+      key = self._greedy_key() if greedy else jax.random.key(seed)
+    return int(self._single_choice_fn(self.params, self.input_mean, self.input_scale, embedding,
+                                      key, bool(greedy)))
+
+  def _greedy_key(self) -> jax.Array:
+    if self._unused_key is None:
+      self._unused_key = jax.random.key(0)
+    return self._unused_key
+
+  def option_name(self, index: int) -> str:
+    """Name of option `index` (its index as a string when no names were given)."""
+    return str(index) if self.option_names is None else self.option_names[index]
+
+  def _metadata(self) -> dict[str, Any]:
+    return {
+        "format_version": _FORMAT_VERSION,
+        "input_dim": self.input_dim,
+        "num_options": self.num_options,
+        "hidden_dim": self.hidden_dim,
+        "num_layers": self.num_layers,
+        "option_names": self.option_names,
+        "config": None if self.config is None else json.loads(self.config.to_json()),
+        "training_info": self.training_info,
+    }
+
+  def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Writes the policy to directory `path` with orbax (weights + metadata).
+
+    Args:
+      path: directory to create.
+      overwrite: replace an existing directory instead of raising FileExistsError.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+      raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
+    state = {"params": self.params, "input_mean": self.input_mean,
+             "input_scale": self.input_scale}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(path, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())),
+                        force=overwrite)
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+  """Loads a policy written by `Policy.save`.
+
+  Args:
+    path: the directory given to `save`.
+
+  Returns:
+    The policy, with identical weights, standardization, option names and config.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    metadata = checkpointer.restore(path, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))["metadata"]
+    if metadata.get("format_version") != _FORMAT_VERSION:
+      raise ValueError(f"{path} has policy format {metadata.get('format_version')}, this "
+                       f"library reads format {_FORMAT_VERSION}")
+    abstract_network = nnx.eval_shape(lambda: PolicyNetwork(
+        metadata["input_dim"], metadata["num_options"], metadata["hidden_dim"],
+        metadata["num_layers"], rngs=nnx.Rngs(0)))
+    _, abstract_params = nnx.split(abstract_network, nnx.Param)
+    vector = jax.ShapeDtypeStruct((metadata["input_dim"],), jnp.float32)
+    target = {"params": abstract_params, "input_mean": vector, "input_scale": vector}
+    state = checkpointer.restore(path, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  network = nnx.merge(nnx.graphdef(abstract_network), state["params"])
+  config = metadata["config"]
+  return Policy(network, input_mean=np.asarray(state["input_mean"]),
+                input_scale=np.asarray(state["input_scale"]),
+                option_names=metadata["option_names"],
+                config=None if config is None else ml_collections.ConfigDict(config),
+                training_info=metadata["training_info"])

@@ -1,0 +1,337 @@
+"""Offline policy training on the bandit table (paper section 2.4 and 3.1).
+
+Input: query embeddings [N, D] and a full reward table rewards[i, k] (already alpha-mixed,
+see `rewards.mix_rewards`): the offline collection scores every option on every query.
+
+Two gradient estimators of J = E_q E_{a~pi(.|q)} r(q, a):
+  "reinforce"  sample a ~ pi(.|q) and minimize -log pi(a|q) * (r(q, a) - b), as the paper;
+               b = 0 ("none") or the leave-one-out mean of the batch's sampled rewards ("mean").
+  "expected"   minimize -sum_a pi(a|q) r(q, a): the exact gradient of J on the batch, possible
+               because the offline table holds every option's reward (no sampling variance).
+
+Configs are ml_collections.ConfigDict (like every config of this project: `--config.x=`
+overrides work on them): `default_train_config()` (the library default, chosen by
+launch/experiment_estimators.py) and `paper_train_config()` (plain REINFORCE, paper settings).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from ml_collections import config_dict
+
+from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
+_ESTIMATORS = ("reinforce", "expected")
+_BASELINES = ("none", "mean")
+
+
+def paper_train_config() -> ml_collections.ConfigDict:
+  """The paper's settings (section 3.1, Table 9): plain REINFORCE, no baseline, raw inputs."""
+  config = ml_collections.ConfigDict()
+  config.hidden_dim = 512  # width of the hidden layers
+  config.num_layers = 3  # Linear layers, tanh between them
+  config.learning_rate = 1e-3  # optax.adamw
+  config.weight_decay = 1e-2
+  config.b1 = 0.9
+  config.b2 = 0.99
+  config.eps = 1e-8
+  config.batch_size = 64
+  config.epochs = 3
+  config.estimator = "reinforce"  # "reinforce" (sampled action) | "expected" (all options)
+  config.baseline = "none"  # "none" | "mean" (leave-one-out batch mean; reinforce only)
+  config.standardize_inputs = False  # subtract the training mean, divide by the training std
+  config.max_examples = config_dict.placeholder(int)  # None or a random subset of this size
+  config.seed = 0  # used when train_policy gets no explicit seed
+  return config
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """The library default: the paper's network and optimizer, the exact expected gradient and
+  standardized inputs.
+
+  Chosen by launch/experiment_estimators.py: a synthetic contextual bandit (4 overlapping
+  Gaussian clusters in D=64, K=3 options with a different best option per cluster, mean reward
+  0.6 for the best against 0.45-0.5, reward noise std 0.15), greedy best-arm accuracy on 4096
+  held-out queries, mean over 3 seeds, paper hyperparameters (3 epochs, batch 64):
+
+    N train                        256     1024    4096    16384
+    reinforce, no baseline (paper) 59.8%   57.8%   89.2%   92.0%
+    reinforce, mean baseline       71.0%   93.4%   95.1%   95.9%
+    expected                       85.0%   94.0%   96.1%   96.4%
+    expected + standardize         83.8%   92.9%   95.6%   96.5%
+    Bayes-optimal (true centres)   98.8%   98.9%   98.9%   99.0%
+
+  The expected estimator learns best at every size. Standardization is neutral on these
+  unit-scale clusters (within seed noise) but decisive once the same embeddings get a shared
+  offset and uneven per-dimension scales, as pooled transformer states have (expected, raw
+  inputs: 54.5 / 61.8 / 62.9 / 88.5%; standardized: 83.8 / 92.9 / 95.6 / 96.6%).
+  The remaining gap to Bayes is optimization, not overfitting (train and held-out accuracy
+  agree): 10 epochs instead of 3 reached 98.4% at N=16384 (one seed, raw inputs).
+  """
+  config = paper_train_config()
+  config.estimator = "expected"
+  config.standardize_inputs = True
+  return config
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field of a training config."""
+  if config.estimator not in _ESTIMATORS:
+    raise ValueError(f"config.estimator={config.estimator!r}; choose one of {_ESTIMATORS}")
+  if config.baseline not in _BASELINES:
+    raise ValueError(f"config.baseline={config.baseline!r}; choose one of {_BASELINES}")
+  if config.estimator == "expected" and config.baseline != "none":
+    raise ValueError("config.baseline='mean' only applies to estimator='reinforce' (the expected "
+                     "gradient has no sampling variance to reduce); set config.baseline='none'")
+  for field in ("hidden_dim", "num_layers", "batch_size", "epochs"):
+    if int(config[field]) < 1:
+      raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
+  if config.max_examples is not None and config.max_examples < 1:
+    raise ValueError(f"config.max_examples must be None or >= 1, got {config.max_examples}")
+
+
+def _check_dataset(embeddings, rewards) -> tuple[np.ndarray, np.ndarray]:
+  embeddings = np.asarray(embeddings, dtype=np.float32)
+  rewards = np.asarray(rewards, dtype=np.float32)
+  if embeddings.ndim != 2 or rewards.ndim != 2:
+    raise ValueError(f"embeddings must be [N, D] and rewards [N, K]; got {embeddings.shape} "
+                     f"and {rewards.shape}")
+  if embeddings.shape[0] == 0:
+    raise ValueError("empty dataset: no training examples; collect at least one query")
+  if rewards.shape[1] < 2:
+    raise ValueError("a drafter list of one: nothing to choose; use that drafter directly")
+  if embeddings.shape[0] != rewards.shape[0]:
+    raise ValueError(f"{embeddings.shape[0]} embeddings but {rewards.shape[0]} reward rows; "
+                     "pass one reward row per embedded query")
+  for name, array in (("embeddings", embeddings), ("rewards", rewards)):
+    if not np.all(np.isfinite(array)):
+      bad_rows = np.unique(np.nonzero(~np.isfinite(array))[0])
+      raise ValueError(f"{name} contain NaN/inf in {bad_rows.size} rows (first: "
+                       f"{bad_rows[:5].tolist()}); drop or repair those examples")
+  return embeddings, rewards
+
+
+def _standardization(embeddings: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
+  width = embeddings.shape[1]
+  if not enabled:
+    return np.zeros(width, np.float32), np.ones(width, np.float32)
+  mean = embeddings.mean(axis=0)
+  std = embeddings.std(axis=0)
+  # A constant feature carries no information: leave it unscaled rather than divide by ~0.
+  return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def _per_example_loss(log_probs, rewards, weights, key, estimator: str, baseline: str):
+  """Surrogate losses [B] whose gradient estimates -grad J (weights mark real rows)."""
+  if estimator == "expected":
+    expected_rewards = jnp.sum(jnp.exp(log_probs) * rewards, axis=-1)  # [B]
+    return -expected_rewards, expected_rewards
+  actions = jax.random.categorical(key, jax.lax.stop_gradient(log_probs), axis=-1)  # [B]
+  sampled_rewards = jnp.take_along_axis(rewards, actions[:, None], axis=-1)[:, 0]  # [B]
+  advantage = sampled_rewards
+  if baseline == "mean":
+    # Leave-one-out mean: excluding the row's own reward keeps the estimator unbiased.
+    total = jnp.sum(weights * sampled_rewards)
+    others = jnp.sum(weights) - weights
+    loo_mean = jnp.where(others > 0, (total - weights * sampled_rewards) / jnp.maximum(others, 1),
+                         0.0)
+    advantage = sampled_rewards - loo_mean
+  chosen_log_probs = jnp.take_along_axis(log_probs, actions[:, None], axis=-1)[:, 0]
+  return -chosen_log_probs * jax.lax.stop_gradient(advantage), sampled_rewards
+
+
+def _make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return _cached_optimizer(float(config.learning_rate), float(config.b1), float(config.b2),
+                           float(config.eps), float(config.weight_decay))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_optimizer(learning_rate, b1, b2, eps, weight_decay):
+  # Cached so that equal settings give the same object, and so the same compiled train step.
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_train_step(graphdef, optimizer: optax.GradientTransformation, estimator: str,
+                     baseline: str):
+  """A jitted step over one mini-batch [B, D], [B, K] (weights [B] mark real rows).
+
+  Batches are gathered on the host: the table (N x D, gigabytes for a large target) never has
+  to fit on the device, and every dataset size shares one compiled step.
+
+  Cached on its (hashable) arguments: retraining a policy of the same shape and settings reuses
+  the compiled step instead of paying ~2 s of compilation again.
+  """
+
+  def loss_fn(params, embeddings, rewards, input_mean, input_scale, weights, key):
+    network = nnx.merge(graphdef, params)
+    log_probs = jax.nn.log_softmax(network((embeddings - input_mean) / input_scale))  # [B, K]
+    losses, rewards_seen = _per_example_loss(log_probs, rewards, weights, key, estimator,
+                                             baseline)
+    count = jnp.sum(weights)
+    return jnp.sum(weights * losses) / count, jnp.sum(weights * rewards_seen) / count
+
+  @jax.jit
+  def train_step(params, optimizer_state, embeddings, rewards, input_mean, input_scale, weights,
+                 base_key, step):
+    key = jax.random.fold_in(base_key, step)
+    (loss, mean_reward), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, embeddings, rewards, input_mean, input_scale, weights, key)
+    updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
+    return optax.apply_updates(params, updates), optimizer_state, loss, mean_reward
+
+  return train_step
+
+
+def _epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int):
+  """Shuffled index batches of one epoch, the last padded with weight-0 rows (one shape)."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  num_batches = math.ceil(num_examples / batch_size)
+  padded = np.zeros(num_batches * batch_size, np.int32)
+  padded[:num_examples] = order
+  weights = np.zeros(num_batches * batch_size, np.float32)
+  weights[:num_examples] = 1.0
+  return padded.reshape(num_batches, batch_size), weights.reshape(num_batches, batch_size)
+
+
+class _Checkpoints:
+  """Training checkpoints (params, optimizer state, step) in an orbax CheckpointManager."""
+
+  def __init__(self, directory: str, run_facts: dict[str, Any]):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    self.run_facts = run_facts
+
+  def restore(self, params, optimizer_state) -> tuple[Any, Any, int]:
+    step = self.manager.latest_step()
+    if step is None:
+      return params, optimizer_state, 0
+    saved_facts = self.manager.restore(step, args=ocp.args.Composite(
+        run=ocp.args.JsonRestore()))["run"]
+    if saved_facts != self.run_facts:
+      raise ValueError(f"checkpoint directory {self.manager.directory} holds a different run "
+                       f"({saved_facts}) than this one ({self.run_facts}); use a fresh directory")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params, "optimizer": optimizer_state})
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    logging.info("restored policy training state at step %d", step)
+    return state["params"], state["optimizer"], step
+
+  def save(self, step: int, params, optimizer_state) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params, "optimizer": optimizer_state}),
+        run=ocp.args.JsonSave(self.run_facts)))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _select_examples(embeddings, rewards, max_examples, seed):
+  if max_examples is None or max_examples >= embeddings.shape[0]:
+    return embeddings, rewards
+  subset = np.sort(np.random.default_rng([seed, 1]).choice(embeddings.shape[0], max_examples,
+                                                           replace=False))
+  return embeddings[subset], rewards[subset]
+
+
+def _run_epochs(train_step, params, optimizer_state, embeddings, rewards, stats, config,
+                seed: int, start_step: int, checkpoints: _Checkpoints | None):
+  """The training loop from `start_step` to the end of config.epochs.
+
+  The batch order of epoch e and the action samples of step t depend only on (seed, e) and
+  (seed, t), so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+  """
+  num_examples = embeddings.shape[0]
+  steps_per_epoch = math.ceil(num_examples / config.batch_size)
+  base_key = jax.random.key(seed)
+  epoch_rewards = []
+  for epoch in range(start_step // steps_per_epoch, config.epochs):
+    batch_indices, batch_weights = _epoch_batches(num_examples, config.batch_size, seed, epoch)
+    first_step = max(start_step, epoch * steps_per_epoch)
+    reward_sum = jnp.zeros(())  # summed on the device: one host sync per epoch, not per step
+    for step in range(first_step, (epoch + 1) * steps_per_epoch):
+      batch = step - epoch * steps_per_epoch
+      rows = batch_indices[batch]
+      params, optimizer_state, _, mean_reward = train_step(
+          params, optimizer_state, embeddings[rows], rewards[rows], *stats,
+          batch_weights[batch], base_key, step)
+      reward_sum = reward_sum + mean_reward
+    epoch_rewards.append(float(reward_sum) / ((epoch + 1) * steps_per_epoch - first_step))
+    logging.info("policy epoch %d: mean training reward %.4f", epoch, epoch_rewards[-1])
+    if checkpoints is not None:
+      checkpoints.save((epoch + 1) * steps_per_epoch, params, optimizer_state)
+  return params, epoch_rewards
+
+
+def train_policy(embeddings, rewards, seed: int | None = None,
+                 config: ml_collections.ConfigDict | None = None, *,
+                 option_names: Sequence[str] | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None) -> Policy:
+  """Trains a drafter-selection policy on the offline bandit table.
+
+  All randomness (initialization, shuffling, sampled actions, the max_examples subset) comes
+  from `seed`: the same inputs and seed give the same policy.
+
+  Args:
+    embeddings: [N, D] query embeddings from the target model.
+    rewards: [N, K] reward of each option on each query (alpha-mixed, `mix_rewards`).
+    seed: the random seed; None takes config.seed.
+    config: a training config (`default_train_config()` when None).
+    option_names: optional K names of the options, saved with the policy.
+    checkpoint_dir: if given, params and optimizer state are saved there after every epoch, and
+      a run restarted with the same directory continues from the latest saved step (training
+      longer = the same call with a larger config.epochs).
+
+  Returns:
+    The trained `Policy`.
+  """
+  config = default_train_config() if config is None else config
+  validate_train_config(config)
+  seed = int(config.seed if seed is None else seed)
+  embeddings, rewards = _check_dataset(embeddings, rewards)
+  embeddings, rewards = _select_examples(embeddings, rewards, config.max_examples, seed)
+  (num_examples, input_dim), num_options = embeddings.shape, rewards.shape[1]
+  input_mean, input_scale = _standardization(embeddings, config.standardize_inputs)
+
+  network = PolicyNetwork(input_dim, num_options, config.hidden_dim, config.num_layers,
+                          rngs=nnx.Rngs(params=seed))
+  graphdef, params = nnx.split(network, nnx.Param)
+  optimizer = _make_optimizer(config)
+  optimizer_state = optimizer.init(params)
+  checkpoints, start_step = None, 0
+  if checkpoint_dir is not None:
+    run_facts = {"seed": seed, "num_examples": num_examples, "input_dim": input_dim,
+                 "num_options": num_options, "batch_size": int(config.batch_size),
+                 "estimator": config.estimator, "baseline": config.baseline}
+    checkpoints = _Checkpoints(os.fspath(checkpoint_dir), run_facts)
+    params, optimizer_state, start_step = checkpoints.restore(params, optimizer_state)
+  try:
+    train_step = _make_train_step(graphdef, optimizer, config.estimator, config.baseline)
+    params, epoch_rewards = _run_epochs(
+        train_step, params, optimizer_state, embeddings, rewards,
+        (jnp.asarray(input_mean), jnp.asarray(input_scale)), config, seed, start_step,
+        checkpoints)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+  total_steps = config.epochs * math.ceil(num_examples / config.batch_size)
+  training_info = {"steps": max(total_steps, start_step), "resumed_from_step": start_step,
+                   "num_examples": num_examples, "seed": seed,
+                   "epoch_mean_reward": epoch_rewards}
+  return Policy(nnx.merge(graphdef, params), input_mean=input_mean, input_scale=input_scale,
+                option_names=option_names, config=config, training_info=training_info)

@@ -1,0 +1,217 @@
+"""The selection policy and its offline trainer on a synthetic contextual bandit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jax_specsel import bandit
+
+# Mean reward of option k (column) in cluster c (row): each cluster has its own best option
+# (clusters 0 and 3 share option 0), best 0.6 against 0.45-0.5: a modest margin.
+MEAN_REWARDS = np.array([[0.60, 0.50, 0.45],
+                         [0.45, 0.60, 0.50],
+                         [0.50, 0.45, 0.60],
+                         [0.60, 0.45, 0.50]])
+DIM = 64
+# Always choosing option 0 is right in 2 of 4 clusters: the best constant policy scores 50%.
+BEST_CONSTANT_ACCURACY = 0.5
+
+
+# Overlapping Gaussian clusters: per-dimension centre std 0.6 against unit noise.
+CENTRES = 0.6 * np.random.default_rng(12345).normal(size=(len(MEAN_REWARDS), DIM))
+
+
+def make_bandit(num_examples: int, seed: int, noise: float = 0.15):
+  """(embeddings [N, D], noisy rewards [N, 3], best option [N]) from the clusters."""
+  rng = np.random.default_rng(seed)
+  clusters = rng.integers(0, len(MEAN_REWARDS), num_examples)
+  embeddings = (CENTRES[clusters] + rng.normal(size=(num_examples, DIM))).astype(np.float32)
+  rewards = MEAN_REWARDS[clusters] + noise * rng.normal(size=(num_examples, 3))
+  return embeddings, rewards.astype(np.float32), MEAN_REWARDS[clusters].argmax(axis=1)
+
+
+TRAIN = make_bandit(8192, seed=0)
+HELD_OUT = make_bandit(2000, seed=1)
+
+
+def bayes_optimal_accuracy() -> float:
+  """Accuracy of the ideal policy that knows the centres (the ceiling of any learner)."""
+  sq_distances = ((HELD_OUT[0][:, None, :] - CENTRES[None]) ** 2).sum(-1)
+  posterior = np.exp(-0.5 * (sq_distances - sq_distances.min(axis=1, keepdims=True)))
+  posterior /= posterior.sum(axis=1, keepdims=True)
+  return float(np.mean((posterior @ MEAN_REWARDS).argmax(axis=1) == HELD_OUT[2]))
+
+
+def held_out_accuracy(policy: bandit.Policy) -> float:
+  embeddings, _, best = HELD_OUT
+  return float(np.mean(policy.choose(embeddings, greedy=True) == best))
+
+
+@pytest.fixture(scope="module")
+def default_policy():
+  return bandit.train_policy(TRAIN[0], TRAIN[1], seed=0,
+                             option_names=["t5-small", "t5-small-xsum", "autoregressive"])
+
+
+@pytest.fixture(scope="module")
+def small_policy():
+  """A briefly trained policy whose probabilities are far from one-hot."""
+  config = bandit.default_train_config()
+  config.epochs = 1
+  config.max_examples = 128
+  return bandit.train_policy(TRAIN[0], TRAIN[1], seed=3, config=config)
+
+
+def test_default_trainer_finds_best_arm(default_policy):
+  assert bayes_optimal_accuracy() > 0.99  # the clusters overlap, but not hopelessly
+  assert held_out_accuracy(default_policy) >= 0.95
+  assert default_policy.input_dim == DIM and default_policy.num_options == 3
+  assert default_policy.training_info["steps"] == 3 * 8192 // 64
+
+
+def test_paper_config_is_the_paper_and_learns():
+  config = bandit.paper_train_config()
+  assert (config.hidden_dim, config.num_layers, config.batch_size, config.epochs) == (512, 3, 64,
+                                                                                      3)
+  assert (config.learning_rate, config.weight_decay, config.b1, config.b2, config.eps) == (
+      1e-3, 1e-2, 0.9, 0.99, 1e-8)
+  assert (config.estimator, config.baseline, config.standardize_inputs) == ("reinforce", "none",
+                                                                            False)
+  policy = bandit.train_policy(TRAIN[0], TRAIN[1], seed=0, config=config)
+  assert held_out_accuracy(policy) > BEST_CONSTANT_ACCURACY + 0.05
+
+
+def test_reinforce_with_mean_baseline_learns():
+  config = bandit.paper_train_config()
+  config.baseline = "mean"
+  config.max_examples = 4096  # the baseline needs fewer examples than plain REINFORCE
+  policy = bandit.train_policy(TRAIN[0], TRAIN[1], seed=0, config=config)
+  assert held_out_accuracy(policy) >= 0.9
+
+
+def test_save_load_round_trip(default_policy, tmp_path):
+  default_policy.save(tmp_path / "policy")
+  loaded = bandit.load_policy(tmp_path / "policy")
+  embeddings = HELD_OUT[0][:300]
+  np.testing.assert_array_equal(loaded.choose(embeddings), default_policy.choose(embeddings))
+  np.testing.assert_array_equal(loaded.choose(embeddings, greedy=False, seed=5),
+                                default_policy.choose(embeddings, greedy=False, seed=5))
+  np.testing.assert_array_equal(loaded.probabilities(embeddings),
+                                default_policy.probabilities(embeddings))
+  assert loaded.option_names == ["t5-small", "t5-small-xsum", "autoregressive"]
+  assert loaded.config.estimator == default_policy.config.estimator
+  assert loaded.training_info == default_policy.training_info
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    default_policy.save(tmp_path / "policy")
+  default_policy.save(tmp_path / "policy", overwrite=True)
+
+
+def test_standardization_stats_are_stored_and_reloaded(tmp_path):
+  embeddings = TRAIN[0][:256] * 10.0 + 100.0
+  config = bandit.default_train_config()
+  config.standardize_inputs = True
+  config.epochs = 1
+  policy = bandit.train_policy(embeddings, TRAIN[1][:256], seed=0, config=config)
+  np.testing.assert_allclose(policy.input_mean, embeddings.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(policy.input_scale, embeddings.std(0), rtol=1e-4)
+  policy.save(tmp_path / "p")
+  loaded = bandit.load_policy(tmp_path / "p")
+  np.testing.assert_array_equal(loaded.input_mean, policy.input_mean)
+  np.testing.assert_array_equal(loaded.probabilities(embeddings[:50]),
+                                policy.probabilities(embeddings[:50]))
+
+
+def test_training_checkpoint_restore_continues_from_saved_step(tmp_path):
+  embeddings, rewards = TRAIN[0][:320], TRAIN[1][:320]
+  config = bandit.paper_train_config()  # sampled actions: the RNG stream must resume too
+  config.epochs = 1
+  first = bandit.train_policy(embeddings, rewards, seed=4, config=config,
+                              checkpoint_dir=tmp_path / "ckpt")
+  assert first.training_info["resumed_from_step"] == 0
+  config.epochs = 2
+  resumed = bandit.train_policy(embeddings, rewards, seed=4, config=config,
+                                checkpoint_dir=tmp_path / "ckpt")
+  assert resumed.training_info["resumed_from_step"] == 5  # 320 / 64 steps per epoch
+  assert resumed.training_info["steps"] == 10
+  assert len(resumed.training_info["epoch_mean_reward"]) == 1  # only epoch 2 ran
+  uninterrupted = bandit.train_policy(embeddings, rewards, seed=4, config=config)
+  np.testing.assert_allclose(resumed.probabilities(embeddings[:100]),
+                             uninterrupted.probabilities(embeddings[:100]), atol=1e-6)
+  assert not np.allclose(first.probabilities(embeddings[:100]),
+                         uninterrupted.probabilities(embeddings[:100]), atol=1e-4)
+  with pytest.raises(ValueError, match="different run"):
+    bandit.train_policy(embeddings, rewards, seed=5, config=config,
+                        checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_dynamic_choices_depend_on_seed_only(small_policy):
+  embeddings = HELD_OUT[0][:500]
+  a = small_policy.choose(embeddings, greedy=False, seed=1)
+  b = small_policy.choose(embeddings, greedy=False, seed=1)
+  c = small_policy.choose(embeddings, greedy=False, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert np.mean(a != c) > 0.05
+  assert small_policy.choose_one(embeddings[0], greedy=False, seed=9) == small_policy.choose_one(
+      embeddings[0], greedy=False, seed=9)
+
+
+def test_dynamic_choices_follow_the_probabilities(small_policy):
+  embeddings = np.repeat(HELD_OUT[0][:4], 2000, axis=0)
+  choices = small_policy.choose(embeddings, greedy=False, seed=0).reshape(4, 2000)
+  frequencies = np.stack([(choices == k).mean(axis=1) for k in range(3)], axis=1)
+  probabilities = small_policy.probabilities(HELD_OUT[0][:4])
+  assert probabilities.max() < 0.97  # not one-hot: sampling really varies
+  tolerance = 4.5 * np.sqrt(probabilities * (1 - probabilities) / 2000) + 1e-3  # binomial sd
+  assert np.all(np.abs(frequencies - probabilities) < tolerance), (frequencies, probabilities)
+
+
+def test_greedy_is_argmax_and_choose_one_agrees(small_policy):
+  embeddings = HELD_OUT[0][:64]
+  greedy = small_policy.choose(embeddings)
+  np.testing.assert_array_equal(greedy, small_policy.probabilities(embeddings).argmax(axis=1))
+  assert [small_policy.choose_one(e) for e in embeddings[:8]] == list(greedy[:8])
+  np.testing.assert_allclose(small_policy.probabilities(embeddings).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_max_examples_limits_training_set(small_policy):
+  assert small_policy.training_info["num_examples"] == 128
+  assert small_policy.training_info["steps"] == 2
+
+
+def test_training_errors():
+  embeddings, rewards = TRAIN[0][:10], TRAIN[1][:10]
+  with pytest.raises(ValueError, match="empty dataset"):
+    bandit.train_policy(np.zeros((0, DIM)), np.zeros((0, 3)))
+  with pytest.raises(ValueError, match="a drafter list of one: nothing to choose"):
+    bandit.train_policy(embeddings, rewards[:, :1])
+  with pytest.raises(ValueError, match="10 embeddings but 9 reward rows"):
+    bandit.train_policy(embeddings, rewards[:9])
+  bad = embeddings.copy()
+  bad[3, 0] = np.nan
+  with pytest.raises(ValueError, match=r"embeddings contain NaN/inf in 1 rows \(first: \[3\]\)"):
+    bandit.train_policy(bad, rewards)
+  config = bandit.default_train_config()
+  config.baseline = "mean"
+  with pytest.raises(ValueError, match="only applies to estimator='reinforce'"):
+    bandit.train_policy(embeddings, rewards, config=config)
+  config = bandit.default_train_config()
+  config.estimator = "ppo"
+  with pytest.raises(ValueError, match="config.estimator='ppo'"):
+    bandit.train_policy(embeddings, rewards, config=config)
+
+
+def test_wrong_embedding_width_names_both_widths(small_policy):
+  with pytest.raises(ValueError, match=f"width 16 but the policy was trained on width {DIM}"):
+    small_policy.choose(np.zeros((2, 16), np.float32))
+  with pytest.raises(ValueError, match=f"width 16 but the policy was trained on width {DIM}"):
+    small_policy.probabilities(np.zeros((2, 16), np.float32))
+  with pytest.raises(ValueError, match=rf"shape \({DIM},\), got \(16,\)"):
+    small_policy.choose_one(np.zeros(16, np.float32))
+  with pytest.raises(ValueError, match="use choose_one"):
+    small_policy.choose(np.zeros(DIM, np.float32))
+
+
+def test_load_policy_missing_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no saved policy"):
+    bandit.load_policy(tmp_path / "nothing")
