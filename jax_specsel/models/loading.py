@@ -12,6 +12,7 @@ at a time, so peak host memory stays near one copy of the weights.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -43,9 +44,9 @@ class WeightMismatchError(ValueError):
   """A tensor is missing, unexpected, or has the wrong shape for the config."""
 
 
-def _architectures():
-  from jax_specsel.models import llama, t5  # local import: the model files import this module's peers
-  return {"t5": t5, "llama": llama}
+# model_type -> module, imported when a checkpoint of that type is loaded (the model files import
+# this module, and one architecture failing to import must not stop the others from loading).
+ARCHITECTURES = {"t5": "jax_specsel.models.t5", "llama": "jax_specsel.models.llama"}
 
 
 def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None) -> Model:
@@ -70,11 +71,11 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None)
   directory = resolve_checkpoint_dir(path_or_id)
   hf_config = _read_config(directory)
   model_type = hf_config.get("model_type")
-  arch = _architectures().get(model_type)
-  if arch is None:
+  if model_type not in ARCHITECTURES:
     raise UnsupportedModelError(
         f"{os.path.join(directory, 'config.json')}: model_type={model_type!r} is not supported. "
-        f"Supported: {sorted(_architectures())} (T5 / T5 v1.1 / Flan-T5 and LLaMA-family checkpoints).")
+        f"Supported: {sorted(ARCHITECTURES)} (T5 / T5 v1.1 / Flan-T5 and LLaMA-family checkpoints).")
+  arch = importlib.import_module(ARCHITECTURES[model_type])
   config = arch.Config.from_hf(hf_config, dtype)
   module = _build_module(arch, config, directory)
   label = name or os.path.basename(os.path.normpath(path_or_id))
@@ -174,6 +175,9 @@ def _build_module(arch, config, directory: str) -> nnx.Module:
   graphdef, state = nnx.split(abstract)
   expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
   weight_map = arch.hf_weight_map(config)
+  uncovered = sorted(set(expected) - {path for path, _ in weight_map.values()})
+  if uncovered:  # a bug in the architecture's map, not in the checkpoint
+    raise RuntimeError(f"{arch.__name__}.hf_weight_map leaves parameters unfilled: {uncovered[:4]}")
   dtype = DTYPES[config.dtype]
   values, unexpected = {}, []
   for name, tensor in iter_tensors(directory):
@@ -182,7 +186,13 @@ def _build_module(arch, config, directory: str) -> nnx.Module:
         unexpected.append(name)
       continue
     path, transform = weight_map[name]
-    values[path] = _convert(name, tensor, transform, expected[path].shape, dtype)
+    value = _convert(name, tensor, transform, expected[path].shape, dtype)
+    if path in values and not bool(jnp.array_equal(values[path], value)):
+      # Aliases (T5's shared / encoder / decoder embeddings) must agree, or shard order decides.
+      raise WeightMismatchError(f"{directory}: tensor {name!r} is an alias of a parameter already "
+                                f"loaded from another tensor, with different values: the checkpoint "
+                                "is inconsistent (re-save it with tied embeddings equal).")
+    values[path] = value
   _check_complete(weight_map, values, unexpected, directory)
   nnx.replace_by_pure_dict(state, _nest(values))
   return nnx.merge(graphdef, state)

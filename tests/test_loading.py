@@ -1,0 +1,279 @@
+"""Checkpoint loading: weight-file layouts, tokenizer attachment, and every error's message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+import jax_specsel as js
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+IDS = np.array([[5, 17, 42, 8, 90, 3], [7, 7, 61, 2, 0, 0]])
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _random_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+  config = transformers.LlamaConfig(**{**TINY, **overrides})
+  if "tie_word_embeddings" in overrides:
+    config.tie_word_embeddings = overrides["tie_word_embeddings"]
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():  # redraw so that every tensor matters
+      param.copy_(1.0 + 0.2 * torch.randn_like(param) if "norm" in name else 0.15 * torch.randn_like(param))
+  return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return _random_llama()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, hf_model):
+  directory = tmp_path_factory.mktemp("tiny_llama")
+  hf_model.save_pretrained(str(directory))
+  return directory
+
+
+@pytest.fixture(scope="module")
+def reference_logits(base_dir):
+  return js.load_model(str(base_dir)).logits(IDS, attention_mask=MASK)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, base_dir):
+  """A private copy of the tiny checkpoint that a test may damage."""
+  directory = tmp_path / "ckpt"
+  shutil.copytree(base_dir, directory)
+  return directory
+
+
+def _edit_json(path, **changes):
+  with open(path) as f:
+    data = json.load(f)
+  data.update(changes)
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def _rewrite_weights(directory, edit):
+  path = os.path.join(directory, "model.safetensors")
+  tensors = safetensors.torch.load_file(path)
+  edit(tensors)
+  safetensors.torch.save_file(tensors, path)
+
+
+# ----- weight-file layouts -----
+
+def test_sharded_safetensors_equal_single_file(tmp_path, hf_model, reference_logits):
+  hf_model.save_pretrained(str(tmp_path), max_shard_size="40KB")
+  shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+  assert os.path.isfile(tmp_path / "model.safetensors.index.json") and len(shards) > 1
+  logits = js.load_model(str(tmp_path)).logits(IDS, attention_mask=MASK)
+  np.testing.assert_array_equal(logits, reference_logits)
+
+
+def test_pytorch_bin_equals_safetensors(checkpoint, hf_model, reference_logits):
+  os.remove(checkpoint / "model.safetensors")
+  torch.save({k: v.contiguous() for k, v in hf_model.state_dict().items()}, checkpoint / "pytorch_model.bin")
+  logits = js.load_model(str(checkpoint)).logits(IDS, attention_mask=MASK)
+  np.testing.assert_array_equal(logits, reference_logits)
+
+
+def test_bfloat16_bin_equals_bfloat16_safetensors(tmp_path, hf_model):
+  half = _random_llama()
+  half.load_state_dict(hf_model.state_dict())
+  half = half.to(torch.bfloat16)
+  half.save_pretrained(str(tmp_path / "st"))
+  shutil.copytree(tmp_path / "st", tmp_path / "bin")
+  os.remove(tmp_path / "bin" / "model.safetensors")
+  torch.save(dict(half.state_dict()), tmp_path / "bin" / "pytorch_model.bin")
+  from_st = js.load_model(str(tmp_path / "st")).logits(IDS, attention_mask=MASK)
+  from_bin = js.load_model(str(tmp_path / "bin")).logits(IDS, attention_mask=MASK)
+  np.testing.assert_array_equal(from_bin, from_st)
+
+
+def test_ignorable_tensors_are_skipped(checkpoint, reference_logits):
+  def add_buffer(tensors):
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # pre-4.38 checkpoints
+
+  _rewrite_weights(checkpoint, add_buffer)
+  logits = js.load_model(str(checkpoint)).logits(IDS, attention_mask=MASK)
+  np.testing.assert_array_equal(logits, reference_logits)
+
+
+def test_tied_checkpoint_with_stored_lm_head_copy_loads(tmp_path):
+  tied = _random_llama(seed=1, tie_word_embeddings=True)
+  tied.save_pretrained(str(tmp_path))
+
+  def add_copy(tensors):
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+
+  _rewrite_weights(tmp_path, add_copy)
+  model = js.load_model(str(tmp_path))
+  assert model.config.tie_word_embeddings
+  with torch.no_grad():
+    ref = tied(torch.tensor(IDS[:1])).logits.numpy()
+  ours = model.logits(IDS[:1])
+  assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tokenizer_in_directory_is_attached(checkpoint):
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+
+  assert js.load_model(str(checkpoint)).tokenizer is None
+  word_level = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+  word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  word_level.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"],
+                                 trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
+                                              pad_token="<pad>", eos_token="</s>")
+  fast.save_pretrained(str(checkpoint))
+  model = js.load_model(str(checkpoint))
+  assert model.tokenizer is not None
+  ids = model.tokenizer("the cat sat on a zebra").input_ids
+  assert ids == fast("the cat sat on a zebra").input_ids
+  assert len(ids) == 6 and ids[-1] == word_level.token_to_id("<unk>")
+
+
+# ----- errors: each names the file or key and says what to do -----
+
+def test_missing_directory(tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(js.CheckpointNotFoundError, match=f"{missing}.*does not exist"):
+    js.load_model(str(missing))
+
+
+def test_file_instead_of_directory(checkpoint):
+  path = checkpoint / "config.json"
+  with pytest.raises(js.CheckpointNotFoundError, match=f"{path} is a file.*checkpoint directory"):
+    js.load_model(str(path))
+
+
+def test_no_weight_file(checkpoint):
+  os.remove(checkpoint / "model.safetensors")
+  with pytest.raises(js.CheckpointNotFoundError, match="no weight file.*model.safetensors"):
+    js.load_model(str(checkpoint))
+
+
+def test_index_naming_absent_shard(checkpoint):
+  with open(checkpoint / "model.safetensors.index.json", "w") as f:
+    json.dump({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}, f)
+  with pytest.raises(js.CheckpointNotFoundError, match="model-00002-of-00002.*incomplete"):
+    js.load_model(str(checkpoint))
+
+
+def test_config_json_missing(checkpoint):
+  os.remove(checkpoint / "config.json")
+  with pytest.raises(js.CheckpointNotFoundError, match="config.json is missing"):
+    js.load_model(str(checkpoint))
+
+
+def test_unsupported_model_type(checkpoint):
+  with open(checkpoint / "config.json", "w") as f:
+    json.dump(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).to_dict(), f)
+  with pytest.raises(js.UnsupportedModelError, match="model_type='gpt2'.*Supported.*llama"):
+    js.load_model(str(checkpoint))
+
+
+def test_missing_tensor(checkpoint):
+  _rewrite_weights(checkpoint, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(js.WeightMismatchError, match="missing.*model.layers.1.mlp.up_proj.weight"):
+    js.load_model(str(checkpoint))
+
+
+def test_unexpected_tensor(checkpoint):
+  def add(tensors):
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
+
+  _rewrite_weights(checkpoint, add)
+  with pytest.raises(js.WeightMismatchError, match="unexpected.*q_norm.weight.*config.json"):
+    js.load_model(str(checkpoint))
+
+
+def test_shape_mismatch(checkpoint):
+  _edit_json(checkpoint / "config.json", intermediate_size=48)
+  with pytest.raises(js.WeightMismatchError, match="mlp.*shape.*config.json and the weights disagree"):
+    js.load_model(str(checkpoint))
+
+
+def test_uncached_hub_id_offline(tmp_path, monkeypatch):
+  import huggingface_hub.constants
+
+  empty = tmp_path / "hf_home"
+  empty.mkdir()
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(empty))
+  monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
+  # huggingface_hub reads its cache location at import time: point the live constant too.
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty / "hub"))
+  with pytest.raises(js.CheckpointNotFoundError, match="tiny-org/not-cached.*HF_HUB_OFFLINE=1"):
+    js.load_model("tiny-org/not-cached")
+
+
+def test_unsupported_dtype(checkpoint):
+  with pytest.raises(ValueError, match="dtype='int8'.*bfloat16"):
+    js.load_model(str(checkpoint), dtype="int8")
+
+
+# ----- T5: the same layouts through the other architecture -----
+
+def _tiny_t5(directory) -> transformers.T5ForConditionalGeneration:
+  """A Flan-style (gated-gelu, untied) random T5; see shared/PITFALLS.md for the untying."""
+  config = transformers.T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_heads=3, num_layers=2,
+                                 num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                                 decoder_start_token_id=0, tie_word_embeddings=False, dropout_rate=0.0)
+  config.tie_word_embeddings = False
+  torch.manual_seed(3)
+  model = transformers.T5ForConditionalGeneration(config).eval()
+  with torch.no_grad():  # real checkpoints keep these aliases equal to shared.weight
+    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+  model.save_pretrained(str(directory))
+  return model
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+  pytest.importorskip("jax_specsel.models.t5")
+  directory = tmp_path_factory.mktemp("tiny_t5")
+  return directory, _tiny_t5(directory)
+
+
+def _t5_logits(directory):
+  decoder_ids = np.array([[0, 11, 4, 9], [0, 5, 5, 70]])
+  return js.load_model(str(directory)).logits(IDS % 80, decoder_input_ids=decoder_ids, attention_mask=MASK)
+
+
+def test_t5_sharded_and_bin_equal_single_file(tmp_path, t5_dir):
+  directory, hf = t5_dir
+  reference = _t5_logits(directory)
+  hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="30KB")
+  assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+  np.testing.assert_array_equal(_t5_logits(tmp_path / "sharded"), reference)
+  shutil.copytree(directory, tmp_path / "bin")
+  os.remove(tmp_path / "bin" / "model.safetensors")
+  torch.save({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+  np.testing.assert_array_equal(_t5_logits(tmp_path / "bin"), reference)
+
+
+def test_t5_missing_tensor(tmp_path, t5_dir):
+  directory, _ = t5_dir
+  shutil.copytree(directory, tmp_path / "ckpt")
+  name = "decoder.block.1.layer.2.DenseReluDense.wi_1.weight"
+  _rewrite_weights(tmp_path / "ckpt", lambda t: t.pop(name))
+  with pytest.raises(js.WeightMismatchError, match=f"missing.*{name}"):
+    js.load_model(str(tmp_path / "ckpt"))
