@@ -1,7 +1,7 @@
 """Profiles a speculative-decoding run: a jax.profiler trace, optional HLO dump, compile vs run time.
 
-  python launch/profile.py --trace_dir=/tmp/trace                      # random LLaMA pair
-  python launch/profile.py --target=/ckpt/llama --drafter=/ckpt/llama-68m --xla_dump_to=/tmp/hlo
+  python launch/profile_decoding.py --trace_dir=/tmp/trace                      # random LLaMA pair
+  python launch/profile_decoding.py --target=/ckpt/llama --drafter=/ckpt/llama-68m --xla_dump_to=/tmp/hlo
   tensorboard --logdir=/tmp/trace   (or open the .trace.json.gz / .xplane.pb in ui.perfetto.dev)
 
 --xla_dump_to must act before jax initializes, so this file reads it from sys.argv first.
