@@ -16,7 +16,7 @@ def load_torch_model(directory: str):
   from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
   config = AutoConfig.from_pretrained(directory)
   cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-  return cls.from_pretrained(directory, torch_dtype=torch.float32).eval()
+  return cls.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def measure_hf_generation(target, prompts: list[list[int]], drafter=None, gamma: int = 7,
