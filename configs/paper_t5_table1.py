@@ -1,11 +1,14 @@
 """Paper Table 1: Flan-T5-XXL target, T5-small and T5-small-XSum drafters, IWSLT2017 en-de and XSum.
 
-Memory: the target is 11.3B parameters: ~22.6 GB in bfloat16 (45 GB float32) plus ~1 GB of caches
-and activations at batch 1; one A100-80GB / H100-80GB in bfloat16, or a TPU v4-8 / v5e-8 host
-(sharded loading is tracked separately). The drafters need ~0.25 GB each.
-  python launch/collect.py --config=configs/paper_t5_table1.py
+Memory: the target is 11.14B parameters: 20.7 GiB in bfloat16 (41.5 GiB float32) plus ~1 GB of
+caches and activations at batch 1; one A100-80GB / H100-80GB in bfloat16, or a mesh (per device,
+jax_specsel.estimate_memory, collection batch 32, 1024-token prompts): 8 GPUs --mesh=8x1 24.9 GiB,
+--mesh=2x4 9.7 GiB; TPU v4-8 (4 chips) --mesh=2x2 18.9 GiB; TPU v5e-8 --mesh=2x4 9.7 GiB;
+evaluation at batch 1 --mesh=1x8 2.8 GiB. The drafters (replicated) need ~0.25 GB each.
+  python launch/collect.py --config=configs/paper_t5_table1.py --mesh=2x4 --estimate_memory
+  python launch/collect.py --config=configs/paper_t5_table1.py [--mesh=2x4]
   python launch/train_policy.py --config=configs/paper_t5_table1.py
-  python launch/evaluate.py --config=configs/paper_t5_table1.py
+  python launch/evaluate.py --config=configs/paper_t5_table1.py [--mesh=1x8]
 """
 
 import ml_collections

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from jax_specsel.bandit import collect as collect_lib
+from jax_specsel.bandit import distributed
 from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
 from jax_specsel.eval import evaluate as evaluate_lib
@@ -30,7 +31,8 @@ def collect_stage(target: Model, drafters: dict[str, Model], train: datasets.Dat
   collect_config = CollectConfig(max_new_tokens=config.max_new_tokens, batch_size=config.collect_batch_size,
                                  shard_size=config.shard_size, include_autoregressive=True,
                                  sample_temperature=1.0, seed=config.seed)
-  dataset = collect_lib.collect(target, drafters, train, os.path.join(output_dir, "collection"),
+  # One process: collect.collect. Several (after jax.distributed.initialize): each takes its shards.
+  dataset = distributed.collect(target, drafters, train, os.path.join(output_dir, "collection"),
                                 collect_config)
   return dataset, collect_lib.load_collection(os.path.join(output_dir, "collection"))[1]
 

@@ -9,6 +9,8 @@ time (`reward_table`), so one collection serves every alpha.
 Storage: parquet shards `shard-NNNNN.parquet`, one per fixed range of queries, each written to a
 temporary name and renamed, plus `collection.json` (options, parameter counts, config). A collection
 killed at any point and restarted redoes only the unfinished shards: every query exactly once.
+Several processes split the shards (process p takes p, p + P, ...; bandit/distributed.py), so
+merging their work is just loading every shard.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import glob
 import json
 import os
+import time
 import zlib
 from typing import Sequence
 
@@ -51,8 +54,10 @@ def option_names(drafters: dict[str, Model], config: CollectConfig) -> list[str]
 
 
 def collect(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, output_dir: str,
-            config: CollectConfig = CollectConfig(), progress: bool = True) -> datasets.Dataset:
-  """Runs (or resumes) a collection and returns the whole table.
+            config: CollectConfig = CollectConfig(), progress: bool = True, *,
+            process_index: int = 0, process_count: int = 1,
+            wait_seconds: float = 3600.0) -> datasets.Dataset:
+  """Runs (or resumes) a collection, or one process's part of it, and returns the table.
 
   Args:
     target: the target model (tokenizer attached).
@@ -61,18 +66,31 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
     output_dir: shard directory; created if missing, resumed if it holds the same collection.
     config: generation settings.
     progress: show a progress bar with rate and ETA.
+    process_index, process_count: this process takes shards process_index, process_index +
+      process_count, ... (see bandit/distributed.py). Process 0 writes collection.json; the others
+      wait for it (up to `wait_seconds`) and check that they collect with the same settings.
+    wait_seconds: how long a process other than 0 waits for collection.json.
 
   Returns:
-    The collected dataset (one row per query, in example order).
+    The collected dataset (one row per query, in example order). With process_count > 1 it holds
+    the shards finished so far; `distributed.collect` waits for every process first.
   """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   _check_inputs(target, drafters, examples)
   meta = _metadata(target, drafters, examples, config)
-  _prepare_dir(output_dir, meta)
+  if process_index == 0:
+    _prepare_dir(output_dir, meta)
+  else:
+    _await_metadata(output_dir, meta, wait_seconds)
   num_shards = -(-len(examples) // config.shard_size)
-  todo = [k for k in range(num_shards) if not os.path.exists(_shard_path(output_dir, k))]
+  todo = [k for k in range(process_index, num_shards, process_count)
+          if not os.path.exists(_shard_path(output_dir, k))]
   remaining = sum(len(_shard_range(k, config, len(examples))) for k in todo)
-  bar = tqdm(total=len(examples), initial=len(examples) - remaining, unit="query",
-             disable=not progress, desc="collect")
+  mine = sum(len(_shard_range(k, config, len(examples)))
+             for k in range(process_index, num_shards, process_count))
+  bar = tqdm(total=mine, initial=mine - remaining, unit="query", disable=not progress,
+             desc="collect" if process_count == 1 else f"collect {process_index}/{process_count}")
   for shard in todo:
     indices = _shard_range(shard, config, len(examples))
     rows = _collect_rows(target, drafters, examples.select(indices), config, bar)
@@ -108,16 +126,33 @@ def _prepare_dir(output_dir: str, meta: dict) -> None:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, _META)
   if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
-    if existing != json.loads(json.dumps(meta)):
-      raise ValueError(f"{output_dir} holds a collection made with other settings or models "
-                       f"({existing.get('options')}, {existing.get('config')}); resume only with the "
-                       "same ones, or pass a new output directory.")
+    _check_same(output_dir, meta)
     return
   with open(path + ".tmp", "w") as f:
     json.dump(meta, f, indent=2)
   os.replace(path + ".tmp", path)
+
+
+def _check_same(output_dir: str, meta: dict) -> None:
+  with open(os.path.join(output_dir, _META)) as f:
+    existing = json.load(f)
+  if existing != json.loads(json.dumps(meta)):
+    raise ValueError(f"{output_dir} holds a collection made with other settings or models "
+                     f"({existing.get('options')}, {existing.get('config')}); resume only with the "
+                     "same ones, or pass a new output directory.")
+
+
+def _await_metadata(output_dir: str, meta: dict, wait_seconds: float) -> None:
+  """Waits for process 0's collection.json (written atomically), then checks it matches ours."""
+  path = os.path.join(output_dir, _META)
+  deadline = time.monotonic() + wait_seconds
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{path} did not appear within {wait_seconds:.0f}s: process 0 writes it; "
+                         "check that process 0 runs and that output_dir is on a file system every "
+                         "process shares.")
+    time.sleep(0.2)
+  _check_same(output_dir, meta)
 
 
 def _shard_range(shard: int, config: CollectConfig, total: int) -> range:

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from jax_specsel import sharding
 from jax_specsel.decoding import loop, sampling
 from jax_specsel.models.interface import Model
 
@@ -117,7 +118,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
       eos_id=target.eos_id, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
       target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
   drafter_params = None if drafter is None else drafter.params
-  args = (target.params, drafter_params, ids, mask, jax.random.PRNGKey(seed))
+  args = (target.params, drafter_params, *_place_inputs(target, ids, mask, seed))
   compiled, compile_seconds = _compiled(spec, args)
   started = time.perf_counter()
   state = jax.block_until_ready(compiled(*args))
@@ -173,8 +174,21 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
   return padded_ids, padded_mask
 
 
+def _place_inputs(target: Model, ids, mask, seed):
+  """Prompts split on the mesh's data axis and a replicated key when the target is sharded."""
+  key = jax.random.PRNGKey(seed)
+  if target.mesh is None:
+    return ids, mask, key
+  mesh = target.mesh
+  return sharding.place_batch(ids, mesh), sharding.place_batch(mask, mesh), sharding.replicate(key, mesh)
+
+
 def check_compatible(target: Model, drafter: Model) -> None:
   """Raises ValueError unless the drafter can draft for the target (same family and tokenizer)."""
+  if drafter.mesh != target.mesh:
+    raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
+                     f"on {_mesh_name(target)}: place both on the target's mesh (load_model(..., "
+                     "mesh=mesh), or jax_specsel.sharding.shard_model(drafter, mesh, replicated=True)).")
   if drafter.is_encoder_decoder != target.is_encoder_decoder:
     raise ValueError(f"drafter {drafter.name} and target {target.name} must both be encoder-decoder "
                      "or both decoder-only.")
@@ -188,6 +202,10 @@ def check_compatible(target: Model, drafter: Model) -> None:
   elif abs(target.vocab_size - drafter.vocab_size) > 256:
     raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
                      f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
+
+
+def _mesh_name(model: Model) -> str:
+  return "one device" if model.mesh is None else str(dict(model.mesh.shape))
 
 
 def _real_vocab(tokenizer) -> dict:

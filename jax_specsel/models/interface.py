@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_specsel import sharding
+
 Cache = Any  # a pytree of fixed-shape arrays
 Context = Any  # a dict of arrays produced by `prepare`
 
@@ -44,19 +46,30 @@ class Decoder:
 
   graphdef: Any  # nnx.GraphDef of the architecture module (config included)
   exit_layers: int | None = None  # early-exit view: run only the first k decoder layers
+  placement: sharding.Placement | None = None  # the mesh the weights live on (None: one device)
 
   def _module(self, params):
     return nnx.merge(self.graphdef, params)
 
+  def _constrain(self, cache):
+    # Pin caches to the mesh: the zeros of init_cache carry no sharding of their own, and the
+    # partitioner may otherwise keep a whole (replicated) cache on every device.
+    return cache if self.placement is None else sharding.constrain_cache(cache, self.placement)
+
   def prepare(self, params, prompt_ids, prompt_mask, cache):
-    return self._module(params).prepare(prompt_ids, prompt_mask, cache, num_layers=self.exit_layers)
+    context, cache = self._module(params).prepare(prompt_ids, prompt_mask, cache,
+                                                  num_layers=self.exit_layers)
+    return context, self._constrain(cache)
 
   def init_cache(self, params, batch: int, max_len: int):
     module = self._module(params)
-    return module.init_cache(batch, max_len, module.config.dtype, num_layers=self.exit_layers)
+    cache = module.init_cache(batch, max_len, module.config.dtype, num_layers=self.exit_layers)
+    return self._constrain(cache)
 
   def decode(self, params, tokens, start, cache, context):
-    return self._module(params).decode(tokens, start, cache, context, num_layers=self.exit_layers)
+    logits, cache = self._module(params).decode(tokens, start, cache, context,
+                                                num_layers=self.exit_layers)
+    return logits, self._constrain(cache)
 
   def embed(self, params, context):
     return self._module(params).embed(context)
@@ -95,12 +108,13 @@ class Model:
     config: the architecture's frozen config dataclass (`T5Config` or `LlamaConfig`).
     tokenizer: a transformers tokenizer, or None when the directory holds no tokenizer files.
     name: where the model came from (directory or hub id), for tables and logs.
+    mesh: the device mesh the weights are placed on (None: a single device).
   """
 
   def __init__(self, module: nnx.Module, tokenizer=None, name: str = "model",
-               exit_layers: int | None = None):
+               exit_layers: int | None = None, placement: sharding.Placement | None = None):
     graphdef, params = nnx.split(module)
-    self.decoder = Decoder(graphdef, exit_layers)
+    self.decoder = Decoder(graphdef, exit_layers, placement)
     self.params = params
     self.config = module.config
     self.tokenizer = tokenizer
@@ -146,6 +160,11 @@ class Model:
   @property
   def exit_layers(self) -> int | None:
     return self.decoder.exit_layers
+
+  @property
+  def mesh(self):
+    """The `jax.sharding.Mesh` holding the weights, or None on a single device."""
+    return None if self.decoder.placement is None else self.decoder.placement.mesh
 
   @property
   def num_params(self) -> int:
@@ -196,13 +215,15 @@ class Model:
     total = self.config.num_decoder_layers
     if not 1 <= layers <= total:
       raise ValueError(f"early_exit(layers={layers}): must be between 1 and the model's {total} layers.")
-    decoder = Decoder(self.decoder.graphdef, layers)
+    decoder = Decoder(self.decoder.graphdef, layers, self.decoder.placement)
     base = self.name.split("@")[0]
     return Model._from_parts(decoder, self.params, self.config, self.tokenizer, f"{base}@layer{layers}")
 
   def __repr__(self):
     kind = "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
-    return f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, dtype={self.config.dtype})"
+    where = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
+    return (f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, "
+            f"dtype={self.config.dtype}{where})")
 
 
 def _as_batch(input_ids, attention_mask):

@@ -7,7 +7,9 @@ Each architecture module (t5.py, llama.py) contributes four things, registered i
   is_ignorable(hf_name, config) -> bool                      (aliases of tied weights, buffers)
 
 Tensors are read lazily (safetensors memory maps, torch.load(mmap=True)), converted and cast one
-at a time, so peak host memory stays near one copy of the weights.
+at a time, so peak host memory stays near one copy of the weights. With a `mesh`, each converted
+tensor goes straight into its NamedSharding (jax_specsel/sharding.py) as it is read: no device
+ever holds more than its shards plus the one tensor in flight.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_specsel import sharding
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ class WeightMismatchError(ValueError):
 ARCHITECTURES = {"t5": "jax_specsel.models.t5", "llama": "jax_specsel.models.llama"}
 
 
-def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None) -> Model:
+def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> Model:
   """Load a HuggingFace checkpoint (local directory or hub id) as a `Model`.
 
   Args:
@@ -59,27 +63,60 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None)
       which case it must already be cached).
     dtype: "float32", "bfloat16" or "float16": parameters, activations and caches.
     name: a label for tables and logs (default: the last path component or the hub id).
+    mesh: a (data, model) mesh from `jax_specsel.make_mesh`: every tensor is placed with the
+      tensor-parallel rules of jax_specsel/sharding.py as it is read (default: one device).
 
   Returns:
     A `Model` with the tokenizer attached when the directory has tokenizer files.
 
   Raises:
-    CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError, ValueError (bad dtype).
+    CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError, ValueError (bad dtype
+    or mesh).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+  if mesh is not None:
+    sharding.check_mesh(mesh)
   directory = resolve_checkpoint_dir(path_or_id)
   hf_config = _read_config(directory)
+  arch = architecture(hf_config, os.path.join(directory, "config.json"))
+  config = arch.Config.from_hf(hf_config, dtype)
+  module = _build_module(arch, config, directory, mesh)
+  label = name or os.path.basename(os.path.normpath(path_or_id))
+  placement = None if mesh is None else sharding.Placement(mesh)
+  return Model(module, tokenizer=_load_tokenizer(directory), name=label, placement=placement)
+
+
+def architecture(hf_config: dict, source: str = "config.json"):
+  """The architecture module (t5 / llama) for a parsed config.json; `source` names it in errors."""
   model_type = hf_config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise UnsupportedModelError(
-        f"{os.path.join(directory, 'config.json')}: model_type={model_type!r} is not supported. "
+        f"{source}: model_type={model_type!r} is not supported. "
         f"Supported: {sorted(ARCHITECTURES)} (T5 / T5 v1.1 / Flan-T5 and LLaMA-family checkpoints).")
-  arch = importlib.import_module(ARCHITECTURES[model_type])
-  config = arch.Config.from_hf(hf_config, dtype)
-  module = _build_module(arch, config, directory)
-  label = name or os.path.basename(os.path.normpath(path_or_id))
-  return Model(module, tokenizer=_load_tokenizer(directory), name=label)
+  return importlib.import_module(ARCHITECTURES[model_type])
+
+
+def read_hf_config(path_or_id: str) -> dict:
+  """config.json of a local checkpoint directory or a hub id, without fetching any weights.
+
+  Raises:
+    CheckpointNotFoundError: no such directory, or the hub id is neither cached nor reachable.
+  """
+  path = os.path.expanduser(str(path_or_id))
+  if os.path.isdir(path) or os.path.exists(path) or _looks_like_path(path):
+    return _read_config(resolve_checkpoint_dir(path))
+  import huggingface_hub
+  offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+  try:
+    config_path = huggingface_hub.hf_hub_download(path, "config.json", local_files_only=offline)
+  except Exception as err:  # the hub raises several classes for "not cached" / "no network"
+    raise CheckpointNotFoundError(
+        f"cannot get config.json of {path!r} ({type(err).__name__}): "
+        + ("HF_HUB_OFFLINE=1 and it is not cached; " if offline else "")
+        + "pass a local checkpoint directory, or download it with huggingface-cli.") from err
+  with open(config_path) as f:
+    return json.load(f)
 
 
 def resolve_checkpoint_dir(path_or_id: str) -> str:
@@ -170,10 +207,15 @@ def _iter_torch_bin(path: str):
       yield key, tensor.numpy()
 
 
-def _build_module(arch, config, directory: str) -> nnx.Module:
+def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
   abstract = nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+  placements = {}
+  if mesh is not None:
+    sizes = sharding.axis_sizes(mesh)
+    placements = {path: jax.sharding.NamedSharding(mesh, sharding.spec_for(path, v.shape, config, sizes))
+                  for path, v in expected.items()}
   weight_map = arch.hf_weight_map(config)
   uncovered = sorted(set(expected) - {path for path, _ in weight_map.values()})
   if uncovered:  # a bug in the architecture's map, not in the checkpoint
@@ -187,6 +229,8 @@ def _build_module(arch, config, directory: str) -> nnx.Module:
       continue
     path, transform = weight_map[name]
     value = _convert(name, tensor, transform, expected[path].shape, dtype)
+    if path in placements:  # straight into the shards; the whole tensor is dropped right after
+      value = jax.device_put(value, placements[path])
     if path in values and not bool(jnp.array_equal(values[path], value)):
       # Aliases (T5's shared / encoder / decoder embeddings) must agree, or shard order decides.
       raise WeightMismatchError(f"{directory}: tensor {name!r} is an alias of a parameter already "
