@@ -36,6 +36,7 @@ flags.DEFINE_integer("prompt_length", 24, "Tokens per random prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the prompts (after one warm-up pass).")
 flags.DEFINE_bool("hf", True, "Also time transformers generate / assisted generate (needs torch).")
 flags.DEFINE_string("output_dir", "reports/benchmark", "Where benchmark.json and .md go.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for the transformers side (0: default).")
 
 def benchmark_pair(target_dir: str, drafter_dirs: list[str], prompts: list[list[int]]) -> dict:
   target = js.load_model(target_dir)
@@ -67,6 +68,9 @@ def benchmark_pair(target_dir: str, drafter_dirs: list[str], prompts: list[list[
 
 def _add_hf(rows, target_dir, drafter_dirs, prompts):
   from jax_specsel.eval import hf_baseline
+  if FLAGS.torch_threads:
+    import torch
+    torch.set_num_threads(FLAGS.torch_threads)
   target = hf_baseline.load_torch_model(target_dir)
   plain = hf_baseline.measure_hf_generation(target, prompts, None, FLAGS.gamma, FLAGS.max_new_tokens,
                                             FLAGS.repeats)

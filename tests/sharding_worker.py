@@ -153,7 +153,7 @@ def run_sharded(root: str) -> dict:
   import jax
   import jax_specsel as js
   from jax_specsel import sharding
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)  # absl may have a handler
   result = {"devices": jax.device_count(), "errors": check_errors(os.path.join(root, "t5"))}
   # T5 drafts with a replicated copy of itself (every draft accepted: bonus tokens), LLaMA with
   # its sharded first layer (some accepted, some rejected).
