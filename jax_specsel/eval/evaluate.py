@@ -98,6 +98,7 @@ def _run_policy(target, options, policy, prompts, embeddings, greedy, config):
   if unknown:
     raise ValueError(f"the policy chooses among {names} but options {sorted(unknown)} are not given.")
   per_seed, chosen = [], []
+  policy.choose_one(embeddings[0], greedy=greedy, key=jax.random.key(0))  # compile outside timing
   for seed in config.seeds:
     runs = []
     key = jax.random.key(seed)

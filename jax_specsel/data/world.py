@@ -1,0 +1,391 @@
+"""A small seeded world of task domains in one shared word-level vocabulary.
+
+The paper's setting needs a target that is good at several domains and drafters that are each
+aligned with it on only one. Real data sets and models are out of reach offline on a CPU, so this
+module generates three domains shaped like the paper's (Table 10 prompt templates):
+
+  translate   "translate English to German: the big dog sees a cat"
+              -> "die Hund gross eine Katze sieht"
+              A rule-based language pair: one-to-one lexicon, the adjective follows its noun and
+              the verb moves to the end of its clause (after an optional adverb).
+  summarize   "summarize: officials said the storm ... near the harbor ..." (20-28 words)
+              -> "storm harbor ..." (4-6 words): the topic words the text mentions, in the
+              fixed order of the topic list (a T5 of the zoo's size does not learn "order of
+              first appearance" within the CPU budget: it memorized instead, 97% exact on
+              train and 23% on test).
+  arithmetic  "Q: 3 7 + 4 8" -> "8 5": digits are separate words, so the answer needs the carry.
+              Only the big target is meant to learn it (the paper's GSM8K case).
+
+Every domain draws from a fixed lexicon, so the vocabulary (and the tokenizer) does not depend on
+the seed. Examples are dicts {id, domain, prompt, reference}; splits never share a prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+
+import numpy as np
+
+# Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
+WORLD_VERSION = 2
+
+TRANSLATE = "translate"
+SUMMARIZE = "summarize"
+ARITHMETIC = "arithmetic"
+DOMAINS = (TRANSLATE, SUMMARIZE, ARITHMETIC)
+SPLITS = ("train", "validation", "test")
+
+# Paper Table 10 templates.
+PROMPT_PREFIX = {
+    TRANSLATE: "translate English to German:",
+    SUMMARIZE: "summarize:",
+    ARITHMETIC: "Q:",
+}
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2: T5 conventions (pad doubles as decoder start)
+
+# ----- translate: an English-like source and a German-like target, word for word -----
+DETERMINERS = {"the": "die", "a": "eine"}
+NOUNS = {
+    "dog": "Hund", "cat": "Katze", "bird": "Vogel", "horse": "Pferd", "man": "Mann",
+    "woman": "Frau", "child": "Kind", "teacher": "Lehrer", "farmer": "Bauer", "king": "Koenig",
+    "doctor": "Arzt", "friend": "Freund", "fish": "Fisch", "mouse": "Maus", "cow": "Kuh",
+    "bear": "Baer", "fox": "Fuchs", "baker": "Baecker", "pupil": "Schueler", "girl": "Maedchen",
+    "boy": "Junge", "queen": "Koenigin", "soldier": "Soldat", "sailor": "Matrose",
+}
+VERBS = {
+    "sees": "sieht", "likes": "mag", "follows": "folgt", "finds": "findet", "helps": "hilft",
+    "calls": "ruft", "hears": "hoert", "knows": "kennt", "asks": "fragt", "feeds": "fuettert",
+    "paints": "malt", "visits": "besucht", "meets": "trifft", "teaches": "lehrt",
+    "watches": "beobachtet", "loves": "liebt",
+}
+ADJECTIVES = {
+    "big": "gross", "small": "klein", "red": "rot", "old": "alt", "young": "jung",
+    "happy": "froh", "sad": "traurig", "fast": "schnell", "slow": "langsam", "tired": "muede",
+    "clever": "klug", "brave": "mutig", "quiet": "leise", "loud": "laut", "hungry": "hungrig",
+    "friendly": "freundlich",
+}
+ADVERBS = {"today": "heute", "often": "oft", "again": "wieder", "never": "nie"}
+CONJUNCTIONS = {"and": "und"}
+LEXICON = {**DETERMINERS, **NOUNS, **VERBS, **ADJECTIVES, **ADVERBS, **CONJUNCTIONS}
+
+# ----- summarize: topic words scattered in filler text -----
+TOPICS = (
+    "storm", "market", "election", "river", "harvest", "museum", "festival", "bridge", "railway",
+    "hospital", "school", "factory", "concert", "forest", "harbor", "airport", "library",
+    "stadium", "village", "mountain", "island", "desert", "castle", "garden", "theater", "bakery",
+    "bank", "court", "prison", "parliament", "tunnel", "lake", "volcano", "glacier", "mine",
+    "farm", "zoo", "church", "highway", "canal",
+)
+FILLER = (
+    "in", "on", "at", "near", "after", "before", "during", "the", "a", "new", "old", "report",
+    "reports", "officials", "people", "residents", "said", "say", "that", "was", "were", "is",
+    "about", "many", "some", "today", "yesterday", "week", "city", "local", "news", "also", "more",
+    "than", "with", "and", "of", "from", "while", "visitors",
+)
+
+# ----- arithmetic -----
+DIGITS = tuple(str(d) for d in range(10))
+OPERATORS = ("+",)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  """Everything that determines the generated examples (and so the zoo trained on them)."""
+
+  seed: int = 0
+  domains: tuple[str, ...] = DOMAINS  # which domains to generate, in report order
+  # Arithmetic has only
+  # (arithmetic_max_operand + 1)**2 distinct questions: its train split is capped at half of
+  # them minus validation and test.
+  train_per_domain: int = 5000
+  validation_per_domain: int = 200
+  test_per_domain: int = 200
+  max_clauses: int = 2  # translate: clauses joined by "and" (each reordered on its own)
+  adjective_prob: float = 0.5  # translate: chance a noun phrase carries an adjective
+  adverb_prob: float = 0.3  # translate: chance a clause ends with an adverb
+  # summarize: distinct topic words, input length (inclusive ranges) and extra mentions of
+  # already-seen topics. Kept short enough for a small T5 to learn within the CPU budget.
+  summary_topics: tuple[int, int] = (4, 6)
+  summary_text_words: tuple[int, int] = (20, 28)
+  summary_max_repeats: int = 1
+  arithmetic_max_operand: int = 99  # arithmetic: operands drawn from [0, max]
+
+  def __post_init__(self):
+    unknown = set(self.domains) - set(DOMAINS)
+    if unknown or not self.domains:
+      raise ValueError(f"WorldConfig.domains={self.domains!r}: choose a non-empty subset of {DOMAINS}.")
+    if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
+      raise ValueError("WorldConfig: split sizes must be >= 0.")
+    low, high = self.summary_topics
+    if not 1 <= low <= high <= len(TOPICS):
+      raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in [1, {len(TOPICS)}].")
+    if self.summary_text_words[0] < high + self.summary_max_repeats:
+      raise ValueError("WorldConfig.summary_text_words is too short to hold every topic mention.")
+    if not 0 <= self.arithmetic_max_operand <= 9999:
+      raise ValueError("WorldConfig.arithmetic_max_operand must lie in [0, 9999].")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "WorldConfig":
+    values = dict(values)
+    for key in ("domains", "summary_topics", "summary_text_words"):
+      if key in values:
+        values[key] = tuple(values[key])
+    return cls(**values)
+
+
+# ----- the rules, exposed so tests and reports can check outputs against them -----
+def translate_sentence(english: str) -> str:
+  """German-like translation of an English-like sentence of this world.
+
+  Word for word through `LEXICON`; inside each clause (clauses are split at "and") every
+  adjective moves after the noun it precedes and the verb moves to the end of the clause.
+
+  Args:
+    english: space-separated words of the translate lexicon.
+
+  Returns:
+    The translation, space-separated.
+  """
+  clauses, current = [], []
+  for word in english.split():
+    if word in CONJUNCTIONS:
+      clauses.append(current)
+      current = []
+    else:
+      current.append(word)
+  clauses.append(current)
+  out = []
+  for index, clause in enumerate(clauses):
+    if index:
+      out.append(CONJUNCTIONS["and"])
+    out.extend(LEXICON[word] for word in _reorder_clause(clause))
+  return " ".join(out)
+
+
+def _reorder_clause(words: list[str]) -> list[str]:
+  """Adjective after its noun, verb last; everything else keeps its order."""
+  moved, verbs, pending_adjectives = [], [], []
+  for word in words:
+    if word in VERBS:
+      verbs.append(word)
+    elif word in ADJECTIVES:
+      pending_adjectives.append(word)
+    elif word in NOUNS:
+      moved.append(word)
+      moved.extend(pending_adjectives)
+      pending_adjectives = []
+    else:
+      moved.append(word)
+  return moved + pending_adjectives + verbs
+
+
+def summarize_text(text: str) -> str:
+  """The summary rule: each topic word the text mentions, once, in the order of `TOPICS`."""
+  mentioned = set(text.split())
+  return " ".join(topic for topic in TOPICS if topic in mentioned)
+
+
+def spell_number(value: int) -> str:
+  """Digits as separate words: 85 -> "8 5"."""
+  return " ".join(str(value))
+
+
+# ----- generators: one example's (input, reference) from a numpy Generator -----
+def _noun_phrase(rng: np.random.Generator, config: WorldConfig) -> list[str]:
+  words = [_choice(rng, tuple(DETERMINERS))]
+  if rng.random() < config.adjective_prob:
+    words.append(_choice(rng, tuple(ADJECTIVES)))
+  words.append(_choice(rng, tuple(NOUNS)))
+  return words
+
+
+def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+  clauses = []
+  for _ in range(int(rng.integers(1, config.max_clauses + 1))):
+    clause = _noun_phrase(rng, config) + [_choice(rng, tuple(VERBS))] + _noun_phrase(rng, config)
+    if rng.random() < config.adverb_prob:
+      clause.append(_choice(rng, tuple(ADVERBS)))
+    clauses.append(" ".join(clause))
+  english = " and ".join(clauses)
+  return english, translate_sentence(english)
+
+
+def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+  num_topics = int(rng.integers(config.summary_topics[0], config.summary_topics[1] + 1))
+  topics = [TOPICS[i] for i in rng.choice(len(TOPICS), size=num_topics, replace=False)]
+  mentions = list(topics)
+  for _ in range(int(rng.integers(0, config.summary_max_repeats + 1))):
+    repeated = int(rng.integers(num_topics))
+    first = mentions.index(topics[repeated])
+    mentions.insert(int(rng.integers(first + 1, len(mentions) + 1)), topics[repeated])
+  length = int(rng.integers(config.summary_text_words[0], config.summary_text_words[1] + 1))
+  slots = np.sort(rng.choice(length, size=len(mentions), replace=False))
+  words = [_choice(rng, FILLER) for _ in range(length)]
+  for slot, topic in zip(slots, mentions):
+    words[int(slot)] = topic
+  text = " ".join(words)
+  return text, summarize_text(text)
+
+
+def _arithmetic_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+  a, b = (int(x) for x in rng.integers(0, config.arithmetic_max_operand + 1, size=2))
+  return f"{spell_number(a)} + {spell_number(b)}", spell_number(a + b)
+
+
+_GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input, ARITHMETIC: _arithmetic_input}
+
+
+def _choice(rng: np.random.Generator, options) -> str:
+  return options[int(rng.integers(len(options)))]
+
+
+def _distinct_inputs_available(domain: str, config: WorldConfig) -> float:
+  """An upper bound on distinct inputs (arithmetic is the only domain small enough to run out)."""
+  if domain == ARITHMETIC:
+    return float((config.arithmetic_max_operand + 1) ** 2)
+  return float("inf")
+
+
+def vocabulary() -> tuple[str, ...]:
+  """Every word any domain can produce, specials first (ids 0, 1, 2), in a fixed order."""
+  words = list(SPECIAL_TOKENS)
+  for prefix in PROMPT_PREFIX.values():
+    words.extend(prefix.split())
+  words.extend(LEXICON)
+  words.extend(LEXICON.values())
+  words.extend(TOPICS)
+  words.extend(FILLER)
+  words.extend(DIGITS)
+  words.extend(OPERATORS)
+  return tuple(dict.fromkeys(words))  # drop duplicates ("the", "old", "and", ...), keep order
+
+
+class World:
+  """The generated examples of every domain and split, plus the shared tokenizer.
+
+  Example:
+    world = World(seed=0)
+    world.split("train", TRANSLATE)[0]
+    # {'id': 'translate-train-00000', 'domain': 'translate',
+    #  'prompt': 'translate English to German: ...', 'reference': '...'}
+  """
+
+  def __init__(self, config: WorldConfig | None = None, **overrides):
+    """Args: config: a `WorldConfig` (default: the defaults); overrides: its fields, e.g. seed=1."""
+    base = config or WorldConfig()
+    self.config = dataclasses.replace(base, **overrides) if overrides else base
+    self._examples = {domain: self._generate(domain) for domain in self.config.domains}
+
+  @property
+  def domains(self) -> tuple[str, ...]:
+    return self.config.domains
+
+  def split(self, name: str, domains: str | tuple[str, ...] | None = None) -> list[dict]:
+    """Examples of one split.
+
+    Args:
+      name: "train", "validation" or "test".
+      domains: one domain name, a tuple of them, or None for every domain (in config order).
+
+    Returns:
+      A new list of example dicts {id, domain, prompt, reference}, grouped by domain.
+    """
+    if name not in SPLITS:
+      raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}.")
+    chosen = self.domains if domains is None else ((domains,) if isinstance(domains, str) else domains)
+    missing = [d for d in chosen if d not in self._examples]
+    if missing:
+      raise ValueError(f"domains {missing} are not in this world (it has {self.domains}).")
+    return [dict(example) for domain in chosen for example in self._examples[domain][name]]
+
+  @property
+  def train(self) -> list[dict]:
+    return self.split("train")
+
+  @property
+  def validation(self) -> list[dict]:
+    return self.split("validation")
+
+  @property
+  def test(self) -> list[dict]:
+    return self.split("test")
+
+  @property
+  def vocabulary(self) -> tuple[str, ...]:
+    return vocabulary()
+
+  def tokenizer(self):
+    """The shared word-level tokenizer (a `transformers.PreTrainedTokenizerFast`, T5 conventions)."""
+    return build_tokenizer()
+
+  def fingerprint(self) -> str:
+    """A short stable hash of everything that determines the examples (for cache keys)."""
+    payload = json.dumps({"version": WORLD_VERSION, "config": self.config.to_dict(),
+                          "vocabulary": vocabulary()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+  def _generate(self, domain: str) -> dict[str, list[dict]]:
+    """Distinct prompts for one domain, cut into splits (so no prompt is in two splits)."""
+    config = self.config
+    held_out = config.validation_per_domain + config.test_per_domain
+    # Half of the distinct inputs at most, so rejection sampling of duplicates stays fast.
+    room = 0.5 * _distinct_inputs_available(domain, config) - held_out
+    if room < min(config.train_per_domain, 1):
+      raise ValueError(f"{domain}: {held_out} held-out examples requested but only "
+                       f"{_distinct_inputs_available(domain, config):.0f} inputs exist; lower the "
+                       "split sizes or raise arithmetic_max_operand.")
+    sizes = {"train": int(min(config.train_per_domain, room)),
+             "validation": config.validation_per_domain, "test": config.test_per_domain}
+    total = sum(sizes.values())
+    # A per-domain stream: adding or removing a domain leaves the others' examples unchanged.
+    rng = np.random.default_rng([config.seed, DOMAINS.index(domain)])
+    seen, pairs = set(), []
+    while len(pairs) < total:
+      source, reference = _GENERATORS[domain](rng, config)
+      if source not in seen:
+        seen.add(source)
+        pairs.append((source, reference))
+    out, begin = {}, 0
+    for name in SPLITS:
+      out[name] = [{"id": f"{domain}-{name}-{i:05d}", "domain": domain,
+                    "prompt": f"{PROMPT_PREFIX[domain]} {source}", "reference": reference}
+                   for i, (source, reference) in enumerate(pairs[begin:begin + sizes[name]])]
+      begin += sizes[name]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+  vocab = {word: index for index, word in enumerate(vocabulary())}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+  # Split on whitespace only: "German:" and "Q:" stay one word, so decode(encode(x)) == x.
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  # T5 appends EOS to every encoded sequence (inputs and labels alike).
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])])
+  return tokenizer.to_str()
+
+
+def build_tokenizer():
+  """The world's tokenizer: word level, whitespace split, pad 0 / eos 1 / unk 2, EOS appended.
+
+  Returns:
+    A fresh `transformers.PreTrainedTokenizerFast` (save it with `save_pretrained(dir)`).
+  """
+  from tokenizers import Tokenizer
+  from transformers import PreTrainedTokenizerFast
+
+  return PreTrainedTokenizerFast(
+      tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token=PAD, eos_token=EOS,
+      unk_token=UNK, padding_side="right", clean_up_tokenization_spaces=False,
+      model_max_length=512)

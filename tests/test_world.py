@@ -1,0 +1,152 @@
+"""The synthetic world: determinism, disjoint splits, the domain rules, the tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jax_specsel.data import world as world_lib
+from jax_specsel.data.world import World, WorldConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL = WorldConfig(train_per_domain=300, validation_per_domain=50, test_per_domain=50)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return World(SMALL)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+  return world.tokenizer()
+
+
+def test_same_seed_same_examples_other_seed_differs(world):
+  again = World(SMALL)
+  assert again.split("train") == world.split("train")
+  assert again.split("test") == world.split("test")
+  other = World(SMALL, seed=1)
+  assert other.split("train") != world.split("train")
+  assert other.fingerprint() != world.fingerprint()
+  assert again.fingerprint() == world.fingerprint()
+
+
+def test_splits_are_disjoint_and_sized(world):
+  prompts = {name: [e["prompt"] for e in world.split(name)] for name in world_lib.SPLITS}
+  for name, size in (("train", 300), ("validation", 50), ("test", 50)):
+    assert len(prompts[name]) == size * len(world.domains)
+    assert len(set(prompts[name])) == len(prompts[name]), f"duplicate prompts inside {name}"
+  assert not set(prompts["train"]) & set(prompts["test"])
+  assert not set(prompts["train"]) & set(prompts["validation"])
+  assert not set(prompts["validation"]) & set(prompts["test"])
+  ids = [e["id"] for name in world_lib.SPLITS for e in world.split(name)]
+  assert len(set(ids)) == len(ids)
+
+
+def test_every_domain_present_with_its_prefix(world):
+  assert world.domains == ("translate", "summarize", "arithmetic")
+  for name in world_lib.SPLITS:
+    for domain in world.domains:
+      examples = world.split(name, domain)
+      assert examples, (name, domain)
+      for example in examples:
+        assert set(example) == {"id", "domain", "prompt", "reference"}
+        assert example["domain"] == domain
+        assert example["prompt"].startswith(world_lib.PROMPT_PREFIX[domain] + " ")
+        assert example["reference"]
+
+
+def test_translation_rules_hold(world):
+  german_to_english = {v: k for k, v in world_lib.LEXICON.items()}
+  assert len(german_to_english) == len(world_lib.LEXICON), "lexicon must be one-to-one"
+  for example in world.split("train", "translate")[:200]:
+    english = example["prompt"].removeprefix(world_lib.PROMPT_PREFIX["translate"] + " ").split()
+    german = example["reference"].split()
+    assert sorted(german_to_english[w] for w in german) == sorted(english)  # word for word
+    clauses = " ".join(german).split(" und ")
+    assert len(clauses) == english.count("and") + 1
+    for clause in clauses:
+      words = [german_to_english[w] for w in clause.split()]
+      assert words[-1] in world_lib.VERBS, f"verb must end the clause: {clause}"
+      assert sum(w in world_lib.VERBS for w in words) == 1
+      for i, word in enumerate(words):
+        if word in world_lib.ADJECTIVES:  # adjective right after its noun
+          assert words[i - 1] in world_lib.NOUNS, clause
+
+
+def test_translation_rule_on_a_known_sentence():
+  got = world_lib.translate_sentence("the big dog sees a cat today and a man likes the old fox")
+  assert got == "die Hund gross eine Katze heute sieht und eine Mann die Fuchs alt mag"
+
+
+def test_summaries_are_the_mentioned_topics_in_topic_list_order(world):
+  for example in world.split("train", "summarize")[:200]:
+    text = example["prompt"].removeprefix("summarize: ").split()
+    summary = example["reference"].split()
+    assert 20 <= len(text) <= 28 and 4 <= len(summary) <= 6
+    assert set(summary) == {w for w in text if w in world_lib.TOPICS}
+    assert summary == sorted(summary, key=world_lib.TOPICS.index)
+
+
+def test_arithmetic_is_correct_with_spaced_digits(world):
+  for example in world.split("test", "arithmetic"):
+    question = example["prompt"].removeprefix("Q: ")
+    left, right = question.split(" + ")
+    value = int(left.replace(" ", "")) + int(right.replace(" ", ""))
+    assert example["reference"] == " ".join(str(value))
+
+
+def test_tokenizer_round_trip_every_domain(world, tokenizer):
+  assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+  assert len(tokenizer) == len(world.vocabulary)
+  for domain in world.domains:
+    for example in world.split("test", domain):
+      for text in (example["prompt"], example["reference"]):
+        ids = tokenizer(text)["input_ids"]
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+        assert len(ids) == len(text.split()) + 1  # one id per word
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_tokenizer_pads_batches_and_survives_save_pretrained(world, tokenizer, tmp_path):
+  from transformers import AutoTokenizer
+
+  prompts = [e["prompt"] for e in world.split("test")[::40]]
+  batch = tokenizer(prompts, padding=True, return_tensors="np")
+  assert batch["input_ids"].shape[0] == len(prompts)
+  assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+  tokenizer.save_pretrained(tmp_path)
+  loaded = AutoTokenizer.from_pretrained(tmp_path)
+  for text in prompts:
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_vocabulary_does_not_depend_on_seed():
+  assert World(SMALL, seed=3).vocabulary == World(SMALL).vocabulary
+
+
+def test_bad_configs_are_rejected():
+  with pytest.raises(ValueError, match="domains"):
+    WorldConfig(domains=("poetry",))
+  with pytest.raises(ValueError, match="inputs exist"):
+    World(WorldConfig(domains=("arithmetic",), arithmetic_max_operand=9))
+  with pytest.raises(ValueError, match="unknown split"):
+    World(SMALL).split("dev")
+
+
+def test_config_round_trips_through_dict():
+  config = WorldConfig(seed=5, domains=("translate", "arithmetic"))
+  assert WorldConfig.from_dict(config.to_dict()) == config
+
+
+def test_arithmetic_train_split_is_capped_by_the_distinct_questions():
+  config = WorldConfig(domains=("arithmetic",), train_per_domain=10000, validation_per_domain=50,
+                       test_per_domain=50, arithmetic_max_operand=49)
+  world = World(config)
+  # 50 * 50 distinct questions, half of them at most, minus the 100 held out.
+  assert len(world.split("train")) == 1150
+  assert len({e["prompt"] for e in world.split("train")}) == 1150
