@@ -181,3 +181,6 @@ def test_drafter_domains_must_exist(world, tmp_path):
   with pytest.raises(ValueError, match="not domains"):
     zoo_lib.build_zoo(world, dataclasses.replace(config, drafter_domains=("poetry",)),
                       cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="not domains"):
+    zoo_lib.build_zoo(world, dataclasses.replace(config, general_domains=("poetry",)),
+                      cache_dir=str(tmp_path))

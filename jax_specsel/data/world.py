@@ -118,12 +118,14 @@ class WorldConfig:
   def __post_init__(self):
     unknown = set(self.domains) - set(DOMAINS)
     if unknown or not self.domains:
-      raise ValueError(f"WorldConfig.domains={self.domains!r}: choose a non-empty subset of {DOMAINS}.")
+      raise ValueError(f"WorldConfig.domains={self.domains!r}: choose a non-empty subset of "
+                       f"{DOMAINS}.")
     if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
     low, high = self.summary_topics
     if not 1 <= low <= high <= len(TOPICS):
-      raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in [1, {len(TOPICS)}].")
+      raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in "
+                       f"[1, {len(TOPICS)}].")
     if self.summary_text_words[0] < high + self.summary_max_repeats:
       raise ValueError("WorldConfig.summary_text_words is too short to hold every topic mention.")
     if not 0 <= self.arithmetic_max_operand <= 9999:
@@ -240,7 +242,8 @@ def _arithmetic_input(rng: np.random.Generator, config: WorldConfig) -> tuple[st
   return f"{spell_number(a)} + {spell_number(b)}", spell_number(a + b)
 
 
-_GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input, ARITHMETIC: _arithmetic_input}
+_GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input,
+               ARITHMETIC: _arithmetic_input}
 
 
 def _choice(rng: np.random.Generator, options) -> str:
@@ -300,7 +303,10 @@ class World:
     """
     if name not in SPLITS:
       raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}.")
-    chosen = self.domains if domains is None else ((domains,) if isinstance(domains, str) else domains)
+    if domains is None:
+      chosen = self.domains
+    else:
+      chosen = (domains,) if isinstance(domains, str) else tuple(domains)
     missing = [d for d in chosen if d not in self._examples]
     if missing:
       raise ValueError(f"domains {missing} are not in this world (it has {self.domains}).")
@@ -323,7 +329,7 @@ class World:
     return vocabulary()
 
   def tokenizer(self):
-    """The shared word-level tokenizer (a `transformers.PreTrainedTokenizerFast`, T5 conventions)."""
+    """The shared word-level tokenizer (a `PreTrainedTokenizerFast`, T5 conventions)."""
     return build_tokenizer()
 
   def fingerprint(self) -> str:
