@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text, embed_prompts
 from jax_specsel.data.tasks import get_task
-from jax_specsel.decoding import generate
+from jax_specsel.decoding import bucket_length, generate
 from jax_specsel.eval import metrics
 from jax_specsel.models.interface import Model
 
@@ -85,7 +85,7 @@ def _warm_up(target, options, prompts, config):
   """Compiles every (option, prompt bucket) once so no timed call includes compilation."""
   seen = set()
   for prompt in prompts:
-    bucket = max(8, 1 << (len(prompt) - 1).bit_length())
+    bucket = bucket_length(len(prompt))
     if bucket not in seen:
       seen.add(bucket)
       for drafter in options.values():
