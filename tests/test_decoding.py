@@ -198,7 +198,8 @@ def test_seed_changes_samples_and_is_reproducible():
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,message", [
     ({"gamma": 0}, "gamma"), ({"temperature": -0.5}, "temperature"), ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k")])
+    ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"), ({"seed": -1}, "seed"),
+    ({"seed": 2 ** 32}, "seed")])
 def test_bad_settings_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
     dec.generate(fake_model(0), [[2, 3]], **kwargs)

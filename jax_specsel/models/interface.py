@@ -48,6 +48,14 @@ class Decoder:
   exit_layers: int | None = None  # early-exit view: run only the first k decoder layers
   placement: sharding.Placement | None = None  # the mesh the weights live on (None: one device)
 
+  def __post_init__(self):
+    # Hashing a GraphDef walks the whole module graph (~2.5 ms for a small T5); every generate()
+    # call looks its compiled loop up by a key holding two decoders, so hash once.
+    object.__setattr__(self, "_hash", hash((self.graphdef, self.exit_layers, self.placement)))
+
+  def __hash__(self) -> int:
+    return self._hash
+
   def _module(self, params):
     return nnx.merge(self.graphdef, params)
 
@@ -119,6 +127,18 @@ class Model:
     self.config = module.config
     self.tokenizer = tokenizer
     self.name = name if exit_layers is None else f"{name}@layer{exit_layers}"
+
+  def flat_params(self) -> tuple[list, Any]:
+    """(leaves, treedef) of `params`, cached while `params` is the same object.
+
+    Calling a compiled function with a flat list of arrays skips flattening the `nnx.State`
+    in Python on every call (~0.2 ms per model per generate call on CPU).
+    """
+    cached = getattr(self, "_flat", None)
+    if cached is None or cached[0] is not self.params:
+      leaves, treedef = jax.tree.flatten(self.params)
+      cached = self._flat = (self.params, leaves, treedef)
+    return cached[1], cached[2]
 
   @classmethod
   def _from_parts(cls, decoder, params, config, tokenizer, name):
