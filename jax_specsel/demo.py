@@ -47,6 +47,10 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   train = world_examples(world, "train", config.collect_per_domain)
   test = world_examples(world, "test", config.test_per_domain)
   output_dir = os.path.abspath(config.output_dir)
-  pipeline.run(zoo.target, zoo.drafters, train, test, config, output_dir)
+  expectations = pipeline.Expectations(
+      drafter_domains={zoo_lib.drafter_name(d): d for d in zoo_config.drafter_domains},
+      autoregressive_domains=tuple(d for d in world.domains
+                                   if d not in zoo_config.drafter_domains))
+  pipeline.run(zoo.target, zoo.drafters, train, test, config, output_dir, expectations)
   log.info("demo finished in %.0fs", time.perf_counter() - started)
   return output_dir

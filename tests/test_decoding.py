@@ -9,7 +9,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 import jax_specsel.decoding as dec
-from jax_specsel.decoding import sampling
+from jax_specsel.decoding import loop, sampling
+from jax_specsel.decoding.generate import loop_spec, pad_prompts
 from fake_models import fake_model, reference_greedy
 
 
@@ -92,6 +93,22 @@ def test_greedy_speculative_equals_autoregressive(gamma):
     ref = reference_greedy(target, prompt, 20)
     assert auto.tokens[row, :auto.lengths[row]].tolist() == ref
 
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_repeat_rounds_replays_the_first_round(count):
+  """The timing harness runs the real round: each replay emits what generate's first round did."""
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  drafter = fake_model(1, vocab_size=12, eos_id=1, sharpness=1.0)
+  ids, mask = pad_prompts([[2, 3, 4]], None, target)
+  spec = loop_spec(target, drafter, 3, max_new_tokens=20)
+  state = jax.jit(loop.repeat_rounds, static_argnums=(0, 1))(
+      spec, count, target.params, drafter.params, ids, mask, jax.random.PRNGKey(0))
+  assert int(state.rounds[0]) == count and int(state.target_calls) == count
+  emitted = int(state.accepted[0]) // count + 1
+  full = dec.generate(target, [[2, 3, 4]], drafter=drafter, gamma=3, max_new_tokens=20)
+  assert np.asarray(state.tokens)[0, :emitted].tolist() == full.tokens[0, :emitted].tolist()
+  assert np.asarray(state.num_generated).tolist() == [0]  # reset after every round
 
 def test_partially_aligned_drafter_accepts_some():
   target = fake_model(0, vocab_size=12, eos_id=1)

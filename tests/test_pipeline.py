@@ -63,3 +63,35 @@ def test_price_choices_uses_the_cost_table():
   per_query = {"a": [[0.1, 10], [0.2, 10]], "b": [[0.05, 10], [0.4, 10]]}
   assert evaluate_lib.price_choices(per_query, ["b", "a"]) == pytest.approx(1e3 * 0.25 / 20)
   assert evaluate_lib.price_choices(per_query, ["a", "a"], policy_seconds=0.1) == pytest.approx(1e3 * 0.4 / 20)
+
+
+def _row(speedup):
+  return {"speedup": speedup, "ms_per_token": 1.0 / speedup, "acceptance_rate": 0.5, "quality": 1.0}
+
+
+def _result(translate_drafter_speedup, arithmetic_ar_share, policy_translate_speedup):
+  options = ("autoregressive", "drafter_translate", "policy_greedy")
+  speedups = {"translate": (1.0, translate_drafter_speedup, policy_translate_speedup),
+              "arithmetic": (1.0, 0.7, 1.0)}
+  return {"domains": {d: {o: _row(v) for o, v in zip(options, values)}
+                      for d, values in speedups.items()},
+          "choices": {"translate": {"drafter_translate": 1.0},
+                      "arithmetic": {"autoregressive": arithmetic_ar_share,
+                                     "drafter_translate": 1 - arithmetic_ar_share}}}
+
+
+def test_effect_checks_name_what_holds_and_what_falls_short():
+  expectations = pipeline.Expectations(drafter_domains={"drafter_translate": "translate"},
+                                       autoregressive_domains=("arithmetic",))
+  holds = pipeline.effect_checks(_result(1.6, 0.9, 1.6), expectations)
+  assert holds["drafter_translate_in_domain"]["at_least_min_speedup"]
+  assert holds["drafter_translate_in_domain"]["slower_than_autoregressive_outside"]
+  assert holds["arithmetic_policy_chooses_autoregressive"]["for_most_queries"]
+  assert pipeline.shortfalls(holds) == []
+
+  falls = pipeline.effect_checks(_result(1.1, 0.3, 1.0), expectations)
+  notes = pipeline.shortfalls(falls)
+  assert any("drafter_translate reaches 1.10x in its own domain translate" in n for n in notes)
+  assert any("autoregressive for only 30%" in n for n in notes)
+  assert any("not faster on average" in n for n in notes)  # 1.0 on average, as autoregressive
+  assert any("translate: the greedy policy (1.00x) is more than 5% slower" in n for n in notes)

@@ -68,7 +68,8 @@ def _choices(graphdef, params, input_mean, input_scale, embeddings, key, greedy)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _single_choice(graphdef, params, input_mean, input_scale, embedding, key, greedy):
+def _single_choice(graphdef, treedef, leaves, input_mean, input_scale, embedding, key, greedy):
+  params = jax.tree.unflatten(treedef, leaves)  # flat leaves: no nnx.State flattening per call
   return _choices(graphdef, params, input_mean, input_scale, embedding[None, :], key, greedy)[0]
 
 
@@ -82,7 +83,7 @@ def _jitted_functions(graphdef) -> tuple[Callable, Callable, Callable]:
   """
   return (jax.jit(functools.partial(_probabilities, graphdef)),
           jax.jit(functools.partial(_choices, graphdef), static_argnums=5),
-          jax.jit(functools.partial(_single_choice, graphdef), static_argnums=5))
+          jax.jit(functools.partial(_single_choice, graphdef), static_argnums=(0, 6)))
 
 
 class Policy:
@@ -187,8 +188,17 @@ class Policy:
     if key is None:
       # Greedy ignores the key: reuse one instead of creating a key on every call.
       key = self._greedy_key() if greedy else jax.random.key(seed)
-    return int(self._single_choice_fn(self.params, self.input_mean, self.input_scale, embedding,
-                                      key, bool(greedy)))
+    leaves, treedef = self._flat_params()
+    return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
+                                      embedding, key, bool(greedy)))
+
+  def _flat_params(self):
+    """(leaves, treedef) of `params`, cached while `params` is the same object."""
+    cached = getattr(self, "_flat", None)
+    if cached is None or cached[0] is not self.params:
+      leaves, treedef = jax.tree.flatten(self.params)
+      cached = self._flat = (self.params, leaves, treedef)
+    return cached[1], cached[2]
 
   def _greedy_key(self) -> jax.Array:
     if self._unused_key is None:

@@ -110,13 +110,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   if drafter is not None:
     check_compatible(target, drafter)
-  settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
-  spec = loop.LoopSpec(
-      target=target.decoder, drafter=None if drafter is None else drafter.decoder,
-      gamma=0 if drafter is None else int(gamma), settings=settings,
-      max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
-      eos_id=target.eos_id, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
-      target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
+  spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
   target_leaves, target_tree = target.flat_params()
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
   args = (target_leaves, drafter_leaves, *_place_inputs(target, ids, mask, seed))
@@ -125,6 +119,18 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   state = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - started
   return _output(spec, state, seconds, compile_seconds)
+
+
+def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64) -> loop.LoopSpec:
+  """The static description of a generation (gamma is 0 without a drafter)."""
+  settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
+  return loop.LoopSpec(
+      target=target.decoder, drafter=None if drafter is None else drafter.decoder,
+      gamma=0 if drafter is None else int(gamma), settings=settings,
+      max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
+      eos_id=target.eos_id, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
+      target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
 
 
 def _check_settings(gamma, temperature, top_k, top_p, max_new_tokens):

@@ -76,6 +76,33 @@ def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, 
   Returns:
     The final LoopState.
   """
+  state, target_context, drafter_context = _start(spec, target_params, drafter_params, prompt_ids,
+                                                   prompt_mask, key)
+
+  def body(state):
+    return _round(spec, target_params, drafter_params, target_context, drafter_context, state)
+
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def repeat_rounds(spec: LoopSpec, count: int, target_params, drafter_params, prompt_ids,
+                  prompt_mask, key):
+  """A timing harness: `count` rounds, each from the first round's position (jit with spec, count
+  static). Caches and weights stay warm and nothing is dispatched per round, so the time over
+  `count` is the pure cost of one round; the tokens it leaves are meaningless."""
+  state, target_context, drafter_context = _start(spec, target_params, drafter_params, prompt_ids,
+                                                   prompt_mask, key)
+
+  def body(_, current):
+    after = _round(spec, target_params, drafter_params, target_context, drafter_context, current)
+    return after.replace(position=state.position, previous=state.previous,
+                         num_generated=state.num_generated, done=state.done)
+
+  return jax.lax.fori_loop(0, count, body, state)
+
+
+def _start(spec, target_params, drafter_params, prompt_ids, prompt_mask, key):
+  """Caches allocated and prompts prepared: (initial LoopState, target context, drafter context)."""
   batch, prompt_length = prompt_ids.shape
   cache_length = spec.cache_length(prompt_length)
   target_cache = spec.target.init_cache(target_params, batch, cache_length)
@@ -86,11 +113,7 @@ def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, 
     drafter_context, drafter_cache = spec.drafter.prepare(drafter_params, prompt_ids, prompt_mask,
                                                           drafter_cache)
   state = _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key)
-
-  def body(state):
-    return _round(spec, target_params, drafter_params, target_context, drafter_context, state)
-
-  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+  return state, target_context, drafter_context
 
 
 def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key) -> LoopState:

@@ -69,20 +69,37 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
   """
   prompts = target.tokenizer(list(examples["prompt"]))["input_ids"]
   options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
-  _warm_up(target, options, prompts, config)
-  runs = {name: [[run_option(target, d, p, config, s) for p in prompts] for s in config.seeds]
-          for name, d in options.items()}
-  choices = {}
+  variants = {} if policy is None else {"policy_greedy": True, "policy_dynamic": False}
+  embeddings = None
   if policy is not None:
+    _check_policy_options(policy, options)
     embeddings = embed_prompts(target, prompts)  # not timed (paper A.7)
-    for variant, greedy in (("policy_greedy", True), ("policy_dynamic", False)):
-      runs[variant], choices[variant] = _run_policy(target, options, policy, prompts, embeddings,
-                                                    greedy, config)
-  return _summarize(examples, runs, choices)
+  _warm_up(target, options, prompts, config, policy, embeddings)
+  runs = {name: [] for name in (*options, *variants)}
+  chosen = {variant: [] for variant in variants}
+  for seed in config.seeds:
+    per_seed = {name: [] for name in runs}
+    key = jax.random.key(seed)
+    # Every option decodes query i before any decodes query i+1: all of them (the policy
+    # variants included, which run the policy's program in between) start from the same cache
+    # state, so the side-by-side ratios do not favour whichever option ran back to back.
+    for i, prompt in enumerate(prompts):
+      for name, drafter in options.items():
+        per_seed[name].append(run_option(target, drafter, prompt, config, seed))
+      for variant, greedy in variants.items():
+        key, sub = jax.random.split(key)
+        run, choice = _run_policy_once(target, options, policy, prompt, embeddings[i], greedy,
+                                       sub, config, seed)
+        per_seed[variant].append(run)
+        if seed == config.seeds[0]:
+          chosen[variant].append(choice)
+    for name, seed_runs in per_seed.items():
+      runs[name].append(seed_runs)
+  return _summarize(examples, runs, chosen)
 
 
-def _warm_up(target, options, prompts, config):
-  """Compiles every (option, prompt bucket) once so no timed call includes compilation."""
+def _warm_up(target, options, prompts, config, policy=None, embeddings=None):
+  """Compiles every (option, prompt bucket) and the policy once: no timed call compiles."""
   seen = set()
   for prompt in prompts:
     bucket = bucket_length(len(prompt))
@@ -90,30 +107,26 @@ def _warm_up(target, options, prompts, config):
       seen.add(bucket)
       for drafter in options.values():
         run_option(target, drafter, prompt, config, 0)
+  if policy is not None:
+    for greedy in (True, False):
+      policy.choose_one(embeddings[0], greedy=greedy, key=jax.random.key(0))
 
 
-def _run_policy(target, options, policy, prompts, embeddings, greedy, config):
-  names = policy.option_names
-  unknown = set(names) - set(options)
+def _check_policy_options(policy, options):
+  unknown = set(policy.option_names) - set(options)
   if unknown:
-    raise ValueError(f"the policy chooses among {names} but options {sorted(unknown)} are not given.")
-  per_seed, chosen = [], []
-  policy.choose_one(embeddings[0], greedy=greedy, key=jax.random.key(0))  # compile outside timing
-  for seed in config.seeds:
-    runs = []
-    key = jax.random.key(seed)
-    for i, prompt in enumerate(prompts):
-      key, sub = jax.random.split(key)
-      started = time.perf_counter()
-      choice = int(policy.choose_one(embeddings[i], greedy=greedy, key=sub))
-      policy_seconds = time.perf_counter() - started
-      run = run_option(target, options[names[choice]], prompt, config, seed)
-      run.seconds += policy_seconds
-      runs.append(run)
-      if seed == config.seeds[0]:
-        chosen.append(names[choice])
-    per_seed.append(runs)
-  return per_seed, chosen
+    raise ValueError(f"the policy chooses among {policy.option_names} but options "
+                     f"{sorted(unknown)} are not given.")
+
+
+def _run_policy_once(target, options, policy, prompt, embedding, greedy, key, config, seed):
+  """(QueryRun with the policy's inference time added, chosen option name) for one query."""
+  started = time.perf_counter()
+  choice = policy.option_names[int(policy.choose_one(embedding, greedy=greedy, key=key))]
+  policy_seconds = time.perf_counter() - started
+  run = run_option(target, options[choice], prompt, config, seed)
+  run.seconds += policy_seconds
+  return run, choice
 
 
 def _summarize(examples, runs, choices) -> dict:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel.decoding import generate
+from jax_specsel.decoding import loop
+from jax_specsel.decoding.generate import generate, loop_spec
 from jax_specsel.models.interface import Decoder, Model
 
 
@@ -74,6 +75,34 @@ def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int, position:
     jax.block_until_ready(_step(decoder, batch, cache_length, block, *args))
     times.append(time.perf_counter() - started)
   return statistics.median(times)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _repeat_rounds(spec, count, target_params, drafter_params, ids, mask):
+  return loop.repeat_rounds(spec, count, target_params, drafter_params, ids, mask,
+                            jax.random.PRNGKey(0)).tokens
+
+
+def time_rounds(target: Model, prompt_ids: np.ndarray, drafter: Model | None = None,
+                gamma: int = 0, rounds: int = 200, repeats: int = 5) -> float:
+  """Seconds of one decoding round inside a compiled loop: no dispatch, weights and caches warm.
+
+  The denominator generate() cannot give: its time includes the per-call costs (dispatch, the
+  prompt's encoding, cold caches) that a short output does not amortize. A round is one target
+  step without a drafter (gamma 0), else the drafter's gamma steps plus one verify call over
+  gamma + 1 tokens. Returns the best of `repeats` runs of `rounds` rounds, divided by `rounds`.
+  """
+  spec = loop_spec(target, drafter, max(gamma, 1), max_new_tokens=64)
+  ids = jnp.asarray(prompt_ids, jnp.int32)
+  args = (target.params, None if drafter is None else drafter.params, ids, jnp.ones_like(ids))
+  run = lambda: jax.block_until_ready(_repeat_rounds(spec, rounds, *args))
+  run()  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    started = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - started)
+  return best / rounds
 
 
 def measure_generation(target: Model, prompts: list[list[int]], drafter: Model | None, gamma: int,
