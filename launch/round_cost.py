@@ -6,14 +6,16 @@
 Times `jax_specsel.decoding.loop.repeat_rounds` (rounds back to back in one program: no dispatch,
 warm weights) for gamma = 0 (autoregressive) and each --gammas value, and prints per gamma the
 round's cost in target steps and the break-even tokens per round (a drafter must be accepted
-often enough to emit that many tokens per round just to match autoregressive decoding). Writes
-the table as JSON to --output.
+often enough to emit that many tokens per round just to match autoregressive decoding), and the
+per-call cost a whole generate() call adds (a 1-token call), which a short output does not
+amortize. Writes the table as JSON to --output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import app, flags, logging
 
@@ -44,6 +46,18 @@ def _models():
   return zoo.target, drafter, FLAGS.prompt or world.split("test", world_lib.TRANSLATE)[0]["prompt"]
 
 
+def _call_ms(target, ids, drafter, repeats: int = 30) -> dict:
+  """Median wall ms of a whole 1-token generate() call and of its timed part (stats.seconds)."""
+  js.generate(target, ids, drafter=drafter, gamma=5, max_new_tokens=1)  # compile
+  wall, timed = [], []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    out = js.generate(target, ids, drafter=drafter, gamma=5, max_new_tokens=1)
+    wall.append(time.perf_counter() - started)
+    timed.append(out.stats.seconds)
+  return {"wall_ms": 1e3 * float(np.median(wall)), "timed_ms": 1e3 * float(np.median(timed))}
+
+
 def main(argv):
   del argv
   target, drafter, prompt = _models()
@@ -53,14 +67,18 @@ def main(argv):
   for gamma in map(int, FLAGS.gammas):
     seconds = speed.time_rounds(target, ids, drafter, gamma, rounds=FLAGS.rounds)
     rows.append({"gamma": gamma, "round_us": 1e6 * seconds, "target_steps": seconds / step})
+  calls = {"autoregressive": _call_ms(target, ids, None), "speculative": _call_ms(target, ids, drafter)}
   print(f"target {target.name}, drafter {drafter.name}, prompt of {ids.shape[1]} tokens")
+  print("per-call cost (a 1-token generate: prompt encoding, dispatch, one round), median ms: "
+        + ", ".join(f"{k} {v['wall_ms']:.2f} wall / {v['timed_ms']:.2f} timed" for k, v in calls.items()))
   print("| gamma | round (us) | in target steps = break-even tokens per round |")
   print("|---|---|---|")
   for row in rows:
     print(f"| {row['gamma']} | {row['round_us']:.1f} | {row['target_steps']:.2f} |")
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as handle:
-    json.dump({"target": target.name, "drafter": drafter.name, "rows": rows}, handle, indent=1)
+    json.dump({"target": target.name, "drafter": drafter.name, "rows": rows, "per_call": calls},
+              handle, indent=1)
   logging.info("wrote %s", FLAGS.output)
 
 
