@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jax_specsel.models.interface import cached_flat_params
+
 _FORMAT_VERSION = 1
 
 
@@ -188,17 +190,9 @@ class Policy:
     if key is None:
       # Greedy ignores the key: reuse one instead of creating a key on every call.
       key = self._greedy_key() if greedy else jax.random.key(seed)
-    leaves, treedef = self._flat_params()
+    leaves, treedef = cached_flat_params(self)
     return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
                                       embedding, key, bool(greedy)))
-
-  def _flat_params(self):
-    """(leaves, treedef) of `params`, cached while `params` is the same object."""
-    cached = getattr(self, "_flat", None)
-    if cached is None or cached[0] is not self.params:
-      leaves, treedef = jax.tree.flatten(self.params)
-      cached = self._flat = (self.params, leaves, treedef)
-    return cached[1], cached[2]
 
   def _greedy_key(self) -> jax.Array:
     if self._unused_key is None:
