@@ -74,14 +74,27 @@ def _prompts(seed: int, batch: int = 4):
   return [rng.integers(3, VOCAB, size=n).tolist() for n in rng.integers(2, 10, size=batch)]
 
 
-def _compiled_state_shardings(target):
-  """Output shardings of the generation programs compiled for `target`, keyed by gamma."""
-  generate_module = sys.modules["jax_specsel.decoding.generate"]
-  out = {}
-  for (spec, _, _), compiled in generate_module._COMPILED.items():
-    if spec.target == target.decoder:
-      out[spec.gamma] = compiled.output_shardings
-  return out
+def _loop_state_shardings(target, drafter, prompts):
+  """Output shardings of the whole LoopState (caches included) of the loop `generate` runs.
+
+  generate's own program returns only a small summary (caches never leave the device), so the
+  loop is lowered here on its own, with the same spec and inputs, to see where its caches live.
+  """
+  import jax
+  from jax_specsel.decoding import loop
+  from jax_specsel.decoding.generate import loop_spec, pad_prompts
+  spec = loop_spec(target, drafter, 3, max_new_tokens=10)
+  ids, mask = pad_prompts(prompts, None, target)
+  place = lambda x: sharding_module().place_batch(x, target.mesh)
+  compiled = jax.jit(loop.run, static_argnums=0).lower(
+      spec, target.params, None if drafter is None else drafter.params, place(ids), place(mask),
+      jax.random.PRNGKey(0)).compile()
+  return compiled.output_shardings
+
+
+def sharding_module():
+  from jax_specsel import sharding
+  return sharding
 
 
 def _spec(sharding) -> list:
@@ -108,7 +121,8 @@ def check_family(name: str, directory: str, drafter_of, mesh, decoder_inputs: bo
   sharded_auto = js.generate(sharded, prompts, max_new_tokens=10)
   drafter = drafter_of(sharded)
   speculative = js.generate(sharded, prompts, drafter=drafter, gamma=3, max_new_tokens=10)
-  states = _compiled_state_shardings(sharded)
+  states = {0: _loop_state_shardings(sharded, None, prompts),
+            3: _loop_state_shardings(sharded, drafter, prompts)}
   cache_length = 10 + 3 + 2 + (0 if decoder_inputs else 16)  # LoopSpec.cache_length, bucket 16
   cache = jax.jit(lambda p: sharded.decoder.init_cache(p, 4, cache_length))(sharded.params)
   estimate = js.estimate_memory(sharded.config, dict(mesh.shape), 4, cache_length)

@@ -14,6 +14,7 @@ and item `metadata` = JSON (widths, option names, config, training info).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -53,18 +54,43 @@ class PolicyNetwork(nnx.Module):
     return self.layers[-1](hidden)  # [B, K]
 
 
-def _standardized_logits(graphdef, params, input_mean, input_scale, embeddings):
+def standardized_logits(graphdef, params, input_mean, input_scale, embeddings):
+  """Option logits [M, K] of embeddings [M, D]: standardize, then the MLP (the one forward pass
+  the trainer, the policy's own calls and the fused serving program all use)."""
   network = nnx.merge(graphdef, params)
   return network((embeddings - input_mean) / input_scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyProgram:
+  """The static half of a policy (as `Decoder` is for a model): its graph, hashed once.
+
+  A compiled program that chooses inside itself (`jax_specsel.decoding.generate_selected`) takes
+  this as a compile-time constant and the policy's arrays (`Policy.program_inputs()`) as arguments.
+  """
+
+  graphdef: Any
+
+  def __post_init__(self):
+    # Hashing a GraphDef walks the module graph; a per-query compile-cache lookup should not.
+    object.__setattr__(self, "_hash", hash(self.graphdef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def logits(self, inputs: dict, embeddings: jax.Array) -> jax.Array:
+    """[M, K] option logits; inputs: {"params", "input_mean", "input_scale"} (program_inputs)."""
+    return standardized_logits(self.graphdef, inputs["params"], inputs["input_mean"],
+                               inputs["input_scale"], embeddings)
+
+
 def _probabilities(graphdef, params, input_mean, input_scale, embeddings):
   return jax.nn.softmax(
-      _standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1)
+      standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1)
 
 
 def _choices(graphdef, params, input_mean, input_scale, embeddings, key, greedy):
-  logits = _standardized_logits(graphdef, params, input_mean, input_scale, embeddings)
+  logits = standardized_logits(graphdef, params, input_mean, input_scale, embeddings)
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -125,6 +151,7 @@ class Policy:
     self.training_info = dict(training_info or {})
     self._probabilities_fn, self._choices_fn, self._single_choice_fn = _jitted_functions(
         self.graphdef)
+    self.program = PolicyProgram(self.graphdef)
     self._unused_key = None  # the key greedy calls pass (and ignore), created on first use
 
   def _check_batch(self, embeddings) -> jax.Array:
@@ -193,6 +220,19 @@ class Policy:
     leaves, treedef = cached_flat_params(self)
     return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
                                       embedding, key, bool(greedy)))
+
+  def program_inputs(self) -> tuple[list, Any]:
+    """(leaves, treedef) of {"params", "input_mean", "input_scale"}: the arrays `program` reads.
+
+    Flattened once per set of arrays (a per-query call should not flatten an nnx.State).
+    """
+    arrays = (self.params, self.input_mean, self.input_scale)
+    cached = getattr(self, "_program_inputs_cache", None)
+    if cached is None or any(a is not b for a, b in zip(cached[0], arrays)):
+      inputs = {"params": self.params, "input_mean": self.input_mean,
+                "input_scale": self.input_scale}
+      cached = self._program_inputs_cache = (arrays, *jax.tree.flatten(inputs))
+    return cached[1], cached[2]
 
   def _greedy_key(self) -> jax.Array:
     if self._unused_key is None:

@@ -31,7 +31,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
-from jax_specsel.bandit.policy import Policy, PolicyNetwork
+from jax_specsel.bandit.policy import Policy, PolicyNetwork, standardized_logits
 
 _ESTIMATORS = ("reinforce", "expected")
 _BASELINES = ("none", "mean")
@@ -176,8 +176,8 @@ def _make_train_step(graphdef, optimizer: optax.GradientTransformation, estimato
   """
 
   def loss_fn(params, embeddings, rewards, input_mean, input_scale, weights, key):
-    network = nnx.merge(graphdef, params)
-    log_probs = jax.nn.log_softmax(network((embeddings - input_mean) / input_scale))  # [B, K]
+    log_probs = jax.nn.log_softmax(standardized_logits(graphdef, params, input_mean, input_scale,
+                                                       embeddings))  # [B, K]
     losses, rewards_seen = _per_example_loss(log_probs, rewards, weights, key, estimator,
                                              baseline)
     count = jnp.sum(weights)

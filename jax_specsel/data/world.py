@@ -2,19 +2,21 @@
 
 The paper's setting needs a target that is good at several domains and drafters that are each
 aligned with it on only one. Real data sets and models are out of reach offline on a CPU, so this
-module generates three domains shaped like the paper's (Table 10 prompt templates):
+module generates three domains shaped like the paper's (Table 10 prompt templates), with outputs as
+long as the paper's data (IWSLT sentences and XSum summaries of ~20-30 tokens, GSM8K worked answers):
 
-  translate   "translate English to German: the big dog sees a cat"
-              -> "die Hund gross eine Katze sieht"
+  translate   "translate English to German: the big dog sees a cat and ..." (3-4 clauses)
+              -> "die Hund gross eine Katze sieht und ..." (~17-36 tokens)
               A rule-based language pair: one-to-one lexicon, the adjective follows its noun and
               the verb moves to the end of its clause (after an optional adverb).
-  summarize   "summarize: officials said the storm ... near the harbor ..." (20-28 words)
-              -> "storm harbor ..." (4-6 words): the topic words the text mentions, in the
-              fixed order of the topic list (a T5 of the zoo's size does not learn "order of
-              first appearance" within the CPU budget: it memorized instead, 97% exact on
-              train and 23% on test).
-  arithmetic  "Q: 3 7 + 4 8" -> "8 5": digits are separate words, so the answer needs the carry.
-              Only the big target is meant to learn it (the paper's GSM8K case).
+  summarize   "summarize: officials said storm flooded near the harbor busy ..." (8-11 items)
+              -> "storm flooded harbor busy ..." (~17-23 tokens): each mentioned topic word with
+              the status word that follows it, in the fixed order of the topic list (a T5 of the
+              zoo's size does not learn "order of first appearance" within the CPU budget: it
+              memorized instead, 97% exact on train and 23% on test).
+  arithmetic  "Q: 3 7 5 + 4 8" -> "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
+              (~18-36 tokens): column by column with carries, GSM8K-like worked steps. Only the
+              big target is meant to learn it (the paper's GSM8K case).
 
 Every domain draws from a fixed lexicon, so the vocabulary (and the tokenizer) does not depend on
 the seed. Examples are dicts {id, domain, prompt, reference}; splits never share a prompt.
@@ -30,7 +32,7 @@ import json
 import numpy as np
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 TRANSLATE = "translate"
 SUMMARIZE = "summarize"
@@ -81,6 +83,11 @@ TOPICS = (
     "bank", "court", "prison", "parliament", "tunnel", "lake", "volcano", "glacier", "mine",
     "farm", "zoo", "church", "highway", "canal",
 )
+# What happened to a topic: the word that follows it in the text, copied into the summary.
+STATUS = (
+    "closed", "opened", "flooded", "crowded", "empty", "damaged", "rebuilt", "busy", "calm",
+    "expanded", "delayed", "sold",
+)
 FILLER = (
     "in", "on", "at", "near", "after", "before", "during", "the", "a", "new", "old", "report",
     "reports", "officials", "people", "residents", "said", "say", "that", "was", "were", "is",
@@ -91,6 +98,7 @@ FILLER = (
 # ----- arithmetic -----
 DIGITS = tuple(str(d) for d in range(10))
 OPERATORS = ("+",)
+WORKING = ("=", ";", "answer")  # the worked steps' punctuation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +107,20 @@ class WorldConfig:
 
   seed: int = 0
   domains: tuple[str, ...] = DOMAINS  # which domains to generate, in report order
-  # Arithmetic has only
-  # (arithmetic_max_operand + 1)**2 distinct questions: its train split is capped at half of
-  # them minus validation and test.
+  # A domain with few distinct questions (arithmetic with 1-digit operands) has its train split
+  # capped at half of them minus validation and test.
   train_per_domain: int = 5000
   validation_per_domain: int = 200
   test_per_domain: int = 200
-  max_clauses: int = 2  # translate: clauses joined by "and" (each reordered on its own)
+  clauses: tuple[int, int] = (3, 4)  # translate: clauses joined by "and" (each reordered alone)
   adjective_prob: float = 0.5  # translate: chance a noun phrase carries an adjective
   adverb_prob: float = 0.3  # translate: chance a clause ends with an adverb
-  # summarize: distinct topic words, input length (inclusive ranges) and extra mentions of
-  # already-seen topics. Kept short enough for a small T5 to learn within the CPU budget.
-  summary_topics: tuple[int, int] = (4, 6)
-  summary_text_words: tuple[int, int] = (20, 28)
+  # summarize: distinct topics (each mentioned as "topic status"), filler words around them, and
+  # extra mentions of already-seen topics (with the same status). Inclusive ranges.
+  summary_topics: tuple[int, int] = (8, 11)
+  summary_filler_words: tuple[int, int] = (6, 12)
   summary_max_repeats: int = 1
-  arithmetic_max_operand: int = 99  # arithmetic: operands drawn from [0, max]
+  arithmetic_digits: tuple[int, int] = (2, 4)  # arithmetic: digits per operand (inclusive)
 
   def __post_init__(self):
     unknown = set(self.domains) - set(DOMAINS)
@@ -122,14 +129,17 @@ class WorldConfig:
                        f"{DOMAINS}.")
     if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
+    if not 1 <= self.clauses[0] <= self.clauses[1]:
+      raise ValueError(f"WorldConfig.clauses={self.clauses!r} must be (low, high), 1 <= low <= high.")
     low, high = self.summary_topics
     if not 1 <= low <= high <= len(TOPICS):
       raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in "
                        f"[1, {len(TOPICS)}].")
-    if self.summary_text_words[0] < high + self.summary_max_repeats:
-      raise ValueError("WorldConfig.summary_text_words is too short to hold every topic mention.")
-    if not 0 <= self.arithmetic_max_operand <= 9999:
-      raise ValueError("WorldConfig.arithmetic_max_operand must lie in [0, 9999].")
+    if not 0 <= self.summary_filler_words[0] <= self.summary_filler_words[1]:
+      raise ValueError(f"WorldConfig.summary_filler_words={self.summary_filler_words!r} must be "
+                       "(low, high), 0 <= low <= high.")
+    if not 1 <= self.arithmetic_digits[0] <= self.arithmetic_digits[1] <= 6:
+      raise ValueError(f"WorldConfig.arithmetic_digits={self.arithmetic_digits!r} must lie in [1, 6].")
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -137,7 +147,8 @@ class WorldConfig:
   @classmethod
   def from_dict(cls, values: dict) -> "WorldConfig":
     values = dict(values)
-    for key in ("domains", "summary_topics", "summary_text_words"):
+    for key in ("domains", "clauses", "summary_topics", "summary_filler_words",
+                "arithmetic_digits"):
       if key in values:
         values[key] = tuple(values[key])
     return cls(**values)
@@ -190,14 +201,40 @@ def _reorder_clause(words: list[str]) -> list[str]:
 
 
 def summarize_text(text: str) -> str:
-  """The summary rule: each topic word the text mentions, once, in the order of `TOPICS`."""
-  mentioned = set(text.split())
-  return " ".join(topic for topic in TOPICS if topic in mentioned)
+  """The summary rule: each mentioned topic with the word after it, in the order of `TOPICS`.
+
+  A topic mentioned twice keeps the status of its first mention (the generator repeats a topic
+  only with the same status).
+  """
+  words = text.split()
+  status = {}
+  for word, following in zip(words, words[1:]):
+    if word in TOPICS and word not in status:
+      status[word] = following
+  return " ".join(f"{topic} {status[topic]}" for topic in TOPICS if topic in status)
 
 
 def spell_number(value: int) -> str:
   """Digits as separate words: 85 -> "8 5"."""
   return " ".join(str(value))
+
+
+def worked_addition(left: int, right: int) -> str:
+  """Column-by-column addition, GSM8K-like: "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; answer 1 2 3".
+
+  One step per column from the units up: the two digits (a shorter operand gives 0), "+ 1" when
+  the previous column carried, and the column's sum spelled digit by digit; then the answer.
+  """
+  left_digits, right_digits = str(left)[::-1], str(right)[::-1]
+  steps, carry = [], 0
+  for column in range(max(len(left_digits), len(right_digits))):
+    a = int(left_digits[column]) if column < len(left_digits) else 0
+    b = int(right_digits[column]) if column < len(right_digits) else 0
+    terms = f"{a} + {b}" + (" + 1" if carry else "")
+    total = a + b + carry
+    steps.append(f"{terms} = {spell_number(total)}")
+    carry = total // 10
+  return " ; ".join(steps) + f" ; answer {spell_number(left + right)}"
 
 
 # ----- generators: one example's (input, reference) from a numpy Generator -----
@@ -211,7 +248,7 @@ def _noun_phrase(rng: np.random.Generator, config: WorldConfig) -> list[str]:
 
 def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
   clauses = []
-  for _ in range(int(rng.integers(1, config.max_clauses + 1))):
+  for _ in range(int(rng.integers(config.clauses[0], config.clauses[1] + 1))):
     clause = _noun_phrase(rng, config) + [_choice(rng, tuple(VERBS))] + _noun_phrase(rng, config)
     if rng.random() < config.adverb_prob:
       clause.append(_choice(rng, tuple(ADVERBS)))
@@ -223,23 +260,28 @@ def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
 def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
   num_topics = int(rng.integers(config.summary_topics[0], config.summary_topics[1] + 1))
   topics = [TOPICS[i] for i in rng.choice(len(TOPICS), size=num_topics, replace=False)]
+  status = {topic: _choice(rng, STATUS) for topic in topics}
   mentions = list(topics)
   for _ in range(int(rng.integers(0, config.summary_max_repeats + 1))):
-    repeated = int(rng.integers(num_topics))
-    first = mentions.index(topics[repeated])
-    mentions.insert(int(rng.integers(first + 1, len(mentions) + 1)), topics[repeated])
-  length = int(rng.integers(config.summary_text_words[0], config.summary_text_words[1] + 1))
-  slots = np.sort(rng.choice(length, size=len(mentions), replace=False))
-  words = [_choice(rng, FILLER) for _ in range(length)]
-  for slot, topic in zip(slots, mentions):
-    words[int(slot)] = topic
+    repeated = topics[int(rng.integers(num_topics))]
+    mentions.insert(int(rng.integers(mentions.index(repeated) + 1, len(mentions) + 1)), repeated)
+  filler = int(rng.integers(config.summary_filler_words[0], config.summary_filler_words[1] + 1))
+  # Filler words go into the gaps before, between and after the mentions.
+  gaps = np.bincount(rng.integers(0, len(mentions) + 1, size=filler), minlength=len(mentions) + 1)
+  words = []
+  for index, topic in enumerate(mentions):
+    words.extend(_choice(rng, FILLER) for _ in range(int(gaps[index])))
+    words.extend((topic, status[topic]))
+  words.extend(_choice(rng, FILLER) for _ in range(int(gaps[-1])))
   text = " ".join(words)
   return text, summarize_text(text)
 
 
 def _arithmetic_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
-  a, b = (int(x) for x in rng.integers(0, config.arithmetic_max_operand + 1, size=2))
-  return f"{spell_number(a)} + {spell_number(b)}", spell_number(a + b)
+  low, high = config.arithmetic_digits
+  a, b = (int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10 ** d))
+          for d in rng.integers(low, high + 1, size=2))
+  return f"{spell_number(a)} + {spell_number(b)}", worked_addition(a, b)
 
 
 _GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input,
@@ -253,7 +295,9 @@ def _choice(rng: np.random.Generator, options) -> str:
 def _distinct_inputs_available(domain: str, config: WorldConfig) -> float:
   """An upper bound on distinct inputs (arithmetic is the only domain small enough to run out)."""
   if domain == ARITHMETIC:
-    return float((config.arithmetic_max_operand + 1) ** 2)
+    low, high = config.arithmetic_digits
+    operands = 10 ** high - (10 ** (low - 1) if low > 1 else 0)
+    return float(operands ** 2)
   return float("inf")
 
 
@@ -265,9 +309,11 @@ def vocabulary() -> tuple[str, ...]:
   words.extend(LEXICON)
   words.extend(LEXICON.values())
   words.extend(TOPICS)
+  words.extend(STATUS)
   words.extend(FILLER)
   words.extend(DIGITS)
   words.extend(OPERATORS)
+  words.extend(WORKING)
   return tuple(dict.fromkeys(words))  # drop duplicates ("the", "old", "and", ...), keep order
 
 
@@ -347,7 +393,7 @@ class World:
     if room < min(config.train_per_domain, 1):
       raise ValueError(f"{domain}: {held_out} held-out examples requested but only "
                        f"{_distinct_inputs_available(domain, config):.0f} inputs exist; lower the "
-                       "split sizes or raise arithmetic_max_operand.")
+                       "split sizes or allow more arithmetic_digits.")
     sizes = {"train": int(min(config.train_per_domain, room)),
              "validation": config.validation_per_domain, "test": config.test_per_domain}
     total = sum(sizes.values())

@@ -13,6 +13,7 @@ import logging
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel import sharding
@@ -36,7 +37,9 @@ class Stats:
   rounds: rounds per row, [B]; target_calls: target decode calls for the batch.
   mean_accepted_length: tokens per round including the bonus/correction token = 1 + accepted/rounds.
   per_position: [gamma] rounds in which draft position i was accepted, summed over rows.
-  seconds: wall time of the compiled call (compilation excluded); compile_seconds: 0 when cached.
+  seconds: wall time of the whole call, host work and the output fetch included, compilation
+    excluded (what a user waits for per query once the program is warm); compile_seconds: the
+    compilation this call triggered (0 when the program was cached).
   """
 
   drafted: np.ndarray
@@ -60,6 +63,15 @@ class Stats:
   @property
   def ms_per_token(self) -> float:
     return 1e3 * self.seconds / max(self.new_tokens, 1)
+
+  @classmethod
+  def from_summary(cls, summary: loop.Summary, gamma: int, seconds: float,
+                   compile_seconds: float) -> "Stats":
+    """Counters of one loop (a `loop.Summary`); target_calls: the loop's, read from row 0."""
+    return cls(drafted=summary.rounds * gamma, accepted=summary.accepted, rounds=summary.rounds,
+               per_position=summary.accepted_at[:, :gamma].sum(axis=0),
+               target_calls=int(summary.target_calls[0]), seconds=seconds,
+               compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
 
   def as_dict(self) -> dict:
     return {"drafted": int(self.drafted.sum()), "accepted": int(self.accepted.sum()),
@@ -107,6 +119,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   Returns:
     GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
   """
+  started = time.perf_counter()
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   if drafter is not None:
@@ -114,12 +127,13 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
   target_leaves, target_tree = target.flat_params()
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
-  args = (target_leaves, drafter_leaves, *_place_inputs(target, ids, mask, seed))
-  compiled, compile_seconds = _compiled(spec, (target_tree, drafter_tree), args)
-  started = time.perf_counter()
-  state = jax.block_until_ready(compiled(*args))
-  seconds = time.perf_counter() - started
-  return _output(spec, state, seconds, compile_seconds)
+  args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
+  compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
+                                               args, _describe(spec))
+  summary = loop.Summary.from_array(np.asarray(compiled(*args)), spec.max_new_tokens)
+  seconds = time.perf_counter() - started - compile_seconds
+  return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
+                        stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))
 
 
 def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: float = 0.0,
@@ -182,19 +196,32 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
   return padded_ids, padded_mask
 
 
-def _place_inputs(target: Model, ids, mask, seed):
-  """Prompts split on the mesh's data axis and a replicated seed when the target is sharded.
+def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed) -> np.ndarray | jax.Array:
+  """The prompts, their lengths and the seed as one int32 [B, S + 2] array: one upload per call.
 
-  The seed travels as a uint32 scalar and becomes a key inside the compiled loop: building the
-  key outside costs a device dispatch (~0.5 ms on CPU) per call.
+  Columns 0..S-1 hold the right-padded ids, column S each row's length (the mask is rebuilt from
+  it inside the program), column S+1 the seed's uint32 bits (the key is made inside the compiled
+  program: building it outside is a device dispatch, ~0.5 ms on CPU). Split on the mesh's data
+  axis when the target is sharded.
   """
   if not 0 <= int(seed) < 2 ** 32:
     raise ValueError(f"seed={seed}: must be in [0, 2**32).")
-  seed = np.uint32(seed)
-  if target.mesh is None:
-    return ids, mask, seed
-  mesh = target.mesh
-  return sharding.place_batch(ids, mesh), sharding.place_batch(mask, mesh), sharding.replicate(seed, mesh)
+  lengths = mask.sum(axis=1)
+  if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():
+    raise ValueError("attention_mask must be 1 on a prefix of each row and 0 after it (prompts "
+                     "right-padded): right-pad the prompts.")
+  packed = np.empty((ids.shape[0], ids.shape[1] + 2), np.int32)
+  packed[:, :-2], packed[:, -2] = ids, lengths
+  packed[:, -1] = np.uint32(seed).view(np.int32)
+  return packed if target.mesh is None else sharding.place_batch(packed, target.mesh)
+
+
+def unpack_prompts(packed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inside the program: (ids [B, S], mask [B, S], PRNG key) from `place_prompts`' array."""
+  ids, lengths = packed[:, :-2], packed[:, -2]
+  mask = (jnp.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+  seed = jax.lax.bitcast_convert_type(packed[0, -1], jnp.uint32)
+  return ids, mask, jax.random.PRNGKey(seed)
 
 
 def check_compatible(target: Model, drafter: Model) -> None:
@@ -229,39 +256,41 @@ def _same_vocabulary(tokenizer, other) -> bool:
   return tokenizer is other or dict(tokenizer.get_vocab()) == dict(other.get_vocab())
 
 
-def _run_flat(spec, trees, target_leaves, drafter_leaves, prompt_ids, prompt_mask, seed):
-  """`loop.run` on flat weight lists (trees: the static treedefs) and a seed."""
+def _run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
+  """`loop.run` on flat weight lists (trees: the static treedefs), returning `loop.summarize`."""
   target_params = jax.tree.unflatten(trees[0], target_leaves)
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
-  return loop.run(spec, target_params, drafter_params, prompt_ids, prompt_mask,
-                  jax.random.PRNGKey(seed))
+  ids, mask, key = unpack_prompts(packed_prompts)
+  return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
-def _compiled(spec, trees, args):
-  """The compiled loop for (spec, batch, prompt bucket): the weights' treedefs follow from the
-  decoders' graph definitions in the spec, so they need not be part of the key."""
-  batch, prompt_length = args[2].shape
-  cache_key = (spec, batch, prompt_length)
+def _describe(spec: loop.LoopSpec) -> str:
+  return f"gamma {spec.gamma}, {'greedy' if spec.settings.greedy else 'sampled'}"
+
+
+def compiled_program(function, static: tuple, args: tuple, description: str):
+  """`function` compiled ahead of time for (static, batch, prompt bucket), cached and counted.
+
+  Args:
+    function: a pure function of (*static, *args); args[-1] is the packed prompt array.
+    static: hashable compile-time arguments (specs, treedefs): part of the cache key. Weight
+      treedefs follow from the decoders' graph definitions inside the specs.
+    args: the array arguments (flat weight lists and the packed prompts).
+    description: what the log line says about the program.
+
+  Returns:
+    (compiled callable, compile seconds: 0.0 when it was cached).
+  """
+  batch, width = args[-1].shape
+  cache_key = (static[0], batch, width)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   started = time.perf_counter()
-  compiled = jax.jit(_run_flat, static_argnums=(0, 1)).lower(spec, trees, *args).compile()
+  compiled = jax.jit(function, static_argnums=tuple(range(len(static)))).lower(
+      *static, *args).compile()
   seconds = time.perf_counter() - started
   _COMPILED[cache_key] = compiled
   _COMPILE_SECONDS.append(seconds)
-  log.info("compiled generation #%d (batch %d, prompt bucket %d, gamma %d, %s) in %.2fs",
-           len(_COMPILE_SECONDS), batch, prompt_length, spec.gamma,
-           "greedy" if spec.settings.greedy else "sampled", seconds)
+  log.info("compiled generation #%d (batch %d, prompt bucket %d, %s) in %.2fs",
+           len(_COMPILE_SECONDS), batch, width - 2, description, seconds)
   return compiled, seconds
-
-
-def _output(spec, state, seconds, compile_seconds) -> GenerateOutput:
-  lengths = np.asarray(state.num_generated, np.int32)
-  tokens = np.asarray(state.tokens)[:, :spec.max_new_tokens].copy()
-  tokens[np.arange(spec.max_new_tokens)[None, :] >= lengths[:, None]] = spec.pad_id
-  rounds = np.asarray(state.rounds)
-  stats = Stats(drafted=rounds * spec.gamma, accepted=np.asarray(state.accepted), rounds=rounds,
-                per_position=np.asarray(state.accepted_at).sum(axis=0),
-                target_calls=int(state.target_calls), seconds=seconds,
-                compile_seconds=compile_seconds, new_tokens=int(lengths.sum()))
-  return GenerateOutput(tokens=tokens, lengths=lengths, stats=stats)

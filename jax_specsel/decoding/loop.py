@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jax_specsel.decoding import sampling
@@ -49,19 +50,47 @@ class LoopSpec:
 
 @struct.dataclass
 class LoopState:
-  tokens: jax.Array  # int32 [B, max_new + gamma + 1] emitted ids (garbage past num_generated)
-  num_generated: jax.Array  # int32 [B]
-  pending: jax.Array  # int32 [B] last emitted token, not yet in the target cache
-  position: jax.Array  # int32 [B] absolute position of `pending`
-  previous: jax.Array  # int32 [B] token at position - 1 (for the drafter's catch-up)
-  done: jax.Array  # bool [B]
+  """The while_loop's carry: one generation in progress, B rows decoded side by side.
+
+  Row b has emitted `num_generated[b]` tokens. Its last emitted token (before the first round: the
+  T5 decoder start token, or the last prompt token of a decoder-only model) is `pending[b]`, at
+  absolute position `position[b]` and *not yet* in the target's cache: the next round scores it
+  first. `previous[b]` is the token at `position[b] - 1`: the drafter re-reads [previous, pending]
+  every round (its two-token catch-up) because when a round accepts every draft the drafter never
+  ran on its own last draft, which is `previous` then; re-writing a position it already holds is
+  harmless, and every round keeps one shape.
+
+  Attributes:
+    tokens: int32 [B, max_new_tokens + gamma + 1] emitted ids; entries at or past
+      `num_generated[b]` are garbage (a round writes its whole block; the counters say what counts).
+    num_generated: int32 [B] tokens emitted per row (EOS included), at most max_new_tokens.
+    pending: int32 [B] the last emitted token, not yet in the target cache.
+    position: int32 [B] absolute position of `pending`.
+    previous: int32 [B] the token at `position - 1` (pad before the first decoder position).
+    done: bool [B] the row emitted EOS, reached max_new_tokens, or does not take part (a row that
+      chose another option in a selected batch); a done row is never changed again.
+    target_cache, drafter_cache: K/V buffers by absolute position; entries past a row's `position`
+      are stale drafts or prompt padding, never read before they are overwritten.
+    key: the PRNG key of the next round.
+    rounds: int32 [B] rounds this row took part in.
+    accepted: int32 [B] accepted draft tokens (paper A.6: a rejection rejects the rest).
+    accepted_at: int32 [B, gamma] rounds in which draft position i was accepted.
+    target_calls: int32 [] target decode calls (one per round for the whole batch).
+  """
+
+  tokens: jax.Array
+  num_generated: jax.Array
+  pending: jax.Array
+  position: jax.Array
+  previous: jax.Array
+  done: jax.Array
   target_cache: Any
   drafter_cache: Any
   key: jax.Array
-  rounds: jax.Array  # int32 [B] rounds this row took part in
-  accepted: jax.Array  # int32 [B] accepted draft tokens (paper A.6)
-  accepted_at: jax.Array  # int32 [B, gamma] rounds in which draft position i was accepted
-  target_calls: jax.Array  # int32 [] target decode calls (one per round for the whole batch)
+  rounds: jax.Array
+  accepted: jax.Array
+  accepted_at: jax.Array
+  target_calls: jax.Array
 
 
 def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, key):
@@ -76,8 +105,33 @@ def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, 
   Returns:
     The final LoopState.
   """
-  state, target_context, drafter_context = _start(spec, target_params, drafter_params, prompt_ids,
-                                                   prompt_mask, key)
+  target_context, target_cache = prepare_target(spec, target_params, prompt_ids, prompt_mask,
+                                                spec.cache_length(prompt_ids.shape[1]))
+  return decode_prepared(spec, target_params, drafter_params, target_context, target_cache,
+                         prompt_ids, prompt_mask, key)
+
+
+def prepare_target(spec: LoopSpec, target_params, prompt_ids, prompt_mask, cache_length: int):
+  """The target's first pass (T5 encoder, LLaMA prefill): (context, cache of `cache_length`)."""
+  cache = spec.target.init_cache(target_params, prompt_ids.shape[0], cache_length)
+  return spec.target.prepare(target_params, prompt_ids, prompt_mask, cache)
+
+
+def decode_prepared(spec: LoopSpec, target_params, drafter_params, target_context, target_cache,
+                    prompt_ids, prompt_mask, key, active=None) -> LoopState:
+  """The while_loop over rounds, starting from the target's first pass (`prepare_target`).
+
+  Args:
+    spec, target_params, drafter_params, prompt_ids, prompt_mask, key: as for `run`.
+    target_context, target_cache: from `prepare_target`, the cache at least
+      `spec.cache_length(S)` long.
+    active: optional bool [B]: the rows to decode; the others start done and stay untouched.
+
+  Returns:
+    The final LoopState.
+  """
+  state, drafter_context = _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask,
+                                  key, active)
 
   def body(state):
     return _round(spec, target_params, drafter_params, target_context, drafter_context, state)
@@ -90,8 +144,9 @@ def repeat_rounds(spec: LoopSpec, count: int, target_params, drafter_params, pro
   """A timing harness: `count` rounds, each from the first round's position (jit with spec, count
   static). Caches and weights stay warm and nothing is dispatched per round, so the time over
   `count` is the pure cost of one round; the tokens it leaves are meaningless."""
-  state, target_context, drafter_context = _start(spec, target_params, drafter_params, prompt_ids,
-                                                   prompt_mask, key)
+  target_context, target_cache = prepare_target(spec, target_params, prompt_ids, prompt_mask,
+                                                spec.cache_length(prompt_ids.shape[1]))
+  state, drafter_context = _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key)
 
   def body(_, current):
     after = _round(spec, target_params, drafter_params, target_context, drafter_context, current)
@@ -101,19 +156,59 @@ def repeat_rounds(spec: LoopSpec, count: int, target_params, drafter_params, pro
   return jax.lax.fori_loop(0, count, body, state)
 
 
-def _start(spec, target_params, drafter_params, prompt_ids, prompt_mask, key):
-  """Caches allocated and prompts prepared: (initial LoopState, target context, drafter context)."""
-  batch, prompt_length = prompt_ids.shape
-  cache_length = spec.cache_length(prompt_length)
-  target_cache = spec.target.init_cache(target_params, batch, cache_length)
-  target_context, target_cache = spec.target.prepare(target_params, prompt_ids, prompt_mask, target_cache)
+def _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key, active=None):
+  """The drafter's first pass and the initial LoopState: (state, drafter context)."""
   drafter_context = drafter_cache = None
   if spec.drafter is not None:
-    drafter_cache = spec.drafter.init_cache(drafter_params, batch, cache_length)
+    drafter_cache = spec.drafter.init_cache(drafter_params, prompt_ids.shape[0],
+                                            spec.cache_length(prompt_ids.shape[1]))
     drafter_context, drafter_cache = spec.drafter.prepare(drafter_params, prompt_ids, prompt_mask,
                                                           drafter_cache)
   state = _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key)
-  return state, target_context, drafter_context
+  if active is not None:
+    state = state.replace(done=~active)
+  return state, drafter_context
+
+
+def summarize(spec: LoopSpec, state: LoopState, gamma_width: int | None = None) -> jax.Array:
+  """The final state as one small int32 [B, W] array: the host fetches it in one transfer.
+
+  Columns: tokens [max_new_tokens] (pad from each row's length on), num_generated, rounds,
+  accepted, target_calls (the loop's, on every row), accepted_at [gamma_width] (zeros past
+  spec.gamma). Caches never leave the device. `Summary.from_array` reads it back.
+  """
+  gamma_width = spec.gamma if gamma_width is None else gamma_width
+  batch = state.tokens.shape[0]
+  emitted = jnp.arange(spec.max_new_tokens)[None, :] < state.num_generated[:, None]
+  tokens = jnp.where(emitted, state.tokens[:, :spec.max_new_tokens], spec.pad_id)
+  counters = jnp.stack([state.num_generated, state.rounds, state.accepted,
+                        jnp.broadcast_to(state.target_calls, (batch,))], axis=1)
+  accepted_at = jnp.pad(state.accepted_at, ((0, 0), (0, gamma_width - spec.gamma)))
+  return jnp.concatenate([tokens, counters, accepted_at], axis=1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Summary:
+  """The host's view of `summarize`'s array (numpy views, one row per batch row)."""
+
+  tokens: np.ndarray  # int32 [B, max_new_tokens], pad after each row's length
+  lengths: np.ndarray  # int32 [B] tokens generated (EOS included when emitted)
+  rounds: np.ndarray  # int32 [B]
+  accepted: np.ndarray  # int32 [B]
+  target_calls: np.ndarray  # int32 [B] target calls of the loop that decoded the row
+  accepted_at: np.ndarray  # int32 [B, gamma_width]
+
+  @classmethod
+  def from_array(cls, packed: np.ndarray, max_new_tokens: int) -> "Summary":
+    counters = packed[:, max_new_tokens:max_new_tokens + 4]
+    return cls(tokens=packed[:, :max_new_tokens], lengths=counters[:, 0], rounds=counters[:, 1],
+               accepted=counters[:, 2], target_calls=counters[:, 3],
+               accepted_at=packed[:, max_new_tokens + 4:])
+
+  @staticmethod
+  def width(max_new_tokens: int, gamma_width: int) -> int:
+    """Columns of `summarize`'s array."""
+    return max_new_tokens + 4 + gamma_width
 
 
 def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key) -> LoopState:

@@ -1,0 +1,221 @@
+"""`generate_selected`: one compiled program per query that prefills, embeds, chooses and decodes.
+
+The paper's serving path (DESIGN.md, "The serving path"), with nothing recomputed and nothing
+crossing to the host in between:
+
+  packed prompt --(one upload)--> [ target first pass (T5 encoder / LLaMA prefill)
+                                    -> the query embedding from that same pass (`Model.embed`)
+                                    -> policy: standardize + MLP -> argmax, or a sample
+                                    -> decode with the chosen option: the speculative while_loop
+                                       with its drafter, or plain autoregressive (gamma 0) ]
+                 --(one download: tokens, counters, choice, embedding)--> host
+
+So the paper's A.7 convention ("the embedding reuses the target's first pass") holds literally:
+the pass that embeds the query is the one decoding continues from.
+
+Batch 1 (the paper's setting) takes `lax.switch` on the choice: exactly one option's loop runs.
+In a batch whose rows choose differently, each chosen option runs its loop over the whole batch
+with the rows of the other options marked done (they cost compute in the batched matrix products
+but are never changed), one loop after the other: a batch whose rows pick k distinct options costs
+about the sum of k loops, each as long as its longest row. Options no row chose are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_specsel.decoding import loop
+from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_settings, check_compatible,
+                                           compiled_program, loop_spec, pad_prompts, place_prompts,
+                                           unpack_prompts)
+from jax_specsel.models.interface import Model
+
+AUTOREGRESSIVE = "autoregressive"
+_POLICY_STREAM = 0x5E1EC7  # folded into the seed's key for the dynamic policy's draw
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSpec:
+  """Everything static about a selected generation (a jit compile-time constant).
+
+  Attributes:
+    options: one LoopSpec per policy option, in the policy's order (gamma 0: autoregressive).
+    policy: the policy's static program (`bandit.policy.PolicyProgram`): `.logits(inputs, emb)`.
+    greedy_policy: argmax of the policy (the paper's greedy policy) or a sample (dynamic).
+  """
+
+  options: tuple[loop.LoopSpec, ...]
+  policy: Any
+  greedy_policy: bool
+
+  @property
+  def gamma_width(self) -> int:
+    return max(option.gamma for option in self.options)
+
+  def cache_length(self, prompt_length: int) -> int:
+    """The target cache is prepared once for every option: as long as the longest needs."""
+    return max(option.cache_length(prompt_length) for option in self.options)
+
+
+@dataclasses.dataclass
+class SelectedOutput(GenerateOutput):
+  """`GenerateOutput` plus what the policy saw and chose, per row.
+
+  choices: option name per row ("autoregressive" or a drafter name).
+  choice_ids: int32 [B] index of that option in `policy.option_names`.
+  embeddings: float32 [B, D] the query embeddings the policy read (`Model.embed`'s values).
+  """
+
+  choices: list[str] = dataclasses.field(default_factory=list)
+  choice_ids: np.ndarray | None = None
+  embeddings: np.ndarray | None = None
+
+
+def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], policy,
+                      greedy_policy: bool = True, gamma: int = 7, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+                      attention_mask=None) -> SelectedOutput:
+  """Chooses the drafter per query with `policy` and decodes with it, in one compiled call.
+
+  Emits exactly what `generate(target, prompt_ids, drafter=<the chosen drafter or None>, ...)`
+  emits with the same settings and seed (the decode key is the same; the dynamic policy draws
+  from a stream folded out of it).
+
+  Args:
+    target: the target model.
+    prompt_ids: int [B, S] right-padded (with `attention_mask`), or a list of B id lists.
+    drafters: name -> drafter `Model`; every policy option must be one of these names or
+      "autoregressive". Drafters the policy never names are ignored.
+    policy: a trained `jax_specsel.bandit.Policy` over the target's embeddings.
+    greedy_policy: True takes the policy's argmax, False samples from it (the dynamic policy).
+    gamma, temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`
+      (gamma is shared by every drafter option).
+
+  Returns:
+    SelectedOutput: tokens, lengths, stats as `generate`, plus choices, choice_ids, embeddings.
+  """
+  started = time.perf_counter()
+  _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  ids, mask = pad_prompts(prompt_ids, attention_mask, target)
+  option_models = _option_models(target, drafters, policy)
+  spec = SelectionSpec(
+      options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
+                    for drafter in option_models),
+      policy=policy.program, greedy_policy=bool(greedy_policy))
+  args, trees = _arguments(target, option_models, policy, place_prompts(target, ids, mask, seed))
+  compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
+                                               _describe(spec, policy))
+  packed = np.asarray(compiled(*args))
+  seconds = time.perf_counter() - started - compile_seconds
+  return _output(spec, policy, packed, seconds, compile_seconds)
+
+
+def _option_models(target: Model, drafters: Mapping[str, Model], policy) -> list[Model | None]:
+  """The drafter (None: autoregressive) of each policy option, checked before any work."""
+  names = getattr(policy, "option_names", None)
+  if not names:
+    raise ValueError("the policy has no option names: train it with option_names (drafter names "
+                     "and/or 'autoregressive') so generate_selected knows what each option means.")
+  if policy.input_dim != target.hidden_size:
+    raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
+                     f"{target.name} embeds queries with width {target.hidden_size}: train the "
+                     "policy on this target's embeddings.")
+  unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
+  if unknown:
+    raise ValueError(f"the policy chooses among {names} but {unknown} "
+                     f"{'is' if len(unknown) == 1 else 'are'} neither a given drafter "
+                     f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those names.")
+  models = [None if name == AUTOREGRESSIVE else drafters[name] for name in names]
+  for name, model in zip(names, models):
+    if model is not None:
+      if not isinstance(model, Model):
+        raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
+      check_compatible(target, model)
+  return models
+
+
+def _arguments(target, option_models, policy, packed_prompts):
+  """(array arguments, static treedefs) of the selected program."""
+  target_leaves, target_tree = target.flat_params()
+  drafter_parts = [([], None) if m is None else m.flat_params() for m in option_models]
+  policy_leaves, policy_tree = policy.program_inputs()
+  args = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves, packed_prompts)
+  trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+  return args, trees
+
+
+def _describe(spec: SelectionSpec, policy) -> str:
+  kind = "greedy" if spec.greedy_policy else "dynamic"
+  return f"selected by the {kind} policy among {policy.option_names}, gamma {spec.gamma_width}"
+
+
+def _run_selected(spec: SelectionSpec, trees, target_leaves, drafter_leaves, policy_leaves,
+                  packed_prompts):
+  """The whole selected generation; returns int32 [B, W]: summary, choice, embedding bits."""
+  target_tree, drafter_trees, policy_tree = trees
+  target_params = jax.tree.unflatten(target_tree, target_leaves)
+  drafter_params = [None if tree is None else jax.tree.unflatten(tree, leaves)
+                    for tree, leaves in zip(drafter_trees, drafter_leaves)]
+  ids, mask, key = unpack_prompts(packed_prompts)
+  first = spec.options[0]
+  context, cache = loop.prepare_target(first, target_params, ids, mask,
+                                       spec.cache_length(ids.shape[1]))
+  embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
+  logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
+  if spec.greedy_policy:
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    choice = jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits,
+                                    axis=-1).astype(jnp.int32)
+
+  def decode_with(index, active):
+    option = spec.options[index]
+    state = loop.decode_prepared(option, target_params, drafter_params[index], context, cache,
+                                 ids, mask, key, active)
+    return loop.summarize(option, state, spec.gamma_width)
+
+  summary = _decode_chosen(spec, decode_with, choice, ids.shape[0])
+  embedding_bits = jax.lax.bitcast_convert_type(embeddings, jnp.int32)
+  return jnp.concatenate([summary, choice[:, None], embedding_bits], axis=1)
+
+
+def _decode_chosen(spec: SelectionSpec, decode_with, choice, batch: int):
+  """Each row decoded by its chosen option: one switch at batch 1, else one loop per chosen option."""
+  count = len(spec.options)
+  if batch == 1:
+    return jax.lax.switch(choice[0], [lambda k=k: decode_with(k, None) for k in range(count)])
+  width = loop.Summary.width(spec.options[0].max_new_tokens, spec.gamma_width)
+  summary = jnp.zeros((batch, width), jnp.int32)
+  for index in range(count):
+    rows = choice == index
+    summary = jax.lax.cond(
+        jnp.any(rows),
+        lambda current, i=index, r=rows: jnp.where(r[:, None], decode_with(i, r), current),
+        lambda current: current, summary)
+  return summary
+
+
+def _output(spec: SelectionSpec, policy, packed: np.ndarray, seconds: float,
+            compile_seconds: float) -> SelectedOutput:
+  max_new = spec.options[0].max_new_tokens
+  width = loop.Summary.width(max_new, spec.gamma_width)
+  summary = loop.Summary.from_array(packed[:, :width], max_new)
+  choice_ids = packed[:, width].copy()
+  embeddings = packed[:, width + 1:].view(np.float32)
+  gammas = np.asarray([option.gamma for option in spec.options])[choice_ids]
+  # target_calls: each option that ran counts its own loop's calls once.
+  first_row = {int(c): row for row, c in reversed(list(enumerate(choice_ids)))}
+  stats = Stats(drafted=summary.rounds * gammas, accepted=summary.accepted, rounds=summary.rounds,
+                per_position=summary.accepted_at.sum(axis=0),
+                target_calls=int(sum(summary.target_calls[row] for row in first_row.values())),
+                seconds=seconds, compile_seconds=compile_seconds,
+                new_tokens=int(summary.lengths.sum()))
+  return SelectedOutput(tokens=summary.tokens, lengths=summary.lengths, stats=stats,
+                        choices=[policy.option_names[int(c)] for c in choice_ids],
+                        choice_ids=choice_ids, embeddings=embeddings)
