@@ -82,21 +82,50 @@ def test_translation_rule_on_a_known_sentence():
   assert got == "die Hund gross eine Katze heute sieht und eine Mann die Fuchs alt mag"
 
 
-def test_summaries_are_the_mentioned_topics_in_topic_list_order(world):
+def test_summaries_are_the_mentioned_topics_with_their_status_in_topic_list_order(world):
   for example in world.split("train", "summarize")[:200]:
     text = example["prompt"].removeprefix("summarize: ").split()
     summary = example["reference"].split()
-    assert 20 <= len(text) <= 28 and 4 <= len(summary) <= 6
-    assert set(summary) == {w for w in text if w in world_lib.TOPICS}
-    assert summary == sorted(summary, key=world_lib.TOPICS.index)
+    topics, statuses = summary[::2], summary[1::2]
+    assert 8 <= len(topics) <= 11 and len(statuses) == len(topics)
+    assert set(topics) == {w for w in text if w in world_lib.TOPICS}
+    assert topics == sorted(topics, key=world_lib.TOPICS.index)
+    for topic, status in zip(topics, statuses):
+      assert status in world_lib.STATUS
+      assert text[text.index(topic) + 1] == status  # the word after the topic's first mention
 
 
-def test_arithmetic_is_correct_with_spaced_digits(world):
+def test_summary_rule_on_a_known_text():
+  text = "officials said storm flooded near the harbor busy and storm flooded again market sold"
+  assert world_lib.summarize_text(text) == "storm flooded market sold harbor busy"
+
+
+def test_arithmetic_is_worked_column_by_column_and_correct(world):
   for example in world.split("test", "arithmetic"):
-    question = example["prompt"].removeprefix("Q: ")
-    left, right = question.split(" + ")
+    left, right = example["prompt"].removeprefix("Q: ").split(" + ")
     value = int(left.replace(" ", "")) + int(right.replace(" ", ""))
-    assert example["reference"] == " ".join(str(value))
+    *steps, answer = example["reference"].split(" ; ")
+    assert answer == "answer " + " ".join(str(value))
+    assert len(steps) == max(len(left.split()), len(right.split()))
+    carry = 0
+    for step in steps:  # "a + b [+ 1] = s": the terms add up to s, the carry is s // 10
+      terms, total = step.split(" = ")
+      numbers = [int(t) for t in terms.split(" + ")]
+      assert (len(numbers) == 3) == bool(carry) and sum(numbers) == int(total.replace(" ", ""))
+      carry = int(total.replace(" ", "")) // 10
+
+
+def test_worked_addition_on_known_sums():
+  assert world_lib.worked_addition(375, 48) == "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
+  assert world_lib.worked_addition(99, 1) == "9 + 1 = 1 0 ; 9 + 0 + 1 = 1 0 ; answer 1 0 0"
+
+
+def test_outputs_have_the_papers_lengths(world, tokenizer):
+  """Translate ~20-35 tokens, summaries ~15-30, worked arithmetic ~20-60 (EOS included)."""
+  for domain, (low, high) in {"translate": (20, 35), "summarize": (15, 30),
+                              "arithmetic": (20, 60)}.items():
+    lengths = [len(tokenizer(e["reference"])["input_ids"]) for e in world.split("train", domain)]
+    assert low <= sum(lengths) / len(lengths) <= high, (domain, sum(lengths) / len(lengths))
 
 
 def test_tokenizer_round_trip_every_domain(world, tokenizer):
@@ -133,7 +162,9 @@ def test_bad_configs_are_rejected():
   with pytest.raises(ValueError, match="domains"):
     WorldConfig(domains=("poetry",))
   with pytest.raises(ValueError, match="inputs exist"):
-    World(WorldConfig(domains=("arithmetic",), arithmetic_max_operand=9))
+    World(WorldConfig(domains=("arithmetic",), arithmetic_digits=(1, 1)))
+  with pytest.raises(ValueError, match="clauses"):
+    WorldConfig(clauses=(3, 2))
   with pytest.raises(ValueError, match="unknown split"):
     World(SMALL).split("dev")
 
@@ -144,9 +175,9 @@ def test_config_round_trips_through_dict():
 
 
 def test_arithmetic_train_split_is_capped_by_the_distinct_questions():
-  config = WorldConfig(domains=("arithmetic",), train_per_domain=10000, validation_per_domain=50,
-                       test_per_domain=50, arithmetic_max_operand=49)
+  config = WorldConfig(domains=("arithmetic",), train_per_domain=10000, validation_per_domain=10,
+                       test_per_domain=10, arithmetic_digits=(1, 2))
   world = World(config)
-  # 50 * 50 distinct questions, half of them at most, minus the 100 held out.
-  assert len(world.split("train")) == 1150
-  assert len({e["prompt"] for e in world.split("train")}) == 1150
+  # 100 * 100 distinct questions, half of them at most, minus the 20 held out.
+  assert len(world.split("train")) == 4980
+  assert len({e["prompt"] for e in world.split("train")}) == 4980
