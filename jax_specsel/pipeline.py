@@ -68,10 +68,14 @@ def evaluate_stage(target, drafters, test, policy, config, output_dir: str) -> d
 def experiments_stage(dataset, meta, test, target, result, config, output_dir: str) -> dict:
   test_embeddings = collect_lib.embed_prompts(target, target.tokenizer(list(test["prompt"]))["input_ids"])
   options = policy_options(meta, config)
+  # What choosing costs a query, as measured in the evaluation (never negative: noise can be).
+  overhead = max(0.0, result["policy_cost"]["all"]["policy_dynamic"]["ms_per_query"] / 1e3)
   sweep = experiments.alpha_sweep(dataset, meta, test_embeddings, result["per_query"], config.alphas,
-                                  options, config.cost_unit, seed=config.seed)
+                                  options, config.cost_unit, seed=config.seed,
+                                  policy_seconds_per_query=overhead)
   curve = experiments.sample_efficiency(dataset, meta, test_embeddings, result["per_query"], config.alpha,
-                                        config.sample_sizes, options=options, cost_unit=config.cost_unit)
+                                        config.sample_sizes, options=options, cost_unit=config.cost_unit,
+                                        policy_seconds_per_query=overhead)
   report.write_json(os.path.join(output_dir, "alpha_sweep.json"), sweep)
   report.write_json(os.path.join(output_dir, "sample_efficiency.json"), curve)
   report.plot_alpha_sweep(sweep, os.path.join(output_dir, "figure2_alpha_sweep.png"))
@@ -96,7 +100,8 @@ def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, M
   """report.json (the schema `make demo` promises) and report.md in output_dir."""
   checks = effect_checks(result, expectations)
   payload = {"domains": result["domains"], "choices": result["choices"],
-             "choices_by_variant": result["choices_by_variant"], "checks": checks,
+             "choices_by_variant": result["choices_by_variant"],
+             "policy_cost": result.get("policy_cost", {}), "checks": checks,
              "shortfalls": shortfalls(checks),
              "figures": {"alpha_sweep": "figure2_alpha_sweep.png",
                          "sample_efficiency": "figure3_sample_efficiency.png"},
@@ -118,12 +123,14 @@ class Expectations:
       the autoregressive option for most queries.
     min_speedup: the in-domain speedup a domain drafter should reach.
     policy_tolerance: the greedy policy should be within this fraction of the best single option.
+    max_policy_share: what choosing may cost, as a share of per-query time (paper: ~1%).
   """
 
   drafter_domains: dict[str, str] = dataclasses.field(default_factory=dict)
   autoregressive_domains: tuple[str, ...] = ()
   min_speedup: float = 1.3
   policy_tolerance: float = 0.05
+  max_policy_share: float = 0.01
 
 
 def effect_checks(result: dict, expectations: Expectations | None = None) -> dict:
@@ -146,6 +153,12 @@ def effect_checks(result: dict, expectations: Expectations | None = None) -> dic
     checks["policy_beats_every_single_option_on_average"] = bool(
         all(average["policy_greedy"] > average[o] for o in singles))
   checks.update(_expected_effect_checks(result, expectations))
+  cost = result.get("policy_cost", {}).get("all", {}).get("policy_greedy")
+  if cost is not None:
+    checks["policy_share_of_query_time"] = {
+        "share": cost["share"], "ms_per_query": cost["ms_per_query"],
+        "limit": expectations.max_policy_share,
+        "below_limit": bool(cost["share"] < expectations.max_policy_share)}
   return checks
 
 
@@ -188,6 +201,9 @@ def shortfalls(checks: dict) -> list[str]:
     if value.get("slower_than_autoregressive_outside") is False:
       notes.append(f"{subject} is not slower than autoregressive outside its domain "
                    f"({_rounded(value['speedup_outside'])})")
+    if value.get("below_limit") is False:
+      notes.append(f"choosing costs {100 * value['share']:.1f}% of per-query time "
+                   f"({value['ms_per_query']:.3f} ms a query), above {100 * value['limit']:.0f}%")
     if value.get("for_most_queries") is False:
       notes.append(f"{subject}: the policy picks autoregressive for only "
                    f"{100 * value['share']:.0f}% of the queries")
@@ -204,12 +220,31 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
            f"({target.num_params / 1e6:.2f}M params); drafters: {sizes}.\n",
            "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
            report.results_table(payload), "\n## Choices of the policy per domain\n",
-           report.choices_table(payload), "\n## Checks of the paper's effect\n",
+           report.choices_table(payload), "\n## What choosing costs\n", _policy_cost_markdown(payload),
+           "\n## Checks of the paper's effect\n",
            _shortfalls_markdown(payload["shortfalls"]),
            "```json\n" + json.dumps(payload["checks"], indent=2) + "\n```\n",
            "\n## Figures\n\n![alpha sweep](figure2_alpha_sweep.png)\n\n"
            "![sample efficiency](figure3_sample_efficiency.png)\n"]
   return "\n".join(parts)
+
+
+def _policy_cost_markdown(payload: dict) -> str:
+  """The policy's measured share of per-query time (fused call minus the plain call with the
+  option it chose, same queries and seeds)."""
+  cost = payload.get("policy_cost", {})
+  if not cost:
+    return "No policy was evaluated.\n"
+  variants = list(cost["all"])
+  lines = ["| domain | " + " | ".join(f"{v}: share / ms per query" for v in variants) + " |",
+           "|---|" + "---|" * len(variants)]
+  for domain, by_variant in cost.items():
+    cells = [f"{100 * by_variant[v]['share']:.2f}% / {by_variant[v]['ms_per_query']:.3f}"
+             for v in variants]
+    lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+  return ("Measured: `generate_selected` (embed from the target's first pass, policy, decode, in one "
+          "program) minus `generate` with the option it chose, same query and seed.\n\n"
+          + "\n".join(lines) + "\n")
 
 
 def _shortfalls_markdown(notes: list[str]) -> str:

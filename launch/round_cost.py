@@ -1,37 +1,45 @@
-"""Cost of one speculative round inside the compiled loop, by gamma, against one target step.
+"""What a speculative round and a whole call cost inside and around the compiled loop, in target steps.
 
   python launch/round_cost.py                                # the demo zoo (built if not cached)
   python launch/round_cost.py --target=DIR --drafter=DIR --prompt="translate English to German: ..."
 
-Times `jax_specsel.decoding.loop.repeat_rounds` (rounds back to back in one program: no dispatch,
-warm weights) for gamma = 0 (autoregressive) and each --gammas value, and prints per gamma the
-round's cost in target steps and the break-even tokens per round (a drafter must be accepted
-often enough to emit that many tokens per round just to match autoregressive decoding), and the
-per-call cost a whole generate() call adds (a 1-token call), which a short output does not
-amortize. Writes the table as JSON to --output.
+Two tables, both in units of one target decode step measured inside a compiled loop:
+  * rounds by gamma: `loop.repeat_rounds` (rounds back to back in one program: no dispatch, warm
+    weights); a round's cost is also its break-even tokens per round against autoregressive.
+  * per call: the wall time of a whole 1-token call of each public entry point (`generate`, and
+    `generate_selected` with a policy that always picks that option), against the work it does
+    (the target's first pass, the drafter's first pass when it drafts, one round, all timed inside
+    compiled loops); the rest is the call's fixed cost: host work, argument passing, the launch,
+    cache allocation, the output fetch and cold caches.
+Writes both tables as JSON to --output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 from absl import app, flags, logging
+from flax import nnx
 
 import numpy as np
 
 import jax_specsel as js
+from jax_specsel.bandit.policy import Policy, PolicyNetwork
 from jax_specsel.eval import speed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "", "Target checkpoint (directory or hub id); empty: the demo zoo.")
 flags.DEFINE_string("drafter", "", "Drafter checkpoint; with the demo zoo: a drafter name.")
 flags.DEFINE_string("prompt", "", "Prompt text (default: the first test prompt of the world).")
-flags.DEFINE_list("gammas", ["1", "2", "4", "5", "8"], "Draft tokens per round to time.")
+flags.DEFINE_list("gammas", ["1", "2", "3", "4", "5", "8"], "Draft tokens per round to time.")
+flags.DEFINE_integer("gamma", 5, "Draft tokens per round of the speculative 1-token calls.")
 flags.DEFINE_integer("rounds", 200, "Rounds per timed program.")
+flags.DEFINE_integer("calls", 40, "Timed 1-token calls per entry point (median taken).")
 flags.DEFINE_string("cache_dir", "", "Zoo cache root (demo zoo only).")
-flags.DEFINE_string("output", "reports/round_cost.json", "Where the JSON table goes.")
+flags.DEFINE_string("output", "reports/round_cost.json", "Where the JSON tables go.")
 
 
 def _models():
@@ -46,20 +54,53 @@ def _models():
   return zoo.target, drafter, FLAGS.prompt or world.split("test", world_lib.TRANSLATE)[0]["prompt"]
 
 
-def _call_ms(target, ids, drafter, repeats: int = 30) -> dict:
-  """Median wall ms of a whole 1-token generate() call and of its timed part (stats.seconds)."""
-  js.generate(target, ids, drafter=drafter, gamma=5, max_new_tokens=1)  # compile
-  wall, timed = [], []
-  for _ in range(repeats):
-    started = time.perf_counter()
-    out = js.generate(target, ids, drafter=drafter, gamma=5, max_new_tokens=1)
-    wall.append(time.perf_counter() - started)
-    timed.append(out.stats.seconds)
-  return {"wall_ms": 1e3 * float(np.median(wall)), "timed_ms": 1e3 * float(np.median(timed))}
+def _always(option: str, width: int) -> Policy:
+  """A paper-sized policy (3 layers of 512) over one option: it always picks `option`."""
+  return Policy(PolicyNetwork(width, 1, rngs=nnx.Rngs(0)), option_names=[option])
+
+
+def _call_seconds(calls: dict, count: int) -> dict:
+  """Median wall seconds of each 1-token call, the calls interleaved so load hits all alike."""
+  for call in calls.values():
+    call()  # compile
+  times = {name: [] for name in calls}
+  for _ in range(count):
+    for name, call in calls.items():
+      started = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - started)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def per_call_costs(target, drafter, ids, step: float, round_seconds: float, gamma: int) -> list[dict]:
+  """Wall time of 1-token calls against the work they do, in target steps."""
+  prepare_target = speed.time_prepare(target, ids)
+  prepare_drafter = speed.time_prepare(drafter, ids)
+  policies = {"autoregressive": _always("autoregressive", target.hidden_size),
+              "speculative": _always("drafter", target.hidden_size)}
+  drafters = {"autoregressive": None, "speculative": drafter}
+  calls = {}
+  for option in ("autoregressive", "speculative"):
+    calls[("generate", option)] = lambda d=drafters[option]: js.generate(
+        target, ids, drafter=d, gamma=gamma, max_new_tokens=1)
+    calls[("generate_selected", option)] = lambda p=policies[option]: js.generate_selected(
+        target, ids, {"drafter": drafter}, p, gamma=gamma, max_new_tokens=1)
+  walls = _call_seconds(calls, FLAGS.calls)
+  work = {"autoregressive": prepare_target + step,
+          "speculative": prepare_target + prepare_drafter + round_seconds}
+  rows = []
+  for (entry, option), wall in walls.items():
+    rows.append({"call": entry, "option": option, "wall_us": 1e6 * wall,
+                 "wall_steps": wall / step, "work_steps": work[option] / step,
+                 "fixed_steps": (wall - work[option]) / step})
+  rows.append({"prepare_target_steps": prepare_target / step,
+               "prepare_drafter_steps": prepare_drafter / step})
+  return rows
 
 
 def main(argv):
   del argv
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)  # before any work
   target, drafter, prompt = _models()
   ids = np.asarray([target.tokenizer(prompt)["input_ids"]])
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)
@@ -67,18 +108,25 @@ def main(argv):
   for gamma in map(int, FLAGS.gammas):
     seconds = speed.time_rounds(target, ids, drafter, gamma, rounds=FLAGS.rounds)
     rows.append({"gamma": gamma, "round_us": 1e6 * seconds, "target_steps": seconds / step})
-  calls = {"autoregressive": _call_ms(target, ids, None), "speculative": _call_ms(target, ids, drafter)}
-  print(f"target {target.name}, drafter {drafter.name}, prompt of {ids.shape[1]} tokens")
-  print("per-call cost (a 1-token generate: prompt encoding, dispatch, one round), median ms: "
-        + ", ".join(f"{k} {v['wall_ms']:.2f} wall / {v['timed_ms']:.2f} timed" for k, v in calls.items()))
-  print("| gamma | round (us) | in target steps = break-even tokens per round |")
-  print("|---|---|---|")
+  round_us = {row["gamma"]: row["round_us"] for row in rows}
+  round_seconds = (round_us[FLAGS.gamma] / 1e6 if FLAGS.gamma in round_us
+                   else speed.time_rounds(target, ids, drafter, FLAGS.gamma, rounds=FLAGS.rounds))
+  calls = per_call_costs(target, drafter, ids, step, round_seconds, FLAGS.gamma)
+  print(f"target {target.name} ({target.num_params / 1e6:.2f}M), drafter {drafter.name} "
+        f"({drafter.num_params / 1e6:.2f}M), prompt of {ids.shape[1]} tokens; target step {1e6 * step:.1f} us")
+  print("\n| gamma | round (us) | in target steps = break-even tokens per round |\n|---|---|---|")
   for row in rows:
     print(f"| {row['gamma']} | {row['round_us']:.1f} | {row['target_steps']:.2f} |")
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  print(f"\nfirst passes: target {calls[-1]['prepare_target_steps']:.2f} steps, drafter "
+        f"{calls[-1]['prepare_drafter_steps']:.2f} steps")
+  print(f"\n| 1-token call (gamma {FLAGS.gamma}) | wall (us) | wall (steps) | work (steps) | "
+        "fixed cost (steps) |\n|---|---|---|---|---|")
+  for row in calls[:-1]:
+    print(f"| {row['call']} {row['option']} | {row['wall_us']:.0f} | {row['wall_steps']:.2f} | "
+          f"{row['work_steps']:.2f} | {row['fixed_steps']:.2f} |")
   with open(FLAGS.output, "w") as handle:
-    json.dump({"target": target.name, "drafter": drafter.name, "rows": rows, "per_call": calls},
-              handle, indent=1)
+    json.dump({"target": target.name, "drafter": drafter.name, "prompt_tokens": int(ids.shape[1]),
+               "target_step_us": 1e6 * step, "rounds": rows, "per_call": calls}, handle, indent=1)
   logging.info("wrote %s", FLAGS.output)
 
 

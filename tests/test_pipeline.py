@@ -57,6 +57,20 @@ def test_pipeline_writes_the_report(tmp_path):
     assert len({round(r["quality"], 6) for r in rows.values()}) == 1
     assert abs(sum(report["choices"][domain].values()) - 1.0) < 1e-9
   assert "| policy_greedy |" in (tmp_path / "report.md").read_text()
+  assert set(report["policy_cost"]["all"]) == {"policy_greedy", "policy_dynamic"}
+  assert set(report["policy_cost"]) == {"all", "fake_a", "fake_b"}
+  assert "share" in report["checks"]["policy_share_of_query_time"]
+  assert "## What choosing costs" in (tmp_path / "report.md").read_text()
+
+
+def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_option():
+  run = lambda seconds, choice=None: evaluate_lib.QueryRun(seconds, 10, 0, 0, "", choice)
+  runs = {"autoregressive": [[run(1.0), run(2.0)]], "drafter": [[run(0.5), run(0.8)]],
+          "policy_greedy": [[run(0.51, "drafter"), run(2.02, "autoregressive")]]}
+  cost = evaluate_lib.policy_cost(runs)["policy_greedy"]
+  assert cost["share"] == pytest.approx((0.01 + 0.02) / (0.51 + 2.02))
+  assert cost["ms_per_query"] == pytest.approx(1e3 * 0.03 / 2)
+  assert evaluate_lib.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(0.01 / 0.51)
 
 
 def test_price_choices_uses_the_cost_table():
@@ -95,3 +109,13 @@ def test_effect_checks_name_what_holds_and_what_falls_short():
   assert any("autoregressive for only 30%" in n for n in notes)
   assert any("not faster on average" in n for n in notes)  # 1.0 on average, as autoregressive
   assert any("translate: the greedy policy (1.00x) is more than 5% slower" in n for n in notes)
+
+
+def test_policy_share_above_the_limit_is_a_shortfall():
+  result = _result(1.6, 0.9, 1.6)
+  result["policy_cost"] = {"all": {"policy_greedy": {"share": 0.03, "ms_per_query": 0.2}}}
+  checks = pipeline.effect_checks(result, pipeline.Expectations())
+  assert checks["policy_share_of_query_time"]["below_limit"] is False
+  assert any("choosing costs 3.0% of per-query time" in n for n in pipeline.shortfalls(checks))
+  result["policy_cost"]["all"]["policy_greedy"]["share"] = 0.004
+  assert pipeline.effect_checks(result)["policy_share_of_query_time"]["below_limit"] is True

@@ -1,10 +1,15 @@
 """Evaluation of the paper's tables: quality, ms/token, speedup, acceptance, choice histogram.
 
-Every query is decoded on its own (batch 1), as the paper's A.7 accounting prescribes: the query
-embedding is computed but not timed (it reuses the target's first pass), the policy's inference is
-timed and added to the decoding time of the option it chose. Each single option (autoregressive,
-every drafter) is measured on every query too, which gives the baselines and a per-query cost table
-from which policy sweeps (alpha, number of training examples) are priced without re-decoding.
+Every query is decoded on its own (batch 1), as the paper's A.7 accounting prescribes, and every
+row is timed the same way: the wall clock around the whole public call a user makes (host work,
+the compiled program, the output fetch). Single options call `generate`; the policy rows call
+`generate_selected`, which embeds the query from the target's own first pass, applies the policy
+and decodes inside one program, so the policy's cost is in the time and nothing is left untimed.
+The policy's share of per-query time is measured: the fused call minus the plain call with the
+option it chose, on the same query and seed.
+
+Each single option is measured on every query too, which gives the baselines and a per-query cost
+table from which policy sweeps (alpha, number of training examples) are priced without re-decoding.
 """
 
 from __future__ import annotations
@@ -16,12 +21,10 @@ import time
 from typing import Sequence
 
 import datasets
-import jax
-import numpy as np
 
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text, embed_prompts
+from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text
 from jax_specsel.data.tasks import get_task
-from jax_specsel.decoding import bucket_length, generate
+from jax_specsel.decoding import bucket_length, generate, generate_selected
 from jax_specsel.eval import metrics
 from jax_specsel.models.interface import Model
 
@@ -36,20 +39,42 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class QueryRun:
-  seconds: float
+  seconds: float  # wall clock around the public call
   tokens: int
   accepted: int
   drafted: int
   text: str
+  choice: str | None = None  # the option a policy row chose
 
 
 def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
                seed: int) -> QueryRun:
-  """Decodes one query with one option (drafter None: autoregressive)."""
+  """Decodes one query with one option (drafter None: autoregressive), timed around the call."""
+  started = time.perf_counter()
   out = generate(target, [prompt_ids], drafter=drafter, gamma=config.gamma,
                  temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed)
-  return QueryRun(out.stats.seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
+  seconds = time.perf_counter() - started
+  return QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
                   int(out.stats.drafted.sum()), decode_text(target, out)[0])
+
+
+def run_policy(target: Model, drafters: dict[str, Model], policy, prompt_ids: list[int],
+               greedy: bool, config: EvalConfig, seed: int) -> tuple[QueryRun, str]:
+  """(QueryRun, chosen option) of one query through `generate_selected`, timed around the call."""
+  started = time.perf_counter()
+  out = generate_selected(target, [prompt_ids], drafters, policy, greedy_policy=greedy,
+                          gamma=config.gamma, temperature=config.temperature,
+                          max_new_tokens=config.max_new_tokens, seed=seed)
+  seconds = time.perf_counter() - started
+  run = QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
+                 int(out.stats.drafted.sum()), decode_text(target, out)[0])
+  return run, out.choices[0]
+
+
+def query_seed(seed: int, index: int) -> int:
+  """The decoding (and dynamic policy) seed of query `index` in repeat `seed`: every option gets the
+  same one; distinct per query, so the dynamic policy's draws are independent across queries."""
+  return (seed * 1_000_003 + index) % 2 ** 32
 
 
 def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, policy=None,
@@ -64,32 +89,30 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
     config: decoding settings and seeds.
 
   Returns:
-    {"domains": {task: {option: row}}, "choices": {task: {option: share}}, "per_query": {...}}
-    with rows {quality, ms_per_token, ms_per_token_spread, speedup, acceptance_rate}.
+    {"domains": {task: {option: row}}, "choices": {task: {option: share}}, "per_query": {...},
+     "policy_cost": {variant: {...}}} with rows {quality, ms_per_token, ms_per_token_spread,
+    speedup, acceptance_rate}; see `policy_cost` for the last.
   """
   prompts = target.tokenizer(list(examples["prompt"]))["input_ids"]
   options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
   variants = {} if policy is None else {"policy_greedy": True, "policy_dynamic": False}
-  embeddings = None
   if policy is not None:
     _check_policy_options(policy, options)
-    embeddings = embed_prompts(target, prompts)  # not timed (paper A.7)
-  _warm_up(target, options, prompts, config, policy, embeddings)
+  _warm_up(target, options, drafters, prompts, config, policy)
   runs = {name: [] for name in (*options, *variants)}
   chosen = {variant: [] for variant in variants}
   for seed in config.seeds:
     per_seed = {name: [] for name in runs}
-    key = jax.random.key(seed)
     # Every option decodes query i before any decodes query i+1: all of them (the policy
-    # variants included, which run the policy's program in between) start from the same cache
-    # state, so the side-by-side ratios do not favour whichever option ran back to back.
+    # variants included) start from the same cache state, so the side-by-side ratios do not
+    # favour whichever option ran back to back.
     for i, prompt in enumerate(prompts):
+      seed_i = query_seed(seed, i)
       for name, drafter in options.items():
-        per_seed[name].append(run_option(target, drafter, prompt, config, seed))
+        per_seed[name].append(run_option(target, drafter, prompt, config, seed_i))
       for variant, greedy in variants.items():
-        key, sub = jax.random.split(key)
-        run, choice = _run_policy_once(target, options, policy, prompt, embeddings[i], greedy,
-                                       sub, config, seed)
+        run, choice = run_policy(target, drafters, policy, prompt, greedy, config, seed_i)
+        run.choice = choice
         per_seed[variant].append(run)
         if seed == config.seeds[0]:
           chosen[variant].append(choice)
@@ -98,8 +121,8 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
   return _summarize(examples, runs, chosen)
 
 
-def _warm_up(target, options, prompts, config, policy=None, embeddings=None):
-  """Compiles every (option, prompt bucket) and the policy once: no timed call compiles."""
+def _warm_up(target, options, drafters, prompts, config, policy=None):
+  """Compiles every (option, prompt bucket) and each policy variant once: no timed call compiles."""
   seen = set()
   for prompt in prompts:
     bucket = bucket_length(len(prompt))
@@ -107,26 +130,42 @@ def _warm_up(target, options, prompts, config, policy=None, embeddings=None):
       seen.add(bucket)
       for drafter in options.values():
         run_option(target, drafter, prompt, config, 0)
-  if policy is not None:
-    for greedy in (True, False):
-      policy.choose_one(embeddings[0], greedy=greedy, key=jax.random.key(0))
+      if policy is not None:
+        for greedy in (True, False):
+          run_policy(target, drafters, policy, prompt, greedy, config, 0)
 
 
 def _check_policy_options(policy, options):
-  unknown = set(policy.option_names) - set(options)
-  if unknown:
+  unknown = set(policy.option_names or ()) - set(options)
+  if unknown or not policy.option_names:
     raise ValueError(f"the policy chooses among {policy.option_names} but options "
                      f"{sorted(unknown)} are not given.")
 
 
-def _run_policy_once(target, options, policy, prompt, embedding, greedy, key, config, seed):
-  """(QueryRun with the policy's inference time added, chosen option name) for one query."""
-  started = time.perf_counter()
-  choice = policy.option_names[int(policy.choose_one(embedding, greedy=greedy, key=key))]
-  policy_seconds = time.perf_counter() - started
-  run = run_option(target, options[choice], prompt, config, seed)
-  run.seconds += policy_seconds
-  return run, choice
+def policy_cost(runs: dict, rows: Sequence[int] | None = None) -> dict:
+  """What choosing costs per query, measured: the fused call minus the plain call with the option
+  it chose, on the same queries and seeds (paper Table 1: ~1% over the option mostly picked).
+
+  Args:
+    runs: option or variant name -> [seed][query] QueryRun (policy runs carry `.choice`).
+    rows: the queries to count (default all).
+
+  Returns:
+    {variant: {"share": sum(fused - plain) / sum(fused), "ms_per_query": mean difference}}.
+  """
+  out = {}
+  for variant in (v for v in runs if v.startswith("policy")):
+    extra = total = 0.0
+    count = 0
+    for seed_index, seed_runs in enumerate(runs[variant]):
+      for i in (range(len(seed_runs)) if rows is None else rows):
+        fused = seed_runs[i]
+        extra += fused.seconds - runs[fused.choice][seed_index][i].seconds
+        total += fused.seconds
+        count += 1
+    out[variant] = {"share": extra / total if total else float("nan"),
+                    "ms_per_query": 1e3 * extra / max(count, 1)}
+  return out
 
 
 def _summarize(examples, runs, choices) -> dict:
@@ -144,8 +183,11 @@ def _summarize(examples, runs, choices) -> dict:
       counts = collections.Counter(chosen[i] for i in rows)
       shares.setdefault(task, {})[variant] = {k: v / len(rows) for k, v in sorted(counts.items())}
   per_query = {name: [[r.seconds, r.tokens] for r in option_runs[0]] for name, option_runs in runs.items()}
+  cost = {"all": policy_cost(runs)}
+  for task in dict.fromkeys(tasks):
+    cost[task] = policy_cost(runs, [i for i, t in enumerate(tasks) if t == task])
   return {"domains": domains, "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
-          "choices_by_variant": shares, "per_query": per_query}
+          "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
 
 
 def _option_row(task, option_runs, rows, references) -> dict:
@@ -169,7 +211,8 @@ def _metric_for(task: str) -> str | None:
 
 
 def price_choices(per_query: dict, chosen: Sequence[str], policy_seconds: float = 0.0) -> float:
-  """ms/token of a policy from the per-query cost table of the single options (no re-decoding)."""
+  """ms/token of a policy from the per-query cost table of the single options (no re-decoding);
+  policy_seconds: what choosing added over all these queries (see `policy_cost`)."""
   seconds = sum(per_query[name][i][0] for i, name in enumerate(chosen)) + policy_seconds
   tokens = sum(per_query[name][i][1] for i, name in enumerate(chosen))
   return 1e3 * seconds / max(tokens, 1)
