@@ -236,11 +236,12 @@ def _policy_cost_markdown(payload: dict) -> str:
   if not cost:
     return "No policy was evaluated.\n"
   variants = list(cost["all"])
-  lines = ["| domain | " + " | ".join(f"{v}: share / ms per query" for v in variants) + " |",
+  lines = ["| domain | " + " | ".join(f"{v}: share / ms per query / median fused:plain"
+                                     for v in variants) + " |",
            "|---|" + "---|" * len(variants)]
   for domain, by_variant in cost.items():
-    cells = [f"{100 * by_variant[v]['share']:.2f}% / {by_variant[v]['ms_per_query']:.3f}"
-             for v in variants]
+    cells = [f"{100 * by_variant[v]['share']:.2f}% / {by_variant[v]['ms_per_query']:.3f} / "
+             f"{by_variant[v]['median_ratio']:.3f}" for v in variants]
     lines.append(f"| {domain} | " + " | ".join(cells) + " |")
   return ("Measured: `generate_selected` (embed from the target's first pass, policy, decode, in one "
           "program) minus `generate` with the option it chose, same query and seed.\n\n"

@@ -70,6 +70,7 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
   cost = evaluate_lib.policy_cost(runs)["policy_greedy"]
   assert cost["share"] == pytest.approx((0.01 + 0.02) / (0.51 + 2.02))
   assert cost["ms_per_query"] == pytest.approx(1e3 * 0.03 / 2)
+  assert cost["median_ratio"] == pytest.approx((0.51 / 0.5 + 2.02 / 2.0) / 2)
   assert evaluate_lib.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(0.01 / 0.51)
 
 

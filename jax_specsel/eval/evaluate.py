@@ -151,20 +151,22 @@ def policy_cost(runs: dict, rows: Sequence[int] | None = None) -> dict:
     rows: the queries to count (default all).
 
   Returns:
-    {variant: {"share": sum(fused - plain) / sum(fused), "ms_per_query": mean difference}}.
+    {variant: {"share": sum(fused - plain) / sum(fused), "ms_per_query": mean difference,
+               "median_ratio": median over queries of fused / plain}}.
   """
   out = {}
   for variant in (v for v in runs if v.startswith("policy")):
-    extra = total = 0.0
-    count = 0
+    extra, total, ratios = 0.0, 0.0, []
     for seed_index, seed_runs in enumerate(runs[variant]):
       for i in (range(len(seed_runs)) if rows is None else rows):
         fused = seed_runs[i]
-        extra += fused.seconds - runs[fused.choice][seed_index][i].seconds
+        plain = runs[fused.choice][seed_index][i].seconds
+        extra += fused.seconds - plain
         total += fused.seconds
-        count += 1
+        ratios.append(fused.seconds / plain)
     out[variant] = {"share": extra / total if total else float("nan"),
-                    "ms_per_query": 1e3 * extra / max(count, 1)}
+                    "ms_per_query": 1e3 * extra / max(len(ratios), 1),
+                    "median_ratio": statistics.median(ratios) if ratios else float("nan")}
   return out
 
 

@@ -1,0 +1,83 @@
+"""What choosing costs per query: `generate_selected` against `generate` with the option it chose.
+
+  python launch/selection_overhead.py                     # the demo zoo and the demo's policy
+  python launch/selection_overhead.py --policy=reports/demo/policy --queries=40 --repeats=5
+
+Per test query of the embedded world (every domain), interleaved so load hits both alike: the
+wall time of `generate_selected` (prefill, embedding, policy and decode in one program) and of
+`generate` with the option the policy chose, same seed; both timed around the whole public call.
+Prints the median ratio fused / plain over queries (the issue's bar: <= 1.05) and the policy's
+share of per-query time per domain, and writes them as JSON to --output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from absl import app, flags, logging
+
+from jax_specsel.bandit.policy import load_policy
+from jax_specsel.data import world as world_lib, zoo as zoo_lib
+from jax_specsel.eval import evaluate
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
+flags.DEFINE_integer("queries", 40, "Test queries per domain.")
+flags.DEFINE_integer("repeats", 3, "Timed passes over the queries.")
+flags.DEFINE_integer("gamma", 5, "Draft tokens per round (as the demo).")
+flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
+flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
+flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
+
+
+def main(argv):
+  del argv
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)  # before any work
+  if not os.path.isdir(FLAGS.policy):
+    raise app.UsageError(f"--policy={FLAGS.policy} is not a saved policy directory: run `make demo` "
+                         "first (it saves reports/demo/policy) or point --policy at one.")
+  policy = load_policy(FLAGS.policy)
+  world = world_lib.World()
+  zoo = zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=FLAGS.cache_dir or None)
+  config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
+                               seeds=tuple(range(FLAGS.repeats)))
+  queries = [(domain, example["prompt"]) for domain in world.domains
+             for example in world.split("test", domain)[:FLAGS.queries]]
+  prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
+  for prompt in prompts[::FLAGS.queries]:  # compile every option and the policy per bucket
+    evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)
+    for drafter in (None, *zoo.drafters.values()):
+      evaluate.run_option(zoo.target, drafter, prompt, config, 0)
+  runs = {name: [] for name in ("policy_greedy", "autoregressive", *zoo.drafters)}
+  for repeat in range(FLAGS.repeats):
+    per_repeat = {name: [None] * len(prompts) for name in runs}
+    for i, prompt in enumerate(prompts):
+      seed = evaluate.query_seed(repeat, i)
+      fused, choice = evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, seed)
+      fused.choice = choice
+      per_repeat["policy_greedy"][i] = fused
+      drafter = None if choice == "autoregressive" else zoo.drafters[choice]
+      per_repeat[choice][i] = evaluate.run_option(zoo.target, drafter, prompt, config, seed)
+    for name, seed_runs in per_repeat.items():
+      runs[name].append(seed_runs)
+  domains = [domain for domain, _ in queries]
+  result = {"all": evaluate.policy_cost(runs)["policy_greedy"]}
+  for domain in world.domains:
+    rows = [i for i, d in enumerate(domains) if d == domain]
+    result[domain] = evaluate.policy_cost(runs, rows)["policy_greedy"]
+  print("| domain | median fused / plain | policy share | ms per query |\n|---|---|---|---|")
+  for domain, cost in result.items():
+    print(f"| {domain} | {cost['median_ratio']:.3f} | {100 * cost['share']:.2f}% | "
+          f"{cost['ms_per_query']:.3f} |")
+  with open(FLAGS.output, "w") as handle:
+    json.dump({"policy": FLAGS.policy, "queries": len(prompts), "repeats": FLAGS.repeats,
+               "gamma": FLAGS.gamma, "cost": result,
+               "median_ms_per_query": statistics.median(r.seconds for r in runs["policy_greedy"][0])
+               * 1e3}, handle, indent=1)
+  logging.info("wrote %s", FLAGS.output)
+
+
+if __name__ == "__main__":
+  app.run(main)
