@@ -10,7 +10,11 @@ Public API:
   cache_length, dtype) -> bytes per device                    (jax_specsel.sharding, .memory)
 """
 
-from jax_specsel.decoding import GenerateOutput, compilation_count, generate
+from jax_specsel._versions import check_versions
+
+check_versions()  # before flax is imported: an old flax under a new jax fails inside flax
+
+from jax_specsel.decoding import GenerateOutput, compilation_count, generate  # noqa: E402
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.interface import Decoder, Model
 from jax_specsel.models.loading import (CheckpointNotFoundError, InvalidConfigError,
