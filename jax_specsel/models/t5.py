@@ -157,7 +157,8 @@ class Config:
 
     Stop, pad and decoder-start ids are transformers' `generate` ones (`loading.generation_ids`:
     generation_config.json when there is one, else config.json). Where transformers would raise
-    for want of a decoder start id, T5's convention is kept: the decoder starts from the pad id.
+    for want of a decoder start id, T5's convention is kept: the decoder starts from config.json's
+    pad id (0 when unset, T5Config's default).
     `tie_word_embeddings` here is config.json's flag; `config_for_checkpoint` then decides from
     the stored weights, as transformers does.
 
@@ -204,8 +205,8 @@ class Config:
         scale_decoder_outputs=bool(tie if scale is None else scale),
         pad_token_id=ids.pad_token_id,
         eos_token_ids=ids.eos_token_ids,
-        decoder_start_token_id=(ids.pad_token_id if ids.decoder_start_token_id is None
-                                else ids.decoder_start_token_id),
+        decoder_start_token_id=(ids.decoder_start_token_id if ids.decoder_start_token_id is not None
+                                else hf_config.get("pad_token_id") or 0),
         dtype=dtype,
     )
 
