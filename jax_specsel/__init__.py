@@ -1,7 +1,8 @@
 """jax_specsel: choose, per query, the drafter that makes speculative decoding fastest.
 
 Public API:
-  load_model(path_or_id, dtype)   -> Model (T5 or LLaMA, tokenizer attached)
+  load_model(path_or_id, dtype, matmul_precision="auto") -> Model (T5 or LLaMA, tokenizer
+    attached; stop ids as transformers' generate reads them)
   generate(target, prompt_ids, drafter=None, ...)  (jax_specsel.decoding)
   generate_selected(target, prompt_ids, drafters, policy, ...): the policy chooses the drafter
     per query inside the same compiled program that decodes
@@ -11,16 +12,20 @@ Public API:
   cache_length, dtype) -> bytes per device                    (jax_specsel.sharding, .memory)
 """
 
-from jax_specsel.decoding import (GenerateOutput, SelectedOutput, compilation_count, generate,
-                                  generate_selected)
+from jax_specsel._versions import check_versions
+
+check_versions()  # before flax is imported: an old flax under a new jax fails inside flax
+
+from jax_specsel.decoding import (GenerateOutput, SelectedOutput, compilation_count,  # noqa: E402
+                                  generate, generate_selected)
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.interface import Decoder, Model
-from jax_specsel.models.loading import (CheckpointNotFoundError, UnsupportedModelError,
-                                        WeightMismatchError, load_model)
+from jax_specsel.models.loading import (CheckpointNotFoundError, InvalidConfigError,
+                                        UnsupportedModelError, WeightMismatchError, load_model)
 from jax_specsel.sharding import make_mesh, shard_model
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
 __all__ = ["Decoder", "Model", "load_model", "generate", "generate_selected", "GenerateOutput",
-           "SelectedOutput", "compilation_count",
-           "CheckpointNotFoundError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
+           "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "InvalidConfigError",
+           "UnsupportedModelError", "WeightMismatchError", "make_mesh",
            "shard_model", "estimate_memory", "bandit"]

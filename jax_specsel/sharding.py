@@ -54,6 +54,7 @@ _REPLICATED: tuple[Layout, ...] = ()  # intentionally replicated (no fallback lo
 
 _T5_RULES: tuple[tuple[str, tuple[Layout, ...]], ...] = (
     (r"^shared$", (("vocab", None), (None, "embed"))),  # [V, D]
+    (r"^(encoder|decoder)/embed_tokens$", (("vocab", None), (None, "embed"))),  # [V, D] untied
     (r"^lm_head$", ((None, "vocab"), ("embed", None))),  # [D, V]
     (r"_attention/[qkv]$", ((None, "heads"),)),  # [D, N*H]
     (r"_attention/o$", (("heads", None),)),  # [N*H, D]
@@ -302,6 +303,29 @@ def shard_model(model, mesh: Mesh, replicated: bool = False):
   decoder = Decoder(model.decoder.graphdef, model.decoder.exit_layers,
                     Placement(mesh, tensor_parallel=not replicated))
   return Model._from_parts(decoder, params, model.config, model.tokenizer, model.name)
+
+
+def replicated_on(model, mesh: Mesh):
+  """`model` replicated whole on every device of `mesh`, made once per (model, mesh).
+
+  What `generate` does with a single-device drafter next to a sharded target. The copy is cached
+  on the model (made again only if `model.params` is replaced) and its creation is logged once.
+
+  Args:
+    model: a `Model` on one device.
+    mesh: the target's mesh.
+
+  Returns:
+    `shard_model(model, mesh, replicated=True)`, the same object on every later call.
+  """
+  replicas = model.__dict__.setdefault("_replicas_by_mesh", {})
+  params, replica = replicas.get(mesh, (None, None))
+  if replica is None or params is not model.params:
+    log.info("replicating drafter %s (%.1fM parameters) onto the target's mesh %s; done once per "
+             "drafter and mesh", model.name, model.num_params / 1e6, dict(mesh.shape))
+    replica = shard_model(model, mesh, replicated=True)
+    replicas[mesh] = (model.params, replica)
+  return replica
 
 
 def batch_spec(shape: tuple[int, ...], sizes: Mapping[str, int]) -> PartitionSpec:

@@ -163,6 +163,35 @@ def check_errors(checkpoint: str) -> dict:
   return errors
 
 
+def check_unsharded_drafter(root: str) -> dict:
+  """Sharded target + a drafter loaded on one device: replicated onto the mesh automatically."""
+  import jax_specsel as js
+  from jax_specsel import sharding
+  target_dir = os.path.join(root, "llama")
+  drafter = js.load_model(os.path.join(root, "llama_drafter"), name="small_drafter")
+  prompts = _prompts(3)
+  expected = js.generate(js.load_model(target_dir), prompts, drafter=drafter, gamma=3, max_new_tokens=10)
+  mesh = js.make_mesh(data=2, model=4)
+  sharded = js.load_model(target_dir, mesh=mesh)
+  runs = [js.generate(sharded, prompts, drafter=drafter, gamma=3, max_new_tokens=10) for _ in range(2)]
+  replica = sharding.replicated_on(drafter, mesh)
+  other_mesh = sharding.shard_model(drafter, js.make_mesh(data=1, model=8), replicated=True)
+  try:
+    js.generate(sharded, prompts, drafter=other_mesh, gamma=3, max_new_tokens=10)
+    other_mesh_error = None
+  except ValueError as err:
+    other_mesh_error = str(err)
+  return {
+      "equal": all(bool((run.tokens == expected.tokens).all() and (run.lengths == expected.lengths).all())
+                   for run in runs),
+      "acceptance": runs[0].stats.acceptance_rate,
+      "replica_mesh": dict(replica.mesh.shape),
+      "replica_cached": replica is sharding.replicated_on(drafter, mesh),
+      "drafter_still_on_one_device": drafter.mesh is None,
+      "other_mesh_error": other_mesh_error,
+  }
+
+
 def run_sharded(root: str) -> dict:
   import jax
   import jax_specsel as js
@@ -181,6 +210,7 @@ def run_sharded(root: str) -> dict:
       "llama", os.path.join(root, "llama"), lambda target: target.early_exit(layers=1),
       js.make_mesh(data=1, model=8), decoder_inputs=False,
       q_path=("layers", 0, "self_attn", "q_proj", "kernel"))
+  result["unsharded_drafter"] = check_unsharded_drafter(root)
   return result
 
 

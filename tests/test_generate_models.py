@@ -16,7 +16,7 @@ EOS = 1
 def _save(model, path):
   if isinstance(model, transformers.T5ForConditionalGeneration):
     # transformers 5.23 gives an untied random T5 independent embed_tokens; real checkpoints keep
-    # them equal to shared.weight, which is what our loader (and T5's design) assumes.
+    # them equal to shared.weight (one table; tests/test_t5.py covers distinct ones).
     with torch.no_grad():
       model.encoder.embed_tokens.weight.copy_(model.shared.weight)
       model.decoder.embed_tokens.weight.copy_(model.shared.weight)

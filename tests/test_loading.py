@@ -130,6 +130,24 @@ def test_tied_checkpoint_with_stored_lm_head_copy_loads(tmp_path):
   assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_tied_config_with_a_different_stored_lm_head_is_untied_as_transformers(tmp_path):
+  """transformers does not tie two stored tables whose values differ: each keeps its own."""
+  tied = _random_llama(seed=2, tie_word_embeddings=True)
+  tied.save_pretrained(str(tmp_path))
+
+  def add_other_head(tensors):
+    tensors["lm_head.weight"] = 0.15 * torch.randn_like(tensors["model.embed_tokens.weight"])
+
+  _rewrite_weights(tmp_path, add_other_head)
+  reference = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert reference.lm_head.weight is not reference.model.embed_tokens.weight
+  model = js.load_model(str(tmp_path))
+  assert not model.config.tie_word_embeddings
+  with torch.no_grad():
+    ref = reference(torch.tensor(IDS[:1])).logits.numpy()
+  assert np.abs(model.logits(IDS[:1]) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_tokenizer_in_directory_is_attached(checkpoint):
   import tokenizers
   from tokenizers import models, pre_tokenizers, trainers

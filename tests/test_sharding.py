@@ -87,6 +87,12 @@ def sharded_run(tmp_path_factory):
       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1,
       bos_token_id=2, pad_token_id=0)
   _save(transformers.LlamaForCausalLM(llama_config), root / "llama")
+  torch.manual_seed(3)
+  drafter_config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1,
+      bos_token_id=2, pad_token_id=0)
+  _save(transformers.LlamaForCausalLM(drafter_config), root / "llama_drafter")
   completed = subprocess.run(
       [sys.executable, os.path.join(HERE, "sharding_worker.py"), "sharded", str(root)],
       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
@@ -210,6 +216,17 @@ def test_rules_on_axis_sizes_alone(caplog):
   assert sharding.batch_spec((3, 7), {"data": 2, "model": 1}) == P()  # 3 rows on 2 replicas
 
 
+def test_untied_t5_input_tables_are_vocab_parallel():
+  import dataclasses
+  untied = dataclasses.replace(FLAN_T5_XXL, separate_encoder_embeddings=True,
+                               separate_decoder_embeddings=True)
+  specs = sharding.param_specs(untied, (1, 8))
+  assert specs[("encoder", "embed_tokens")] == specs[("decoder", "embed_tokens")] == P("model", None)
+  assert ("shared",) not in specs  # every stack and the LM head have their own table
+  full = memory.estimate_memory(untied, (1, 1), batch=1, cache_length=137)
+  assert full["num_params"] == 11_135_332_352 + 32128 * 4096  # one more table than Flan-T5-XXL
+
+
 def test_mesh_errors_on_this_process():
   import jax
   devices = jax.device_count()
@@ -225,12 +242,28 @@ def test_mesh_errors_on_this_process():
     sharding.axis_sizes({"data": 1, "tensor": 8})
 
 
-def test_generate_refuses_a_drafter_on_another_mesh():
+def test_single_device_drafter_is_replicated_onto_the_target_mesh(sharded_run):
+  """8 devices: target on data 2 x model 4, drafter loaded on one device."""
+  result, stderr = sharded_run
+  run = result["unsharded_drafter"]
+  assert run["equal"], "sharded target + unsharded drafter differs from the unsharded pair"
+  assert run["replica_mesh"] == {"data": 2, "model": 4} and run["replica_cached"]
+  assert run["drafter_still_on_one_device"]
+  assert stderr.count("replicating drafter small_drafter") == 1  # two generate calls, one copy
+  assert "a drafter on one device is replicated onto the target's mesh" in run["other_mesh_error"]
+  assert "on mesh {'data': 1, 'model': 8} but target llama on {'data': 2, 'model': 4}" in run["other_mesh_error"]
+
+
+def test_generate_replicates_a_single_device_drafter_and_refuses_other_meshes():
   mesh = js.make_mesh(data=1, model=1)
   target = js.shard_model(fake_model(0), mesh)  # no rules for the fake model: replicated
   assert target.mesh is mesh and "mesh=" in repr(target)
-  with pytest.raises(ValueError, match="place both on the target's mesh"):
-    js.generate(target, [[3, 4]], drafter=fake_model(1), max_new_tokens=2)
+  drafter = fake_model(1)
+  expected = js.generate(fake_model(0), [[3, 4]], drafter=drafter, max_new_tokens=6)
+  placed = js.generate(target, [[3, 4]], drafter=drafter, max_new_tokens=6)
+  np.testing.assert_array_equal(placed.tokens, expected.tokens)
+  with pytest.raises(ValueError, match="is on mesh .*'model': 1.* but target fake on one device"):
+    js.generate(fake_model(0), [[3, 4]], drafter=js.shard_model(drafter, mesh), max_new_tokens=2)
 
 
 def test_flan_t5_xxl_estimate():

@@ -50,7 +50,7 @@ def _build(spec: dict, directory: str) -> transformers.T5ForConditionalGeneratio
   model = transformers.T5ForConditionalGeneration(config).eval()
   with torch.no_grad():
     # Untied, the encoder/decoder embeddings are separate random tensors; real checkpoints keep
-    # them equal to shared.weight, which is what our loader assumes.
+    # them equal to shared.weight (one table). Distinct tables: the untied tests at the end.
     model.encoder.embed_tokens.weight.copy_(model.shared.weight)
     model.decoder.embed_tokens.weight.copy_(model.shared.weight)
   model.save_pretrained(directory)
@@ -276,3 +276,75 @@ def test_weight_map_covers_checkpoint(checkpoints, models):
     assert all(n in weight_map or t5.is_ignorable(n, config) for n in saved)
     paths = {path for path, _ in nnx.to_flat_state(models[name].params)}
     assert paths == {path for path, _ in weight_map.values()}
+
+
+# ---------------------------------------------------------------- untied input embeddings
+def _untied_checkpoint(directory, tie_tables: tuple[str, ...] = ()) -> transformers.T5ForConditionalGeneration:
+  """A v1.1-style random T5 saved by transformers with config.tie_word_embeddings=False set after
+  construction: shared, encoder.embed_tokens, decoder.embed_tokens and lm_head are four different
+  random tables (transformers 5.23 loads each as its own). `tie_tables` names stacks whose table
+  is set equal to shared.weight before saving."""
+  config = transformers.T5Config(vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+                                 num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+                                 tie_word_embeddings=False, dropout_rate=0.0)
+  config.tie_word_embeddings = False
+  torch.manual_seed(7)
+  model = transformers.T5ForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for stack in tie_tables:
+      getattr(model, stack).embed_tokens.weight.copy_(model.shared.weight)
+  model.save_pretrained(str(directory))
+  return model
+
+
+@pytest.mark.parametrize("tie_tables", [(), ("encoder",)])
+def test_untied_input_embeddings_match_transformers(tmp_path, tie_tables):
+  directory = str(tmp_path / "untied")
+  _untied_checkpoint(directory, tie_tables)
+  reference = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+  assert reference.decoder.embed_tokens.weight is not reference.shared.weight  # HF keeps its own
+  model = js.load_model(directory)
+  config = model.config
+  assert config.separate_decoder_embeddings and not config.tie_word_embeddings
+  assert config.separate_encoder_embeddings == ("encoder" not in tie_tables)
+  # transformers' parameter count (tied tables once), less shared.weight where no stack uses it.
+  unused_shared = 0 if config.uses_shared_embedding else config.vocab_size * config.d_model
+  assert model.num_params == sum(p.numel() for p in reference.parameters()) - unused_shared
+  assert config.uses_shared_embedding == bool(tie_tables)
+  input_ids, attention_mask, decoder_ids = _inputs(config.vocab_size, seed=2)
+  ours = model.logits(input_ids, decoder_ids, attention_mask)
+  assert _relative_error(ours, _torch_logits(reference, input_ids, attention_mask, decoder_ids)) < 1e-4
+  prompts = [row[:n].tolist() for row, n in zip(input_ids, attention_mask.sum(1))]
+  out = js.generate(model, prompts, max_new_tokens=12)
+  for prompt, tokens, length in zip(prompts, out.tokens, out.lengths):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+      expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    num_beams=1, max_new_tokens=12)[0, 1:].tolist()
+    assert tokens[:length].tolist() == expected
+
+
+def test_equal_stored_tables_load_as_one(checkpoints, models):
+  """Real checkpoints store the input tables equal to shared.weight: no extra parameter."""
+  directory, _ = checkpoints["flan"]
+  from safetensors import safe_open
+  with safe_open(os.path.join(directory, "model.safetensors"), "np") as f:
+    assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} <= set(f.keys())
+  config = models["flan"].config
+  assert not (config.separate_encoder_embeddings or config.separate_decoder_embeddings)
+  paths = {path for path, _ in nnx.to_flat_state(models["flan"].params)}
+  assert ("shared",) in paths and not any("embed_tokens" in path for path in paths)
+
+
+def test_untied_table_of_the_wrong_shape_is_refused(tmp_path):
+  from safetensors.torch import load_file, save_file
+  directory = str(tmp_path / "untied")
+  _untied_checkpoint(directory)
+  path = os.path.join(directory, "model.safetensors")
+  tensors = load_file(path)
+  tensors["decoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"][:, :16].clone()
+  save_file(tensors, path, metadata={"format": "pt"})
+  with pytest.raises(js.WeightMismatchError, match="decoder.embed_tokens.weight.*shape"):
+    js.load_model(directory)

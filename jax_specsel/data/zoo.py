@@ -80,7 +80,7 @@ class ModelSpec:
                      d_kv=self.d_model // self.num_heads,
                      d_ff=self.d_ff, num_heads=self.num_heads, num_layers=self.encoder_layers,
                      num_decoder_layers=self.decoder_layers, tie_word_embeddings=True,
-                     scale_decoder_outputs=True, pad_token_id=0, eos_token_id=1,
+                     scale_decoder_outputs=True, pad_token_id=0, eos_token_ids=(1,),
                      decoder_start_token_id=0, dtype=dtype)
 
 
@@ -317,7 +317,7 @@ def load_zoo(directory: str, world: world_lib.World) -> Zoo:
     checkpointer = ocp.StandardCheckpointer()
     models = {}
     for name in (TARGET,) + config.drafter_names():
-      t5_config = t5.Config(**record["models"][name]["t5_config"])
+      t5_config = t5.Config.from_dict(record["models"][name]["t5_config"])
       abstract = nnx.eval_shape(lambda c=t5_config: t5.Module(c, rngs=nnx.Rngs(0)))
       graphdef, abstract_params = nnx.split(abstract)
       flat = checkpointer.restore(os.path.join(directory, "models", name),

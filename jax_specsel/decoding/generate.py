@@ -123,6 +123,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   if drafter is not None:
+    drafter = drafter_for(target, drafter)
     check_compatible(target, drafter)
   spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
   target_leaves, target_tree = target.flat_params()
@@ -144,7 +145,7 @@ def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: flo
       target=target.decoder, drafter=None if drafter is None else drafter.decoder,
       gamma=0 if drafter is None else int(gamma), settings=settings,
       max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
-      eos_id=target.eos_id, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
+      eos_ids=target.eos_ids, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
       target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
 
 
@@ -224,23 +225,41 @@ def unpack_prompts(packed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return ids, mask, jax.random.PRNGKey(seed)
 
 
+def drafter_for(target: Model, drafter: Model) -> Model:
+  """The drafter placed where the target is: a single-device drafter next to a sharded target is
+  replicated onto the target's mesh (`sharding.replicated_on`: once per drafter and mesh, cached
+  and logged once). Any other placement is returned unchanged for `check_compatible` to judge."""
+  if drafter.mesh is None and target.mesh is not None:
+    return sharding.replicated_on(drafter, target.mesh)
+  return drafter
+
+
 def check_compatible(target: Model, drafter: Model) -> None:
-  """Raises ValueError unless the drafter can draft for the target (same family and tokenizer)."""
+  """Raises ValueError unless the drafter can draft for the target (same family and tokenizer).
+
+  Generation stops on the target's stop ids and pads with the target's pad id; the drafter's own
+  stop ids only serve as a tokenizer check when the models carry no tokenizers: they must share
+  an id when both have some (a base drafter's single EOS inside an instruct target's several
+  end-of-turn ids is fine).
+  """
   if drafter.mesh != target.mesh:
     raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
-                     f"on {_mesh_name(target)}: place both on the target's mesh (load_model(..., "
-                     "mesh=mesh), or jax_specsel.sharding.shard_model(drafter, mesh, replicated=True)).")
+                     f"on {_mesh_name(target)}: a drafter on one device is replicated onto the target's "
+                     "mesh automatically, one on another mesh is not. Load the drafter on one device, or "
+                     "place it with jax_specsel.sharding.shard_model(drafter, target.mesh, replicated=True).")
   if drafter.is_encoder_decoder != target.is_encoder_decoder:
     raise ValueError(f"drafter {drafter.name} and target {target.name} must both be encoder-decoder "
                      "or both decoder-only.")
-  if (drafter.eos_id, drafter.pad_id) != (target.eos_id, target.pad_id):
-    raise ValueError(f"drafter {drafter.name} uses eos/pad ids {(drafter.eos_id, drafter.pad_id)} but "
-                     f"target {target.name} uses {(target.eos_id, target.pad_id)}: different tokenizers.")
   if target.tokenizer is not None and drafter.tokenizer is not None:
     if not _same_vocabulary(target.tokenizer, drafter.tokenizer):
       raise ValueError(f"drafter {drafter.name} and target {target.name} have different tokenizers: "
                        "speculative decoding needs a shared vocabulary (ids must mean the same text).")
-  elif abs(target.vocab_size - drafter.vocab_size) > 256:
+    return
+  if drafter.eos_ids and target.eos_ids and not set(drafter.eos_ids) & set(target.eos_ids):
+    raise ValueError(f"drafter {drafter.name} stops on ids {list(drafter.eos_ids)} but target "
+                     f"{target.name} on {list(target.eos_ids)} (no eos/pad id in common): different "
+                     "tokenizers.")
+  if abs(target.vocab_size - drafter.vocab_size) > 256:
     raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
                      f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
 

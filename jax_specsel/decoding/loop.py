@@ -36,7 +36,7 @@ class LoopSpec:
   settings: sampling.SamplingSettings
   max_new_tokens: int
   is_encoder_decoder: bool
-  eos_id: int
+  eos_ids: tuple[int, ...]  # the target's stop ids; () never stops before max_new_tokens
   pad_id: int
   start_id: int  # T5 decoder start token; unused for decoder-only models
   target_vocab: int
@@ -304,7 +304,10 @@ def _advance(spec, state, draft_tokens, num_accepted, next_token, target_cache, 
     emitted = jnp.where(slots < num_accepted[:, None], drafted, next_token[:, None])
   else:
     emitted = next_token[:, None]
-  is_eos = (emitted == spec.eos_id) & (slots <= num_accepted[:, None])
+  is_stop = jnp.zeros(emitted.shape, bool)
+  for stop_id in spec.eos_ids:  # static: usually one id, several for chat models, none for some
+    is_stop = is_stop | (emitted == stop_id)
+  is_eos = is_stop & (slots <= num_accepted[:, None])
   first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), gamma + 1)
   room = spec.max_new_tokens - state.num_generated
   kept = jnp.minimum(jnp.minimum(num_accepted + 1, first_eos + 1), room)

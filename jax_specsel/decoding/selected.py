@@ -32,7 +32,7 @@ import numpy as np
 
 from jax_specsel.decoding import loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_settings, check_compatible,
-                                           compiled_program, loop_spec, pad_prompts, place_prompts,
+                                           compiled_program, drafter_for, loop_spec, pad_prompts, place_prompts,
                                            unpack_prompts)
 from jax_specsel.models.interface import Model
 
@@ -131,12 +131,15 @@ def _option_models(target: Model, drafters: Mapping[str, Model], policy) -> list
     raise ValueError(f"the policy chooses among {names} but {unknown} "
                      f"{'is' if len(unknown) == 1 else 'are'} neither a given drafter "
                      f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those names.")
-  models = [None if name == AUTOREGRESSIVE else drafters[name] for name in names]
-  for name, model in zip(names, models):
+  models = []
+  for name in names:
+    model = None if name == AUTOREGRESSIVE else drafters[name]
     if model is not None:
       if not isinstance(model, Model):
         raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
+      model = drafter_for(target, model)  # a single-device drafter joins a sharded target's mesh
       check_compatible(target, model)
+    models.append(model)
   return models
 
 

@@ -18,9 +18,15 @@ Measured against transformers PyTorch float32 on tiny random models (tests/test_
             1.5e-2 to 2.2e-2: bfloat16 keeps 8 mantissa bits and, as in HF, the residual stream
             and the weights are bfloat16; only norms, rotary, softmax and logits run in float32).
 
-Token ids: `pad_token_id` falls back to the (first) eos id when config.json has none, because
-LLaMA checkpoints usually define no pad token and padded positions are masked anyway. A list of
-eos ids is kept whole in `eos_token_ids`; `eos_token_id` is the first.
+Token ids are the ones transformers' `generate` uses (`loading.generation_ids`): the stop ids
+`eos_token_ids` come from generation_config.json when the checkpoint has one, else config.json;
+a null / absent `eos_token_id` means no stop id (generation runs to max_new_tokens), a list means
+several. `pad_token_id` falls back to the first stop id (LLaMA checkpoints usually define no pad
+token; padded positions are masked anyway). `eos_token_id` is the first stop id, or None.
+
+Tying: `tie_word_embeddings` in config.json ties the LM head to the embedding, except where the
+checkpoint stores both with different values: transformers then does not tie them, and neither
+does `config_for_checkpoint`.
 
 Shapes use dimension letters: B batch, T new tokens, S prompt length, L cache length,
 D model width, F MLP width, N query heads, K key/value heads, H head dim, V vocabulary.
@@ -65,11 +71,11 @@ class Config:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
-  pad_token_id: int = 0  # the eos id when the checkpoint defines no pad token
-  eos_token_id: int = 2  # the first of eos_token_ids
-  eos_token_ids: tuple[int, ...] = (2,)
+  pad_token_id: int = 0  # the first stop id when the checkpoint defines no pad token
+  eos_token_ids: tuple[int, ...] = (2,)  # stop ids; () runs every row to max_new_tokens
   bos_token_id: int | None = 1
   dtype: str = "float32"
+  matmul_precision: str = "auto"  # see interface.matmul_precision: float32 runs at "highest"
 
   is_encoder_decoder = False  # class attributes, not fields: the same for every LLaMA
   decoder_start_token_id = None
@@ -77,6 +83,11 @@ class Config:
   @property
   def num_decoder_layers(self) -> int:
     return self.num_hidden_layers
+
+  @property
+  def eos_token_id(self) -> int | None:
+    """The first stop id, None when there is none."""
+    return self.eos_token_ids[0] if self.eos_token_ids else None
 
   @property
   def params_per_decoder_layer(self) -> int:
@@ -89,12 +100,14 @@ class Config:
     return attention + mlp + 2 * d  # + the two RMSNorm scales
 
   @classmethod
-  def from_hf(cls, hf_config: dict, dtype: str) -> "Config":
+  def from_hf(cls, hf_config: dict, dtype: str, generation_config: dict | None = None) -> "Config":
     """Reads a transformers LLaMA config.json (v4 `rope_scaling` or v5 `rope_parameters` layout).
 
     Args:
       hf_config: the parsed config.json.
       dtype: "float32", "bfloat16" or "float16" for parameters, activations and the cache.
+      generation_config: the parsed generation_config.json, or None when there is none: the stop
+        and pad ids then come from config.json (`loading.generation_ids`, as transformers).
 
     Returns:
       The frozen Config.
@@ -102,6 +115,7 @@ class Config:
     Raises:
       UnsupportedModelError: an activation other than SiLU, a rope type other than default /
         linear / llama3, or partial rotary embeddings.
+      InvalidConfigError: a stop id outside the vocabulary.
     """
     get = hf_config.get
     heads = get("num_attention_heads")
@@ -109,11 +123,7 @@ class Config:
     if hidden_act != "silu":
       raise loading.UnsupportedModelError(
           f"config.json: hidden_act={hidden_act!r}; this LLaMA implementation supports only 'silu'.")
-    eos = get("eos_token_id", 2)
-    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (
-        () if eos is None else (int(eos),))
-    eos_first = eos_ids[0] if eos_ids else 2
-    pad = get("pad_token_id")
+    ids = loading.generation_ids(hf_config, generation_config, get("vocab_size"))
     return cls(
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
@@ -127,9 +137,8 @@ class Config:
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         attention_bias=bool(get("attention_bias", False)),
         mlp_bias=bool(get("mlp_bias", False)),
-        pad_token_id=eos_first if pad is None else int(pad),
-        eos_token_id=eos_first,
-        eos_token_ids=eos_ids or (eos_first,),
+        pad_token_id=ids.pad_token_id,
+        eos_token_ids=ids.eos_token_ids,
         bos_token_id=get("bos_token_id"),
         dtype=dtype,
         **_rope_fields(hf_config),
@@ -395,7 +404,9 @@ def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Any]]:
   """
   mapping = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), loading.identity),
              "model.norm.weight": (("norm", "scale"), loading.identity)}
-  if not config.tie_word_embeddings:
+  if config.tie_word_embeddings:  # a stored copy is an alias (the loader checks it is equal)
+    mapping["lm_head.weight"] = (("embed_tokens", "embedding"), loading.identity)
+  else:
     mapping["lm_head.weight"] = (("lm_head", "kernel"), loading.transpose)
   projections = [("self_attn", p, config.attention_bias) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
   projections += [("mlp", p, config.mlp_bias) for p in ("gate_proj", "up_proj", "down_proj")]
@@ -420,9 +431,27 @@ def is_ignorable(name: str, config: Config) -> bool:
     config: the model config.
 
   Returns:
-    True for rotary inverse-frequency buffers (recomputed from the config) and, when the
-    embeddings are tied, a stored copy of lm_head.weight.
+    True for rotary inverse-frequency buffers (recomputed from the config).
   """
-  if name.endswith("rotary_emb.inv_freq"):
-    return True
-  return config.tie_word_embeddings and name == "lm_head.weight"
+  del config
+  return name.endswith("rotary_emb.inv_freq")
+
+
+def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors) -> Config:
+  """Unties the LM head where transformers 5.23 would not tie it.
+
+  With `tie_word_embeddings` set, transformers ties lm_head.weight to model.embed_tokens.weight,
+  unless the checkpoint stores both with different values ("we will NOT tie them"): each then
+  keeps its own. Untied configs are never tied.
+
+  Args:
+    config: from `Config.from_hf`.
+    checkpoint: the stored tensors (only names and the two tables are looked at).
+
+  Returns:
+    `config`, with tie_word_embeddings=False when the stored tables differ.
+  """
+  tables = ("lm_head.weight", "model.embed_tokens.weight")
+  if not config.tie_word_embeddings or not set(tables) <= checkpoint.names:
+    return config
+  return config if checkpoint.equal(*tables) else dataclasses.replace(config, tie_word_embeddings=False)

@@ -1,10 +1,14 @@
 """HuggingFace checkpoints -> `Model`: find the files, stream tensors one at a time, map names.
 
-Each architecture module (t5.py, llama.py) contributes four things, registered in ARCHITECTURES:
-  Config.from_hf(hf_config: dict, dtype: str) -> Config     (a frozen, hashable dataclass)
+Each architecture module (t5.py, llama.py) contributes five things, registered in ARCHITECTURES:
+  Config.from_hf(hf_config, dtype, generation_config=None) -> Config  (frozen, hashable)
+  config_for_checkpoint(config, CheckpointTensors) -> Config  (which tables the weights tie)
   Module(config, rngs=nnx.Rngs)                              (the nnx module)
   hf_weight_map(config) -> {hf_name: (nnx_path, transform)}  (every tensor the module needs)
   is_ignorable(hf_name, config) -> bool                      (aliases of tied weights, buffers)
+
+Stop, pad and decoder-start ids are resolved once, here, the way transformers' `generate` resolves
+them (`generation_ids`): generation_config.json when the checkpoint has one, else config.json.
 
 Tensors are read lazily (safetensors memory maps, torch.load(mmap=True)), converted and cast one
 at a time, so peak host memory stays near one copy of the weights. With a `mesh`, each converted
@@ -14,6 +18,7 @@ ever holds more than its shards plus the one tensor in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -26,11 +31,12 @@ import numpy as np
 from flax import nnx
 
 from jax_specsel import sharding
-from jax_specsel.models.interface import Model
+from jax_specsel.models.interface import Model, check_matmul_precision
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+GENERATION_CONFIG = "generation_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin"]
 
@@ -47,44 +53,161 @@ class WeightMismatchError(ValueError):
   """A tensor is missing, unexpected, or has the wrong shape for the config."""
 
 
+class InvalidConfigError(ValueError):
+  """config.json or generation_config.json holds a value that cannot be right (e.g. a stop id
+  outside the vocabulary, or a file that is not JSON)."""
+
+
 # model_type -> module, imported when a checkpoint of that type is loaded (the model files import
 # this module, and one architecture failing to import must not stop the others from loading).
 ARCHITECTURES = {"t5": "jax_specsel.models.t5", "llama": "jax_specsel.models.llama"}
 
 
 def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> Model:
+               mesh: jax.sharding.Mesh | None = None, matmul_precision: str = "auto") -> Model:
   """Load a HuggingFace checkpoint (local directory or hub id) as a `Model`.
 
   Args:
     path_or_id: a directory with config.json and weights (model.safetensors, sharded safetensors
       with model.safetensors.index.json, or pytorch_model.bin), or a hub id such as
       "google/flan-t5-small" (downloaded through huggingface_hub unless HF_HUB_OFFLINE=1, in
-      which case it must already be cached).
+      which case it must already be cached). generation_config.json, when present, supplies the
+      stop ids exactly as in transformers (`generation_ids`).
     dtype: "float32", "bfloat16" or "float16": parameters, activations and caches.
     name: a label for tables and logs (default: the last path component or the hub id).
     mesh: a (data, model) mesh from `jax_specsel.make_mesh`: every tensor is placed with the
       tensor-parallel rules of jax_specsel/sharding.py as it is read (default: one device).
+    matmul_precision: precision of the model's matrix products, applied inside every compiled
+      program. "auto" (default): "highest" for float32 (true float32; JAX would otherwise use
+      TF32 on recent NVIDIA GPUs), JAX's default for bfloat16/float16. "default" or
+      "tensorfloat32" opts float32 into TF32 for speed; any name `jax.default_matmul_precision`
+      accepts is allowed.
 
   Returns:
     A `Model` with the tokenizer attached when the directory has tokenizer files.
 
   Raises:
-    CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError, ValueError (bad dtype
-    or mesh).
+    CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError, InvalidConfigError (a
+    stop id outside the vocabulary), ValueError (bad dtype, mesh or matmul_precision).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+  check_matmul_precision(matmul_precision)
   if mesh is not None:
     sharding.check_mesh(mesh)
   directory = resolve_checkpoint_dir(path_or_id)
   hf_config = _read_config(directory)
   arch = architecture(hf_config, os.path.join(directory, "config.json"))
-  config = arch.Config.from_hf(hf_config, dtype)
+  config = _checkpoint_config(arch, hf_config, dtype, directory)
+  config = dataclasses.replace(config, matmul_precision=matmul_precision)
   module = _build_module(arch, config, directory, mesh)
   label = name or os.path.basename(os.path.normpath(path_or_id))
   placement = None if mesh is None else sharding.Placement(mesh)
   return Model(module, tokenizer=_load_tokenizer(directory), name=label, placement=placement)
+
+
+def _checkpoint_config(arch, hf_config: dict, dtype: str, directory: str):
+  """The architecture's Config for a checkpoint: config.json, generation_config.json (if any) and
+  which embedding tables the stored weights tie (`config_for_checkpoint`)."""
+  generation_config = _read_generation_config(directory)
+  try:
+    config = arch.Config.from_hf(hf_config, dtype, generation_config=generation_config)
+  except InvalidConfigError as err:
+    raise InvalidConfigError(f"{directory}: {err}") from None
+  return arch.config_for_checkpoint(config, CheckpointTensors(directory))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationIds:
+  """The special ids transformers' `generate` uses for a checkpoint (see `generation_ids`)."""
+
+  eos_token_ids: tuple[int, ...]  # stop ids; empty: every row runs to max_new_tokens
+  pad_token_id: int  # fills rows after they stop
+  decoder_start_token_id: int | None  # None: neither decoder_start_token_id nor bos_token_id set
+  source: str  # the file the ids were read from
+
+
+_ID_FIELDS = ("eos_token_id", "pad_token_id", "decoder_start_token_id", "bos_token_id")
+
+
+def generation_ids(hf_config: dict, generation_config: dict | None, vocab_size: int) -> GenerationIds:
+  """Stop, pad and decoder-start ids exactly as transformers 5.23 `generate` resolves them.
+
+  transformers' `from_pretrained` takes the generation config from generation_config.json when
+  the checkpoint has one, and then ignores the ids in config.json; otherwise it builds it from the
+  raw config.json (`GenerationConfig.from_model_config`): an id that is null *or absent* there
+  stays unset (the architecture's class default is not used), and a nested "decoder" /
+  "generator" / "text_config" dict fills ids the top level leaves unset. `eos_token_id` may be
+  one id or a list (several stop ids). In `generate` (`_prepare_special_tokens`) an unset pad id
+  becomes the first stop id, and an encoder-decoder model starts from `bos_token_id` when
+  `decoder_start_token_id` is unset.
+
+  Where transformers has no pad id at all (no pad and no stop id) this returns 0: without stop
+  ids no row ends early, so the pad id only fills masked prompt positions and is never emitted.
+  A pad id outside the vocabulary (some configs say -1) is treated the same way as an unset one.
+
+  Args:
+    hf_config: the parsed config.json.
+    generation_config: the parsed generation_config.json, or None when the checkpoint has none.
+    vocab_size: the model's vocabulary size.
+
+  Returns:
+    The GenerationIds.
+
+  Raises:
+    InvalidConfigError: a stop id outside [0, vocab_size), naming the file and field.
+  """
+  if generation_config is not None:
+    fields, source = generation_config, GENERATION_CONFIG
+  else:
+    fields, source = _model_config_ids(hf_config), "config.json"
+  eos = fields.get("eos_token_id")
+  eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  outside = [e for e in eos_ids if not 0 <= e < vocab_size]
+  if outside:
+    raise InvalidConfigError(
+        f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
+        f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
+        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
+  pad = fields.get("pad_token_id")
+  if pad is not None and not 0 <= int(pad) < vocab_size:
+    log.info("%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset", source, pad,
+             vocab_size)
+    pad = None
+  if pad is None:
+    pad = eos_ids[0] if eos_ids else 0
+  start = fields.get("decoder_start_token_id")
+  start = fields.get("bos_token_id") if start is None else start
+  return GenerationIds(eos_ids, int(pad), None if start is None else int(start), source)
+
+
+def _model_config_ids(hf_config: dict) -> dict:
+  """The ids `GenerationConfig.from_model_config` takes from a raw config.json dict."""
+  fields = {key: hf_config[key] for key in _ID_FIELDS if hf_config.get(key) is not None}
+  for nested_name in ("decoder", "generator", "text_config"):  # the first one present, as HF
+    nested = hf_config.get(nested_name)
+    if nested:
+      if isinstance(nested, dict):
+        fields = {**{k: nested[k] for k in _ID_FIELDS if nested.get(k) is not None}, **fields}
+      break
+  return fields
+
+
+def _read_generation_config(directory: str) -> dict | None:
+  path = os.path.join(directory, GENERATION_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      parsed = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    # transformers silently falls back to config.json here; a different set of stop ids is
+    # exactly the kind of silent change this loader refuses.
+    raise InvalidConfigError(f"{path} is not valid JSON ({err}); fix or delete it (without it "
+                             "the stop ids come from config.json).") from err
+  if not isinstance(parsed, dict):
+    raise InvalidConfigError(f"{path} must hold a JSON object, got {type(parsed).__name__}.")
+  return parsed
 
 
 def architecture(hf_config: dict, source: str = "config.json"):
@@ -192,6 +315,53 @@ def iter_tensors(directory: str) -> Iterator[tuple[str, jax.Array | np.ndarray]]
       yield from _iter_torch_bin(path)
 
 
+class CheckpointTensors:
+  """A checkpoint's tensor names, and single tensors read on demand (memory-mapped, not cast).
+
+  What `config_for_checkpoint` looks at before the module is built: whether tables that
+  transformers ties are stored, and whether they are equal.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._readers: dict | None = None
+
+  @property
+  def names(self) -> frozenset[str]:
+    return frozenset(self._all_readers())
+
+  def _all_readers(self) -> dict:
+    if self._readers is None:
+      self._readers = {name: reader for path in weight_files(self.directory)
+                       for name, reader in _lazy_tensors(path)}
+    return self._readers
+
+  def read(self, name: str):
+    """The stored tensor `name` as an array in its stored dtype (KeyError if absent)."""
+    return self._all_readers()[name]()
+
+  def equal(self, name: str, other: str) -> bool:
+    """Whether two stored tensors hold the same shape and values (transformers' `torch.equal`)."""
+    first, second = self.read(name), self.read(other)
+    return tuple(first.shape) == tuple(second.shape) and bool(jnp.array_equal(first, second))
+
+
+def _lazy_tensors(path: str):
+  """(name, zero-argument reader) per tensor of one weight file; nothing is read until called."""
+  if path.endswith(".safetensors"):
+    import safetensors
+    with safetensors.safe_open(path, framework="flax") as f:
+      keys = list(f.keys())
+
+    def reader(key):
+      with safetensors.safe_open(path, framework="flax") as f:
+        return f.get_tensor(key)
+
+    return [(key, lambda key=key: reader(key)) for key in keys]
+  tensors = dict(_iter_torch_bin(path))  # memory-mapped: the values are views, not copies
+  return [(key, lambda value=value: value) for key, value in tensors.items()]
+
+
 def _iter_torch_bin(path: str):
   try:
     import torch
@@ -235,7 +405,7 @@ def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
       # Aliases (T5's shared / encoder / decoder embeddings) must agree, or shard order decides.
       raise WeightMismatchError(f"{directory}: tensor {name!r} is an alias of a parameter already "
                                 f"loaded from another tensor, with different values: the checkpoint "
-                                "is inconsistent (re-save it with tied embeddings equal).")
+                                "is inconsistent (config_for_checkpoint should have untied them).")
     values[path] = value
   _check_complete(weight_map, values, unexpected, directory)
   nnx.replace_by_pure_dict(state, _nest(values))

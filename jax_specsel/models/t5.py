@@ -23,12 +23,17 @@ agreeing on >= 98% of positions (the tests require 90%); that is bfloat16's 8-bi
 float16 runs but, unlike transformers, does not clamp infinities between blocks: original T5
 checkpoints are known to overflow in float16, so prefer bfloat16.
 
-Checkpoint names: `shared.weight` (the aliases `encoder.embed_tokens.weight` and
-`decoder.embed_tokens.weight` fill the same parameter; all three are equal in real checkpoints),
-`{encoder,decoder}.block.N.layer.*`, `{encoder,decoder}.final_layer_norm.weight`, and
-`lm_head.weight` when untied. Caveat: a random model built by transformers 5.23 with
-`config.tie_word_embeddings = False` set after construction has *independent* random
-`encoder.embed_tokens` / `decoder.embed_tokens`; copy `shared.weight` into them before saving.
+Checkpoint names: `shared.weight`, `encoder.embed_tokens.weight`, `decoder.embed_tokens.weight`,
+`lm_head.weight`, `{encoder,decoder}.block.N.layer.*`, `{encoder,decoder}.final_layer_norm.weight`.
+
+Embedding tables are tied exactly where transformers 5.23 ties them (`config_for_checkpoint`):
+its T5Config always sets tie_word_embeddings=True, so from_pretrained ties encoder.embed_tokens,
+decoder.embed_tokens and lm_head to shared.weight, except a table the checkpoint stores with
+values *different* from shared.weight, which keeps its own. Real checkpoints store the input
+tables equal to (or not at all besides) shared.weight: they load as one table, no extra
+parameter. A model saved with `config.tie_word_embeddings = False` set after construction (the
+way to build a v1.1/Flan-style random T5 in 5.23) has independent random encoder/decoder tables:
+`separate_encoder_embeddings` / `separate_decoder_embeddings` give each stack its own table.
 
 Shapes use dimension letters: B batch, S source length, T decoder query length, L cache length,
 D d_model, N heads, H d_kv, I = N * H, F d_ff, V vocabulary, R relative-position buckets.
@@ -97,10 +102,13 @@ class Config:
   layer_norm_epsilon: float = 1e-6
   tie_word_embeddings: bool = True  # LM head = shared embedding
   scale_decoder_outputs: bool = True  # multiply the final hidden by d_model**-0.5
+  separate_encoder_embeddings: bool = False  # the encoder has its own input table (not shared)
+  separate_decoder_embeddings: bool = False  # the decoder has its own input table (not shared)
   pad_token_id: int = 0
-  eos_token_id: int = 1
+  eos_token_ids: tuple[int, ...] = (1,)  # stop ids; () runs every row to max_new_tokens
   decoder_start_token_id: int = 0
   dtype: str = "float32"  # parameters, activations and caches
+  matmul_precision: str = "auto"  # see interface.matmul_precision: float32 runs at "highest"
 
   is_encoder_decoder: ClassVar[bool] = True
 
@@ -113,6 +121,30 @@ class Config:
     return self.num_heads * self.d_kv
 
   @property
+  def eos_token_id(self) -> int | None:
+    """The first stop id, None when there is none."""
+    return self.eos_token_ids[0] if self.eos_token_ids else None
+
+  @property
+  def uses_shared_embedding(self) -> bool:
+    """False when the encoder, the decoder and the LM head all have their own tables."""
+    return not (self.separate_encoder_embeddings and self.separate_decoder_embeddings
+                and not self.tie_word_embeddings)
+
+  @classmethod
+  def from_dict(cls, fields: dict) -> Config:
+    """A Config from `dataclasses.asdict` output read back from JSON (lists become tuples).
+
+    Records written before stop ids were a tuple carry a single `eos_token_id`: it is kept.
+    """
+    fields = dict(fields)
+    if "eos_token_id" in fields:
+      eos = fields.pop("eos_token_id")
+      fields.setdefault("eos_token_ids", () if eos is None else (eos,))
+    fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", cls.eos_token_ids))
+    return cls(**fields)
+
+  @property
   def params_per_decoder_layer(self) -> int:
     """Weights of one decoder block (self-attn, cross-attn, feed-forward, three norms)."""
     attention_params = 2 * 4 * self.d_model * self.inner_dim
@@ -120,18 +152,27 @@ class Config:
     return attention_params + feed_forward_params + 3 * self.d_model
 
   @classmethod
-  def from_hf(cls, hf_config: dict, dtype: str) -> Config:
+  def from_hf(cls, hf_config: dict, dtype: str, generation_config: dict | None = None) -> Config:
     """Reads a parsed HuggingFace T5 config.json the way transformers 5.23 interprets it.
+
+    Stop, pad and decoder-start ids are transformers' `generate` ones (`loading.generation_ids`:
+    generation_config.json when there is one, else config.json). Where transformers would raise
+    for want of a decoder start id, T5's convention is kept: the decoder starts from config.json's
+    pad id (0 when unset, T5Config's default).
+    `tie_word_embeddings` here is config.json's flag; `config_for_checkpoint` then decides from
+    the stored weights, as transformers does.
 
     Args:
       hf_config: the parsed config.json.
       dtype: "float32", "bfloat16" or "float16".
+      generation_config: the parsed generation_config.json, or None when there is none.
 
     Returns:
       The Config.
 
     Raises:
       ValueError: an unknown or malformed `feed_forward_proj`.
+      InvalidConfigError: a stop id outside the vocabulary.
     """
     proj = hf_config.get("feed_forward_proj", "relu")
     parts = proj.split("-")
@@ -142,14 +183,12 @@ class Config:
       raise ValueError(f"feed_forward_proj={proj!r}: activation {act!r} is not supported; "
                        f"supported: {sorted(_ACTIVATIONS)}.")
     num_layers = hf_config.get("num_layers", 6)
-    eos = hf_config.get("eos_token_id", 1)
-    pad = hf_config.get("pad_token_id", 0)
-    pad = 0 if pad is None else pad
-    start = hf_config.get("decoder_start_token_id")
+    vocab_size = hf_config.get("vocab_size", 32128)
+    ids = loading.generation_ids(hf_config, generation_config, vocab_size)
     tie = hf_config.get("tie_word_embeddings", True)
     scale = hf_config.get("scale_decoder_outputs")
     return cls(
-        vocab_size=hf_config.get("vocab_size", 32128),
+        vocab_size=vocab_size,
         d_model=hf_config.get("d_model", 512),
         d_kv=hf_config.get("d_kv", 64),
         d_ff=hf_config.get("d_ff", 2048),
@@ -164,9 +203,10 @@ class Config:
         layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6),
         tie_word_embeddings=bool(tie),
         scale_decoder_outputs=bool(tie if scale is None else scale),
-        pad_token_id=pad,
-        eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else (1 if eos is None else eos),
-        decoder_start_token_id=pad if start is None else start,
+        pad_token_id=ids.pad_token_id,
+        eos_token_ids=ids.eos_token_ids,
+        decoder_start_token_id=(ids.decoder_start_token_id if ids.decoder_start_token_id is not None
+                                else hf_config.get("pad_token_id") or 0),
         dtype=dtype,
     )
 
@@ -334,9 +374,12 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-  """The encoder or decoder blocks plus the final layer norm."""
+  """The encoder or decoder blocks plus the final layer norm (and, untied, its input table)."""
 
-  def __init__(self, config: Config, num_blocks: int, *, is_decoder: bool, rngs: nnx.Rngs):
+  def __init__(self, config: Config, num_blocks: int, *, is_decoder: bool, own_embeddings: bool,
+               rngs: nnx.Rngs):
+    self.embed_tokens = (_normal(rngs, (config.vocab_size, config.d_model), 1.0,
+                                 _dtype(config.dtype)) if own_embeddings else None)  # [V, D]
     self.blocks = nnx.List([Block(config, is_decoder=is_decoder, has_relative_bias=i == 0,
                                   rngs=rngs) for i in range(num_blocks)])
     self.final_norm = LayerNorm(config)
@@ -352,14 +395,19 @@ class Module(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     self.config = config
     dtype = _dtype(config.dtype)
-    self.shared = _normal(rngs, (config.vocab_size, config.d_model), 1.0, dtype)  # [V, D]
-    self.encoder = Stack(config, config.num_layers, is_decoder=False, rngs=rngs)
-    self.decoder = Stack(config, config.num_decoder_layers, is_decoder=True, rngs=rngs)
+    self.shared = (_normal(rngs, (config.vocab_size, config.d_model), 1.0, dtype)
+                   if config.uses_shared_embedding else None)  # [V, D]
+    self.encoder = Stack(config, config.num_layers, is_decoder=False,
+                         own_embeddings=config.separate_encoder_embeddings, rngs=rngs)
+    self.decoder = Stack(config, config.num_decoder_layers, is_decoder=True,
+                         own_embeddings=config.separate_decoder_embeddings, rngs=rngs)
     self.lm_head = (None if config.tie_word_embeddings else
                     _normal(rngs, (config.d_model, config.vocab_size), 1.0, dtype))  # [D, V]
 
-  def _embed_tokens(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.shared[...], ids, axis=0)
+  def _embed_tokens(self, ids: jax.Array, stack: Stack) -> jax.Array:
+    """[B, T] ids -> [B, T, D] through the stack's own table, else the shared one."""
+    table = self.shared if stack.embed_tokens is None else stack.embed_tokens
+    return jnp.take(table[...], ids, axis=0)
 
   def prepare(self, prompt_ids: jax.Array, prompt_mask: jax.Array, cache: Any,
               num_layers: int | None = None) -> tuple[dict, Any]:
@@ -380,7 +428,7 @@ class Module(nnx.Module):
     del num_layers
     length = prompt_ids.shape[1]
     prompt_mask = prompt_mask.astype(jnp.int32)
-    x = self._embed_tokens(prompt_ids)  # [B, S, D]
+    x = self._embed_tokens(prompt_ids, self.encoder)  # [B, S, D]
     mask = attention.padding_mask(prompt_mask, length)  # [B, S, S]
     bias = self.encoder.position_bias(jnp.arange(length)[None, :], length)  # [1, N, S, S]
     for block in self.encoder.blocks:
@@ -416,7 +464,7 @@ class Module(nnx.Module):
     steps = tokens.shape[1]
     length = cache[0]["k"].shape[1]
     start = start.astype(jnp.int32)
-    x = self._embed_tokens(tokens)  # [B, T, D]
+    x = self._embed_tokens(tokens, self.decoder)  # [B, T, D]
     query_positions = start[:, None] + jnp.arange(steps)[None, :]  # [B, T]
     self_mask = attention.causal_mask(start, steps, length)  # [B, T, L]
     cross_mask = attention.padding_mask(context["encoder_mask"], steps)  # [B, T, S]
@@ -474,27 +522,68 @@ def _block_names(stack: str, index: int, config: Config) -> dict:
 def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Callable]]:
   """Every HF tensor name the module needs -> (nnx flat state path, transform).
 
-  The embedding aliases map to the same parameter as `shared.weight`, so a checkpoint that
-  stores any one of the three loads (the loader checks completeness by parameter path).
+  A table tied to shared.weight is an alias of the same parameter, so a checkpoint that stores
+  any one of them loads (the loader checks completeness by parameter path and that stored
+  aliases are equal); a separate table maps to its own parameter.
   """
-  names = {alias: (("shared",), loading.identity)
-           for alias in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+  names = {}
+  if config.uses_shared_embedding:
+    names["shared.weight"] = (("shared",), loading.identity)
+  for stack, separate in (("encoder", config.separate_encoder_embeddings),
+                          ("decoder", config.separate_decoder_embeddings)):
+    names[f"{stack}.embed_tokens.weight"] = (((stack, "embed_tokens") if separate else ("shared",)),
+                                             loading.identity)
   for index in range(config.num_layers):
     names.update(_block_names("encoder", index, config))
   for index in range(config.num_decoder_layers):
     names.update(_block_names("decoder", index, config))
   names["encoder.final_layer_norm.weight"] = (("encoder", "final_norm", "scale"), loading.identity)
   names["decoder.final_layer_norm.weight"] = (("decoder", "final_norm", "scale"), loading.identity)
-  if not config.tie_word_embeddings:
+  if config.tie_word_embeddings:
+    names["lm_head.weight"] = (("shared",), loading.identity)  # a stored copy of the tied table
+  else:
     names["lm_head.weight"] = (("lm_head",), loading.transpose)
   return names
 
 
 def is_ignorable(name: str, config: Config) -> bool:
-  """Checkpoint tensors that are aliases or unused (transformers ignores them too)."""
-  if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-    return True
-  if name == "lm_head.weight":
-    return config.tie_word_embeddings
-  # Old checkpoints carry a cross-attention bias table that T5 never uses.
+  """Checkpoint tensors that are unused (transformers ignores them too).
+
+  Old checkpoints carry a cross-attention bias table that T5 never uses; shared.weight is unused
+  when the encoder, the decoder and the LM head each have their own table.
+  """
+  if name == "shared.weight":
+    return not config.uses_shared_embedding
   return name == "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+
+
+_TIED_TABLES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                "lm_head.weight")  # transformers' _tied_weights_keys, source first
+
+
+def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors) -> Config:
+  """Which tables the stored weights tie, decided as transformers 5.23's from_pretrained does.
+
+  T5Config forces tie_word_embeddings=True, so encoder.embed_tokens, decoder.embed_tokens and
+  lm_head are tied to shared.weight, except a table stored with values different from it
+  ("both are present in the checkpoints with different values, so we will NOT tie them"),
+  which keeps its own. With shared.weight absent the first stored alias takes its place.
+
+  Args:
+    config: from `Config.from_hf` (its tie_word_embeddings is config.json's flag).
+    checkpoint: the stored tensors (names, and the embedding tables when several are stored).
+
+  Returns:
+    The config with tie_word_embeddings and separate_{encoder,decoder}_embeddings set.
+  """
+  stored = [name for name in _TIED_TABLES if name in checkpoint.names]
+  if not stored:
+    return config  # the loader reports shared.weight as missing
+
+  def own_table(name: str) -> bool:
+    return name in stored[1:] and not checkpoint.equal(name, stored[0])
+
+  return dataclasses.replace(
+      config, tie_word_embeddings=not own_table("lm_head.weight"),
+      separate_encoder_embeddings=own_table("encoder.embed_tokens.weight"),
+      separate_decoder_embeddings=own_table("decoder.embed_tokens.weight"))
