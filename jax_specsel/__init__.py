@@ -12,11 +12,11 @@ Public API:
 from jax_specsel.decoding import GenerateOutput, compilation_count, generate
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.interface import Decoder, Model
-from jax_specsel.models.loading import (CheckpointNotFoundError, UnsupportedModelError,
-                                        WeightMismatchError, load_model)
+from jax_specsel.models.loading import (CheckpointNotFoundError, CorruptCheckpointError,
+                                        UnsupportedModelError, WeightMismatchError, load_model)
 from jax_specsel.sharding import make_mesh, shard_model
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
 __all__ = ["Decoder", "Model", "load_model", "generate", "GenerateOutput", "compilation_count",
-           "CheckpointNotFoundError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
+           "CheckpointNotFoundError", "CorruptCheckpointError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
            "shard_model", "estimate_memory", "bandit"]
