@@ -80,12 +80,10 @@ def writable_directory(path: str, name: str) -> str:
   """
   path = os.path.abspath(os.path.expanduser(str(path)))
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-      pass
+    _write_probe(path)
   except OSError as err:
-    raise ValueError(f"{name}={path}: cannot write there ({type(err).__name__}: {err.strerror or err}); "
-                     "pass a directory you can write to.") from err
+    raise ValueError(f"{name}={path}: cannot write there ({type(err).__name__}: "
+                     f"{err.strerror or err}); pass a directory you can write to.") from err
   return path
 
 
@@ -101,7 +99,17 @@ def writable_file(path: str, name: str) -> str:
   path = os.path.abspath(os.path.expanduser(str(path)))
   if os.path.isdir(path):
     raise ValueError(f"{name}={path} is a directory; pass a file path.")
-  writable_directory(os.path.dirname(path), name)
+  try:
+    _write_probe(os.path.dirname(path))
+  except OSError as err:
+    raise ValueError(f"{name}={path}: cannot write its directory ({type(err).__name__}: "
+                     f"{err.strerror or err}); pass a path you can write to.") from err
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{name}={path}: the file exists and is not writable; pass another path.")
   return path
+
+
+def _write_probe(directory: str) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+    pass

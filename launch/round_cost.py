@@ -22,6 +22,7 @@ from absl import app, flags, logging
 import numpy as np
 
 import jax_specsel as js
+from jax_specsel import validation
 from jax_specsel.eval import speed
 
 FLAGS = flags.FLAGS
@@ -60,6 +61,10 @@ def _call_ms(target, ids, drafter, repeats: int = 30) -> dict:
 
 def main(argv):
   del argv
+  try:  # before the zoo and the timings: an unwritable --output must not cost a run
+    validation.writable_file(FLAGS.output, "--output")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   target, drafter, prompt = _models()
   ids = np.asarray([target.tokenizer(prompt)["input_ids"]])
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)

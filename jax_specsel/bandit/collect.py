@@ -480,7 +480,9 @@ def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit:
     cost_unit: parameter-count unit of the A.5 cost (1e9: billions, as the paper's sizes).
     options: a subset of the collected options (default all), e.g. without autoregressive.
   """
-  names = list(options or meta["options"])
+  names = list(meta["options"] if options is None else options)
+  if not names:
+    raise ValueError(f"options is empty: choose at least two of {meta['options']} (or None: all).")
   unknown = set(names) - set(meta["options"])
   if unknown:
     raise ValueError(f"options {sorted(unknown)} were not collected; available: {meta['options']}.")
