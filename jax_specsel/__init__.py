@@ -18,5 +18,6 @@ from jax_specsel.sharding import make_mesh, shard_model
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
 __all__ = ["Decoder", "Model", "load_model", "generate", "GenerateOutput", "compilation_count",
-           "CheckpointNotFoundError", "CorruptCheckpointError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
+           "CheckpointNotFoundError", "CorruptCheckpointError", "UnsupportedModelError",
+           "WeightMismatchError", "make_mesh",
            "shard_model", "estimate_memory", "bandit"]

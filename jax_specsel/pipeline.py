@@ -100,7 +100,8 @@ def train_stage(dataset, meta, config, output_dir: str):
   if config.estimator not in ESTIMATORS:
     raise ValueError(f"config.estimator={config.estimator!r}: choose one of {sorted(ESTIMATORS)}.")
   options = policy_options(meta, config)
-  embeddings, rewards, names = collect_lib.reward_table(dataset, meta, config.alpha, config.cost_unit, options)
+  embeddings, rewards, names = collect_lib.reward_table(dataset, meta, config.alpha, config.cost_unit,
+                                                        options)
   policy = reinforce.train_policy(embeddings, rewards, seed=config.seed,
                                   config=ESTIMATORS[config.estimator](), option_names=names)
   policy.training_info["collection"] = collection_summary(meta)

@@ -321,7 +321,8 @@ def test_bad_prompts_raise():
     dec.generate(target, np.array([[2, 3]]), attention_mask=np.array([[0, 0]]))
   with pytest.raises(ValueError, match="at most"):
     dec.generate(target, [[2] * 600])
-  with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 8\) for fake; row\(s\) \[0\] hold \[300\]"):
+  with pytest.raises(ValueError,
+                     match=r"prompt ids must lie in \[0, 8\) for fake; row\(s\) \[0\] hold \[300\]"):
     dec.generate(target, [[2, 300]])
   with pytest.raises(ValueError, match=r"prompt_ids must be \[batch, length\]"):
     dec.generate(target, np.zeros((1, 0), np.int32))

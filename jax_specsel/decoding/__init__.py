@@ -5,5 +5,6 @@ from jax_specsel.decoding.generate import (MIN_SAMPLING_TEMPERATURE, GenerateOut
                                            check_compatible, compilation_count, generate)
 from jax_specsel.decoding.sampling import SamplingSettings
 
-__all__ = ["MIN_SAMPLING_TEMPERATURE", "GenerateOutput", "PositionLimitWarning", "Stats", "SamplingSettings", "bucket_length", "check_compatible",
+__all__ = ["MIN_SAMPLING_TEMPERATURE", "GenerateOutput", "PositionLimitWarning", "Stats",
+           "SamplingSettings", "bucket_length", "check_compatible",
            "compilation_count", "generate"]
