@@ -27,6 +27,10 @@ def integer(name: str, value, minimum: int | None = None) -> int:
     TypeError: not a number (a string, None, a bool).
     ValueError: a number that is not whole (2.5, nan) or below `minimum`.
   """
+  if type(value) is int:  # the common case, checked first: generate runs this per call
+    if minimum is not None and value < minimum:
+      raise ValueError(f"{name}={value}: must be >= {minimum}.")
+    return value
   value = _scalar(value)
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be an integer.")
@@ -47,7 +51,8 @@ def real(name: str, value, low: float | None = None, high: float | None = None) 
     TypeError: not a number. ValueError: NaN, infinite, or out of range.
   """
   value = _scalar(value)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+  if type(value) not in (float, int) and (isinstance(value, bool)
+                                          or not isinstance(value, numbers.Real)):
     raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be a number.")
   result = float(value)
   if not math.isfinite(result):

@@ -57,9 +57,13 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
   with experiment.usage_errors():
-    pipeline.check_config(config)
-    experiment.check_config(config)
     shape = experiment.mesh_shape(config, _MESH.value)
+    if _ESTIMATE.value:  # reads only the models and three sizes: a partial config will do
+      for field in ("max_new_tokens", "gamma", "collect_batch_size"):
+        validation.integer(f"config.{field}", config[field], minimum=1)
+    else:
+      pipeline.check_config(config)
+      experiment.check_config(config)
   if _ESTIMATE.value:
     print_memory_estimates(config, shape)
     return

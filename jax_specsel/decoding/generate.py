@@ -238,7 +238,8 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
       prompt, ids outside the vocabulary, a prompt longer than the model's positions.
   """
   ids, mask = _as_batch(prompt_ids, attention_mask, target.pad_id)
-  ids, mask = _right_aligned(ids, mask)
+  if attention_mask is not None:  # built masks are right-aligned already (keeps the call cheap)
+    ids, mask = _right_aligned(ids, mask)
   lengths = mask.sum(axis=1)
   if (lengths == 0).any():
     raise ValueError(f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row needs "
@@ -335,8 +336,9 @@ def _checked_mask(attention_mask, shape: tuple[int, int], one_prompt: bool) -> n
     raise ValueError(f"attention_mask has shape {np.shape(attention_mask)} but prompt_ids has "
                      f"shape {shape if not one_prompt else shape[1:]}: pass one 0/1 value per "
                      "prompt token.")
-  if mask.dtype == object or mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
-    bad = mask[~np.isin(mask, (0, 1))] if mask.dtype.kind in "biuf" else mask.reshape(-1)
+  binary = mask.dtype.kind in "biuf" and bool(((mask == 0) | (mask == 1)).all())
+  if not binary:
+    bad = mask[(mask != 0) & (mask != 1)] if mask.dtype.kind in "biuf" else mask.reshape(-1)
     raise ValueError(f"attention_mask holds values other than 0 and 1 (e.g. {bad[:3].tolist()}): "
                      "1 marks a real prompt token, 0 padding.")
   return mask.astype(np.int64)
