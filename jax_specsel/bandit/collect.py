@@ -93,17 +93,23 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
     target: the target model (tokenizer attached).
     drafters: name -> drafter model; at least one.
     examples: a dataset with columns id, task, prompt, reference (see data.loaders.load_examples).
-    output_dir: shard directory; created if missing, resumed if it holds the same collection.
+    output_dir: shard directory; created if missing, resumed if it holds the same collection
+      (settings, models and queries); another collection writing it at the same time splits
+      the shards with this one (see the module docstring).
     config: generation settings.
     progress: show a progress bar with rate and ETA.
     process_index, process_count: this process takes shards process_index, process_index +
       process_count, ... (see bandit/distributed.py). Process 0 writes collection.json; the others
-      wait for it (up to `wait_seconds`) and check that they collect with the same settings.
+      wait for it (up to `wait_seconds`) and check that they collect the same queries with the
+      same settings.
     wait_seconds: how long a process other than 0 waits for collection.json.
 
   Returns:
     The collected dataset (one row per query, in example order). With process_count > 1 it holds
     the shards finished so far; `distributed.collect` waits for every process first.
+
+  Raises:
+    CollectionMismatchError: output_dir holds a collection of other settings, models or queries.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
