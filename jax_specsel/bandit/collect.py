@@ -484,7 +484,7 @@ def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit:
     dataset, meta: from `load_collection`.
     alpha: weight of alignment (eq. 2 taken literally; see rewards.mix_rewards).
     cost_unit: parameter-count unit of the A.5 cost (1e9: billions, as the paper's sizes).
-    options: a subset of the collected options (default all), e.g. without autoregressive.
+    options: a subset of the collected options (None: all), e.g. without autoregressive; not empty.
   """
   names = list(meta["options"] if options is None else options)
   if not names:
