@@ -20,12 +20,13 @@ from jax_specsel.decoding import (GenerateOutput, SelectedOutput, compilation_co
                                   generate, generate_selected)
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.interface import Decoder, Model
-from jax_specsel.models.loading import (CheckpointNotFoundError, InvalidConfigError,
+from jax_specsel.models.loading import (CheckpointNotFoundError, CorruptCheckpointError,
+                                        InvalidConfigError,
                                         UnsupportedModelError, WeightMismatchError, load_model)
 from jax_specsel.sharding import make_mesh, shard_model
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
 __all__ = ["Decoder", "Model", "load_model", "generate", "generate_selected", "GenerateOutput",
-           "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "InvalidConfigError",
-           "UnsupportedModelError", "WeightMismatchError", "make_mesh",
+           "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "CorruptCheckpointError",
+           "InvalidConfigError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
            "shard_model", "estimate_memory", "bandit"]

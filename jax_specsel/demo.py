@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import datasets
 import ml_collections
 
-from jax_specsel import pipeline
+from jax_specsel import pipeline, validation
 from jax_specsel.data import tasks, world as world_lib
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,33 @@ def world_examples(world, split: str, per_domain: int) -> datasets.Dataset:
   return datasets.Dataset.from_list(rows)
 
 
+def check_demo_config(config: ml_collections.ConfigDict) -> str:
+  """Raises ValueError naming the first bad field; returns the (writable) output directory.
+
+  Runs before the zoo, the collection and the evaluation, so a bad value never leaves a stale
+  report beside new files.
+  """
+  pipeline.check_config(config)
+  if config.get("zoo") not in ("default", "tiny"):
+    raise ValueError(f"config.zoo={config.get('zoo')!r}: choose 'default' or 'tiny'.")
+  for field in ("collect_per_domain", "test_per_domain"):
+    try:
+      validation.integer(f"config.{field}", config.get(field), minimum=1)
+    except TypeError as err:
+      raise ValueError(str(err)) from None
+  if config.get("cache_dir"):
+    validation.writable_directory(config.cache_dir, "config.cache_dir")
+  return validation.writable_directory(config.output_dir, "config.output_dir")
+
+
 def run_demo(config: ml_collections.ConfigDict) -> str:
-  """Runs everything; returns the report directory."""
+  """Runs everything; returns the report directory.
+
+  Raises:
+    ValueError: a bad config field or an unwritable directory, before any work.
+  """
   from jax_specsel.data import zoo as zoo_lib
+  output_dir = check_demo_config(config)
   started = time.perf_counter()
   world = world_lib.World(seed=config.seed)
   zoo_config = zoo_lib.ZooConfig.tiny() if config.zoo == "tiny" else zoo_lib.ZooConfig()
@@ -46,7 +69,6 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   register_world_tasks()
   train = world_examples(world, "train", config.collect_per_domain)
   test = world_examples(world, "test", config.test_per_domain)
-  output_dir = os.path.abspath(config.output_dir)
   expectations = pipeline.Expectations(
       drafter_domains={zoo_lib.drafter_name(d): d for d in zoo_config.drafter_domains},
       autoregressive_domains=tuple(d for d in world.domains

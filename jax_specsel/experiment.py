@@ -7,19 +7,113 @@ Config fields read here (see configs/paper_t5_table1.py for a documented example
   data_files                    {task: local file} overriding the hub dataset (optional)
   train_split, test_split       split names; train_per_task / test_per_task: examples per task
   mesh                          optional "DATAxMODEL" device mesh (launch flag --mesh overrides)
+
+Launch helpers: `require_config_flag` and `parse_flags` (for `app.run(main, flags_parser=...)`)
+turn a missing --config or an unknown --config.x override into one clear line; `usage_errors`
+turns the ValueErrors of the checks a launch runs before any work into absl usage errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
+
 import datasets
 import ml_collections
+from absl import app, flags
 
-from jax_specsel import sharding
-from jax_specsel.data import loaders
+from jax_specsel import sharding, validation
+from jax_specsel.bandit.collect import IncompleteCollectionError
+from jax_specsel.data import loaders, tasks
 from jax_specsel.models.interface import Model
-from jax_specsel.models.loading import load_model
+from jax_specsel.models.loading import DTYPES, load_model
 
 EARLY_EXIT = "early_exit:"
+_MODEL_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task")
+
+
+def require_config_flag(example: str, name: str = "config") -> None:
+  """Makes `--config` required with a message naming an example (absl reports it at parse time)."""
+  flags.register_validator(name, lambda value: value is not None,
+                           message=f"--{name} is required: pass an experiment config file, e.g. "
+                                   f"--{name}={example}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but an unknown `--config.x` override exits with one clear line.
+
+  ml_collections raises a bare AttributeError / KeyError from inside flag parsing for a field
+  the (locked) config does not have.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as err:
+    cause = err.__context__ if isinstance(err.__context__, KeyError) else err
+    lines = str(cause.args[0] if cause.args else cause).strip("\"").split("\n")
+    field = lines[0].strip("'\"")
+    given = [arg.split("=", 1)[0] for arg in argv[1:] if re.match(r"^--?config\.", arg)]
+    named = [arg for arg in given if field in arg.lstrip("-").split(".")[1:]] or given
+    hint = " ".join(line.strip() for line in lines[1:])
+    sys.stderr.write(f"FATAL Flags parsing error: {', '.join(named)}: the config has no field "
+                     f"{field!r}. {hint + ' ' if hint else ''}Fix the name, or add the field to "
+                     "the config file.\n")
+    sys.exit(1)
+
+
+@contextlib.contextmanager
+def usage_errors():
+  """Re-raises the checks' errors (bad config, unwritable path, missing or unfinished
+  collection) as `app.UsageError`: absl prints the message without a traceback."""
+  try:
+    yield
+  except (ValueError, TypeError, FileNotFoundError, IncompleteCollectionError) as err:
+    raise app.UsageError(str(err)) from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad model or data field (the pipeline's fields:
+  `pipeline.check_config`).
+
+  Args:
+    config: an experiment config (configs/paper_*.py).
+  """
+  missing = [field for field in _MODEL_FIELDS if field not in config]
+  if missing:
+    raise ValueError(f"config lacks field(s) {missing}: see configs/paper_t5_table1.py.")
+  if not isinstance(config.target, str) or not config.target:
+    raise ValueError(f"config.target={config.target!r}: must be a checkpoint directory or hub id.")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.")
+  if not config.drafters:
+    raise ValueError("config.drafters is empty: name at least one drafter {name: checkpoint}.")
+  for name, source in config.drafters.items():
+    if not isinstance(source, str) or not source:
+      raise ValueError(f"config.drafters[{name!r}]={source!r}: must be a checkpoint or 'early_exit:K'.")
+    if source.startswith(EARLY_EXIT):
+      _early_exit_layers(name, source)
+  if isinstance(config.tasks, str) or not config.tasks:
+    raise ValueError(f"config.tasks={config.tasks!r}: must be a non-empty list of task names.")
+  for task in config.tasks:
+    try:
+      tasks.get_task(task)
+    except KeyError as err:
+      raise ValueError(f"config.tasks: {err.args[0]}") from None
+  for field in ("train_per_task", "test_per_task"):
+    try:
+      validation.integer(f"config.{field}", config[field], minimum=1)
+    except TypeError as err:
+      raise ValueError(str(err)) from None
+  mesh_shape(config)
+
+
+def _early_exit_layers(name: str, source: str) -> int:
+  try:
+    return validation.integer(f"config.drafters[{name!r}] layers",
+                              int(source[len(EARLY_EXIT):]), minimum=1)
+  except ValueError:
+    raise ValueError(f"config.drafters[{name!r}]={source!r}: write early_exit:K with K >= 1 "
+                     "layers of the target.") from None
 
 
 def mesh_shape(config: ml_collections.ConfigDict, override: str | None = None) -> tuple[int, int] | None:

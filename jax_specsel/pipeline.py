@@ -16,15 +16,63 @@ import datasets
 import ml_collections
 import numpy as np
 
+from jax_specsel import validation
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import distributed
 from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
+from jax_specsel.decoding.generate import MIN_SAMPLING_TEMPERATURE
 from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.eval import experiments, report
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
+
+# config.estimator -> the policy-training config it selects.
+ESTIMATORS = {"paper": reinforce.paper_train_config, "default": reinforce.default_train_config}
+CONFIG_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha",
+                 "cost_unit", "autoregressive_option", "estimator", "gamma", "temperature",
+                 "eval_seeds", "alphas", "sample_sizes")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad pipeline field (run it before any work).
+
+  Args:
+    config: an experiment or demo config (configs/*.py) with CONFIG_FIELDS (the launches check
+      config.output_dir separately: `validation.writable_directory`).
+  """
+  missing = [field for field in CONFIG_FIELDS if field not in config]
+  if missing:
+    raise ValueError(f"config lacks field(s) {missing}: see configs/demo.py for each field.")
+  try:
+    _check_fields(config)
+  except TypeError as err:  # one error type for callers: a bad config value
+    raise ValueError(str(err)) from None
+
+
+def _check_fields(config) -> None:
+  validation.integer("config.seed", config.seed, minimum=0)
+  for field in ("max_new_tokens", "collect_batch_size", "shard_size", "gamma"):
+    validation.integer(f"config.{field}", config[field], minimum=1)
+  validation.real("config.alpha", config.alpha, 0.0, 1.0)
+  if validation.real("config.cost_unit", config.cost_unit) <= 0:
+    raise ValueError(f"config.cost_unit={config.cost_unit}: must be > 0 (parameters per cost unit).")
+  if not isinstance(config.autoregressive_option, bool):
+    raise ValueError(f"config.autoregressive_option={config.autoregressive_option!r}: must be True or False.")
+  if config.estimator not in ESTIMATORS:
+    raise ValueError(f"config.estimator={config.estimator!r}: choose one of {sorted(ESTIMATORS)}.")
+  temperature = validation.real("config.temperature", config.temperature, 0.0)
+  if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+    raise ValueError(f"config.temperature={temperature}: 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE}.")
+  for field, check in (("eval_seeds", lambda name, v: validation.integer(name, v, minimum=0)),
+                       ("alphas", lambda name, v: validation.real(name, v, 0.0, 1.0)),
+                       ("sample_sizes", lambda name, v: validation.integer(name, v, minimum=1))):
+    values = config[field]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values):
+      raise ValueError(f"config.{field}={values!r}: must be a non-empty list.")
+    for i, value in enumerate(values):
+      check(f"config.{field}[{i}]", value)
 
 
 def collect_stage(target: Model, drafters: dict[str, Model], train: datasets.Dataset,
@@ -44,11 +92,21 @@ def policy_options(meta: dict, config) -> list[str]:
 
 
 def train_stage(dataset, meta, config, output_dir: str):
+  """Trains the policy on a collection (`load_collection`'s dataset and meta) and saves it.
+
+  A partial collection (loaded with allow_partial=True) is recorded in the policy's metadata
+  (training_info["collection"]) and logged.
+  """
+  if config.estimator not in ESTIMATORS:
+    raise ValueError(f"config.estimator={config.estimator!r}: choose one of {sorted(ESTIMATORS)}.")
   options = policy_options(meta, config)
-  embeddings, rewards, names = collect_lib.reward_table(dataset, meta, config.alpha, config.cost_unit, options)
-  train_config = reinforce.paper_train_config() if config.estimator == "paper" else reinforce.default_train_config()
-  policy = reinforce.train_policy(embeddings, rewards, seed=config.seed, config=train_config,
-                                  option_names=names)
+  embeddings, rewards, names = collect_lib.reward_table(dataset, meta, config.alpha, config.cost_unit,
+                                                        options)
+  policy = reinforce.train_policy(embeddings, rewards, seed=config.seed,
+                                  config=ESTIMATORS[config.estimator](), option_names=names)
+  policy.training_info["collection"] = collection_summary(meta)
+  if not policy.training_info["collection"]["complete"]:
+    log.warning("policy trained on a PARTIAL collection: %s", policy.training_info["collection"])
   policy.save(os.path.join(output_dir, "policy"), overwrite=True)
   best = np.argmax(rewards, axis=1)
   agreement = float(np.mean(policy.choose(embeddings) == best))
@@ -86,18 +144,47 @@ def experiments_stage(dataset, meta, test, target, result, config, output_dir: s
 def run(target: Model, drafters: dict[str, Model], train: datasets.Dataset, test: datasets.Dataset,
         config: ml_collections.ConfigDict, output_dir: str,
         expectations: Expectations | None = None) -> dict:
-  """All stages; writes report.json, report.md, the figures and intermediate files to output_dir."""
-  os.makedirs(output_dir, exist_ok=True)
+  """All stages; writes report.json, report.md, the figures and intermediate files to output_dir.
+
+  The config, the splits and the output directory are checked first: a bad value fails before
+  any collection, training or evaluation (ValueError naming it).
+  """
+  check_config(config)
+  check_splits(train, test)
+  validation.writable_directory(output_dir, "output_dir")
   dataset, meta = collect_stage(target, drafters, train, config, output_dir)
   policy = train_stage(dataset, meta, config, output_dir)
   result = evaluate_stage(target, drafters, test, policy, config, output_dir)
   extra = experiments_stage(dataset, meta, test, target, result, config, output_dir)
-  return write_report(result, extra, target, drafters, output_dir, expectations)
+  return write_report(result, extra, target, drafters, output_dir, expectations, collection=meta)
+
+
+def check_splits(train: datasets.Dataset | None, test: datasets.Dataset | None) -> None:
+  """Raises ValueError for an empty split (None: not used by the caller)."""
+  for name, split in (("train", train), ("test", test)):
+    if split is not None and len(split) == 0:
+      raise ValueError(f"the {name} split is empty: nothing to "
+                       f"{'collect' if name == 'train' else 'evaluate'}; check the task names, "
+                       f"data files and config.{name}_per_task (or the demo's per-domain counts).")
+
+
+def collection_summary(meta: dict) -> dict:
+  """Whether the collection a stage used was complete (from `load_collection`'s metadata)."""
+  return {"complete": bool(meta.get("complete", True)),
+          "collected_queries": int(meta.get("collected_queries", meta.get("num_queries", 0))),
+          "num_queries": int(meta.get("num_queries", 0)),
+          "missing_shards": list(meta.get("missing_shards", []))}
 
 
 def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, Model],
-                 output_dir: str, expectations: Expectations | None = None) -> dict:
-  """report.json (the schema `make demo` promises) and report.md in output_dir."""
+                 output_dir: str, expectations: Expectations | None = None,
+                 collection: dict | None = None) -> dict:
+  """report.json (the schema `make demo` promises) and report.md in output_dir.
+
+  Args:
+    collection: `load_collection`'s metadata: the report records whether the collection behind
+      the policy and the experiments was complete (a partial one is stated in report.md).
+  """
   checks = effect_checks(result, expectations)
   payload = {"domains": result["domains"], "choices": result["choices"],
              "choices_by_variant": result["choices_by_variant"],
@@ -106,6 +193,8 @@ def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, M
              "figures": {"alpha_sweep": "figure2_alpha_sweep.png",
                          "sample_efficiency": "figure3_sample_efficiency.png"},
              "experiments": extra}
+  if collection is not None:
+    payload["collection"] = collection_summary(collection)
   report.write_json(os.path.join(output_dir, "report.json"), payload)
   with open(os.path.join(output_dir, "report.md"), "w") as f:
     f.write(markdown_report(payload, target, drafters))
@@ -218,6 +307,7 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
   sizes = ", ".join(f"{name} {model.num_params / 1e6:.2f}M" for name, model in drafters.items())
   parts = [f"# Context-aware drafter selection: report\n\nTarget {target.name} "
            f"({target.num_params / 1e6:.2f}M params); drafters: {sizes}.\n",
+           _partial_collection_note(payload.get("collection")),
            "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
            report.results_table(payload), "\n## Choices of the policy per domain\n",
            report.choices_table(payload), "\n## What choosing costs\n", _policy_cost_markdown(payload),
@@ -246,6 +336,14 @@ def _policy_cost_markdown(payload: dict) -> str:
   return ("Measured: `generate_selected` (embed from the target's first pass, policy, decode, in one "
           "program) minus `generate` with the option it chose, same query and seed.\n\n"
           + "\n".join(lines) + "\n")
+
+
+def _partial_collection_note(collection: dict | None) -> str:
+  if not collection or collection["complete"]:
+    return ""
+  return (f"**Partial collection**: the policy and the experiments used "
+          f"{collection['collected_queries']} of {collection['num_queries']} collected queries "
+          f"(missing {', '.join(collection['missing_shards'])}).\n")
 
 
 def _shortfalls_markdown(notes: list[str]) -> str:

@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 import jax_specsel as js
+from jax_specsel import validation
 from jax_specsel.eval import random_models, speed
+from jax_specsel.models import loading
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs to build when --target is unset.")
@@ -102,8 +104,31 @@ def markdown(result: dict) -> str:
   return head + "\n".join(lines) + "\n"
 
 
+def check_flags() -> str:
+  """Validates the flags before any model is built or timed; returns the output directory."""
+  for name in ("gamma", "max_new_tokens", "num_prompts", "prompt_length", "repeats"):
+    validation.integer(f"--{name}", FLAGS[name].value, minimum=1)
+  validation.integer("--torch_threads", FLAGS.torch_threads, minimum=0)
+  if not FLAGS.target:
+    unknown = sorted(set(FLAGS.families) - set(random_models.RANDOM_PAIRS))
+    if unknown or not FLAGS.families:
+      raise ValueError(f"--families={','.join(FLAGS.families)}: choose from "
+                       f"{sorted(random_models.RANDOM_PAIRS)}.")
+  return validation.writable_directory(FLAGS.output_dir, "--output_dir")
+
+
+def smallest_vocabulary(directories: list[str]) -> int:
+  """The smallest config.json vocab_size of the checkpoints ('self' skipped), read before loading."""
+  sizes = [loading.read_hf_config(d).get("vocab_size") for d in directories if d != "self"]
+  return min([int(v) for v in sizes if v] or [1000])
+
+
 def main(argv):
   del argv
+  try:
+    check_flags()
+  except (ValueError, TypeError) as err:
+    raise app.UsageError(str(err)) from None
   rng = np.random.default_rng(0)
   results = []
   with tempfile.TemporaryDirectory() as scratch:
@@ -115,7 +140,8 @@ def main(argv):
         target_dir, drafter_dir = random_models.random_pair(family, scratch)
         pairs.append((target_dir, [drafter_dir, "self"]))
     for target_dir, drafter_dirs in pairs:
-      prompts = rng.integers(5, 1000, size=(FLAGS.num_prompts, FLAGS.prompt_length)).tolist()
+      vocab = smallest_vocabulary([target_dir] + drafter_dirs)  # every prompt id must exist
+      prompts = random_models.random_prompt_ids(rng, vocab, FLAGS.num_prompts, FLAGS.prompt_length)
       logging.info("benchmarking %s with %s", target_dir, drafter_dirs)
       results.append(benchmark_pair(target_dir, drafter_dirs, prompts))
       print(markdown(results[-1]), flush=True)

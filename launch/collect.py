@@ -12,12 +12,14 @@ SLURM and GKE, or given with --coordinator_address/--num_processes/--process_id)
 process collects its share of the shards into the same (shared) output directory.
 --estimate_memory prints bytes per device for the target and the drafters from their
 config.json alone (local directory or hub cache) and exits before anything is loaded.
+The config and the output directory are checked before any model is loaded. Two collections
+started on one directory split its shards (per-shard locks); see BUILD_NOTES "Failure behaviour".
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import experiment, memory, pipeline, sharding
+from jax_specsel import experiment, memory, pipeline, sharding, validation
 from jax_specsel.bandit import distributed
 from jax_specsel.models import loading
 
@@ -30,6 +32,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank.")
+experiment.require_config_flag("configs/paper_t5_table1.py")
 
 
 def print_memory_estimates(config, shape) -> None:
@@ -53,22 +56,29 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
-  try:
+  with experiment.usage_errors():
     shape = experiment.mesh_shape(config, _MESH.value)
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
+    if _ESTIMATE.value:  # reads only the models and three sizes: a partial config will do
+      for field in ("max_new_tokens", "gamma", "collect_batch_size"):
+        validation.integer(f"config.{field}", config[field], minimum=1)
+    else:
+      pipeline.check_config(config)
+      experiment.check_config(config)
   if _ESTIMATE.value:
     print_memory_estimates(config, shape)
     return
+  with experiment.usage_errors():
+    validation.writable_directory(config.output_dir, "config.output_dir")
+    train = experiment.load_split(config, "train", config.train_per_task)
+    pipeline.check_splits(train, None)
   if _DISTRIBUTED.value:
     index, count = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("process %d of %d", index, count)
   mesh = None if shape is None else sharding.make_mesh(*shape)
   target, drafters = experiment.load_models(config, mesh=mesh)
-  train = experiment.load_split(config, "train", config.train_per_task)
   dataset, _ = pipeline.collect_stage(target, drafters, train, config, config.output_dir)
   print(f"collected {len(dataset)} queries into {config.output_dir}/collection")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -8,7 +8,7 @@ and writes a report directory (report.md, report.json, figure PNGs).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import demo
+from jax_specsel import demo, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo configuration.")
 
@@ -16,9 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo con
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  with experiment.usage_errors():
+    demo.check_demo_config(_CONFIG.value)  # before the zoo: a bad value costs nothing
   output_dir = demo.run_demo(_CONFIG.value)
   print(f"\nreport written to {output_dir}/report.md (and report.json, figures) ")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

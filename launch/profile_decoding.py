@@ -22,6 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_specsel as js  # noqa: E402
+from jax_specsel import validation  # noqa: E402
+from jax_specsel.eval import random_models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", None, "Target checkpoint (default: a random LLaMA of ~40M params).")
@@ -49,11 +51,29 @@ def _models(scratch):
   return target, js.load_model(source)
 
 
+def check_flags() -> None:
+  """Validates the flags and output paths before any model is built, compiled or profiled."""
+  for name in ("gamma", "max_new_tokens", "steps"):
+    validation.integer(f"--{name}", FLAGS[name].value, minimum=1)
+  if not FLAGS.target and FLAGS.family not in random_models.RANDOM_PAIRS:
+    raise ValueError(f"--family={FLAGS.family!r}: choose from {sorted(random_models.RANDOM_PAIRS)}.")
+  if FLAGS.drafter and FLAGS.drafter.startswith("early_exit:"):
+    validation.integer("--drafter early_exit layers", int(FLAGS.drafter.split(":")[1]), minimum=1)
+  validation.writable_directory(FLAGS.trace_dir, "--trace_dir")
+  if FLAGS.xla_dump_to:
+    validation.writable_directory(FLAGS.xla_dump_to, "--xla_dump_to")
+
+
 def main(argv):
   del argv
+  try:
+    check_flags()
+  except (ValueError, TypeError) as err:
+    raise app.UsageError(str(err)) from None
   with tempfile.TemporaryDirectory() as scratch:
     target, drafter = _models(scratch)
-    prompt = np.random.default_rng(0).integers(5, 1000, size=(1, 24)).tolist()
+    vocab = min(target.vocab_size, drafter.vocab_size)  # every prompt id must exist in both
+    prompt = random_models.random_prompt_ids(np.random.default_rng(0), vocab, 1, 24)
     rows = []
     for name, option in (("autoregressive", None), ("speculative", drafter)):
       first = js.generate(target, prompt, drafter=option, gamma=FLAGS.gamma,

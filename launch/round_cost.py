@@ -27,6 +27,7 @@ from flax import nnx
 import numpy as np
 
 import jax_specsel as js
+from jax_specsel import validation
 from jax_specsel.bandit.policy import Policy, PolicyNetwork
 from jax_specsel.eval import speed
 
@@ -100,7 +101,10 @@ def per_call_costs(target, drafter, ids, step: float, round_seconds: float, gamm
 
 def main(argv):
   del argv
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)  # before any work
+  try:  # before the zoo and the timings: an unwritable --output must not cost a run
+    validation.writable_file(FLAGS.output, "--output")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   target, drafter, prompt = _models()
   ids = np.asarray([target.tokenizer(prompt)["input_ids"]])
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)

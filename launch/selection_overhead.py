@@ -18,6 +18,7 @@ import statistics
 
 from absl import app, flags, logging
 
+from jax_specsel import validation
 from jax_specsel.bandit.policy import load_policy
 from jax_specsel.data import world as world_lib, zoo as zoo_lib
 from jax_specsel.eval import evaluate
@@ -34,7 +35,10 @@ flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON
 
 def main(argv):
   del argv
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)  # before any work
+  try:  # before the zoo and the timings: an unwritable --output must not cost a run
+    validation.writable_file(FLAGS.output, "--output")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   if not os.path.isdir(FLAGS.policy):
     raise app.UsageError(f"--policy={FLAGS.policy} is not a saved policy directory: run `make demo` "
                          "first (it saves reports/demo/policy) or point --policy at one.")

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import subprocess
+import sys
+import threading
+
 import datasets
 import numpy as np
 import pytest
 
+import collect_worker
 from jax_specsel.bandit import collect as collect_lib
 from fake_models import fake_model_with_tokenizer
 
 CONFIG = collect_lib.CollectConfig(max_new_tokens=6, batch_size=4, shard_size=5)
 
 
-def _examples(n=12):
-  rng = np.random.default_rng(0)
+def _examples(n=12, seed=0):
+  rng = np.random.default_rng(seed)
   rows = [{"id": f"q{i}", "task": "a" if i % 2 else "b",
            "prompt": " ".join(f"w{k}" for k in rng.integers(3, 12, size=1 + i % 4)), "reference": "w3"}
           for i in range(n)]
@@ -95,3 +102,131 @@ def test_reward_table_mixes_alignment_and_cost(models, tmp_path):
   assert only_cost[:, -1].max() == 0.0  # autoregressive = the largest model: no speed bonus
   with pytest.raises(ValueError, match="not collected"):
     collect_lib.reward_table(data, meta, alpha=0.5, options=["missing"])
+
+
+def _interrupted(models, examples, output_dir, monkeypatch, crash_at=2):
+  """A collection killed while writing its `crash_at`-th shard (the earlier ones are on disk)."""
+  target, drafters = models
+  real_write, calls = collect_lib._write_shard, []
+
+  def crash(directory, shard, rows):
+    calls.append(shard)
+    if len(calls) == crash_at:
+      raise KeyboardInterrupt("killed")
+    real_write(directory, shard, rows)
+
+  monkeypatch.setattr(collect_lib, "_write_shard", crash)
+  with pytest.raises(KeyboardInterrupt):
+    collect_lib.collect(target, drafters, examples, str(output_dir), CONFIG, progress=False)
+  monkeypatch.setattr(collect_lib, "_write_shard", real_write)
+
+
+def test_resume_with_other_queries_of_the_same_count_is_refused(models, tmp_path, monkeypatch):
+  target, drafters = models
+  _interrupted(models, _examples(12, seed=0), tmp_path / "run", monkeypatch)
+  other = _examples(12, seed=1)  # same ids and count, other prompts
+  with pytest.raises(collect_lib.CollectionMismatchError,
+                     match=r"holds a collection of other queries \(the same count, 12, but other ids or "
+                           r"prompts, first in shard\(s\) \[0, 1, 2\]\): resuming would mix two datasets"):
+    collect_lib.collect(target, drafters, other, str(tmp_path / "run"), CONFIG, progress=False)
+  # A finished collection is protected the same way (it used to return the old table silently).
+  collect_lib.collect(target, drafters, _examples(12), str(tmp_path / "done"), CONFIG, progress=False)
+  with pytest.raises(collect_lib.CollectionMismatchError, match="other queries"):
+    collect_lib.collect(target, drafters, other, str(tmp_path / "done"), CONFIG, progress=False)
+  meta = json.loads((tmp_path / "done" / "collection.json").read_text())
+  assert len(meta["shard_fingerprints"]) == 3 and len(meta["queries_fingerprint"]) == 64
+
+
+def test_shard_of_another_collection_is_refused_on_load(models, tmp_path):
+  target, drafters = models
+  for name, seed in (("a", 0), ("b", 1)):
+    collect_lib.collect(target, drafters, _examples(12, seed), str(tmp_path / name), CONFIG,
+                        progress=False)
+  (tmp_path / "a" / "shard-00001.parquet").write_bytes((tmp_path / "b" / "shard-00001.parquet").read_bytes())
+  with pytest.raises(collect_lib.CollectionMismatchError,
+                     match=r"shard-00001.parquet holds other queries \(ids or prompts\) than collection.json "
+                           r"records for shard 1: .*Delete it and rerun the collection"):
+    collect_lib.load_collection(str(tmp_path / "a"))
+
+
+def test_collection_without_fingerprints_resumes_and_gains_them(models, tmp_path, monkeypatch):
+  target, drafters = models
+  reference = collect_lib.collect(target, drafters, _examples(), str(tmp_path / "ref"), CONFIG,
+                                  progress=False)
+  _interrupted(models, _examples(), tmp_path / "old", monkeypatch)
+  meta_path = tmp_path / "old" / "collection.json"
+  meta = json.loads(meta_path.read_text())
+  for key in ("queries_fingerprint", "shard_fingerprints"):
+    del meta[key]  # as written before fingerprints existed
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(collect_lib.CollectionMismatchError, match=r"shard-00000.parquet holds other queries"):
+    collect_lib.collect(target, drafters, _examples(12, seed=1), str(tmp_path / "old"), CONFIG,
+                        progress=False)
+  resumed = collect_lib.collect(target, drafters, _examples(), str(tmp_path / "old"), CONFIG,
+                                progress=False)
+  assert resumed["id"] == reference["id"]
+  assert "queries_fingerprint" in json.loads(meta_path.read_text())
+
+
+def test_unfinished_collection_is_refused_unless_allowed(models, tmp_path, monkeypatch):
+  _interrupted(models, _examples(), tmp_path, monkeypatch)  # shard 0 of 3 written
+  with pytest.raises(collect_lib.IncompleteCollectionError,
+                     match=r"unfinished collection: 2 of 3 shards are missing \(shard-00001.parquet, "
+                           r"shard-00002.parquet\). Rerun the collection"):
+    collect_lib.load_collection(str(tmp_path))
+  data, meta = collect_lib.load_collection(str(tmp_path), allow_partial=True)
+  assert data["id"] == [f"q{i}" for i in range(5)]
+  assert (meta["complete"], meta["collected_queries"], meta["num_queries"]) == (False, 5, 12)
+  assert meta["missing_shards"] == ["shard-00001.parquet", "shard-00002.parquet"]
+
+
+def test_two_writers_on_one_directory_split_the_work(tmp_path):
+  context = multiprocessing.get_context("spawn")  # jax does not survive fork
+  barrier = context.Barrier(2)
+  reports = [str(tmp_path / f"writer{i}.json") for i in range(2)]
+  workers = [context.Process(target=collect_worker.run, args=(str(tmp_path / "shared"), report, barrier))
+             for report in reports]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join(timeout=600)
+  assert [w.exitcode for w in workers] == [0, 0]
+  results = [json.loads(open(report).read()) for report in reports]
+  every_id = [f"q{i}" for i in range(collect_worker.NUM_QUERIES)]
+  assert all(r["ids"] == every_id for r in results)  # both return the whole table, each query once
+  written = results[0]["written"] + results[1]["written"]
+  # Every shard written exactly once over both writers: no work done twice, no rename collision.
+  assert sorted(written) == list(range(collect_worker.NUM_QUERIES // collect_worker.SHARD_SIZE))
+  assert collect_lib.load_collection(str(tmp_path / "shared"))[0]["id"] == every_id
+  leftovers = [p.name for p in (tmp_path / "shared").iterdir()
+               if not p.name.endswith(".parquet") and p.name != "collection.json"]
+  assert leftovers == []
+
+
+def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkeypatch):
+  target, drafters = models
+  tmp_path.mkdir(exist_ok=True)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+       "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+       str(tmp_path / "shard-00001.lock")], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                        text=True).stdout.strip()
+  import socket
+  stale = tmp_path / f"shard-00001.parquet.tmp-{socket.gethostname()}-{dead}-0123abcd"
+  stale.write_text("half a shard")
+  real_write, holder_state = collect_lib._write_shard, {}
+
+  def recording_write(directory, shard, rows):
+    holder_state[shard] = holder.poll()  # None while the holder lives
+    real_write(directory, shard, rows)
+
+  monkeypatch.setattr(collect_lib, "_write_shard", recording_write)
+  threading.Timer(2.0, holder.kill).start()  # the holder dies (SIGKILL) while we wait for it
+  data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
+  holder.wait()
+  assert data["id"] == [f"q{i}" for i in range(12)]
+  assert holder_state[0] is None and holder_state[2] is None  # the free shards went first
+  assert holder_state[1] is not None  # shard 1 only after its holder died
+  assert not stale.exists()

@@ -43,3 +43,45 @@ def test_config_is_complete(name, monkeypatch):
       tasks.get_task(task)  # every task is registered
     assert config.memory_gb > 0 and config.drafters
     assert config.estimator in ("paper", "default")
+
+
+@pytest.mark.parametrize("name", _config_modules())
+def test_shipped_configs_pass_the_launch_checks(name, monkeypatch, tmp_path):
+  from jax_specsel import demo, experiment, pipeline
+  monkeypatch.syspath_prepend(ROOT)
+  config = importlib.import_module(f"configs.{name}").get_config()
+  pipeline.check_config(config)
+  if name == "demo":
+    config.output_dir, config.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+    assert demo.check_demo_config(config) == str(tmp_path / "out")
+  else:
+    experiment.check_config(config)
+
+
+def test_demo_config_errors_name_the_field(monkeypatch, tmp_path):
+  from jax_specsel import demo
+  monkeypatch.syspath_prepend(ROOT)
+  for field, value, message in (("zoo", "huge", "config.zoo='huge': choose 'default' or 'tiny'"),
+                                ("test_per_domain", 0, "config.test_per_domain=0: must be >= 1"),
+                                ("alpha", -0.1, r"config.alpha=-0.1: must be in \[0.0, 1.0\]")):
+    config = importlib.import_module("configs.demo").get_config()
+    config.output_dir = str(tmp_path / "out")
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+      demo.check_demo_config(config)
+  assert not (tmp_path / "out").exists()
+
+
+def test_experiment_config_errors_name_the_field(monkeypatch):
+  from jax_specsel import experiment
+  monkeypatch.syspath_prepend(ROOT)
+  for field, value, message in (
+      ("tasks", ("xsum", "nope"), r"config.tasks: unknown task 'nope'"),
+      ("drafters", {"exit": "early_exit:zero"}, r"config.drafters\['exit'\]='early_exit:zero': write "
+                                                r"early_exit:K with K >= 1"),
+      ("dtype", "int8", r"config.dtype='int8': choose one of"),
+      ("test_per_task", 0, r"config.test_per_task=0: must be >= 1")):
+    config = importlib.import_module("configs.paper_t5_table1").get_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+      experiment.check_config(config)

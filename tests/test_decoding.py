@@ -214,12 +214,105 @@ def test_seed_changes_samples_and_is_reproducible():
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,message", [
-    ({"gamma": 0}, "gamma"), ({"temperature": -0.5}, "temperature"), ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"), ({"seed": -1}, "seed"),
-    ({"seed": 2 ** 32}, "seed")])
+    ({"gamma": -1}, r"gamma=-1: must be >= 0"), ({"temperature": -0.5}, "temperature"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"seed": -1}, "seed"), ({"seed": 2 ** 32}, "seed"),
+    ({"gamma": 2.5}, r"gamma=2.5: must be a whole number \(it would be truncated to 2\)"),
+    ({"top_k": 1.5}, "top_k=1.5: must be a whole number"),
+    ({"max_new_tokens": 3.5}, "max_new_tokens=3.5: must be a whole number"),
+    ({"seed": 1.5}, "seed=1.5: must be a whole number"),
+    ({"temperature": float("nan")}, "temperature=nan: must be a finite number"),
+    ({"temperature": 1e-20}, r"temperature=1e-20: positive temperatures below 0.0001 are refused.*"
+                             r"pass temperature=0 for greedy decoding")])
 def test_bad_settings_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
     dec.generate(fake_model(0), [[2, 3]], **kwargs)
+
+
+def test_settings_of_the_wrong_type_raise():
+  with pytest.raises(TypeError, match=r"gamma='3' \(str\): must be an integer"):
+    dec.generate(fake_model(0), [[2, 3]], gamma="3")
+  with pytest.raises(TypeError, match=r"temperature=None \(NoneType\): must be a number"):
+    dec.generate(fake_model(0), [[2, 3]], temperature=None)
+
+
+def test_gamma_is_unused_without_a_drafter_and_at_least_one_with_one():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  plain = dec.generate(target, [[2, 3]], max_new_tokens=6)
+  np.testing.assert_array_equal(dec.generate(target, [[2, 3]], gamma=0, max_new_tokens=6).tokens,
+                                plain.tokens)
+  np.testing.assert_array_equal(dec.generate(target, [[2, 3]], gamma=3.0, drafter=target,
+                                             max_new_tokens=6).tokens, plain.tokens)
+  with pytest.raises(ValueError, match="gamma=0 with drafter .*pass drafter=None for autoregressive"):
+    dec.generate(target, [[2, 3]], drafter=target, gamma=0)
+
+
+def test_smallest_sampling_temperature_runs_and_tiny_ones_are_refused():
+  # At the threshold a sharp fake model samples its argmax: the greedy text, no pad tokens.
+  target = fake_model(0, vocab_size=12, eos_id=1, sharpness=0.5)
+  greedy = dec.generate(target, [[2, 3]] * 2, max_new_tokens=8)
+  cold = dec.generate(target, [[2, 3]] * 2, temperature=dec.MIN_SAMPLING_TEMPERATURE, max_new_tokens=8)
+  np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+  with pytest.raises(ValueError, match="temperature=1e-10"):
+    dec.generate(target, [[2, 3]], temperature=1e-10)
+
+
+def test_left_padded_prompts_equal_right_padded_ones():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  right = dec.generate(target, [[2, 3, 4], [5, 6]], max_new_tokens=6)
+  left = dec.generate(target, np.array([[2, 3, 4], [0, 5, 6]]), max_new_tokens=6,
+                      attention_mask=np.array([[1, 1, 1], [0, 1, 1]]))
+  both_sides = dec.generate(target, np.array([[9, 2, 3, 4, 9], [9, 9, 5, 6, 9]]), max_new_tokens=6,
+                            attention_mask=np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]]))
+  np.testing.assert_array_equal(left.tokens, right.tokens)
+  np.testing.assert_array_equal(both_sides.tokens, right.tokens)
+  np.testing.assert_array_equal(left.lengths, right.lengths)
+
+
+def test_bad_masks_raise():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  ids = np.array([[2, 3, 4]])
+  with pytest.raises(ValueError, match=r"values other than 0 and 1 \(e.g. \[2\]\)"):
+    dec.generate(target, ids, attention_mask=np.array([[1, 2, 1]]))
+  with pytest.raises(ValueError, match=r"values other than 0 and 1 \(e.g. \[0.5\]\)"):
+    dec.generate(target, ids, attention_mask=np.array([[1, 0.5, 1]]))
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 4\) but prompt_ids has shape "
+                                       r"\(1, 3\): pass one 0/1 value per prompt token"):
+    dec.generate(target, ids, attention_mask=np.ones((1, 4), int))
+  with pytest.raises(ValueError, match=r"row\(s\) \[0\] have padding between real tokens: pass left- or "
+                                       "right-padded prompts"):
+    dec.generate(target, ids, attention_mask=np.array([[1, 0, 1]]))
+  with pytest.raises(ValueError, match="attention_mask given with prompt rows of different lengths"):
+    dec.generate(target, [[2, 3], [4]], attention_mask=[[1, 1], [1]])
+
+
+def test_prompt_id_types():
+  target = fake_model(0, vocab_size=12, eos_id=1)
+  reference = dec.generate(target, [[2, 3, 4], [5, 6]], max_new_tokens=6)
+  ragged = np.empty(2, dtype=object)
+  ragged[0], ragged[1] = np.array([2, 3, 4]), np.array([5, 6])
+  np.testing.assert_array_equal(dec.generate(target, ragged, max_new_tokens=6).tokens,
+                                reference.tokens)  # a ragged object array is a list of rows
+  with pytest.raises(TypeError, match=r"prompt_ids has dtype float64: token ids must be integers"):
+    dec.generate(target, np.array([[2.0, 3.7]]))
+  with pytest.raises(TypeError, match=r"prompt_ids\[0\] has dtype float64"):
+    dec.generate(target, [[2.0, 3.7], [4.0]])
+  with pytest.raises(ValueError, match=r"prompt_ids\[1\] is ragged \(nested sequences of different"):
+    dec.generate(target, [[2, 3], [[4, 4], 5]])
+  with pytest.raises(TypeError, match=r"prompt_ids\[1\] holds Python objects"):
+    dec.generate(target, [[2, 3], ["w4", None]])
+  with pytest.raises(TypeError, match=r"drafter is str 'abc': pass a jax_specsel Model"):
+    dec.generate(target, [[2, 3]], drafter="abc")
+  with pytest.raises(TypeError, match=r"target is str 'abc': pass a jax_specsel Model"):
+    dec.generate("abc", [[2, 3]])
+
+
+def test_running_past_max_position_embeddings_warns_and_goes_on():
+  target = fake_model(0, vocab_size=12, eos_id=1)  # max_position_embeddings=512
+  with pytest.warns(dec.PositionLimitWarning, match=r"needs 520 positions but fake was trained on "
+                                                    r"max_position_embeddings=512"):
+    out = dec.generate(target, [[2] * 500], max_new_tokens=20)
+  assert out.tokens.shape == (1, 20)
 
 
 def test_bad_prompts_raise():
@@ -228,8 +321,11 @@ def test_bad_prompts_raise():
     dec.generate(target, np.array([[2, 3]]), attention_mask=np.array([[0, 0]]))
   with pytest.raises(ValueError, match="at most"):
     dec.generate(target, [[2] * 600])
-  with pytest.raises(ValueError, match="prompt ids"):
+  with pytest.raises(ValueError,
+                     match=r"prompt ids must lie in \[0, 8\) for fake; row\(s\) \[0\] hold \[300\]"):
     dec.generate(target, [[2, 300]])
+  with pytest.raises(ValueError, match=r"prompt_ids must be \[batch, length\]"):
+    dec.generate(target, np.zeros((1, 0), np.int32))
 
 
 def test_incompatible_drafter_raises():

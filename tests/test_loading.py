@@ -247,6 +247,67 @@ def test_unsupported_dtype(checkpoint):
     js.load_model(str(checkpoint), dtype="int8")
 
 
+def test_truncated_safetensors(checkpoint):
+  path = checkpoint / "model.safetensors"
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read \(SafetensorError: .*\): "
+                                                      r"the file is truncated or corrupt.*download it again"):
+    js.load_model(str(checkpoint))
+
+
+def test_truncated_pytorch_bin(checkpoint, hf_model):
+  os.remove(checkpoint / "model.safetensors")
+  path = checkpoint / "pytorch_model.bin"
+  torch.save(hf_model.state_dict(), path)
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read .*truncated or corrupt"):
+    js.load_model(str(checkpoint))
+
+
+def test_non_finite_weights_are_named(checkpoint):
+  def poison(tensors):
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+
+  _rewrite_weights(checkpoint, poison)
+  with pytest.raises(js.CorruptCheckpointError,
+                     match=r"tensor 'model.layers.1.mlp.down_proj.weight' of .*model.safetensors holds 2 "
+                           r"NaN/inf value\(s\): the file is corrupt or was partly overwritten"):
+    js.load_model(str(checkpoint))
+
+
+def test_weights_that_overflow_float16_are_named(checkpoint):
+  def huge(tensors):
+    tensors["model.norm.weight"][0] = 1e6  # finite in float32, inf in float16
+
+  _rewrite_weights(checkpoint, huge)
+  with pytest.raises(js.CorruptCheckpointError, match=r"tensor 'model.norm.weight' of .* overflows float16"
+                                                      r".*load the model in bfloat16 or float32"):
+    js.load_model(str(checkpoint), dtype="float16")
+
+
+def test_malformed_config_json(checkpoint):
+  path = checkpoint / "config.json"
+  path.write_text(path.read_text()[:40])
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} is not valid JSON \(.*\): the config.json "
+                                                      r"is truncated or was edited by hand; restore it"):
+    js.load_model(str(checkpoint))
+  path.write_text("[1, 2]")
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} holds a JSON list, not an object"):
+    js.load_model(str(checkpoint))
+  path.write_text(json.dumps({"model_type": "llama"}))
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path}: cannot build a llama config "
+                                                      r"\((KeyError|TypeError): .*\): a field is missing"):
+    js.load_model(str(checkpoint))
+
+
+def test_malformed_weight_index(checkpoint):
+  path = checkpoint / "model.safetensors.index.json"
+  path.write_text('{"weight_map": ')
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} is not valid JSON .*weight index"):
+    js.load_model(str(checkpoint))
+
+
 # ----- T5: the same layouts through the other architecture -----
 
 def _tiny_t5(directory) -> transformers.T5ForConditionalGeneration:

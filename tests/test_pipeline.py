@@ -120,3 +120,44 @@ def test_policy_share_above_the_limit_is_a_shortfall():
   assert any("choosing costs 3.0% of per-query time" in n for n in pipeline.shortfalls(checks))
   result["policy_cost"]["all"]["policy_greedy"]["share"] = 0.004
   assert pipeline.effect_checks(result)["policy_share_of_query_time"]["below_limit"] is True
+
+
+def test_bad_config_and_empty_splits_are_refused_before_any_work(tmp_path):
+  target = fake_model_with_tokenizer(0, name="target")
+  drafters = {"same": fake_model_with_tokenizer(0, name="same")}
+  output_dir = tmp_path / "out"
+  for field, value, message in (("alpha", 1.5, r"config.alpha=1.5: must be in \[0.0, 1.0\]"),
+                                ("estimator", "bogus", r"config.estimator='bogus': choose one of "
+                                                       r"\['default', 'paper'\]"),
+                                ("temperature", 1e-9, r"config.temperature=1e-09: 0 \(greedy\) or >= 0.0001"),
+                                ("alphas", (0.0, float("nan")), r"config.alphas\[1\]=nan: must be a finite"),
+                                ("eval_seeds", (), r"config.eval_seeds=\(\): must be a non-empty list")):
+    config = _config()
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+      pipeline.run(target, drafters, _examples(8, 0), _examples(4, 1), config, str(output_dir))
+  with pytest.raises(ValueError, match="the test split is empty: nothing to evaluate"):
+    pipeline.run(target, drafters, _examples(8, 0), _examples(0, 1), _config(), str(output_dir))
+  with pytest.raises(ValueError, match=r"config lacks field\(s\) \['gamma'\]"):
+    config = _config()
+    del config["gamma"]
+    pipeline.check_config(config)
+  assert not output_dir.exists()  # nothing collected, trained or written
+
+
+def test_a_partial_collection_is_stated_in_the_report(tmp_path):
+  target = fake_model_with_tokenizer(0, name="target")
+  row = dict(_row(1.0), ms_per_token_spread=0.0)
+  result = {"domains": {"fake_a": {"autoregressive": row, "policy_greedy": row}},
+            "choices": {"fake_a": {"autoregressive": 1.0}}, "choices_by_variant": {}}
+  meta = {"num_queries": 12, "complete": False, "collected_queries": 5,
+          "missing_shards": ["shard-00001.parquet", "shard-00002.parquet"]}
+  payload = pipeline.write_report(result, {}, target, {}, str(tmp_path), collection=meta)
+  assert payload["collection"] == {"complete": False, "collected_queries": 5, "num_queries": 12,
+                                   "missing_shards": ["shard-00001.parquet", "shard-00002.parquet"]}
+  assert json.loads((tmp_path / "report.json").read_text())["collection"]["complete"] is False
+  assert ("**Partial collection**: the policy and the experiments used 5 of 12 collected queries "
+          "(missing shard-00001.parquet, shard-00002.parquet)") in (tmp_path / "report.md").read_text()
+  complete = pipeline.write_report(result, {}, target, {}, str(tmp_path),
+                                   collection={"num_queries": 12, "complete": True})
+  assert complete["collection"]["complete"] and "Partial" not in (tmp_path / "report.md").read_text()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_specsel import bandit
 
@@ -215,3 +218,60 @@ def test_wrong_embedding_width_names_both_widths(small_policy):
 def test_load_policy_missing_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="no saved policy"):
     bandit.load_policy(tmp_path / "nothing")
+
+
+def test_no_options_and_no_width_are_named():
+  embeddings, rewards = TRAIN[0][:10], TRAIN[1][:10]
+  with pytest.raises(ValueError, match=r"rewards have 0 columns \(shape \(10, 0\)\): no options to choose"):
+    bandit.train_policy(embeddings, rewards[:, :0])
+  with pytest.raises(ValueError, match=r"embeddings have width 0 \(shape \(10, 0\)\)"):
+    bandit.train_policy(embeddings[:, :0], rewards)
+  with pytest.raises(ValueError, match="input_dim must be >= 1, got 0"):
+    bandit.PolicyNetwork(0, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_options must be >= 1, got 0"):
+    bandit.PolicyNetwork(4, 0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("learning_rate", float("nan"), "config.learning_rate=nan: must be a finite number"),
+    ("learning_rate", -1e-3, r"config.learning_rate=-0.001: must be > 0"),
+    ("b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
+    ("eps", 0.0, "config.eps=0.0: must be > 0"),
+    ("weight_decay", float("inf"), "config.weight_decay=inf: must be a finite number"),
+    ("batch_size", 0, "config.batch_size=0: must be >= 1")])
+def test_bad_optimizer_settings_are_refused(field, value, message):
+  config = bandit.default_train_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    bandit.train_policy(TRAIN[0][:10], TRAIN[1][:10], config=config)
+
+
+def test_save_over_an_existing_policy_replaces_it_whole(small_policy, default_policy, tmp_path):
+  small_policy.save(tmp_path / "policy")
+  default_policy.save(tmp_path / "policy", overwrite=True)
+  loaded = bandit.load_policy(tmp_path / "policy")
+  np.testing.assert_array_equal(loaded.probabilities(HELD_OUT[0][:20]),
+                                default_policy.probabilities(HELD_OUT[0][:20]))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no staging left behind
+
+
+def test_empty_or_damaged_policy_directory_is_named(small_policy, tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(bandit.PolicyLoadError, match=rf"{tmp_path / 'empty'} is empty: no policy was saved "
+                                                   r"there; train one"):
+    bandit.load_policy(tmp_path / "empty")
+  small_policy.save(tmp_path / "no_state")
+  shutil.rmtree(tmp_path / "no_state" / "state")
+  with pytest.raises(bandit.PolicyLoadError, match=r"no_state lacks \['state'\]: it is not a complete "
+                                                   r"Policy.save directory"):
+    bandit.load_policy(tmp_path / "no_state")
+  small_policy.save(tmp_path / "damaged")
+  data_files = [p for p in (tmp_path / "damaged" / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:  # the array data, as a partial copy leaves it
+    path.write_bytes(path.read_bytes()[:8])
+  with pytest.raises(bandit.PolicyLoadError, match=rf"cannot read the policy at {tmp_path / 'damaged'} "
+                                                   r"\(.*\): the directory is damaged or was written only "
+                                                   r"in part; train and save the policy again"):
+    bandit.load_policy(tmp_path / "damaged")

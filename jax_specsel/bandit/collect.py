@@ -6,22 +6,41 @@ the greedy one, paper sec. 3.2), and the target's query embedding. Scores are RO
 candidate and the target's greedy output; the size costs and the alpha mix are applied at training
 time (`reward_table`), so one collection serves every alpha.
 
-Storage: parquet shards `shard-NNNNN.parquet`, one per fixed range of queries, each written to a
-temporary name and renamed, plus `collection.json` (options, parameter counts, config). A collection
-killed at any point and restarted redoes only the unfinished shards: every query exactly once.
-Several processes split the shards (process p takes p, p + P, ...; bandit/distributed.py), so
-merging their work is just loading every shard.
+Storage: parquet shards `shard-NNNNN.parquet`, one per fixed range of queries, plus
+`collection.json` (options, parameter counts, config, and a fingerprint of the queries: a sha256
+of their ids and prompts, whole and per shard). Each shard is written to a temporary name unique
+to its writer and renamed: a shard is either complete or absent. A collection killed at any point
+and restarted redoes only the unfinished shards: every query exactly once. A restart with other
+settings, models or queries (even as many) is refused, so one table never mixes two datasets;
+`load_collection` checks every shard against its fingerprint and refuses an unfinished collection
+unless asked (`allow_partial=True`).
+
+Concurrent writers: a writer holds an exclusive lock (`fcntl.flock`) on `shard-NNNNN.lock` while it
+collects that shard; another writer skips a locked shard, does the others, then waits for the
+locked ones (taking one over if its writer died: the kernel releases a dead process's locks). Two
+runs started on one directory therefore split the work, each query is collected once, and both
+return the whole table. On a file system without locks (a warning says so) they may both collect
+a shard; the renames are atomic and carry the same queries, so the table still holds every query
+exactly once. Several processes of one run split the shards (process p takes p, p + P, ...;
+bandit/distributed.py), so merging their work is just loading every shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import glob
+import hashlib
 import json
+import logging
 import os
+import socket
 import time
+import uuid
 import zlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -32,8 +51,19 @@ from jax_specsel.decoding import generate
 from jax_specsel.decoding.generate import pad_prompts
 from jax_specsel.models.interface import Model
 
+log = logging.getLogger(__name__)
+
 AUTOREGRESSIVE = "autoregressive"
 _META = "collection.json"
+_FINGERPRINTS = ("queries_fingerprint", "shard_fingerprints")  # meta keys describing the queries
+
+
+class CollectionMismatchError(ValueError):
+  """A directory holds a collection of other settings, models or queries than the ones given."""
+
+
+class IncompleteCollectionError(RuntimeError):
+  """A collection has shards still missing (it was interrupted or is still running)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +93,23 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
     target: the target model (tokenizer attached).
     drafters: name -> drafter model; at least one.
     examples: a dataset with columns id, task, prompt, reference (see data.loaders.load_examples).
-    output_dir: shard directory; created if missing, resumed if it holds the same collection.
+    output_dir: shard directory; created if missing, resumed if it holds the same collection
+      (settings, models and queries); another collection writing it at the same time splits
+      the shards with this one (see the module docstring).
     config: generation settings.
     progress: show a progress bar with rate and ETA.
     process_index, process_count: this process takes shards process_index, process_index +
       process_count, ... (see bandit/distributed.py). Process 0 writes collection.json; the others
-      wait for it (up to `wait_seconds`) and check that they collect with the same settings.
+      wait for it (up to `wait_seconds`) and check that they collect the same queries with the
+      same settings.
     wait_seconds: how long a process other than 0 waits for collection.json.
 
   Returns:
     The collected dataset (one row per query, in example order). With process_count > 1 it holds
     the shards finished so far; `distributed.collect` waits for every process first.
+
+  Raises:
+    CollectionMismatchError: output_dir holds a collection of other settings, models or queries.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
@@ -84,19 +120,37 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
   else:
     _await_metadata(output_dir, meta, wait_seconds)
   num_shards = -(-len(examples) // config.shard_size)
-  todo = [k for k in range(process_index, num_shards, process_count)
-          if not os.path.exists(_shard_path(output_dir, k))]
-  remaining = sum(len(_shard_range(k, config, len(examples))) for k in todo)
-  mine = sum(len(_shard_range(k, config, len(examples)))
-             for k in range(process_index, num_shards, process_count))
-  bar = tqdm(total=mine, initial=mine - remaining, unit="query", disable=not progress,
+  mine = list(range(process_index, num_shards, process_count))
+  todo = [k for k in mine if not os.path.exists(_shard_path(output_dir, k))]
+  size = lambda shards: sum(len(_shard_range(k, config, len(examples))) for k in shards)
+  bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="query", disable=not progress,
              desc="collect" if process_count == 1 else f"collect {process_index}/{process_count}")
+  # First the shards no other writer holds, then wait for the held ones (or take them over).
+  held = []
   for shard in todo:
-    indices = _shard_range(shard, config, len(examples))
-    rows = _collect_rows(target, drafters, examples.select(indices), config, bar)
-    _write_shard(output_dir, shard, rows)
+    if not _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait=False):
+      held.append(shard)
+  for shard in held:
+    _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait=True)
   bar.close()
-  return load_collection(output_dir)[0]
+  return load_collection(output_dir, allow_partial=process_count > 1)[0]
+
+
+def _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait: bool) -> bool:
+  """Collects one shard under its lock; False when another writer holds it and `wait` is False."""
+  indices = _shard_range(shard, config, len(examples))
+  with _shard_lock(output_dir, shard, wait) as locked:
+    if not locked:
+      return False
+    if os.path.exists(_shard_path(output_dir, shard)):  # another writer finished it meanwhile
+      bar.update(len(indices))
+    else:
+      _remove_stale_temporaries(output_dir, shard)
+      rows = _collect_rows(target, drafters, examples.select(indices), config, bar)
+      _write_shard(output_dir, shard, rows)
+    # Safe while others wait on the lock: whoever gets it next sees the shard and skips it.
+    _remove_quietly(_lock_path(output_dir, shard))
+  return True
 
 
 def _check_inputs(target, drafters, examples):
@@ -117,29 +171,113 @@ def _metadata(target, drafters, examples, config) -> dict:
   params = {name: int(model.num_params) for name, model in drafters.items()}
   if config.include_autoregressive:
     params[AUTOREGRESSIVE] = int(target.num_params)
+  whole, per_shard = query_fingerprints(examples, config.shard_size)
   return {"target": target.name, "options": option_names(drafters, config), "param_counts": params,
           "num_queries": len(examples), "embedding_dim": int(target.hidden_size),
-          "config": dataclasses.asdict(config)}
+          "config": dataclasses.asdict(config), "queries_fingerprint": whole,
+          "shard_fingerprints": per_shard}
+
+
+def query_fingerprints(examples, shard_size: int) -> tuple[str, list[str]]:
+  """(fingerprint of all queries, one per shard): sha256 over the queries' (id, prompt) pairs.
+
+  Args:
+    examples: a dataset (or a dict of columns) with `id` and `prompt`.
+    shard_size: queries per shard.
+
+  Returns:
+    Hex digests; the whole one hashes the per-shard ones, so one pass computes both.
+  """
+  ids, prompts = [str(i) for i in examples["id"]], list(examples["prompt"])
+  per_shard = [_rows_fingerprint(ids[start:start + shard_size], prompts[start:start + shard_size])
+               for start in range(0, len(ids), shard_size)]
+  return hashlib.sha256("".join(per_shard).encode()).hexdigest(), per_shard
+
+
+def _rows_fingerprint(ids: Sequence[str], prompts: Sequence[str]) -> str:
+  digest = hashlib.sha256()
+  for query_id, prompt in zip(ids, prompts):
+    digest.update(json.dumps([query_id, prompt]).encode() + b"\n")  # JSON: no ambiguous joins
+  return digest.hexdigest()
 
 
 def _prepare_dir(output_dir: str, meta: dict) -> None:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, _META)
-  if os.path.exists(path):
-    _check_same(output_dir, meta)
-    return
-  with open(path + ".tmp", "w") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(path + ".tmp", path)
+  if not os.path.exists(path):
+    _create_json(path, meta)  # exclusive: of two runs starting together, one writes it
+  _check_same(output_dir, meta)
+
+
+def _create_json(path: str, payload: dict) -> None:
+  """Writes `path` atomically unless it exists (a hard link cannot replace an existing file)."""
+  temporary = _unique_temporary(path)
+  with open(temporary, "w") as f:
+    json.dump(payload, f, indent=2)
+  try:
+    os.link(temporary, path)
+  except FileExistsError:
+    pass  # another writer was first: _check_same compares its settings with ours
+  except OSError:  # no hard links (some FUSE mounts): atomic, but the last writer wins
+    os.replace(temporary, path)
+  finally:
+    _remove_quietly(temporary)
 
 
 def _check_same(output_dir: str, meta: dict) -> None:
-  with open(os.path.join(output_dir, _META)) as f:
-    existing = json.load(f)
-  if existing != json.loads(json.dumps(meta)):
-    raise ValueError(f"{output_dir} holds a collection made with other settings or models "
-                     f"({existing.get('options')}, {existing.get('config')}); resume only with the "
-                     "same ones, or pass a new output directory.")
+  """Refuses a directory whose collection has other settings, models or queries than `meta`."""
+  existing = _read_meta(output_dir)
+  settings = {k: v for k, v in meta.items() if k not in _FINGERPRINTS}
+  if {k: v for k, v in existing.items() if k not in _FINGERPRINTS} != json.loads(json.dumps(settings)):
+    raise CollectionMismatchError(
+        f"{output_dir} holds a collection made with other settings or models "
+        f"({existing.get('options')}, {existing.get('config')}); resume only with the same ones, "
+        "or pass a new output directory.")
+  if "queries_fingerprint" not in existing:  # written before fingerprints: check shards by content
+    _check_shards_hold(output_dir, meta)
+    _write_json_atomically(os.path.join(output_dir, _META), meta)
+  elif existing["queries_fingerprint"] != meta["queries_fingerprint"]:
+    differing = [k for k, (a, b) in enumerate(zip(existing["shard_fingerprints"],
+                                                  meta["shard_fingerprints"])) if a != b]
+    raise CollectionMismatchError(
+        f"{output_dir} holds a collection of other queries (the same count, {meta['num_queries']}, "
+        f"but other ids or prompts, first in shard(s) {differing[:5]}): resuming would mix two "
+        "datasets in one table. Pass the examples it was started with, or a new output directory.")
+
+
+def _check_shards_hold(output_dir: str, meta: dict) -> None:
+  """Every shard on disk holds the queries `meta` fingerprints (for collections without one)."""
+  for shard, expected in enumerate(meta["shard_fingerprints"]):
+    path = _shard_path(output_dir, shard)
+    if os.path.exists(path) and _shard_fingerprint(path) != expected:
+      raise CollectionMismatchError(
+          f"{path} holds other queries (ids or prompts) than shard {shard} of the examples given: "
+          "resuming would mix two datasets. Pass the examples it was started with, or a new "
+          "output directory.")
+
+
+def _shard_fingerprint(path: str) -> str:
+  import pyarrow.parquet as pq
+  table = pq.read_table(path, columns=["id", "prompt"])
+  return _rows_fingerprint(table.column("id").to_pylist(), table.column("prompt").to_pylist())
+
+
+def _read_meta(output_dir: str) -> dict:
+  path = os.path.join(output_dir, _META)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as err:
+    raise CollectionMismatchError(f"{path} is not valid JSON ({err}): the file was truncated or "
+                                  "edited; restore it, or start the collection in a new "
+                                  "directory.") from None
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+  temporary = _unique_temporary(path)
+  with open(temporary, "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(temporary, path)
 
 
 def _await_metadata(output_dir: str, meta: dict, wait_seconds: float) -> None:
@@ -163,10 +301,78 @@ def _shard_path(output_dir: str, shard: int) -> str:
   return os.path.join(output_dir, f"shard-{shard:05d}.parquet")
 
 
+def _lock_path(output_dir: str, shard: int) -> str:
+  return os.path.join(output_dir, f"shard-{shard:05d}.lock")
+
+
+def _unique_temporary(path: str) -> str:
+  """A temporary name no other writer uses (host, pid, random): renames never collide."""
+  return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _write_shard(output_dir: str, shard: int, rows: list[dict]) -> None:
   path = _shard_path(output_dir, shard)
-  datasets.Dataset.from_list(rows).to_parquet(path + ".tmp")
-  os.replace(path + ".tmp", path)  # atomic: a shard is either complete or absent
+  temporary = _unique_temporary(path)
+  try:
+    datasets.Dataset.from_list(rows).to_parquet(temporary)
+    os.replace(temporary, path)  # atomic: a shard is either complete or absent
+  finally:
+    _remove_quietly(temporary)
+
+
+def _remove_quietly(path: str) -> None:
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
+
+
+_LOCKS_UNSUPPORTED_WARNED = []
+
+
+@contextlib.contextmanager
+def _shard_lock(output_dir: str, shard: int, wait: bool) -> Iterator[bool]:
+  """Holds the shard's exclusive lock; yields False if another writer holds it and not `wait`.
+
+  flock locks die with their process (even on SIGKILL), so a crashed writer never leaves a
+  shard claimed forever. Where the file system has no locks, yields True with a warning.
+  """
+  fd = os.open(_lock_path(output_dir, shard), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    except OSError as err:
+      if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise
+      if not _LOCKS_UNSUPPORTED_WARNED:
+        _LOCKS_UNSUPPORTED_WARNED.append(True)
+        log.warning("%s: the file system has no locks (%s): concurrent collections into it may "
+                    "collect a shard twice (never mixing rows)", output_dir, err.strerror)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())  # who holds it, for humans
+    yield True
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _remove_stale_temporaries(output_dir: str, shard: int) -> None:
+  """Removes temporary shard files of dead writers on this host (a SIGKILL leaves them)."""
+  host = socket.gethostname()
+  for temporary in glob.glob(_shard_path(output_dir, shard) + ".tmp*"):
+    owner = temporary.rsplit(".tmp", 1)[1].lstrip("-").rsplit("-", 2)
+    if owner == [""] or (len(owner) == 3 and owner[0] == host and not _alive(owner[1])):
+      _remove_quietly(temporary)  # [""]: the fixed ".tmp" name of earlier versions
+
+
+def _alive(pid: str) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (ValueError, PermissionError):
+    return True  # not a pid we can judge, or another user's live process
+  return True
 
 
 def _collect_rows(target, drafters, examples, config, bar) -> list[dict]:
@@ -216,18 +422,58 @@ def embed_prompts(model: Model, prompt_ids: Sequence[Sequence[int]]) -> np.ndarr
   return model.embed(ids, mask)
 
 
-def load_collection(output_dir: str) -> tuple[datasets.Dataset, dict]:
-  """(dataset in query order, metadata) of a finished or partial collection."""
+def load_collection(output_dir: str, allow_partial: bool = False) -> tuple[datasets.Dataset, dict]:
+  """(dataset in query order, metadata) of a collection, every shard checked against its queries.
+
+  Args:
+    output_dir: the collection directory.
+    allow_partial: accept an unfinished collection (the shards that exist); the metadata then
+      says so (`complete` False, `missing_shards`, `collected_queries`).
+
+  Returns:
+    The rows and collection.json's metadata plus `complete`, `collected_queries` and
+    `missing_shards` (file names).
+
+  Raises:
+    FileNotFoundError: not a collection directory, or no shard finished yet.
+    IncompleteCollectionError: shards are missing and allow_partial is False.
+    CollectionMismatchError: a shard holds other queries than collection.json records.
+  """
   meta_path = os.path.join(output_dir, _META)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{meta_path} is missing: {output_dir} is not a collection directory "
                             "(run launch/collect.py first).")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  shards = sorted(glob.glob(os.path.join(output_dir, "shard-*.parquet")))
-  if not shards:
+  meta = _read_meta(output_dir)
+  num_shards = -(-meta["num_queries"] // meta["config"]["shard_size"])
+  paths = [_shard_path(output_dir, k) for k in range(num_shards)]
+  present = [k for k, path in enumerate(paths) if os.path.exists(path)]
+  missing = [os.path.basename(paths[k]) for k in range(num_shards) if k not in set(present)]
+  if not present:
     raise FileNotFoundError(f"{output_dir} has no finished shard yet.")
-  return datasets.concatenate_datasets([datasets.Dataset.from_parquet(s) for s in shards]), meta
+  if missing and not allow_partial:
+    raise IncompleteCollectionError(
+        f"{output_dir} is an unfinished collection: {len(missing)} of {num_shards} shards are "
+        f"missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun the "
+        "collection (it resumes only the missing shards), or allow a partial one "
+        "(allow_partial=True, --allow_partial_collection); the report then says so.")
+  parts = [datasets.Dataset.from_parquet(paths[k]) for k in present]
+  for k, part in zip(present, parts):
+    _check_shard(paths[k], k, part, meta)
+  dataset = datasets.concatenate_datasets(parts)
+  meta.update(complete=not missing, collected_queries=len(dataset), missing_shards=missing)
+  return dataset, meta
+
+
+def _check_shard(path: str, shard: int, part: datasets.Dataset, meta: dict) -> None:
+  """Refuses a shard whose queries differ from the ones collection.json fingerprints."""
+  fingerprints = meta.get("shard_fingerprints")
+  if fingerprints is None:
+    return  # written before fingerprints existed
+  if _rows_fingerprint([str(i) for i in part["id"]], part["prompt"]) != fingerprints[shard]:
+    raise CollectionMismatchError(
+        f"{path} holds other queries (ids or prompts) than collection.json records for shard "
+        f"{shard}: it comes from another collection. Delete it and rerun the collection to "
+        "redo that shard.")
 
 
 def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit: float = 1e9,
@@ -238,9 +484,11 @@ def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit:
     dataset, meta: from `load_collection`.
     alpha: weight of alignment (eq. 2 taken literally; see rewards.mix_rewards).
     cost_unit: parameter-count unit of the A.5 cost (1e9: billions, as the paper's sizes).
-    options: a subset of the collected options (default all), e.g. without autoregressive.
+    options: a subset of the collected options (None: all), e.g. without autoregressive; not empty.
   """
-  names = list(options or meta["options"])
+  names = list(meta["options"] if options is None else options)
+  if not names:
+    raise ValueError(f"options is empty: choose at least two of {meta['options']} (or None: all).")
   unknown = set(names) - set(meta["options"])
   if unknown:
     raise ValueError(f"options {sorted(unknown)} were not collected; available: {meta['options']}.")

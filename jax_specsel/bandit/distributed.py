@@ -7,7 +7,9 @@ over `jax.local_devices()`). No process needs another's arrays, so nothing cross
 barrier at the end; merging is `collect.load_collection(output_dir)`, nothing lost or duplicated.
 
   Process 0 writes collection.json; the others wait for it and check they were given the same
-    models and settings (different ones would mix incompatible rows).
+    models, settings and queries (a fingerprint of ids and prompts): different ones would mix
+    incompatible rows. Each shard is written under its own lock to a name unique to its writer,
+    so a second run started on the same directory splits the work instead of colliding.
   Restart after a failure with any process count: each process redoes only the missing shards it
     now owns, so every query is still collected exactly once.
   output_dir must be a file system every process sees (NFS, a GCS FUSE mount, a local disk when
@@ -66,7 +68,8 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
 
   Args:
     target, drafters, examples, config, progress: as in `collect.collect`; every process must
-      pass the same examples and settings (checked against collection.json).
+      pass the same examples and settings (checked against collection.json and its fingerprint
+      of the queries).
     output_dir: the shared shard directory.
 
   Returns:

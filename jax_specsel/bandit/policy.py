@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import uuid
 from typing import Any, Callable, Sequence
 
 import jax
@@ -41,8 +43,10 @@ class PolicyNetwork(nnx.Module):
 
   def __init__(self, input_dim: int, num_options: int, hidden_dim: int = 512,
                num_layers: int = 3, *, rngs: nnx.Rngs):
-    if num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    for name, value in (("input_dim", input_dim), ("num_options", num_options),
+                        ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+      if value < 1:  # a width of 0 fails later inside the initializer (division by the fan-in)
+        raise ValueError(f"{name} must be >= 1, got {value}")
     widths = [input_dim] + [hidden_dim] * (num_layers - 1) + [num_options]
     self.layers = nnx.List([nnx.Linear(fan_in, fan_out, rngs=rngs)
                             for fan_in, fan_out in zip(widths[:-1], widths[1:])])
@@ -267,10 +271,21 @@ class Policy:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
     state = {"params": self.params, "input_mean": self.input_mean,
              "input_scale": self.input_scale}
+    # Written beside the target, then swapped in: an interrupted save never leaves a half
+    # policy where the previous one was.
+    staging = f"{path}.saving-{uuid.uuid4().hex[:8]}"
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-      checkpointer.save(path, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())),
-                        force=overwrite)
+      checkpointer.save(staging, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())))
+    previous = f"{path}.previous-{uuid.uuid4().hex[:8]}"
+    if os.path.exists(path):
+      os.rename(path, previous)
+    os.rename(staging, path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+class PolicyLoadError(ValueError):
+  """A policy directory is empty, incomplete or damaged (the message names it and the fix)."""
 
 
 def load_policy(path: str | os.PathLike) -> Policy:
@@ -281,16 +296,43 @@ def load_policy(path: str | os.PathLike) -> Policy:
 
   Returns:
     The policy, with identical weights, standardization, option names and config.
+
+  Raises:
+    FileNotFoundError: no directory at `path`.
+    PolicyLoadError: the directory is empty, lacks an item, or cannot be read.
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)")
+  _check_policy_dir(path)
+  try:
+    return _restore(path)
+  except PolicyLoadError:
+    raise
+  except Exception as err:  # orbax, TensorStore and json raise many classes for damaged files
+    detail = str(err).splitlines()[0][:200] if str(err) else ""
+    raise PolicyLoadError(f"cannot read the policy at {path} ({type(err).__name__}: {detail}): the "
+                          "directory is damaged or was written only in part; train and save the "
+                          "policy again (launch/train_policy.py) or restore a copy.") from err
+
+
+def _check_policy_dir(path: str) -> None:
+  if not os.listdir(path):
+    raise PolicyLoadError(f"{path} is empty: no policy was saved there; train one "
+                          "(launch/train_policy.py) or pass the directory Policy.save wrote.")
+  missing = [item for item in ("metadata", "state") if not os.path.isdir(os.path.join(path, item))]
+  if missing:
+    raise PolicyLoadError(f"{path} lacks {missing}: it is not a complete Policy.save directory; "
+                          "train and save the policy again or restore a copy.")
+
+
+def _restore(path: str) -> Policy:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     metadata = checkpointer.restore(path, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore()))["metadata"]
     if metadata.get("format_version") != _FORMAT_VERSION:
-      raise ValueError(f"{path} has policy format {metadata.get('format_version')}, this "
-                       f"library reads format {_FORMAT_VERSION}")
+      raise PolicyLoadError(f"{path} has policy format {metadata.get('format_version')}, this "
+                            f"library reads format {_FORMAT_VERSION}")
     abstract_network = nnx.eval_shape(lambda: PolicyNetwork(
         metadata["input_dim"], metadata["num_options"], metadata["hidden_dim"],
         metadata["num_layers"], rngs=nnx.Rngs(0)))

@@ -31,6 +31,7 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
+from jax_specsel import validation
 from jax_specsel.bandit.policy import Policy, PolicyNetwork, standardized_logits
 
 _ESTIMATORS = ("reinforce", "expected")
@@ -95,11 +96,22 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
   if config.estimator == "expected" and config.baseline != "none":
     raise ValueError("config.baseline='mean' only applies to estimator='reinforce' (the expected "
                      "gradient has no sampling variance to reduce); set config.baseline='none'")
-  for field in ("hidden_dim", "num_layers", "batch_size", "epochs"):
-    if int(config[field]) < 1:
-      raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
-  if config.max_examples is not None and config.max_examples < 1:
-    raise ValueError(f"config.max_examples must be None or >= 1, got {config.max_examples}")
+  try:
+    for field in ("hidden_dim", "num_layers", "batch_size", "epochs"):
+      validation.integer(f"config.{field}", config[field], minimum=1)
+    if config.max_examples is not None:
+      validation.integer("config.max_examples", config.max_examples, minimum=1)
+    # optax takes NaN or a negative rate silently and trains a policy of NaN weights.
+    if validation.real("config.learning_rate", config.learning_rate) <= 0:
+      raise ValueError(f"config.learning_rate={config.learning_rate}: must be > 0.")
+    validation.real("config.weight_decay", config.weight_decay, 0.0)
+    for field in ("b1", "b2"):
+      if not 0 <= validation.real(f"config.{field}", config[field]) < 1:
+        raise ValueError(f"config.{field}={config[field]}: must be in [0, 1).")
+    if validation.real("config.eps", config.eps) <= 0:
+      raise ValueError(f"config.eps={config.eps}: must be > 0.")
+  except TypeError as err:  # one error type for a bad config value
+    raise ValueError(str(err)) from None
 
 
 def _check_dataset(embeddings, rewards) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +122,13 @@ def _check_dataset(embeddings, rewards) -> tuple[np.ndarray, np.ndarray]:
                      f"and {rewards.shape}")
   if embeddings.shape[0] == 0:
     raise ValueError("empty dataset: no training examples; collect at least one query")
-  if rewards.shape[1] < 2:
+  if embeddings.shape[1] == 0:
+    raise ValueError(f"embeddings have width 0 (shape {embeddings.shape}): the policy needs the "
+                     "target's query embeddings (collection column 'embedding').")
+  if rewards.shape[1] == 0:
+    raise ValueError(f"rewards have 0 columns (shape {rewards.shape}): no options to choose among; "
+                     "pass one reward column per drafter (and autoregressive) option")
+  if rewards.shape[1] == 1:
     raise ValueError("a drafter list of one: nothing to choose; use that drafter directly")
   if embeddings.shape[0] != rewards.shape[0]:
     raise ValueError(f"{embeddings.shape[0]} embeddings but {rewards.shape[0]} reward rows; "

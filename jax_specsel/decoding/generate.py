@@ -11,20 +11,28 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel import sharding
+from jax_specsel import sharding, validation
 from jax_specsel.decoding import loop, sampling
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 8
+# Sampling temperatures in (0, this) are refused: logits / temperature leave float32's useful range
+# (measured: 1e-10 already yields pad tokens on a toy model); 0 is greedy, their limit.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 _COMPILED: dict = {}
 _COMPILE_SECONDS: list[float] = []
+
+
+class PositionLimitWarning(UserWarning):
+  """A decoder-only generation runs past the model's max_position_embeddings (it goes on)."""
 
 
 @dataclasses.dataclass
@@ -105,23 +113,44 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
              max_new_tokens: int = 64, seed: int = 0, attention_mask=None) -> GenerateOutput:
   """Autoregressive (drafter=None) or speculative generation in one compiled while_loop.
 
+  Every input is checked before anything is compiled or run; nothing is silently truncated.
+
   Args:
     target: the model whose distribution is sampled (greedy: whose argmax text is reproduced).
-    prompt_ids: int [B, S] right-padded (with `attention_mask`), or a list of B id lists.
+    prompt_ids: integer token ids: an array [B, S] (or [S] for one prompt), padded where
+      `attention_mask` is 0, or a list of B id lists of any lengths (a 1-D numpy object array
+      of id arrays counts as such a list). Float or object ids are refused, not truncated.
     drafter: a `Model` of the same family and tokenizer, an early-exit view, or None.
-    gamma: draft tokens per round (ignored without a drafter).
-    temperature: 0 for greedy; > 0 samples (the drafter samples with the same processing).
+    gamma: draft tokens per round, a whole number: >= 1 with a drafter; without a drafter it
+      is not used (any whole number >= 0 is accepted, 0 included).
+    temperature: 0 for greedy; otherwise sampling at a temperature >= MIN_SAMPLING_TEMPERATURE
+      (1e-4): smaller positive values are refused (logits / temperature leave float32's
+      working range and the loop would emit garbage); pass 0 for their limit, greedy decoding.
+      The drafter samples with the same processing.
     top_k: keep the k most likely ids (0: off). top_p: nucleus mass in (0, 1] (1: off).
-    max_new_tokens: tokens to generate at most per row.
-    seed: PRNG seed for every random draw.
-    attention_mask: {0,1} [B, S], 1 on real prompt tokens; default: every token is real.
+    max_new_tokens: tokens to generate at most per row. For a decoder-only model, a prompt
+      plus max_new_tokens longer than the model's max_position_embeddings warns
+      (`PositionLimitWarning`) and generation goes on, as in transformers; a prompt alone
+      longer than that limit is refused.
+    seed: PRNG seed for every random draw, in [0, 2**32).
+    attention_mask: 0/1 of prompt_ids' shape, 1 on real prompt tokens; default: every token is
+      real. The ones of a row must be contiguous: right, left (as tokenizers with
+      padding_side="left" produce) or both-sided padding are accepted and normalized to the
+      right-padded layout the loop uses; padding between real tokens, other values and other
+      shapes are refused.
 
   Returns:
     GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
+
+  Raises:
+    TypeError: a drafter or target that is not a `Model`, non-integer ids or settings.
+    ValueError: settings out of range, a malformed prompt or mask, an incompatible drafter.
   """
   started = time.perf_counter()
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  _check_models(target, drafter, gamma)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
+  _warn_past_position_limit(target, drafter, mask, max_new_tokens)
   if drafter is not None:
     drafter = drafter_for(target, drafter)
     check_compatible(target, drafter)
@@ -130,7 +159,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
   args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
   compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
-                                               args, _describe(spec))
+                                               args, _program_name(spec))
   summary = loop.Summary.from_array(np.asarray(compiled(*args)), spec.max_new_tokens)
   seconds = time.perf_counter() - started - compile_seconds
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
@@ -150,33 +179,82 @@ def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: flo
 
 
 def _check_settings(gamma, temperature, top_k, top_p, max_new_tokens):
-  if int(gamma) < 1:
-    raise ValueError(f"gamma={gamma}: the number of draft tokens per round must be >= 1.")
-  if not temperature >= 0:
+  """Raises TypeError / ValueError naming the first bad setting (whole numbers stay whole)."""
+  validation.integer("gamma", gamma, minimum=0)  # >= 1 with a drafter: _check_models
+  temperature = validation.real("temperature", temperature)
+  if temperature < 0:
     raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy decoding).")
-  if int(top_k) < 0:
-    raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables the top-k filter).")
-  if not 0 < top_p <= 1:
+  if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+    raise ValueError(f"temperature={temperature}: positive temperatures below "
+                     f"{MIN_SAMPLING_TEMPERATURE} are refused (logits / temperature leave "
+                     "float32's working range in the sampling step and the output is garbage); "
+                     "pass temperature=0 for greedy decoding (their limit) or a temperature >= "
+                     f"{MIN_SAMPLING_TEMPERATURE}.")
+  validation.integer("top_k", top_k, minimum=0)
+  if not 0 < validation.real("top_p", top_p) <= 1:
     raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 disables the nucleus filter).")
-  if int(max_new_tokens) < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1.")
+  validation.integer("max_new_tokens", max_new_tokens, minimum=1)
+
+
+def _check_models(target, drafter, gamma) -> None:
+  """Type checks of the models (before `check_compatible`) and gamma >= 1 with a drafter."""
+  if not isinstance(target, Model):
+    raise TypeError(f"target is {_describe(target)}: pass a jax_specsel Model "
+                    "(jax_specsel.load_model(path)).")
+  if drafter is None:
+    return
+  if not isinstance(drafter, Model):
+    raise TypeError(f"drafter is {_describe(drafter)}: pass a jax_specsel Model "
+                    "(jax_specsel.load_model(path) or target.early_exit(layers)), or None for "
+                    "autoregressive decoding.")
+  if int(gamma) < 1:
+    raise ValueError(f"gamma={gamma} with drafter {drafter.name}: a speculative round drafts "
+                     "gamma >= 1 tokens; pass drafter=None for autoregressive decoding.")
+
+
+def _describe(value) -> str:
+  text = repr(value)
+  return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _warn_past_position_limit(target, drafter, mask, max_new_tokens) -> None:
+  """Warns, as transformers does, when a decoder-only model runs past max_position_embeddings.
+
+  transformers' generate goes on with a warning ("you may observe exceptions, performance
+  degradation, or nothing at all"): rotary positions extrapolate, they are just untrained.
+  T5's relative positions have no such limit.
+  """
+  needed = int(mask.sum(axis=1).max()) + int(max_new_tokens)
+  seen = set()
+  for model in (target, drafter):
+    if model is None or model.is_encoder_decoder or not model.max_positions or model.name in seen:
+      continue
+    seen.add(model.name)
+    if needed > model.max_positions:
+      warnings.warn(PositionLimitWarning(
+          f"the longest prompt plus max_new_tokens={int(max_new_tokens)} needs {needed} positions "
+          f"but {model.name} was trained on max_position_embeddings={model.max_positions}: "
+          "generation goes on (as in transformers), but output past that position may degrade; "
+          "shorten the prompt or lower max_new_tokens."), stacklevel=3)
 
 
 def pad_prompts(prompt_ids, attention_mask, target: Model):
-  """Right-pads prompts to their power-of-two bucket in numpy (no device op per new length)."""
-  if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
-    rows = [np.asarray(r, np.int64).reshape(-1) for r in prompt_ids]
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), target.pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-      ids[i, :len(r)], mask[i, :len(r)] = r, 1
-  else:
-    ids = np.asarray(prompt_ids, np.int64)
-    ids = ids[None] if ids.ndim == 1 else ids
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-  if ids.ndim != 2 or ids.shape[0] == 0:
-    raise ValueError(f"prompt_ids must be [batch, length] with batch >= 1, got shape {ids.shape}.")
+  """Right-pads prompts to their power-of-two bucket in numpy (no device op per new length).
+
+  Args:
+    prompt_ids, attention_mask: as `generate` takes them (see there for what is accepted).
+    target: the model whose pad id, vocabulary and position limit apply.
+
+  Returns:
+    (ids int32 [B, bucket], mask int32 [B, bucket]): each row's real tokens first.
+
+  Raises:
+    TypeError: ids that are not integers. ValueError: a malformed batch or mask, an empty
+      prompt, ids outside the vocabulary, a prompt longer than the model's positions.
+  """
+  ids, mask = _as_batch(prompt_ids, attention_mask, target.pad_id)
+  if attention_mask is not None:  # built masks are right-aligned already (keeps the call cheap)
+    ids, mask = _right_aligned(ids, mask)
   lengths = mask.sum(axis=1)
   if (lengths == 0).any():
     raise ValueError(f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row needs "
@@ -187,7 +265,10 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
                      f"{limit} positions (max_position_embeddings): truncate the prompt.")
   out_of_vocab = mask.astype(bool) & ((ids < 0) | (ids >= target.vocab_size))
   if out_of_vocab.any():
-    raise ValueError(f"prompt ids must lie in [0, {target.vocab_size}) for {target.name}.")
+    rows = np.unique(np.nonzero(out_of_vocab)[0])
+    raise ValueError(f"prompt ids must lie in [0, {target.vocab_size}) for {target.name}; row(s) "
+                     f"{rows[:5].tolist()} hold {ids[out_of_vocab][:5].tolist()}: tokenize with "
+                     "the model's own tokenizer.")
   bucket = bucket_length(int(lengths.max()), limit)
   padded_ids = np.full((ids.shape[0], bucket), target.pad_id, np.int32)
   padded_mask = np.zeros((ids.shape[0], bucket), np.int32)
@@ -195,6 +276,107 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
   padded_ids[:, :width] = np.where(mask[:, :width] > 0, ids[:, :width], target.pad_id)
   padded_mask[:, :width] = mask[:, :width]
   return padded_ids, padded_mask
+
+
+def _as_batch(prompt_ids, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int64 [B, S], mask int64 [B, S]) from any accepted prompt form, checked."""
+  if isinstance(prompt_ids, np.ndarray) and prompt_ids.dtype == object and prompt_ids.ndim == 1:
+    prompt_ids = list(prompt_ids)  # a ragged numpy array: one id sequence per element
+  if _is_row_list(prompt_ids):
+    rows = [_id_array(row, f"prompt_ids[{i}]") for i, row in enumerate(prompt_ids)]
+    for i, row in enumerate(rows):
+      if row.ndim != 1:
+        raise ValueError(f"prompt_ids[{i}] has shape {row.shape}: each row must be a flat list of ids.")
+    if attention_mask is None:
+      return _pack_rows(rows, pad_id)
+    if len({len(row) for row in rows}) > 1:
+      raise ValueError("attention_mask given with prompt rows of different lengths: pass either "
+                       "ragged id lists (their lengths mark the real tokens) or a padded [B, S] "
+                       "array with its mask.")
+    ids = np.stack(rows)
+  else:
+    ids = _id_array(prompt_ids, "prompt_ids")
+  one_prompt = ids.ndim == 1
+  ids = ids[None] if one_prompt else ids
+  if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+    raise ValueError(f"prompt_ids must be [batch, length] with batch >= 1 and length >= 1, got "
+                     f"shape {ids.shape}.")
+  return ids, _checked_mask(attention_mask, ids.shape, one_prompt)
+
+
+def _is_row_list(prompt_ids) -> bool:
+  if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+    return False
+  try:
+    return np.ndim(prompt_ids[0]) > 0
+  except ValueError:  # a ragged element: let _id_array name it
+    return True
+
+
+def _id_array(values, name: str) -> np.ndarray:
+  """int64 ids from an array-like, refusing floats, objects and ragged nesting (no truncation)."""
+  try:
+    array = np.asarray(values)
+  except ValueError:  # numpy refuses inhomogeneous nesting
+    raise ValueError(f"{name} is ragged (nested sequences of different lengths): pass a list of "
+                     "flat id lists, or a padded [B, S] array with an attention_mask.") from None
+  if array.size == 0:
+    return array.astype(np.int64)
+  if array.dtype == object:
+    raise TypeError(f"{name} holds Python objects (dtype object): pass integer token ids, as a "
+                    "list of id lists or an integer array.")
+  if array.dtype.kind not in "iu":
+    raise TypeError(f"{name} has dtype {array.dtype}: token ids must be integers (they are not "
+                    "truncated; cast whole-number ids with .astype(np.int32)).")
+  return array.astype(np.int64)
+
+
+def _pack_rows(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  width = max(max(len(row) for row in rows), 1)
+  ids = np.full((len(rows), width), pad_id, np.int64)
+  mask = np.zeros((len(rows), width), np.int64)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  return ids, mask
+
+
+def _checked_mask(attention_mask, shape: tuple[int, int], one_prompt: bool) -> np.ndarray:
+  """The mask as int64 of `shape`; refuses other shapes and values other than 0 and 1."""
+  if attention_mask is None:
+    return np.ones(shape, np.int64)
+  mask = np.asarray(attention_mask)
+  if one_prompt and mask.ndim == 1:
+    mask = mask[None]
+  if mask.shape != shape:
+    raise ValueError(f"attention_mask has shape {np.shape(attention_mask)} but prompt_ids has "
+                     f"shape {shape if not one_prompt else shape[1:]}: pass one 0/1 value per "
+                     "prompt token.")
+  binary = mask.dtype.kind in "biuf" and bool(((mask == 0) | (mask == 1)).all())
+  if not binary:
+    bad = mask[(mask != 0) & (mask != 1)] if mask.dtype.kind in "biuf" else mask.reshape(-1)
+    raise ValueError(f"attention_mask holds values other than 0 and 1 (e.g. {bad[:3].tolist()}): "
+                     "1 marks a real prompt token, 0 padding.")
+  return mask.astype(np.int64)
+
+
+def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Moves each row's real tokens to the front (the loop's layout) and refuses holes.
+
+  Tokenizers with padding_side="left" put padding first; rolling the row keeps the tokens in
+  order. A 0 between real tokens has no place in a prefix layout, so it is refused.
+  """
+  lengths = mask.sum(axis=1)
+  first = np.argmax(mask, axis=1)
+  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+  holes = (lengths > 0) & (last - first != lengths)
+  if holes.any():
+    raise ValueError(f"attention_mask row(s) {np.flatnonzero(holes)[:5].tolist()} have padding "
+                     "between real tokens: pass left- or right-padded prompts (one contiguous run "
+                     "of 1s per row).")
+  if not first.any():
+    return ids, mask
+  columns = (np.arange(mask.shape[1])[None, :] + first[:, None]) % mask.shape[1]
+  return np.take_along_axis(ids, columns, axis=1), np.take_along_axis(mask, columns, axis=1)
 
 
 def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed) -> np.ndarray | jax.Array:
@@ -205,12 +387,10 @@ def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed) -> np.
   program: building it outside is a device dispatch, ~0.5 ms on CPU). Split on the mesh's data
   axis when the target is sharded.
   """
-  if not 0 <= int(seed) < 2 ** 32:
+  seed = validation.integer("seed", seed)
+  if not 0 <= seed < 2 ** 32:
     raise ValueError(f"seed={seed}: must be in [0, 2**32).")
-  lengths = mask.sum(axis=1)
-  if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():
-    raise ValueError("attention_mask must be 1 on a prefix of each row and 0 after it (prompts "
-                     "right-padded): right-pad the prompts.")
+  lengths = mask.sum(axis=1)  # pad_prompts puts each row's real tokens first
   packed = np.empty((ids.shape[0], ids.shape[1] + 2), np.int32)
   packed[:, :-2], packed[:, -2] = ids, lengths
   packed[:, -1] = np.uint32(seed).view(np.int32)
@@ -283,7 +463,7 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
-def _describe(spec: loop.LoopSpec) -> str:
+def _program_name(spec: loop.LoopSpec) -> str:
   return f"gamma {spec.gamma}, {'greedy' if spec.settings.greedy else 'sampled'}"
 
 

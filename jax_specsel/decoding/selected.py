@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel.decoding import loop
-from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_settings, check_compatible,
+from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
+                                           _warn_past_position_limit, check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts, place_prompts,
                                            unpack_prompts)
 from jax_specsel.models.interface import Model
@@ -102,21 +103,25 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   """
   started = time.perf_counter()
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  _check_models(target, None, gamma)
+  option_models = _option_models(target, drafters, policy, gamma)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
-  option_models = _option_models(target, drafters, policy)
+  for drafter in option_models:
+    _warn_past_position_limit(target, drafter, mask, max_new_tokens)
   spec = SelectionSpec(
       options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
                     for drafter in option_models),
       policy=policy.program, greedy_policy=bool(greedy_policy))
   args, trees = _arguments(target, option_models, policy, place_prompts(target, ids, mask, seed))
   compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
-                                               _describe(spec, policy))
+                                               _program_name(spec, policy))
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, policy, packed, seconds, compile_seconds)
 
 
-def _option_models(target: Model, drafters: Mapping[str, Model], policy) -> list[Model | None]:
+def _option_models(target: Model, drafters: Mapping[str, Model], policy,
+                   gamma: int) -> list[Model | None]:
   """The drafter (None: autoregressive) of each policy option, checked before any work."""
   names = getattr(policy, "option_names", None)
   if not names:
@@ -137,6 +142,7 @@ def _option_models(target: Model, drafters: Mapping[str, Model], policy) -> list
     if model is not None:
       if not isinstance(model, Model):
         raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
+      _check_models(target, model, gamma)
       model = drafter_for(target, model)  # a single-device drafter joins a sharded target's mesh
       check_compatible(target, model)
     models.append(model)
@@ -153,7 +159,7 @@ def _arguments(target, option_models, policy, packed_prompts):
   return args, trees
 
 
-def _describe(spec: SelectionSpec, policy) -> str:
+def _program_name(spec: SelectionSpec, policy) -> str:
   kind = "greedy" if spec.greedy_policy else "dynamic"
   return f"selected by the {kind} policy among {policy.option_names}, gamma {spec.gamma_width}"
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 # A target of a few tens of millions of parameters and a drafter ~10x cheaper per step.
 RANDOM_PAIRS = {
     "t5": (dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
@@ -54,3 +56,23 @@ def random_pair(family: str, directory: str) -> tuple[str, str]:
   target = build_random_checkpoint(family, target_sizes, os.path.join(directory, f"{family}-target"), 0)
   drafter = build_random_checkpoint(family, drafter_sizes, os.path.join(directory, f"{family}-drafter"), 1)
   return target, drafter
+
+
+def random_prompt_ids(rng: np.random.Generator, vocab_size: int, num_prompts: int, length: int,
+                      low: int = 5, high: int = 1000) -> list[list[int]]:
+  """Random prompts [num_prompts][length] of ids in [low, min(high, vocab_size)).
+
+  Ids below `low` are usually special tokens (pad, eos, bos, unk); a vocabulary smaller than
+  `high` caps the range, so every id exists in the model (a tiny vocabulary keeps >= 1 id).
+
+  Args:
+    rng: the random generator.
+    vocab_size: the smallest vocabulary of the models the prompts go to.
+    num_prompts, length: the shape.
+    low, high: the preferred id range.
+  """
+  if vocab_size < 1:
+    raise ValueError(f"vocab_size={vocab_size}: a model needs at least one token id.")
+  high = min(high, vocab_size)
+  low = min(low, high - 1)
+  return rng.integers(low, high, size=(num_prompts, length)).tolist()

@@ -58,6 +58,10 @@ class InvalidConfigError(ValueError):
   outside the vocabulary, or a file that is not JSON)."""
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint file cannot be parsed (truncated, overwritten) or holds NaN / inf weights."""
+
+
 # model_type -> module, imported when a checkpoint of that type is loaded (the model files import
 # this module, and one architecture failing to import must not stop the others from loading).
 ARCHITECTURES = {"t5": "jax_specsel.models.t5", "llama": "jax_specsel.models.llama"}
@@ -88,7 +92,8 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
 
   Raises:
     CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError, InvalidConfigError (a
-    stop id outside the vocabulary), ValueError (bad dtype, mesh or matmul_precision).
+    stop id outside the vocabulary), CorruptCheckpointError (a file that cannot be parsed, NaN /
+    inf weights; naming the file and tensor), ValueError (bad dtype, mesh or matmul_precision).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}.")
@@ -97,8 +102,14 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
     sharding.check_mesh(mesh)
   directory = resolve_checkpoint_dir(path_or_id)
   hf_config = _read_config(directory)
-  arch = architecture(hf_config, os.path.join(directory, "config.json"))
-  config = _checkpoint_config(arch, hf_config, dtype, directory)
+  config_path = os.path.join(directory, "config.json")
+  arch = architecture(hf_config, config_path)
+  try:
+    config = _checkpoint_config(arch, hf_config, dtype, directory)
+  except (KeyError, TypeError) as err:  # a field missing or of the wrong type
+    raise CorruptCheckpointError(f"{config_path}: cannot build a {hf_config.get('model_type')} config "
+                                 f"({type(err).__name__}: {err}): a field is missing or malformed; "
+                                 "restore config.json from the checkpoint's source.") from err
   config = dataclasses.replace(config, matmul_precision=matmul_precision)
   module = _build_module(arch, config, directory, mesh)
   label = name or os.path.basename(os.path.normpath(path_or_id))
@@ -238,8 +249,7 @@ def read_hf_config(path_or_id: str) -> dict:
         f"cannot get config.json of {path!r} ({type(err).__name__}): "
         + ("HF_HUB_OFFLINE=1 and it is not cached; " if offline else "")
         + "pass a local checkpoint directory, or download it with huggingface-cli.") from err
-  with open(config_path) as f:
-    return json.load(f)
+  return read_json(config_path, "config.json")
 
 
 def resolve_checkpoint_dir(path_or_id: str) -> str:
@@ -279,8 +289,22 @@ def _read_config(directory: str) -> dict:
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f"{path} is missing: a HuggingFace checkpoint directory needs "
                                   "config.json next to its weights.")
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path, "config.json")
+
+
+def read_json(path: str, what: str) -> dict:
+  """A checkpoint's JSON object; CorruptCheckpointError naming the file when it cannot be parsed."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise CorruptCheckpointError(f"{path} is not valid JSON ({err}): the {what} is truncated or "
+                                 "was edited by hand; restore it from the checkpoint's source "
+                                 "(e.g. huggingface-cli download ... --force-download).") from None
+  if not isinstance(value, dict):
+    raise CorruptCheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                                 f"this is not a {what}; restore it from the checkpoint's source.")
+  return value
 
 
 def weight_files(directory: str) -> list[str]:
@@ -288,8 +312,11 @@ def weight_files(directory: str) -> list[str]:
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index_path = os.path.join(directory, index_name)
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+      index = read_json(index_path, "weight index")
+      if not isinstance(index.get("weight_map"), dict):
+        raise CorruptCheckpointError(f"{index_path} has no 'weight_map' object: restore the index "
+                                     "from the checkpoint's source.")
+      shards = sorted(set(index["weight_map"].values()))
       missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
       if missing:
         raise CheckpointNotFoundError(f"{index_path} lists shards that are not there: {missing[:3]}; "
@@ -304,15 +331,34 @@ def weight_files(directory: str) -> list[str]:
 
 def iter_tensors(directory: str) -> Iterator[tuple[str, jax.Array | np.ndarray]]:
   """Yields (name, tensor) one at a time across all weight files."""
+  for _, name, tensor in _iter_file_tensors(directory):
+    yield name, tensor
+
+
+def _iter_file_tensors(directory: str) -> Iterator[tuple[str, str, jax.Array | np.ndarray]]:
+  """Yields (file, name, tensor) one at a time across all weight files."""
   for path in weight_files(directory):
-    if path.endswith(".safetensors"):
-      import safetensors
-      # framework="flax": numpy has no bfloat16, and checkpoints are often stored in it.
-      with safetensors.safe_open(path, framework="flax") as f:
-        for key in f.keys():
-          yield key, f.get_tensor(key)
-    else:
-      yield from _iter_torch_bin(path)
+    tensors = _iter_safetensors(path) if path.endswith(".safetensors") else _iter_torch_bin(path)
+    for name, tensor in tensors:
+      yield path, name, tensor
+
+
+def _unreadable(path: str, err: Exception) -> CorruptCheckpointError:
+  return CorruptCheckpointError(
+      f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}): "
+      "the file is truncated or corrupt (an interrupted download or copy?); download it again "
+      "(huggingface-cli download ... --force-download) or re-save the checkpoint.")
+
+
+def _iter_safetensors(path: str):
+  import safetensors
+  try:
+    # framework="flax": numpy has no bfloat16, and checkpoints are often stored in it.
+    with safetensors.safe_open(path, framework="flax") as f:
+      for key in f.keys():
+        yield key, f.get_tensor(key)
+  except safetensors.SafetensorError as err:
+    raise _unreadable(path, err) from err
 
 
 class CheckpointTensors:
@@ -368,7 +414,12 @@ def _iter_torch_bin(path: str):
   except ImportError as err:
     raise CheckpointNotFoundError(f"{path} is a PyTorch pickle and reading it needs torch: "
                                   "pip install torch==2.13.0, or convert it to safetensors.") from err
-  state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  import pickle
+  import zipfile
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    raise _unreadable(path, err) from err
   for key, tensor in state.items():
     if tensor.dtype == torch.bfloat16:
       import ml_dtypes
@@ -392,13 +443,14 @@ def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
     raise RuntimeError(f"{arch.__name__}.hf_weight_map leaves parameters unfilled: {uncovered[:4]}")
   dtype = DTYPES[config.dtype]
   values, unexpected = {}, []
-  for name, tensor in iter_tensors(directory):
+  for file, name, tensor in _iter_file_tensors(directory):
     if name not in weight_map:
       if not arch.is_ignorable(name, config):
         unexpected.append(name)
       continue
     path, transform = weight_map[name]
     value = _convert(name, tensor, transform, expected[path].shape, dtype)
+    _check_finite(file, name, tensor, value, config.dtype)
     if path in placements:  # straight into the shards; the whole tensor is dropped right after
       value = jax.device_put(value, placements[path])
     if path in values and not bool(jnp.array_equal(values[path], value)):
@@ -419,6 +471,24 @@ def _convert(name, tensor, transform: Callable, shape, dtype):
                               f"{tuple(array.shape)}) but the config implies {tuple(shape)}: "
                               "config.json and the weights disagree.")
   return array.astype(dtype)
+
+
+def _check_finite(file: str, name: str, tensor, value, dtype: str) -> None:
+  """Refuses NaN / inf weights (a corrupt or partly overwritten file): they give NaN logits.
+
+  One reduction per tensor, cheap next to reading it. Checked after the cast, so a finite value
+  that overflows a float16 load is caught too.
+  """
+  if bool(jnp.isfinite(value).all()):
+    return
+  if bool(jnp.isfinite(jnp.asarray(tensor)).all()):
+    raise CorruptCheckpointError(f"tensor {name!r} of {file} overflows {dtype} (values beyond its "
+                                 "range become inf): load the model in bfloat16 or float32.")
+  count = int((~jnp.isfinite(jnp.asarray(tensor))).sum())
+  raise CorruptCheckpointError(f"tensor {name!r} of {file} holds {count} NaN/inf value(s): the file "
+                               "is corrupt or was partly overwritten; download it again "
+                               "(huggingface-cli download ... --force-download) or re-save the "
+                               "checkpoint.")
 
 
 def _check_complete(weight_map, values, unexpected, directory):

@@ -1,0 +1,176 @@
+"""The absl launches refuse bad flags, configs, paths and data with one clear message, before work.
+
+Each launch runs in a subprocess (they define absl flags at import and exit through absl), with a
+target that does not exist wherever a check could wrongly come after model loading: the test then
+sees the missing checkpoint instead of the message it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from jax_specsel.bandit import collect as collect_lib
+from fake_models import fake_model_with_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PAPER_CONFIG = "configs/paper_t5_table1.py"
+QUERIES = 12
+CONFIG = collect_lib.CollectConfig(max_new_tokens=4, batch_size=4, shard_size=5)
+
+
+def _launch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fails_with(completed: subprocess.CompletedProcess, message: str) -> None:
+  output = completed.stdout + completed.stderr
+  assert completed.returncode == 1, output[-3000:]
+  assert message in output, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+
+
+def _examples(n: int = QUERIES) -> datasets.Dataset:
+  return datasets.Dataset.from_list([{"id": f"q{i}", "task": "xsum", "prompt": f"w{3 + i % 8} w4",
+                                      "reference": "w3"} for i in range(n)])
+
+
+def _collection(output_dir, finished: bool = True) -> None:
+  """A collection of fake models under output_dir/collection (shards 1 and 2 of 3 missing
+  when not finished)."""
+  target = fake_model_with_tokenizer(0, name="target")
+  drafters = {"same": fake_model_with_tokenizer(0, name="same"),
+              "other": fake_model_with_tokenizer(5, name="other")}
+  directory = os.path.join(output_dir, "collection")
+  collect_lib.collect(target, drafters, _examples(), directory, CONFIG, progress=False)
+  if not finished:
+    for shard in (1, 2):
+      os.remove(os.path.join(directory, f"shard-{shard:05d}.parquet"))
+
+
+def test_missing_config_flag():
+  _fails_with(_launch("train_policy.py"),
+              "--config is required: pass an experiment config file, e.g. "
+              "--config=configs/paper_t5_table1.py")
+
+
+def test_unknown_config_override():
+  _fails_with(_launch("collect.py", f"--config={PAPER_CONFIG}", "--config.alpah=0.5"),
+              "--config.alpah: the config has no field 'alpah'. Did you mean \"alpha\" instead of "
+              "\"alpah\"? Fix the name, or add the field to the config file.")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.estimator=bogus", "config.estimator='bogus': choose one of ['default', 'paper']."),
+    ("--config.alpha=nan", "config.alpha=nan: must be a finite number."),
+    ("--config.gamma=0", "config.gamma=0: must be >= 1.")])
+def test_bad_config_values_are_refused_before_work(override, message, tmp_path):
+  output_dir = tmp_path / "run"
+  _fails_with(_launch("train_policy.py", f"--config={PAPER_CONFIG}", override,
+                      f"--config.output_dir={output_dir}"), message)
+  assert not output_dir.exists()  # refused before anything was written
+
+
+def test_unfinished_collection_needs_the_explicit_flag(tmp_path):
+  _collection(tmp_path, finished=False)
+  args = [f"--config={PAPER_CONFIG}", f"--config.output_dir={tmp_path}"]
+  _fails_with(_launch("train_policy.py", *args),
+              "is an unfinished collection: 2 of 3 shards are missing (shard-00001.parquet, "
+              "shard-00002.parquet). Rerun the collection")
+  completed = _launch("train_policy.py", *args, "--allow_partial_collection")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  metadata = json.loads((tmp_path / "policy" / "metadata" / "metadata").read_text())
+  assert metadata["training_info"]["collection"] == {
+      "complete": False, "collected_queries": 5, "num_queries": QUERIES,
+      "missing_shards": ["shard-00001.parquet", "shard-00002.parquet"]}
+
+
+def test_evaluate_with_an_empty_test_split_fails_before_loading_models(tmp_path):
+  _collection(tmp_path)
+  data_file = tmp_path / "xsum.jsonl"  # the test file holds only the collected queries
+  data_file.write_text("".join(json.dumps({"id": f"q{i}", "document": "d", "summary": "s"}) + "\n"
+                               for i in range(QUERIES)))
+  config_file = tmp_path / "config.py"
+  config_file.write_text(
+      "from configs import paper_t5_table1\n\n\ndef get_config():\n"
+      "  config = paper_t5_table1.get_config()\n"
+      f"  config.target = {str(tmp_path / 'no-such-target')!r}\n"
+      "  config.tasks = ('xsum',)\n"
+      f"  config.data_files = {{'xsum': {str(data_file)!r}}}\n"
+      f"  config.output_dir = {str(tmp_path)!r}\n"
+      "  return config\n")
+  _fails_with(_launch("evaluate.py", f"--config={config_file}"),
+              f"the test split is empty: {QUERIES} test queries of tasks ['xsum'] (split 'test'), "
+              f"{QUERIES} of them also in the collection; raise config.test_per_task")
+
+
+def test_demo_config_error_comes_before_the_zoo(tmp_path):
+  output_dir = tmp_path / "demo"
+  _fails_with(_launch("demo.py", "--config.alpha=1.5", f"--config.output_dir={output_dir}",
+                      f"--config.cache_dir={tmp_path / 'cache'}"),
+              "config.alpha=1.5: must be in [0.0, 1.0].")
+  assert not output_dir.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("benchmark.py", ["--output_dir=/proc/jax_specsel/out"],
+     "--output_dir=/proc/jax_specsel/out: cannot write there"),
+    ("benchmark.py", ["--gamma=0"], "--gamma=0: must be >= 1."),
+    ("benchmark.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
+    ("profile_decoding.py", ["--trace_dir=/proc/jax_specsel/trace"],
+     "--trace_dir=/proc/jax_specsel/trace: cannot write there"),
+    ("round_cost.py", ["--target=/no/such/target", "--output=/proc/jax_specsel/round_cost.json"],
+     "--output=/proc/jax_specsel/round_cost.json: cannot write its directory")])
+def test_measurement_launches_check_flags_and_outputs_first(script, args, message):
+  _fails_with(_launch(script, *args, timeout=120), message)
+
+
+def test_random_prompts_stay_inside_the_vocabulary():
+  import numpy as np
+  from jax_specsel.eval import random_models
+  rng = np.random.default_rng(0)
+  small = np.asarray(random_models.random_prompt_ids(rng, 12, 4, 24))
+  assert small.shape == (4, 24) and small.min() >= 5 and small.max() < 12
+  assert set(np.unique(random_models.random_prompt_ids(rng, 3, 2, 8))) == {2}  # a tiny vocabulary
+  large = np.asarray(random_models.random_prompt_ids(rng, 32000, 4, 24))
+  assert large.min() >= 5 and large.max() < 1000  # as before for real vocabularies
+  with pytest.raises(ValueError, match="vocab_size=0"):
+    random_models.random_prompt_ids(rng, 0, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  """A random LLaMA with a 96-token vocabulary: prompt ids up to 1000 would not exist in it."""
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, eos_token_id=95, bos_token_id=1,
+                                    pad_token_id=0)
+  torch.manual_seed(0)
+  directory = tmp_path_factory.mktemp("tiny_llama")
+  transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
+  return str(directory)
+
+
+def test_benchmark_and_profile_draw_prompts_from_the_models_vocabulary(tiny_llama, tmp_path):
+  bench = _launch("benchmark.py", f"--target={tiny_llama}", "--hf=false", "--num_prompts=1",
+                  "--repeats=1", "--max_new_tokens=4", "--prompt_length=8",
+                  f"--output_dir={tmp_path / 'bench'}")
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  result = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["results"][0]
+  assert set(result["options"]) == {"autoregressive", "self"}
+  profile = _launch("profile_decoding.py", f"--target={tiny_llama}", "--steps=1", "--max_new_tokens=4",
+                    f"--trace_dir={tmp_path / 'trace'}")
+  assert profile.returncode == 0, profile.stderr[-3000:]
+  assert "| generate[speculative] |" in profile.stdout
