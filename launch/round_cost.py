@@ -108,6 +108,7 @@ def main(argv):
   target, drafter, prompt = _models()
   ids = np.asarray([target.tokenizer(prompt)["input_ids"]])
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)
+  drafter_step = speed.time_rounds(drafter, ids, rounds=FLAGS.rounds)
   rows = [{"gamma": 0, "round_us": 1e6 * step, "target_steps": 1.0}]
   for gamma in map(int, FLAGS.gammas):
     seconds = speed.time_rounds(target, ids, drafter, gamma, rounds=FLAGS.rounds)
@@ -117,7 +118,9 @@ def main(argv):
                    else speed.time_rounds(target, ids, drafter, FLAGS.gamma, rounds=FLAGS.rounds))
   calls = per_call_costs(target, drafter, ids, step, round_seconds, FLAGS.gamma)
   print(f"target {target.name} ({target.num_params / 1e6:.2f}M), drafter {drafter.name} "
-        f"({drafter.num_params / 1e6:.2f}M), prompt of {ids.shape[1]} tokens; target step {1e6 * step:.1f} us")
+        f"({drafter.num_params / 1e6:.2f}M), prompt of {ids.shape[1]} tokens; target step "
+        f"{1e6 * step:.1f} us, drafter step {1e6 * drafter_step:.1f} us (ratio "
+        f"{step / drafter_step:.1f})")
   print("\n| gamma | round (us) | in target steps = break-even tokens per round |\n|---|---|---|")
   for row in rows:
     print(f"| {row['gamma']} | {row['round_us']:.1f} | {row['target_steps']:.2f} |")
@@ -130,7 +133,8 @@ def main(argv):
           f"{row['work_steps']:.2f} | {row['fixed_steps']:.2f} |")
   with open(FLAGS.output, "w") as handle:
     json.dump({"target": target.name, "drafter": drafter.name, "prompt_tokens": int(ids.shape[1]),
-               "target_step_us": 1e6 * step, "rounds": rows, "per_call": calls}, handle, indent=1)
+               "target_step_us": 1e6 * step, "drafter_step_us": 1e6 * drafter_step,
+               "rounds": rows, "per_call": calls}, handle, indent=1)
   logging.info("wrote %s", FLAGS.output)
 
 

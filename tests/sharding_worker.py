@@ -123,7 +123,8 @@ def check_family(name: str, directory: str, drafter_of, mesh, decoder_inputs: bo
   speculative = js.generate(sharded, prompts, drafter=drafter, gamma=3, max_new_tokens=10)
   states = {0: _loop_state_shardings(sharded, None, prompts),
             3: _loop_state_shardings(sharded, drafter, prompts)}
-  cache_length = 10 + 3 + 2 + (0 if decoder_inputs else 16)  # LoopSpec.cache_length, bucket 16
+  bucket = js.decoding.bucket_length(max(len(p) for p in prompts))
+  cache_length = 10 + 3 + 2 + (0 if decoder_inputs else bucket)  # LoopSpec.cache_length
   cache = jax.jit(lambda p: sharded.decoder.init_cache(p, 4, cache_length))(sharded.params)
   estimate = js.estimate_memory(sharded.config, dict(mesh.shape), 4, cache_length)
   params = {"/".join(map(str, path)): _spec(leaf.sharding) for path, leaf in _flat(sharded.params)}

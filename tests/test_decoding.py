@@ -140,7 +140,13 @@ def test_max_new_tokens_smaller_than_gamma():
   np.testing.assert_array_equal(spec.tokens, auto.tokens)
 
 
-@pytest.mark.parametrize("length", [8, 16])
+def test_buckets_are_powers_of_two_and_their_half_steps():
+  assert [dec.bucket_length(n) for n in (1, 8, 9, 12, 13, 16, 17, 24, 25, 32, 33, 48, 49, 96, 97)] == \
+      [8, 8, 12, 12, 16, 16, 24, 24, 32, 32, 48, 48, 64, 96, 128]
+  assert dec.bucket_length(40, limit=36) == 36
+
+
+@pytest.mark.parametrize("length", [8, 12, 16, 24])
 def test_prompt_that_fills_its_bucket_exactly(length):
   assert dec.bucket_length(length) == length
   target = fake_model(0, vocab_size=12, eos_id=1)
@@ -157,7 +163,9 @@ def test_prompts_in_one_bucket_reuse_the_compiled_program():
   for length in range(1, 9):
     dec.generate(target, [[2] * length], max_new_tokens=9)
   assert dec.compilation_count() == before
-  dec.generate(target, [[2] * 9], max_new_tokens=9)  # the next bucket compiles once
+  dec.generate(target, [[2] * 9], max_new_tokens=9)  # the next bucket (12) compiles once
+  assert dec.compilation_count() == before + 1
+  dec.generate(target, [[2] * 12], max_new_tokens=9)
   assert dec.compilation_count() == before + 1
 
 

@@ -8,7 +8,8 @@ long as the paper's data (IWSLT sentences and XSum summaries of ~20-30 tokens, G
   translate   "translate English to German: the big dog sees a cat and ..." (3-4 clauses)
               -> "die Hund gross eine Katze sieht und ..." (~17-36 tokens)
               A rule-based language pair: one-to-one lexicon, the adjective follows its noun and
-              the verb moves to the end of its clause (after an optional adverb).
+              the verb moves to the end of its clause (after an optional adverb). A content word
+              appears at most once per sentence.
   summarize   "summarize: officials said storm flooded near the harbor busy ..." (8-11 items)
               -> "storm flooded harbor busy ..." (~17-23 tokens): each mentioned topic word with
               the status word that follows it, in the fixed order of the topic list (a T5 of the
@@ -129,8 +130,10 @@ class WorldConfig:
                        f"{DOMAINS}.")
     if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
-    if not 1 <= self.clauses[0] <= self.clauses[1]:
-      raise ValueError(f"WorldConfig.clauses={self.clauses!r} must be (low, high), 1 <= low <= high.")
+    most = min(len(NOUNS) // 2, len(VERBS), len(ADVERBS))  # content words never repeat in a sentence
+    if not 1 <= self.clauses[0] <= self.clauses[1] <= most:
+      raise ValueError(f"WorldConfig.clauses={self.clauses!r} must be (low, high) with "
+                       f"1 <= low <= high <= {most}.")
     low, high = self.summary_topics
     if not 1 <= low <= high <= len(TOPICS):
       raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in "
@@ -238,20 +241,26 @@ def worked_addition(left: int, right: int) -> str:
 
 
 # ----- generators: one example's (input, reference) from a numpy Generator -----
-def _noun_phrase(rng: np.random.Generator, config: WorldConfig) -> list[str]:
+def _noun_phrase(rng: np.random.Generator, config: WorldConfig, pools: dict) -> list[str]:
   words = [_choice(rng, tuple(DETERMINERS))]
   if rng.random() < config.adjective_prob:
-    words.append(_choice(rng, tuple(ADJECTIVES)))
-  words.append(_choice(rng, tuple(NOUNS)))
+    words.append(next(pools["adjectives"]))
+  words.append(next(pools["nouns"]))
   return words
 
 
 def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+  # Content words are drawn without replacement within a sentence: each source word appears once,
+  # so the words already translated tell where in the source the translation stands.
+  pools = {name: iter([words[i] for i in rng.permutation(len(words))]) for name, words in
+           (("nouns", tuple(NOUNS)), ("verbs", tuple(VERBS)), ("adjectives", tuple(ADJECTIVES)),
+            ("adverbs", tuple(ADVERBS)))}
   clauses = []
   for _ in range(int(rng.integers(config.clauses[0], config.clauses[1] + 1))):
-    clause = _noun_phrase(rng, config) + [_choice(rng, tuple(VERBS))] + _noun_phrase(rng, config)
+    clause = (_noun_phrase(rng, config, pools) + [next(pools["verbs"])]
+              + _noun_phrase(rng, config, pools))
     if rng.random() < config.adverb_prob:
-      clause.append(_choice(rng, tuple(ADVERBS)))
+      clause.append(next(pools["adverbs"]))
     clauses.append(" ".join(clause))
   english = " and ".join(clauses)
   return english, translate_sentence(english)
