@@ -66,38 +66,35 @@ def test_translation_rules_hold(world):
     english = example["prompt"].removeprefix(world_lib.PROMPT_PREFIX["translate"] + " ").split()
     german = example["reference"].split()
     assert sorted(german_to_english[w] for w in german) == sorted(english)  # word for word
-    clauses = " ".join(german).split(" und ")
-    assert len(clauses) == english.count("and") + 1
-    for clause in clauses:
-      words = [german_to_english[w] for w in clause.split()]
-      assert words[-1] in world_lib.VERBS, f"verb must end the clause: {clause}"
-      assert sum(w in world_lib.VERBS for w in words) == 1
-      for i, word in enumerate(words):
-        if word in world_lib.ADJECTIVES:  # adjective right after its noun
-          assert words[i - 1] in world_lib.NOUNS, clause
+    assert [german_to_english[w] for w in german] == english  # word for word, in order
+    assert 3 <= english.count("and") + 1 <= 4
+    content = [w for w in english if w not in world_lib.DETERMINERS and w != "and"]
+    assert len(content) == len(set(content)), "content words are unique within a sentence"
 
 
 def test_translation_rule_on_a_known_sentence():
   got = world_lib.translate_sentence("the big dog sees a cat today and a man likes the old fox")
-  assert got == "die Hund gross eine Katze heute sieht und eine Mann die Fuchs alt mag"
+  assert got == "die gross Hund sieht eine Katze heute und eine Mann mag die alt Fuchs"
 
 
-def test_summaries_are_the_mentioned_topics_with_their_status_in_topic_list_order(world):
+def test_summaries_are_the_mentioned_topics_with_their_category_in_topic_list_order(world):
   for example in world.split("train", "summarize")[:200]:
     text = example["prompt"].removeprefix("summarize: ").split()
     summary = example["reference"].split()
-    topics, statuses = summary[::2], summary[1::2]
-    assert 8 <= len(topics) <= 11 and len(statuses) == len(topics)
+    topics, categories = summary[::2], summary[1::2]
+    assert 8 <= len(topics) <= 11 and len(categories) == len(topics)
     assert set(topics) == {w for w in text if w in world_lib.TOPICS}
     assert topics == sorted(topics, key=world_lib.TOPICS.index)
-    for topic, status in zip(topics, statuses):
-      assert status in world_lib.STATUS
-      assert text[text.index(topic) + 1] == status  # the word after the topic's first mention
+    assert all(topic in world_lib.CATEGORIES[category] for topic, category in zip(topics, categories))
+
+
+def test_every_topic_has_one_category():
+  assert sorted(world_lib.TOPIC_CATEGORY) == sorted(world_lib.TOPICS)
 
 
 def test_summary_rule_on_a_known_text():
-  text = "officials said storm flooded near the harbor busy and storm flooded again market sold"
-  assert world_lib.summarize_text(text) == "storm flooded market sold harbor busy"
+  text = "officials said the storm near the harbor and the storm again market"
+  assert world_lib.summarize_text(text) == "storm nature market economy harbor transport"
 
 
 def test_arithmetic_is_worked_column_by_column_and_correct(world):

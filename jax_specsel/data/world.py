@@ -6,15 +6,19 @@ module generates three domains shaped like the paper's (Table 10 prompt template
 long as the paper's data (IWSLT sentences and XSum summaries of ~20-30 tokens, GSM8K worked answers):
 
   translate   "translate English to German: the big dog sees a cat and ..." (3-4 clauses)
-              -> "die Hund gross eine Katze sieht und ..." (~17-36 tokens)
-              A rule-based language pair: one-to-one lexicon, the adjective follows its noun and
-              the verb moves to the end of its clause (after an optional adverb). A content word
-              appears at most once per sentence.
-  summarize   "summarize: officials said storm flooded near the harbor busy ..." (8-11 items)
-              -> "storm flooded harbor busy ..." (~17-23 tokens): each mentioned topic word with
-              the status word that follows it, in the fixed order of the topic list (a T5 of the
-              zoo's size does not learn "order of first appearance" within the CPU budget: it
-              memorized instead, 97% exact on train and 23% on test).
+              -> "die gross Hund sieht eine Katze und ..." (~17-36 tokens)
+              A word-for-word language pair through a one-to-one lexicon; a content word appears
+              at most once per sentence. (Reordering as German does costs too much training here:
+              with the verb moved to the end of its clause and the adjective after its noun, a
+              2000-step target reached 77% token accuracy and no exact sentence at 3-4 clauses; with
+              the adjective move alone, 6% exact sentences, and a distilled drafter 65% token
+              accuracy, which makes it useless even in its own domain.)
+  summarize   "summarize: officials said the storm near the harbor ..." (8-11 topics)
+              -> "storm nature harbor transport ..." (~17-23 tokens): each mentioned topic word
+              with its category, in the fixed order of the topic list (a T5 of the zoo's size
+              does not learn "order of first appearance" within the CPU budget: it memorized
+              instead, 97% exact on train and 23% on test; copying a status word that follows
+              each topic left it at 0% exact summaries).
   arithmetic  "Q: 3 7 5 + 4 8" -> "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
               (~18-36 tokens): column by column with carries, GSM8K-like worked steps. Only the
               big target is meant to learn it (the paper's GSM8K case).
@@ -33,7 +37,7 @@ import json
 import numpy as np
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
-WORLD_VERSION = 3
+WORLD_VERSION = 5
 
 TRANSLATE = "translate"
 SUMMARIZE = "summarize"
@@ -84,11 +88,18 @@ TOPICS = (
     "bank", "court", "prison", "parliament", "tunnel", "lake", "volcano", "glacier", "mine",
     "farm", "zoo", "church", "highway", "canal",
 )
-# What happened to a topic: the word that follows it in the text, copied into the summary.
-STATUS = (
-    "closed", "opened", "flooded", "crowded", "empty", "damaged", "rebuilt", "busy", "calm",
-    "expanded", "delayed", "sold",
-)
+# Each topic's category, written after it in the summary.
+CATEGORIES = {
+    "nature": ("storm", "river", "forest", "mountain", "island", "desert", "lake", "volcano",
+               "glacier"),
+    "economy": ("market", "harvest", "factory", "bakery", "bank", "mine", "farm"),
+    "culture": ("museum", "festival", "concert", "library", "castle", "garden", "theater", "zoo",
+                "church"),
+    "transport": ("bridge", "railway", "harbor", "airport", "tunnel", "highway", "canal"),
+    "civic": ("election", "hospital", "school", "stadium", "village", "court", "prison",
+              "parliament"),
+}
+TOPIC_CATEGORY = {topic: category for category, topics in CATEGORIES.items() for topic in topics}
 FILLER = (
     "in", "on", "at", "near", "after", "before", "during", "the", "a", "new", "old", "report",
     "reports", "officials", "people", "residents", "said", "say", "that", "was", "were", "is",
@@ -116,8 +127,8 @@ class WorldConfig:
   clauses: tuple[int, int] = (3, 4)  # translate: clauses joined by "and" (each reordered alone)
   adjective_prob: float = 0.5  # translate: chance a noun phrase carries an adjective
   adverb_prob: float = 0.3  # translate: chance a clause ends with an adverb
-  # summarize: distinct topics (each mentioned as "topic status"), filler words around them, and
-  # extra mentions of already-seen topics (with the same status). Inclusive ranges.
+  # summarize: distinct topics, filler words around them, and extra mentions of already-seen
+  # topics. Inclusive ranges.
   summary_topics: tuple[int, int] = (8, 11)
   summary_filler_words: tuple[int, int] = (6, 12)
   summary_max_repeats: int = 1
@@ -159,10 +170,8 @@ class WorldConfig:
 
 # ----- the rules, exposed so tests and reports can check outputs against them -----
 def translate_sentence(english: str) -> str:
-  """German-like translation of an English-like sentence of this world.
-
-  Word for word through `LEXICON`; inside each clause (clauses are split at "and") every
-  adjective moves after the noun it precedes and the verb moves to the end of the clause.
+  """German-like translation of an English-like sentence of this world: word for word through
+  `LEXICON`, in the same order.
 
   Args:
     english: space-separated words of the translate lexicon.
@@ -170,51 +179,13 @@ def translate_sentence(english: str) -> str:
   Returns:
     The translation, space-separated.
   """
-  clauses, current = [], []
-  for word in english.split():
-    if word in CONJUNCTIONS:
-      clauses.append(current)
-      current = []
-    else:
-      current.append(word)
-  clauses.append(current)
-  out = []
-  for index, clause in enumerate(clauses):
-    if index:
-      out.append(CONJUNCTIONS["and"])
-    out.extend(LEXICON[word] for word in _reorder_clause(clause))
-  return " ".join(out)
-
-
-def _reorder_clause(words: list[str]) -> list[str]:
-  """Adjective after its noun, verb last; everything else keeps its order."""
-  moved, verbs, pending_adjectives = [], [], []
-  for word in words:
-    if word in VERBS:
-      verbs.append(word)
-    elif word in ADJECTIVES:
-      pending_adjectives.append(word)
-    elif word in NOUNS:
-      moved.append(word)
-      moved.extend(pending_adjectives)
-      pending_adjectives = []
-    else:
-      moved.append(word)
-  return moved + pending_adjectives + verbs
+  return " ".join(LEXICON[word] for word in english.split())
 
 
 def summarize_text(text: str) -> str:
-  """The summary rule: each mentioned topic with the word after it, in the order of `TOPICS`.
-
-  A topic mentioned twice keeps the status of its first mention (the generator repeats a topic
-  only with the same status).
-  """
-  words = text.split()
-  status = {}
-  for word, following in zip(words, words[1:]):
-    if word in TOPICS and word not in status:
-      status[word] = following
-  return " ".join(f"{topic} {status[topic]}" for topic in TOPICS if topic in status)
+  """The summary rule: each mentioned topic followed by its category, in the order of `TOPICS`."""
+  mentioned = set(text.split())
+  return " ".join(f"{topic} {TOPIC_CATEGORY[topic]}" for topic in TOPICS if topic in mentioned)
 
 
 def spell_number(value: int) -> str:
@@ -269,7 +240,6 @@ def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
 def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
   num_topics = int(rng.integers(config.summary_topics[0], config.summary_topics[1] + 1))
   topics = [TOPICS[i] for i in rng.choice(len(TOPICS), size=num_topics, replace=False)]
-  status = {topic: _choice(rng, STATUS) for topic in topics}
   mentions = list(topics)
   for _ in range(int(rng.integers(0, config.summary_max_repeats + 1))):
     repeated = topics[int(rng.integers(num_topics))]
@@ -280,7 +250,7 @@ def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
   words = []
   for index, topic in enumerate(mentions):
     words.extend(_choice(rng, FILLER) for _ in range(int(gaps[index])))
-    words.extend((topic, status[topic]))
+    words.append(topic)
   words.extend(_choice(rng, FILLER) for _ in range(int(gaps[-1])))
   text = " ".join(words)
   return text, summarize_text(text)
@@ -318,7 +288,7 @@ def vocabulary() -> tuple[str, ...]:
   words.extend(LEXICON)
   words.extend(LEXICON.values())
   words.extend(TOPICS)
-  words.extend(STATUS)
+  words.extend(CATEGORIES)
   words.extend(FILLER)
   words.extend(DIGITS)
   words.extend(OPERATORS)

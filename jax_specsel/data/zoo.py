@@ -9,7 +9,7 @@
 
 No drafter is distilled on arithmetic: as with the paper's GSM8K, only the target is aligned there
 and autoregressive decoding should win. The target is slower per step than a drafter only
-because it is bigger (4 decoder layers of width 128 against 1 of width 96); nothing else
+because it is bigger (6 decoder layers of width 128 against 1 of width 96); nothing else
 differs.
 
 Training: optax AdamW with linear warmup and cosine decay (30x the step on T5's relative position
@@ -88,32 +88,34 @@ class ModelSpec:
 class ZooConfig:
   """Sizes and training budgets of the whole zoo.
 
-  The default builds in ~7 minutes on the 2-core CPU (target ~4 min, each drafter ~40-60 s, the
-  target's distillation outputs ~30 s), which leaves `make demo` inside its 15 minutes.
+  The default builds in ~9 minutes on the 2-core CPU (target ~6.5 min, the drafters ~2 min, the
+  target's distillation outputs ~20 s), which leaves `make demo` inside its 15 minutes.
   """
 
   # Depth is what makes a batch-1 decode step expensive on a CPU (per-layer op overhead), and
-  # training cost grows with parameters: hence a narrow, deep target decoder.
+  # training cost grows with parameters: hence a narrow, deep target decoder. A drafter's encoder
+  # runs once per query on the whole prompt (a per-call cost of speculation): one layer.
   target: ModelSpec = ModelSpec(d_model=128, num_heads=4, d_ff=512, encoder_layers=2,
-                                decoder_layers=4, train_steps=2000, batch_size=32,
+                                decoder_layers=6, train_steps=2000, batch_size=32,
                                 learning_rate=1.5e-3, warmup_steps=200)
-  domain_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
+  domain_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=1,
                                         decoder_layers=1, train_steps=1000, batch_size=32,
                                         learning_rate=1.5e-3, warmup_steps=100)
-  general_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
+  general_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=1,
                                          decoder_layers=1, train_steps=1500, batch_size=32,
                                          learning_rate=1.5e-3, warmup_steps=100)
   # Share of the target's training batches per domain (missing domains: weight 1 / #domains).
-  # Summarize takes longest to learn; arithmetic batches are short and cheap.
+  # Summaries are learned fastest (100% exact after 2000 steps at a 0.3 share); arithmetic's
+  # carries take longest.
   target_domain_weights: tuple[tuple[str, float], ...] = (
-      (world_lib.TRANSLATE, 0.35), (world_lib.SUMMARIZE, 0.45), (world_lib.ARITHMETIC, 0.2))
+      (world_lib.TRANSLATE, 0.3), (world_lib.SUMMARIZE, 0.2), (world_lib.ARITHMETIC, 0.5))
   drafter_domains: tuple[str, ...] = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
   # Domains the general drafter is distilled on (None: every domain of the world). The world's
   # arithmetic is the domain only the target learns (the paper's GSM8K case); distilled on it too,
   # the generalist reached 0.88 next-token agreement and 60% acceptance there, so it is left out.
   general_domains: tuple[str, ...] | None = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
   distill_per_domain: int = 3000  # training prompts per domain the target labels greedily
-  max_new_tokens: int = 24  # greedy generation budget (longest reference: 18 words + EOS)
+  max_new_tokens: int = 48  # greedy generation budget (longest reference: 41 tokens, EOS included)
   generate_batch_size: int = 128
   # One padded batch shape for every domain: one compile per model instead of one per domain,
   # at the price of padding (worth it only when compiling dominates, as in the tiny zoo).
