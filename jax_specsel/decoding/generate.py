@@ -416,30 +416,35 @@ def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
   return np.take_along_axis(ids, columns, axis=1), np.take_along_axis(mask, columns, axis=1)
 
 
-def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed) -> np.ndarray | jax.Array:
-  """The prompts, their lengths and the seed as one int32 [B, S + 2] array: one upload per call.
+def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed,
+                  flags: tuple[int, ...] = ()) -> np.ndarray | jax.Array:
+  """The prompts, their lengths, the seed and run-time flags as one int32 array: one upload.
 
   Columns 0..S-1 hold the right-padded ids, column S each row's length (the mask is rebuilt from
   it inside the program), column S+1 the seed's uint32 bits (the key is made inside the compiled
-  program: building it outside is a device dispatch, ~0.5 ms on CPU). Split on the mesh's data
-  axis when the target is sharded.
+  program: building it outside is a device dispatch, ~0.5 ms on CPU), then one column per flag
+  (the same value on every row). Split on the mesh's data axis when the target is sharded.
   """
   seed = validation.integer("seed", seed)
   if not 0 <= seed < 2 ** 32:
     raise ValueError(f"seed={seed}: must be in [0, 2**32).")
   lengths = mask.sum(axis=1)  # pad_prompts puts each row's real tokens first
-  packed = np.empty((ids.shape[0], ids.shape[1] + 2), np.int32)
-  packed[:, :-2], packed[:, -2] = ids, lengths
-  packed[:, -1] = np.uint32(seed).view(np.int32)
+  width = ids.shape[1]
+  packed = np.empty((ids.shape[0], width + 2 + len(flags)), np.int32)
+  packed[:, :width], packed[:, width] = ids, lengths
+  packed[:, width + 1] = np.uint32(seed).view(np.int32)
+  packed[:, width + 2:] = flags
   return packed if target.mesh is None else sharding.place_batch(packed, target.mesh)
 
 
-def unpack_prompts(packed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Inside the program: (ids [B, S], mask [B, S], PRNG key) from `place_prompts`' array."""
-  ids, lengths = packed[:, :-2], packed[:, -2]
-  mask = (jnp.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-  seed = jax.lax.bitcast_convert_type(packed[0, -1], jnp.uint32)
-  return ids, mask, jax.random.PRNGKey(seed)
+def unpack_prompts(packed: jax.Array, num_flags: int = 0):
+  """Inside the program: (ids [B, S], mask [B, S], PRNG key, flags [num_flags]) from
+  `place_prompts`' array (flags read from row 0)."""
+  width = packed.shape[1] - 2 - num_flags
+  ids, lengths = packed[:, :width], packed[:, width]
+  mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
+  seed = jax.lax.bitcast_convert_type(packed[0, width + 1], jnp.uint32)
+  return ids, mask, jax.random.PRNGKey(seed), packed[0, width + 2:]
 
 
 def drafter_for(target: Model, drafter: Model) -> Model:
@@ -496,7 +501,7 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   """`loop.run` on flat weight lists (trees: the static treedefs), returning `loop.summarize`."""
   target_params = jax.tree.unflatten(trees[0], target_leaves)
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
-  ids, mask, key = unpack_prompts(packed_prompts)
+  ids, mask, key, _ = unpack_prompts(packed_prompts)
   return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
@@ -518,7 +523,7 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
     (compiled callable, compile seconds: 0.0 when it was cached).
   """
   batch, width = args[-1].shape
-  cache_key = (static[0], batch, width)
+  cache_key = (static[0], batch, width)  # width: the prompt bucket (+ fixed columns)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
   started = time.perf_counter()
@@ -527,6 +532,6 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
   seconds = time.perf_counter() - started
   _COMPILED[cache_key] = compiled
   _COMPILE_SECONDS.append(seconds)
-  log.info("compiled generation #%d (batch %d, prompt bucket %d, %s) in %.2fs",
-           len(_COMPILE_SECONDS), batch, width - 2, description, seconds)
+  log.info("compiled generation #%d (batch %d, packed prompt width %d, %s) in %.2fs",
+           len(_COMPILE_SECONDS), batch, width, description, seconds)
   return compiled, seconds

@@ -231,7 +231,10 @@ def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, k
 
 
 def _round(spec, target_params, drafter_params, target_context, drafter_context, state):
-  key, draft_key, accept_key = jax.random.split(state.key, 3)
+  if spec.settings.greedy:  # nothing is drawn: no key to advance (a split is ~20 ops a round)
+    key = draft_key = accept_key = state.key
+  else:
+    key, draft_key, accept_key = jax.random.split(state.key, 3)
   drafter_cache = state.drafter_cache
   if spec.gamma:
     draft_tokens, draft_logprobs, drafter_cache = _draft(spec, drafter_params, drafter_context,
@@ -249,7 +252,8 @@ def _round(spec, target_params, drafter_params, target_context, drafter_context,
 
 def _draft(spec, drafter_params, drafter_context, state, key):
   """Catch up on [previous, pending], then propose gamma tokens. Returns tokens [B,G], log q or None."""
-  keys = jax.random.split(key, spec.gamma)
+  keys = (jnp.broadcast_to(key, (spec.gamma, *key.shape)) if spec.settings.greedy
+          else jax.random.split(key, spec.gamma))
   catch_up = jnp.stack([state.previous, state.pending], axis=1)
   logits, cache = spec.drafter.decode(drafter_params, catch_up, state.position - 1,
                                       state.drafter_cache, drafter_context)

@@ -45,15 +45,15 @@ _POLICY_STREAM = 0x5E1EC7  # folded into the seed's key for the dynamic policy's
 class SelectionSpec:
   """Everything static about a selected generation (a jit compile-time constant).
 
+  The greedy and the dynamic policy share the program: which one runs is a run-time flag.
+
   Attributes:
     options: one LoopSpec per policy option, in the policy's order (gamma 0: autoregressive).
     policy: the policy's static program (`bandit.policy.PolicyProgram`): `.logits(inputs, emb)`.
-    greedy_policy: argmax of the policy (the paper's greedy policy) or a sample (dynamic).
   """
 
   options: tuple[loop.LoopSpec, ...]
   policy: Any
-  greedy_policy: bool
 
   @property
   def gamma_width(self) -> int:
@@ -111,8 +111,9 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   spec = SelectionSpec(
       options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
                     for drafter in option_models),
-      policy=policy.program, greedy_policy=bool(greedy_policy))
-  args, trees = _arguments(target, option_models, policy, place_prompts(target, ids, mask, seed))
+      policy=policy.program)
+  packed_prompts = place_prompts(target, ids, mask, seed, flags=(int(bool(greedy_policy)),))
+  args, trees = _arguments(target, option_models, policy, packed_prompts)
   compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
                                                _program_name(spec, policy))
   packed = np.asarray(compiled(*args))
@@ -160,8 +161,7 @@ def _arguments(target, option_models, policy, packed_prompts):
 
 
 def _program_name(spec: SelectionSpec, policy) -> str:
-  kind = "greedy" if spec.greedy_policy else "dynamic"
-  return f"selected by the {kind} policy among {policy.option_names}, gamma {spec.gamma_width}"
+  return f"selected by the policy among {policy.option_names}, gamma {spec.gamma_width}"
 
 
 def _run_selected(spec: SelectionSpec, trees, target_leaves, drafter_leaves, policy_leaves,
@@ -171,17 +171,14 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, drafter_leaves, pol
   target_params = jax.tree.unflatten(target_tree, target_leaves)
   drafter_params = [None if tree is None else jax.tree.unflatten(tree, leaves)
                     for tree, leaves in zip(drafter_trees, drafter_leaves)]
-  ids, mask, key = unpack_prompts(packed_prompts)
+  ids, mask, key, (greedy_policy,) = unpack_prompts(packed_prompts, num_flags=1)
   first = spec.options[0]
   context, cache = loop.prepare_target(first, target_params, ids, mask,
                                        spec.cache_length(ids.shape[1]))
   embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
-  if spec.greedy_policy:
-    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  else:
-    choice = jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits,
-                                    axis=-1).astype(jnp.int32)
+  sampled = jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits, axis=-1)
+  choice = jnp.where(greedy_policy > 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
   def decode_with(index, active):
     option = spec.options[index]
@@ -215,16 +212,14 @@ def _output(spec: SelectionSpec, policy, packed: np.ndarray, seconds: float,
   max_new = spec.options[0].max_new_tokens
   width = loop.Summary.width(max_new, spec.gamma_width)
   summary = loop.Summary.from_array(packed[:, :width], max_new)
-  choice_ids = packed[:, width].copy()
-  embeddings = packed[:, width + 1:].view(np.float32)
-  gammas = np.asarray([option.gamma for option in spec.options])[choice_ids]
+  choice_ids = packed[:, width]
+  gammas = np.fromiter((option.gamma for option in spec.options), np.int32, len(spec.options))
   # target_calls: each option that ran counts its own loop's calls once.
-  first_row = {int(c): row for row, c in reversed(list(enumerate(choice_ids)))}
-  stats = Stats(drafted=summary.rounds * gammas, accepted=summary.accepted, rounds=summary.rounds,
-                per_position=summary.accepted_at.sum(axis=0),
-                target_calls=int(sum(summary.target_calls[row] for row in first_row.values())),
-                seconds=seconds, compile_seconds=compile_seconds,
-                new_tokens=int(summary.lengths.sum()))
+  _, first_rows = np.unique(choice_ids, return_index=True)
+  stats = Stats(drafted=summary.rounds * gammas[choice_ids], accepted=summary.accepted,
+                rounds=summary.rounds, per_position=summary.accepted_at.sum(axis=0),
+                target_calls=int(summary.target_calls[first_rows].sum()), seconds=seconds,
+                compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
   return SelectedOutput(tokens=summary.tokens, lengths=summary.lengths, stats=stats,
-                        choices=[policy.option_names[int(c)] for c in choice_ids],
-                        choice_ids=choice_ids, embeddings=embeddings)
+                        choices=[policy.option_names[c] for c in choice_ids.tolist()],
+                        choice_ids=choice_ids, embeddings=packed[:, width + 1:].view(np.float32))
