@@ -25,7 +25,7 @@ import numpy as np
 import jax_specsel as js
 from jax_specsel import validation
 from jax_specsel.eval import random_models, speed
-from jax_specsel.models import loading
+from jax_specsel.models import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs to build when --target is unset.")
@@ -119,7 +119,7 @@ def check_flags() -> str:
 
 def smallest_vocabulary(directories: list[str]) -> int:
   """The smallest config.json vocab_size of the checkpoints ('self' skipped), read before loading."""
-  sizes = [loading.read_hf_config(d).get("vocab_size") for d in directories if d != "self"]
+  sizes = [checkpoint.read_hf_config(d).get("vocab_size") for d in directories if d != "self"]
   return min([int(v) for v in sizes if v] or [1000])
 
 

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from jax_specsel import experiment, memory, pipeline, sharding, validation
 from jax_specsel.bandit import distributed
-from jax_specsel.models import loading
+from jax_specsel.models import checkpoint, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
 _MESH = flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 1x8 or 2x4 (default: the "
@@ -44,8 +44,8 @@ def print_memory_estimates(config, shape) -> None:
       (name, source, False) for name, source in config.drafters.items()
       if not source.startswith(experiment.EARLY_EXIT)]  # early exits live in the target's shards
   for name, source, tensor_parallel in models:
-    hf_config = loading.read_hf_config(source)
-    decoder_only = hf_config.get("model_type") != "t5"
+    hf_config = checkpoint.read_hf_config(source)
+    decoder_only = not registry.architecture(hf_config, source).Config.is_encoder_decoder
     length = cache_length + (_PROMPT_LENGTH.value if decoder_only else 0)
     estimate = memory.estimate_memory(hf_config, shape, cache_length=length,
                                       tensor_parallel=tensor_parallel, **common)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jax_specsel import sharding, validation
 from jax_specsel.decoding import loop, sampling
+from jax_specsel.models import interface
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -444,10 +445,10 @@ def unpack_prompts(packed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def drafter_for(target: Model, drafter: Model) -> Model:
   """The drafter placed where the target is: a single-device drafter next to a sharded target is
-  replicated onto the target's mesh (`sharding.replicated_on`: once per drafter and mesh, cached
+  replicated onto the target's mesh (`interface.replicated_on`: once per drafter and mesh, cached
   and logged once). Any other placement is returned unchanged for `check_compatible` to judge."""
   if drafter.mesh is None and target.mesh is not None:
-    return sharding.replicated_on(drafter, target.mesh)
+    return interface.replicated_on(drafter, target.mesh)
   return drafter
 
 
@@ -463,7 +464,7 @@ def check_compatible(target: Model, drafter: Model) -> None:
     raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
                      f"on {_mesh_name(target)}: a drafter on one device is replicated onto the target's "
                      "mesh automatically, one on another mesh is not. Load the drafter on one device, or "
-                     "place it with jax_specsel.sharding.shard_model(drafter, target.mesh, replicated=True).")
+                     "place it with jax_specsel.shard_model(drafter, target.mesh, replicated=True).")
   if drafter.is_encoder_decoder != target.is_encoder_decoder:
     raise ValueError(f"drafter {drafter.name} and target {target.name} must both be encoder-decoder "
                      "or both decoder-only.")
