@@ -33,14 +33,15 @@ class _FlatTree:
     holders = jax.tree.leaves(tree, is_leaf=_is_variable)
     # Re-reading is exact only when every Variable flattens to its one raw value, in order.
     self.holders = holders if _one_leaf_each(holders, leaves) else None
-    self.all_variables = self.holders is not None and all(map(_is_variable, holders))
+    self.is_variable = [_is_variable(h) for h in holders]  # isinstance is slow on Variables: once
+    self.all_variables = self.holders is not None and all(self.is_variable)
 
   def leaves(self) -> list:
     if self.all_variables:
       return list(map(_RAW_VALUE, self.holders))
     if self.holders is None:  # Variables holding several arrays: flatten again (rare, slower)
       return jax.tree.leaves(self.tree)
-    return [_RAW_VALUE(h) if _is_variable(h) else h for h in self.holders]
+    return [_RAW_VALUE(h) if variable else h for h, variable in zip(self.holders, self.is_variable)]
 
 
 def _one_leaf_each(holders: list, leaves: list) -> bool:
