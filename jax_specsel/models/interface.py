@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_specsel import sharding
+from jax_specsel import sharding, token_batches
 from jax_specsel.flat_params import cached_flat_params
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class Model:
     Returns:
       float32 numpy [B, T, V]: logits at every decoder position (T = S for decoder-only models).
     """
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
     if self.is_encoder_decoder and decoder_input_ids is None:
       raise ValueError(f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
                        f"(starting with decoder_start_token_id={self.decoder_start_id}).")
@@ -282,8 +282,13 @@ class Model:
 
   def embed(self, input_ids, attention_mask=None) -> np.ndarray:
     """Query embedding for the policy: float32 numpy [B, D] (see the module docstring)."""
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
     return np.asarray(_embed(self.decoder, self.params, input_ids, attention_mask), np.float32)
+
+  def _device_batch(self, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """int32 ids and mask [B, S] on the device from any form `token_batches.as_id_batch` takes."""
+    ids, mask = token_batches.as_id_batch(input_ids, attention_mask, self.pad_id, name="input_ids")
+    return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
 
   def early_exit(self, layers: int) -> "Model":
     """A drafter made of the first `layers` decoder layers + final norm + the shared LM head.
@@ -358,13 +363,3 @@ def replicated_on(model: Model, mesh: jax.sharding.Mesh) -> Model:
     replica = shard_model(model, mesh, replicated=True)
     replicas[mesh] = (leaves, replica)
   return replica
-
-
-def _as_batch(input_ids, attention_mask):
-  ids = np.asarray(input_ids)
-  if ids.ndim == 1:
-    ids = ids[None]
-  if ids.ndim != 2 or ids.shape[1] == 0:
-    raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}.")
-  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-  return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
