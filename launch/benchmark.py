@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import jax_specsel as js
-from jax_specsel import validation
+from jax_specsel import experiment, validation
 from jax_specsel.eval import random_models, speed
 from jax_specsel.models import checkpoint
 
@@ -125,10 +125,8 @@ def smallest_vocabulary(directories: list[str]) -> int:
 
 def main(argv):
   del argv
-  try:
+  with experiment.usage_errors():  # a bad flag: one line, no traceback
     check_flags()
-  except (ValueError, TypeError) as err:
-    raise app.UsageError(str(err)) from None
   rng = np.random.default_rng(0)
   results = []
   with tempfile.TemporaryDirectory() as scratch:

@@ -260,7 +260,8 @@ class Model:
     """Full forward logits.
 
     Args:
-      input_ids: int [B, S], right-padded with any id where `attention_mask` is 0.
+      input_ids: int [B, S] (or [S], or a list of id lists: right-padded with the pad id), padded
+        with any id where `attention_mask` is 0.
       decoder_input_ids: int [B, T] (T5 only; required there): decoder inputs starting with the
         decoder start token. Must be None for decoder-only models.
       attention_mask: {0,1} [B, S], 1 for real tokens; default all ones.

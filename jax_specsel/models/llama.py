@@ -460,9 +460,9 @@ def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointT
 
 
 # ----------------------------------------------------------------------------- sharding, memory
-# Tensor-parallel layouts of each parameter (jax_specsel/sharding.py reads them through the
-# registry): per dimension, the unit it is split in on the `model` axis (None: whole), the
-# preferred layout first. Row-parallel biases are added after the all-reduce: replicated.
+# Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
+# split on the `model` axis (None: whole), preferred layout first; () replicated (row-parallel
+# biases are added after the all-reduce).
 SHARDING_RULES = (
     (r"^embed_tokens/embedding$", (("vocab", None), (None, "embed"))),  # [V, D]
     (r"^lm_head/kernel$", ((None, "vocab"), ("embed", None))),  # [D, V]

@@ -559,9 +559,8 @@ def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointT
 
 
 # ----------------------------------------------------------------------------- sharding, memory
-# Tensor-parallel layouts of each parameter (jax_specsel/sharding.py reads them through the
-# registry): per dimension, the unit it is split in on the `model` axis (None: whole), the
-# preferred layout first. Norm scales and the relative-position table are small: replicated.
+# Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
+# split on the `model` axis (None: whole), preferred layout first; () replicated (small tensors).
 SHARDING_RULES = (
     (r"^shared$", (("vocab", None), (None, "embed"))),  # [V, D]
     (r"^(encoder|decoder)/embed_tokens$", (("vocab", None), (None, "embed"))),  # [V, D] untied
@@ -588,14 +587,11 @@ def dimensions(config: Config) -> dict[str, int]:
 
 
 def context_bytes(config: Config, rows: int, source_length: int, heads: int) -> int:
-  """Bytes of `prepare`'s context, alive for the whole generation: encoder states [B, S, D],
-  their int32 mask [B, S] and every decoder layer's cross-attention K/V [B, N, S, H].
+  """Bytes of `prepare`'s context, alive for the whole generation: encoder states [B, S, D], their
+  int32 mask and every decoder layer's cross-attention K/V [B, N, S, H].
 
   Args:
-    config: the model config.
-    rows: batch rows held per device.
-    source_length: prompt tokens S.
-    heads: attention heads held per device (N, or N / model when the heads are split).
+    rows, source_length: B per device, and S. heads: the heads per device (N, or N / model).
   """
   itemsize = jnp.dtype(config.dtype).itemsize
   states = rows * source_length * config.d_model * itemsize + rows * source_length * 4
