@@ -74,4 +74,5 @@ def test_policy_sees_an_in_place_weight_update():
   inputs = jax.tree.unflatten(treedef, leaves_after)
   np.testing.assert_array_equal(np.asarray(inputs["params"]["layers"][2]["bias"]), [0.0, 0.0, 50.0])
   policy.input_mean = jnp.full((4,), 1.0)  # a replaced array is seen as before
-  assert np.asarray(jax.tree.unflatten(treedef, policy.program_inputs()[0])["input_mean"]).tolist() == [1.0] * 4
+  inputs = jax.tree.unflatten(treedef, policy.program_inputs()[0])
+  assert np.asarray(inputs["input_mean"]).tolist() == [1.0] * 4

@@ -41,10 +41,6 @@ class CorruptCheckpointError(ValueError):
   """A checkpoint file cannot be parsed (truncated, overwritten) or holds NaN / inf weights."""
 
 
-# model_type -> module, imported when a checkpoint of that type is loaded (the model files import
-# this module, and one architecture failing to import must not stop the others from loading).
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationIds:
   """The special ids transformers' `generate` uses for a checkpoint (see `generation_ids`)."""
