@@ -4,10 +4,11 @@
   python launch/step_latency.py --torch_threads=1 --steps=50
 
 Both sides decode `steps` single tokens after a `prefix`-token prompt (positions prefix to
-prefix+steps-1), each the way its own generation runs them: ours with `eval/speed.time_decode_step` (the protocol's
-`decode` with a fixed cache of --cache_length, inside one compiled loop: no host dispatch per step;
-the best of --repeats runs), transformers step by step from Python through `past_key_values` (the
-median step over all repeats). Reported: ms per step for each and the ratio ours / transformers.
+prefix+steps-1), each the way its own generation runs them: ours with
+`eval/speed.time_decode_step` (the protocol's `decode` with a fixed cache of --cache_length,
+inside one compiled loop: no host dispatch per step; the best of --repeats runs), transformers
+step by step from Python through `past_key_values` (the median step over all repeats). Reported:
+ms per step for each and the ratio ours / transformers.
 """
 
 from __future__ import annotations
