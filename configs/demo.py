@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.alpha = 0.5  # the paper's setting with the autoregressive option (Tables 3, 4)
   config.cost_unit = 1e7  # our models have millions of params: 1e7 makes sizes matter like the paper's
   config.autoregressive_option = True
-  config.estimator = "default"  # "default" (library default) or "paper" (plain REINFORCE)
+  config.trainer = "default"  # policy training: "default" (library) or "paper" (plain REINFORCE)
   # Decoding (evaluation): greedy, so every option yields the target's own text.
   config.gamma = 5
   config.temperature = 0.0

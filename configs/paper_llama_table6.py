@@ -10,8 +10,6 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.name = "table6"
-  config.memory_gb = 30.0
   config.target = "meta-llama/Llama-2-13b-chat-hf"
   config.dtype = "bfloat16"
   config.drafters = {f"layer{k}": f"early_exit:{k}" for k in (8, 16, 24, 32)}
@@ -28,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.alpha = 0.5
   config.cost_unit = 1e9
   config.autoregressive_option = True  # the table's last block; False for the middle block
-  config.estimator = "paper"
+  config.trainer = "paper"  # the policy-training config: "paper" (plain REINFORCE) or "default"
   config.gamma = 7
   config.temperature = 1.0
   config.eval_seeds = (0, 1, 2, 3, 4)

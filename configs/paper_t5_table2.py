@@ -8,8 +8,6 @@ from configs import paper_t5_table1
 
 def get_config():
   config = paper_t5_table1.get_config()
-  config.name = "table2"
-  config.memory_gb = 25.0
   config.drafters = {"t5-small": "google-t5/t5-small", "t5-small-xsum": "jaeheekim/t5-small-xsum",
                      "flan-t5-small": "google/flan-t5-small", "flan-t5-base": "google/flan-t5-base"}
   config.tasks = ("xsum",)

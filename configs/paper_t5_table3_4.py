@@ -8,7 +8,6 @@ from configs import paper_t5_table1
 
 def get_config():
   config = paper_t5_table1.get_config()
-  config.name = "table3_4"
   config.tasks = ("iwslt2017-en-de", "xsum", "gsm8k")
   config.train_per_task = 7_000  # GSM8K has ~7.5k training questions: sizes matched across tasks
   config.autoregressive_option = True

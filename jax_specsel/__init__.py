@@ -9,7 +9,7 @@ Public API:
   bandit.train_policy / bandit.load_policy          (jax_specsel.bandit)
   make_mesh(data=1, model=N) -> Mesh; load_model(path, dtype, mesh=mesh) loads sharded;
   shard_model(model, mesh, replicated=False); estimate_memory(config, (data, model), batch,
-  cache_length, dtype) -> bytes per device                    (jax_specsel.sharding, .memory)
+  cache_length, dtype) -> bytes per device   (jax_specsel.sharding, .models.interface, .memory)
 """
 
 from jax_specsel._versions import check_versions
@@ -19,11 +19,12 @@ check_versions()  # before flax is imported: an old flax under a new jax fails i
 from jax_specsel.decoding import (GenerateOutput, SelectedOutput, compilation_count,  # noqa: E402
                                   generate, generate_selected)
 from jax_specsel.memory import estimate_memory
-from jax_specsel.models.interface import Decoder, Model
-from jax_specsel.models.loading import (CheckpointNotFoundError, CorruptCheckpointError,
-                                        InvalidConfigError,
-                                        UnsupportedModelError, WeightMismatchError, load_model)
-from jax_specsel.sharding import make_mesh, shard_model
+from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
+                                           InvalidConfigError)
+from jax_specsel.models.interface import Decoder, Model, shard_model
+from jax_specsel.models.loading import WeightMismatchError, load_model
+from jax_specsel.models.registry import UnsupportedModelError
+from jax_specsel.sharding import make_mesh
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
 __all__ = ["Decoder", "Model", "load_model", "generate", "generate_selected", "GenerateOutput",

@@ -23,11 +23,12 @@ import datasets
 import ml_collections
 from absl import app, flags
 
-from jax_specsel import sharding, validation
+from jax_specsel import validation
 from jax_specsel.bandit.collect import IncompleteCollectionError
 from jax_specsel.data import loaders, tasks
-from jax_specsel.models.interface import Model
-from jax_specsel.models.loading import DTYPES, load_model
+from jax_specsel.models.checkpoint import DTYPES
+from jax_specsel.models.interface import Model, shard_model
+from jax_specsel.models.loading import load_model
 
 EARLY_EXIT = "early_exit:"
 _MODEL_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task")
@@ -147,7 +148,7 @@ def load_models(config: ml_collections.ConfigDict, mesh=None) -> tuple[Model, di
     else:
       drafters[name] = load_model(source, dtype=config.dtype, name=name)
       if mesh is not None:
-        drafters[name] = sharding.shard_model(drafters[name], mesh, replicated=True)
+        drafters[name] = shard_model(drafters[name], mesh, replicated=True)
   return target, drafters
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jax_specsel import sharding
-from jax_specsel.models import loading
+from jax_specsel.models import checkpoint, registry
 
 GIB = 1024 ** 3
 
@@ -80,11 +80,11 @@ def estimate_memory(config, mesh_shape=(1, 1), batch: int = 1, cache_length: int
 
 def _as_config(config, dtype: str | None):
   if isinstance(config, str):
-    config = loading.read_hf_config(config)
+    config = checkpoint.read_hf_config(config)
   if isinstance(config, dict):
     dtype = dtype or "float32"
     _check_dtype(dtype)
-    return loading.architecture(config).Config.from_hf(config, dtype)
+    return registry.architecture(config).Config.from_hf(config, dtype)
   if not dataclasses.is_dataclass(config):
     raise ValueError(f"config must be a model Config, a config.json dict or a checkpoint path, got "
                      f"{type(config).__name__}.")
@@ -95,8 +95,8 @@ def _as_config(config, dtype: str | None):
 
 
 def _check_dtype(dtype: str) -> None:
-  if dtype not in loading.DTYPES:
-    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(loading.DTYPES)}.")
+  if dtype not in checkpoint.DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(checkpoint.DTYPES)}.")
 
 
 def _param_bytes(abstract, config, sizes, tensor_parallel) -> tuple[int, int, int]:
@@ -111,16 +111,11 @@ def _param_bytes(abstract, config, sizes, tensor_parallel) -> tuple[int, int, in
 
 
 def _context_bytes(config, sizes, batch, source_length, tensor_parallel) -> int:
-  """T5: encoder states + cross-attention K/V [B, N, S, H] per decoder layer; LLaMA: [B, D]."""
-  itemsize = np.dtype(loading.DTYPES[config.dtype]).itemsize
-  if not config.is_encoder_decoder:
-    return sharding.bytes_per_device((batch, config.hidden_size), 4,
-                                     sharding.batch_spec((batch,), sizes), sizes)
-  b = _split(batch, sizes[sharding.DATA])
-  heads = _split(config.num_heads, sizes[sharding.MODEL] if tensor_parallel else 1)
-  states = b * source_length * config.d_model * itemsize + b * source_length * 4  # + int32 mask
-  cross_kv = 2 * config.num_decoder_layers * b * heads * source_length * config.d_kv * itemsize
-  return states + cross_kv
+  """What `prepare` returns, per device: the architecture's formula (`context_bytes`)."""
+  arch = registry.architecture_of(config)
+  heads = arch.dimensions(config)["heads"]
+  return arch.context_bytes(config, _split(batch, sizes[sharding.DATA]), source_length,
+                            _split(heads, sizes[sharding.MODEL] if tensor_parallel else 1))
 
 
 def _split(count: int, parts: int) -> int:
@@ -130,16 +125,14 @@ def _split(count: int, parts: int) -> int:
 
 def _activation_bytes(config, sizes, batch, cache_length, source_length, block_tokens,
                       tensor_parallel) -> int:
-  itemsize = np.dtype(loading.DTYPES[config.dtype]).itemsize
+  """Live temporaries of one layer in the larger of prefill and verify (module docstring)."""
+  itemsize = np.dtype(checkpoint.DTYPES[config.dtype]).itemsize
   model = sizes[sharding.MODEL] if tensor_parallel else 1
   b = _split(batch, sizes[sharding.DATA])
-  if config.is_encoder_decoder:
-    width, head_dim, heads, ffn = config.d_model, config.d_kv, config.num_heads, config.d_ff
-    mlp_tensors = 3 if config.is_gated_act else 2
-  else:
-    width, head_dim, heads = config.hidden_size, config.head_dim, config.num_attention_heads
-    ffn, mlp_tensors = config.intermediate_size, 3
-  heads, ffn, vocab = _split(heads, model), _split(ffn, model), _split(config.vocab_size, model)
+  widths = registry.architecture_of(config).dimensions(config)
+  width, head_dim, mlp_tensors = widths["embed"], widths["head_dim"], widths["mlp_hidden_tensors"]
+  heads, ffn = _split(widths["heads"], model), _split(widths["mlp"], model)
+  vocab = _split(widths["vocab"], model)
 
   def layer(tokens: int, keys: int) -> int:
     residual = 3 * b * tokens * width * itemsize  # stream, normed input, block output

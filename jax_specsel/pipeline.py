@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 
 import datasets
 import ml_collections
@@ -28,11 +29,13 @@ from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
 
-# config.estimator -> the policy-training config it selects.
-ESTIMATORS = {"paper": reinforce.paper_train_config, "default": reinforce.default_train_config}
+# config.trainer -> the policy-training config it selects (whose own `estimator` field is the
+# gradient estimator: "reinforce" or "expected").
+TRAINERS = {"paper": reinforce.paper_train_config, "default": reinforce.default_train_config}
 CONFIG_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha",
-                 "cost_unit", "autoregressive_option", "estimator", "gamma", "temperature",
+                 "cost_unit", "autoregressive_option", "trainer", "gamma", "temperature",
                  "eval_seeds", "alphas", "sample_sizes")
+_RENAMED_FIELDS = {"trainer": "estimator"}  # field -> its old name, still read (deprecated)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -42,7 +45,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config: an experiment or demo config (configs/*.py) with CONFIG_FIELDS (the launches check
       config.output_dir separately: `validation.writable_directory`).
   """
-  missing = [field for field in CONFIG_FIELDS if field not in config]
+  missing = [field for field in CONFIG_FIELDS
+             if field not in config and _RENAMED_FIELDS.get(field, field) not in config]
   if missing:
     raise ValueError(f"config lacks field(s) {missing}: see configs/demo.py for each field.")
   try:
@@ -60,8 +64,7 @@ def _check_fields(config) -> None:
     raise ValueError(f"config.cost_unit={config.cost_unit}: must be > 0 (parameters per cost unit).")
   if not isinstance(config.autoregressive_option, bool):
     raise ValueError(f"config.autoregressive_option={config.autoregressive_option!r}: must be True or False.")
-  if config.estimator not in ESTIMATORS:
-    raise ValueError(f"config.estimator={config.estimator!r}: choose one of {sorted(ESTIMATORS)}.")
+  trainer_config(config)
   temperature = validation.real("config.temperature", config.temperature, 0.0)
   if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
     raise ValueError(f"config.temperature={temperature}: 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE}.")
@@ -73,6 +76,36 @@ def _check_fields(config) -> None:
       raise ValueError(f"config.{field}={values!r}: must be a non-empty list.")
     for i, value in enumerate(values):
       check(f"config.{field}[{i}]", value)
+
+
+def trainer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The policy-training config that `config.trainer` names ("paper" or "default").
+
+  A config written before the field was renamed names it `estimator` (the word the training
+  config uses for its gradient estimator): that is still read, with a FutureWarning.
+
+  Raises:
+    ValueError: an unknown name, both fields, or an old `estimator` that names a gradient
+      estimator instead of a training config.
+  """
+  if "estimator" not in config:
+    name = config.trainer
+  elif "trainer" in config:
+    raise ValueError(f"config has both trainer={config.trainer!r} and estimator={config.estimator!r}: "
+                     "`estimator` is the old name of `trainer`; remove it.")
+  else:
+    name = config.estimator
+    if name not in TRAINERS:
+      raise ValueError(f"config.estimator={name!r}: this experiment field is now called `trainer` and "
+                       f"names a training config, one of {sorted(TRAINERS)}; the gradient estimator "
+                       "('reinforce' / 'expected') is a field of that training config.")
+    message = (f"config.estimator={name!r} is deprecated: rename the field to config.trainer (it "
+               "selects the policy-training config, whose own `estimator` is the gradient estimator).")
+    warnings.warn(message, FutureWarning, stacklevel=2)
+    log.warning(message)
+  if name not in TRAINERS:
+    raise ValueError(f"config.trainer={name!r}: choose one of {sorted(TRAINERS)}.")
+  return TRAINERS[name]()
 
 
 def collect_stage(target: Model, drafters: dict[str, Model], train: datasets.Dataset,
@@ -97,13 +130,12 @@ def train_stage(dataset, meta, config, output_dir: str):
   A partial collection (loaded with allow_partial=True) is recorded in the policy's metadata
   (training_info["collection"]) and logged.
   """
-  if config.estimator not in ESTIMATORS:
-    raise ValueError(f"config.estimator={config.estimator!r}: choose one of {sorted(ESTIMATORS)}.")
+  train_config = trainer_config(config)
   options = policy_options(meta, config)
   embeddings, rewards, names = collect_lib.reward_table(dataset, meta, config.alpha, config.cost_unit,
                                                         options)
   policy = reinforce.train_policy(embeddings, rewards, seed=config.seed,
-                                  config=ESTIMATORS[config.estimator](), option_names=names)
+                                  config=train_config, option_names=names)
   policy.training_info["collection"] = collection_summary(meta)
   if not policy.training_info["collection"]["complete"]:
     log.warning("policy trained on a PARTIAL collection: %s", policy.training_info["collection"])

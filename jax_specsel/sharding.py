@@ -17,8 +17,12 @@ A tensor whose split dimension does not divide the `model` axis (GQA with 1 key/
 model=2, a vocabulary of 32001 on model=8) is replicated instead, and a log line says so.
 Divisibility is checked in whole heads, never in head_dim slices, so a split never cuts a head.
 
-Rules are keyed on the nnx flat parameter paths (the ones `nnx.to_flat_state` and the loader's
-weight maps use), joined with "/": e.g. "decoder/blocks/0/self_attention/q".
+Each architecture module owns its rules (`SHARDING_RULES`, found through models/registry.py),
+keyed on the nnx flat parameter paths (the ones `nnx.to_flat_state` and the loader's weight maps
+use), joined with "/": e.g. "decoder/blocks/0/self_attention/q".
+
+Placing a model's weights (`shard_model`, `replicated_on`) lives with the model, in
+models/interface.py: this module knows meshes and rules, not models.
 
 The same rules, evaluated on axis sizes without devices (`param_specs`), drive the memory
 estimator (jax_specsel/memory.py), so the estimate and the placed arrays cannot disagree.
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import math
 import re
@@ -42,6 +45,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jax_specsel.models import registry
+
 log = logging.getLogger(__name__)
 
 DATA, MODEL = "data", "model"
@@ -49,37 +54,9 @@ AXES = (DATA, MODEL)
 
 # A layout names, per tensor dimension, the logical unit it is split in (None: not split). Every
 # named dimension goes on the `model` axis; the name picks the unit count that must divide it.
+# Each architecture module holds its rules (SHARDING_RULES) and unit counts (`dimensions`);
+# an empty tuple of layouts means intentionally replicated (no fallback log line).
 Layout = tuple
-_REPLICATED: tuple[Layout, ...] = ()  # intentionally replicated (no fallback log)
-
-_T5_RULES: tuple[tuple[str, tuple[Layout, ...]], ...] = (
-    (r"^shared$", (("vocab", None), (None, "embed"))),  # [V, D]
-    (r"^(encoder|decoder)/embed_tokens$", (("vocab", None), (None, "embed"))),  # [V, D] untied
-    (r"^lm_head$", ((None, "vocab"), ("embed", None))),  # [D, V]
-    (r"_attention/[qkv]$", ((None, "heads"),)),  # [D, N*H]
-    (r"_attention/o$", (("heads", None),)),  # [N*H, D]
-    (r"_attention/relative_bias$", _REPLICATED),  # [R, N]
-    (r"feed_forward/wi(_0|_1)?$", ((None, "mlp"),)),  # [D, F]
-    (r"feed_forward/wo$", (("mlp", None),)),  # [F, D]
-    (r"scale$", _REPLICATED),  # [D]
-)
-
-_LLAMA_RULES: tuple[tuple[str, tuple[Layout, ...]], ...] = (
-    (r"^embed_tokens/embedding$", (("vocab", None), (None, "embed"))),  # [V, D]
-    (r"^lm_head/kernel$", ((None, "vocab"), ("embed", None))),  # [D, V]
-    (r"self_attn/q_proj/kernel$", ((None, "heads"),)),  # [D, N*H]
-    (r"self_attn/q_proj/bias$", (("heads",),)),  # [N*H]
-    (r"self_attn/[kv]_proj/kernel$", ((None, "kv_heads"),)),  # [D, K*H]
-    (r"self_attn/[kv]_proj/bias$", (("kv_heads",),)),  # [K*H]
-    (r"self_attn/o_proj/kernel$", (("heads", None),)),  # [N*H, D]
-    (r"mlp/(gate|up)_proj/kernel$", ((None, "mlp"),)),  # [D, F]
-    (r"mlp/(gate|up)_proj/bias$", (("mlp",),)),  # [F]
-    (r"mlp/down_proj/kernel$", (("mlp", None),)),  # [F, D]
-    (r"(o_proj|down_proj)/bias$", _REPLICATED),  # [D], added after the all-reduce
-    (r"scale$", _REPLICATED),  # [D]
-)
-
-_RULES = {"jax_specsel.models.t5": _T5_RULES, "jax_specsel.models.llama": _LLAMA_RULES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,24 +147,11 @@ def _log_once(message: str) -> None:
   log.info(message)
 
 
-def _units(config) -> dict[str, int]:
-  """How many whole units each logical dimension holds (a split must not cut one)."""
-  if hasattr(config, "d_kv"):  # T5
-    return {"heads": config.num_heads, "kv_heads": config.num_heads, "mlp": config.d_ff,
-            "vocab": config.vocab_size, "embed": config.d_model}
-  return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-          "mlp": config.intermediate_size, "vocab": config.vocab_size, "embed": config.hidden_size}
-
-
 def _layout_fits(layout: Layout, shape: tuple[int, ...], units: dict[str, int], model: int) -> bool:
   if len(layout) != len(shape):
     return False
   return all(name is None or (units[name] % model == 0 and size % model == 0)
              for name, size in zip(layout, shape))
-
-
-def _rules_for(config):
-  return _RULES.get(type(config).__module__)
 
 
 def spec_for(path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, int]) -> PartitionSpec:
@@ -202,21 +166,22 @@ def spec_for(path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, in
   Returns:
     A PartitionSpec over the mesh axes (replicated when no layout divides).
   """
-  rules = _rules_for(config)
-  if rules is None:
-    _log_once(f"no sharding rules for {type(config).__module__}.{type(config).__name__}: every "
-              "parameter is replicated.")
+  arch = registry.architecture_of(config)
+  if arch is None:
+    _log_once(f"no sharding rules for {type(config).__module__}.{type(config).__name__} (no "
+              "architecture in models/registry.py): every parameter is replicated.")
     return PartitionSpec()
   name = "/".join(str(p) for p in path)
   generic = re.sub(r"/\d+/", "/*/", name)  # one log line per kind of tensor, not per layer
-  layouts = next((layouts for pattern, layouts in rules if re.search(pattern, name)), None)
+  layouts = next((layouts for pattern, layouts in arch.SHARDING_RULES if re.search(pattern, name)),
+                 None)
   if layouts is None:
     _log_once(f"sharding: no rule matches parameter {generic}; it is replicated.")
     return PartitionSpec()
   model = sizes[MODEL]
   if model == 1 or not layouts:
     return PartitionSpec()
-  units = _units(config)
+  units = arch.dimensions(config)
   for layout in layouts:
     if _layout_fits(layout, shape, units, model):
       return PartitionSpec(*(None if n is None else MODEL for n in layout))
@@ -242,12 +207,6 @@ def param_specs(model_or_config, mesh_or_shape) -> dict[tuple, PartitionSpec]:
   return {path: spec_for(path, shape, config, sizes) for path, shape in shapes.items()}
 
 
-def param_shardings(model_or_config, mesh: Mesh) -> dict[tuple, NamedSharding]:
-  """Flat parameter path -> NamedSharding on `mesh` (see `param_specs`)."""
-  check_mesh(mesh)
-  return {path: NamedSharding(mesh, spec) for path, spec in param_specs(model_or_config, mesh).items()}
-
-
 def _config_and_shapes(model_or_config) -> tuple[Any, dict[tuple, tuple[int, ...]]]:
   params = getattr(model_or_config, "params", None)
   if params is not None:
@@ -267,65 +226,11 @@ def abstract_module(config):
   Raises:
     ValueError: the config belongs to no supported architecture.
   """
-  from jax_specsel.models import loading  # loading imports this module
-  for module_name in loading.ARCHITECTURES.values():
-    arch = importlib.import_module(module_name)
-    if isinstance(config, arch.Config):
-      return nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
-  raise ValueError(f"{type(config).__name__} is not a config of a supported architecture "
-                   f"({sorted(loading.ARCHITECTURES)}); pass a loaded Model or a t5/llama Config.")
-
-
-def _flat_path(keypath) -> tuple:
-  return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
-
-
-def shard_model(model, mesh: Mesh, replicated: bool = False):
-  """A copy of a loaded model with its weights placed on `mesh`.
-
-  Args:
-    model: a `Model` (on one device, or already placed).
-    mesh: from `make_mesh`.
-    replicated: put every weight whole on every device (for small drafters: no collective per
-      draft step) instead of following the tensor-parallel rules.
-
-  Returns:
-    A `Model` sharing the tokenizer and config, whose decoder carries the placement (its caches
-    are constrained to the mesh inside the compiled loop). Early-exit views of a sharded target
-    (`model.early_exit(k)`) share its placement.
-  """
-  from jax_specsel.models.interface import Decoder, Model  # interface imports this module
-  check_mesh(mesh)
-  specs = {} if replicated else param_specs(model, mesh)
-  params = jax.tree_util.tree_map_with_path(
-      lambda kp, x: jax.device_put(x, NamedSharding(mesh, specs.get(_flat_path(kp), PartitionSpec()))),
-      model.params)
-  decoder = Decoder(model.decoder.graphdef, model.decoder.exit_layers,
-                    Placement(mesh, tensor_parallel=not replicated))
-  return Model._from_parts(decoder, params, model.config, model.tokenizer, model.name)
-
-
-def replicated_on(model, mesh: Mesh):
-  """`model` replicated whole on every device of `mesh`, made once per (model, mesh).
-
-  What `generate` does with a single-device drafter next to a sharded target. The copy is cached
-  on the model (made again only if `model.params` is replaced) and its creation is logged once.
-
-  Args:
-    model: a `Model` on one device.
-    mesh: the target's mesh.
-
-  Returns:
-    `shard_model(model, mesh, replicated=True)`, the same object on every later call.
-  """
-  replicas = model.__dict__.setdefault("_replicas_by_mesh", {})
-  params, replica = replicas.get(mesh, (None, None))
-  if replica is None or params is not model.params:
-    log.info("replicating drafter %s (%.1fM parameters) onto the target's mesh %s; done once per "
-             "drafter and mesh", model.name, model.num_params / 1e6, dict(mesh.shape))
-    replica = shard_model(model, mesh, replicated=True)
-    replicas[mesh] = (model.params, replica)
-  return replica
+  arch = registry.architecture_of(config)
+  if arch is None:
+    raise ValueError(f"{type(config).__name__} is not a config of a supported architecture "
+                     f"({sorted(registry.ARCHITECTURES)}); pass a loaded Model or a t5/llama Config.")
+  return nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
 
 
 def batch_spec(shape: tuple[int, ...], sizes: Mapping[str, int]) -> PartitionSpec:

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 import jax_specsel as js
-from jax_specsel import validation
+from jax_specsel import experiment, validation
 from jax_specsel.eval import random_models, speed
-from jax_specsel.models import loading
+from jax_specsel.models import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs to build when --target is unset.")
@@ -119,16 +119,14 @@ def check_flags() -> str:
 
 def smallest_vocabulary(directories: list[str]) -> int:
   """The smallest config.json vocab_size of the checkpoints ('self' skipped), read before loading."""
-  sizes = [loading.read_hf_config(d).get("vocab_size") for d in directories if d != "self"]
+  sizes = [checkpoint.read_hf_config(d).get("vocab_size") for d in directories if d != "self"]
   return min([int(v) for v in sizes if v] or [1000])
 
 
 def main(argv):
   del argv
-  try:
+  with experiment.usage_errors():  # a bad flag: one line, no traceback
     check_flags()
-  except (ValueError, TypeError) as err:
-    raise app.UsageError(str(err)) from None
   rng = np.random.default_rng(0)
   results = []
   with tempfile.TemporaryDirectory() as scratch:

@@ -10,15 +10,16 @@ from ml_collections import config_flags
 
 from jax_specsel import demo, experiment
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo configuration.")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo configuration.")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   with experiment.usage_errors():
-    demo.check_demo_config(_CONFIG.value)  # before the zoo: a bad value costs nothing
-  output_dir = demo.run_demo(_CONFIG.value)
+    demo.check_demo_config(FLAGS.config)  # before the zoo: a bad value costs nothing
+  output_dir = demo.run_demo(FLAGS.config)
   print(f"\nreport written to {output_dir}/report.md (and report.json, figures) ")
 
 

@@ -19,11 +19,12 @@ from jax_specsel import experiment, pipeline, sharding, validation
 from jax_specsel.bandit import collect, load_policy
 from jax_specsel.eval import report
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
-_MESH = flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 1x8 (default: the config's "
-                            "`mesh`, else a single device).")
-_ALLOW_PARTIAL = flags.DEFINE_bool("allow_partial_collection", False,
-                                   "Use an unfinished collection (the shards that exist).")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
+flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 1x8 (default: the config's "
+                    "`mesh`, else a single device).")
+flags.DEFINE_bool("allow_partial_collection", False,
+                  "Use an unfinished collection (the shards that exist).")
 experiment.require_config_flag("configs/paper_t5_table1.py")
 
 
@@ -43,14 +44,14 @@ def test_queries(config, dataset):
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  config = _CONFIG.value
+  config = FLAGS.config
   with experiment.usage_errors():
     pipeline.check_config(config)
     experiment.check_config(config)
-    shape = experiment.mesh_shape(config, _MESH.value)
+    shape = experiment.mesh_shape(config, FLAGS.mesh)
     validation.writable_directory(config.output_dir, "config.output_dir")
     dataset, meta = collect.load_collection(os.path.join(config.output_dir, "collection"),
-                                            allow_partial=_ALLOW_PARTIAL.value)
+                                            allow_partial=FLAGS.allow_partial_collection)
     test = test_queries(config, dataset)
     policy = load_policy(os.path.join(config.output_dir, "policy"))
   mesh = None if shape is None else sharding.make_mesh(*shape)

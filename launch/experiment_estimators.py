@@ -21,19 +21,20 @@ from absl import app, flags
 
 from jax_specsel import bandit
 
-_OUTPUT = flags.DEFINE_string("output", None, "write the results as JSON to this path")
-_SIZES = flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "training set sizes")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per (estimator, size)")
-_TEST_SIZE = flags.DEFINE_integer("test_size", 4096, "held-out queries")
-_DIM = flags.DEFINE_integer("dim", 64, "embedding width D")
-_CLUSTER_SPREAD = flags.DEFINE_float(
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "write the results as JSON to this path")
+flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "training set sizes")
+flags.DEFINE_integer("seeds", 3, "seeds per (estimator, size)")
+flags.DEFINE_integer("test_size", 4096, "held-out queries")
+flags.DEFINE_integer("dim", 64, "embedding width D")
+flags.DEFINE_float(
     "cluster_spread", 0.5,
     "std of cluster centres per dimension (embedding noise std is 1; 0.5 leaves a Bayes-optimal\n"
     "    best-arm accuracy of ~99%: the clusters overlap)")
-_REWARD_NOISE = flags.DEFINE_float("reward_noise", 0.15, "std of the reward noise")
-_STANDARDIZE = flags.DEFINE_bool("standardize_variant", True,
-                                 "also run the default estimator with standardized inputs on "
-                                 "shifted, anisotropic embeddings")
+flags.DEFINE_float("reward_noise", 0.15, "std of the reward noise")
+flags.DEFINE_bool("standardize_variant", True,
+                  "also run the default estimator with standardized inputs on "
+                  "shifted, anisotropic embeddings")
 
 # Mean reward of each option (column) in each cluster (row): a different best option per
 # cluster (clusters 0 and 3 share option 0), best 0.6 against 0.45-0.5.
@@ -90,9 +91,9 @@ def run_variant(name: str, overrides: dict, sizes, seeds: int, warp=None) -> lis
   results = []
   for size, seed in itertools.product(sizes, range(seeds)):
     rng = np.random.default_rng(1000 + seed)
-    centres = _CLUSTER_SPREAD.value * rng.normal(size=(len(_MEAN_REWARDS), _DIM.value))
-    train = make_bandit(size, centres, rng, _REWARD_NOISE.value, warp)
-    test = make_bandit(_TEST_SIZE.value, centres, rng, _REWARD_NOISE.value, warp)
+    centres = FLAGS.cluster_spread * rng.normal(size=(len(_MEAN_REWARDS), FLAGS.dim))
+    train = make_bandit(size, centres, rng, FLAGS.reward_noise, warp)
+    test = make_bandit(FLAGS.test_size, centres, rng, FLAGS.reward_noise, warp)
     config = bandit.paper_train_config()
     config.update(overrides)
     start = time.perf_counter()
@@ -123,25 +124,25 @@ def summary_table(results: list[dict], sizes) -> str:
 
 def main(argv):
   del argv
-  sizes = [int(s) for s in _SIZES.value]
+  sizes = [int(s) for s in FLAGS.sizes]
   results = []
   for name, overrides in _VARIANTS.items():
-    results += run_variant(name, overrides, sizes, _SEEDS.value)
-  if _STANDARDIZE.value:
+    results += run_variant(name, overrides, sizes, FLAGS.seeds)
+  if FLAGS.standardize_variant:
     rng = np.random.default_rng(7)
-    warp = (rng.normal(scale=5.0, size=_DIM.value), np.exp(rng.normal(scale=1.0,
-                                                                      size=_DIM.value)))
+    warp = (rng.normal(scale=5.0, size=FLAGS.dim), np.exp(rng.normal(scale=1.0,
+                                                                      size=FLAGS.dim)))
     for standardize in (False, True):
       name = f"expected, warped, std={standardize}"
       results += run_variant(name, dict(estimator="expected", baseline="none",
-                                        standardize_inputs=standardize), sizes, _SEEDS.value, warp)
+                                        standardize_inputs=standardize), sizes, FLAGS.seeds, warp)
   table = summary_table(results, sizes)
   print("\nGreedy best-arm accuracy on held-out queries, mean (min-max) over seeds\n" + table)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"mean_rewards": _MEAN_REWARDS.tolist(), "dim": _DIM.value,
-                 "cluster_spread": _CLUSTER_SPREAD.value, "reward_noise": _REWARD_NOISE.value,
-                 "test_size": _TEST_SIZE.value, "results": results, "table": table}, f, indent=1)
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      json.dump({"mean_rewards": _MEAN_REWARDS.tolist(), "dim": FLAGS.dim,
+                 "cluster_spread": FLAGS.cluster_spread, "reward_noise": FLAGS.reward_noise,
+                 "test_size": FLAGS.test_size, "results": results, "table": table}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jax_specsel as js  # noqa: E402
-from jax_specsel import validation  # noqa: E402
+from jax_specsel import experiment, validation  # noqa: E402
 from jax_specsel.eval import random_models  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -66,10 +66,8 @@ def check_flags() -> None:
 
 def main(argv):
   del argv
-  try:
+  with experiment.usage_errors():  # a bad flag: one line, no traceback
     check_flags()
-  except (ValueError, TypeError) as err:
-    raise app.UsageError(str(err)) from None
   with tempfile.TemporaryDirectory() as scratch:
     target, drafter = _models(scratch)
     vocab = min(target.vocab_size, drafter.vocab_size)  # every prompt id must exist in both

@@ -3,9 +3,12 @@
   python launch/step_latency.py                   # 6-layer d_model-512 T5 and LLaMA, random weights
   python launch/step_latency.py --torch_threads=1 --steps=50
 
-Both sides decode `steps` single tokens after a `prefix`-token prompt (positions prefix..prefix+steps-1):
-ours through the jitted `decode` of the protocol with a fixed cache of --cache_length, transformers
-through `past_key_values`. Reported: median ms per step for each and the ratio ours / transformers.
+Both sides decode `steps` single tokens after a `prefix`-token prompt (positions prefix to
+prefix+steps-1), each the way its own generation runs them: ours with
+`eval/speed.time_decode_step` (the protocol's `decode` with a fixed cache of --cache_length,
+inside one compiled loop: no host dispatch per step; the best of --repeats runs), transformers
+step by step from Python through `past_key_values` (the median step over all repeats). Reported:
+ms per step for each and the ratio ours / transformers.
 """
 
 from __future__ import annotations
@@ -16,40 +19,26 @@ import time
 
 from absl import app, flags
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_specsel as js
-from jax_specsel.eval import random_models
+from jax_specsel.eval import random_models, speed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["t5", "llama"], "Architectures to measure.")
 flags.DEFINE_integer("prefix", 200, "Tokens already in the cache before the timed steps.")
 flags.DEFINE_integer("steps", 50, "Timed single-token steps per repeat.")
-flags.DEFINE_integer("repeats", 5, "Repeats; the median step over all of them is reported.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats per side (see the module docstring).")
 flags.DEFINE_integer("cache_length", 256, "Our fixed K/V buffer length.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 
 
 def ours_ms(model, prompt) -> float:
-  decoder, params = model.decoder, model.params
-  ids = jnp.asarray(prompt)
-  step = jax.jit(lambda p, t, s, c, x: decoder.decode(p, t, s, c, x), donate_argnums=(3,))
-  times = []
-  for _ in range(FLAGS.repeats):
-    cache = decoder.init_cache(params, 1, FLAGS.cache_length)
-    context, cache = decoder.prepare(params, ids, jnp.ones_like(ids), cache)
-    cache = jax.tree.map(jnp.copy, cache)  # distinct buffers: donation needs one owner per buffer
-    token = jnp.full((1, 1), 5, jnp.int32)
-    for i in range(FLAGS.steps):
-      start = jnp.full((1,), FLAGS.prefix + i, jnp.int32)
-      began = time.perf_counter()
-      logits, cache = step(params, token, start, cache, context)
-      token = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
-      jax.block_until_ready(token)
-      times.append(time.perf_counter() - began)
-  return 1e3 * statistics.median(times[1:])  # the very first call compiles
+  """ms per single-token step as our loop runs it (`speed.time_decode_step`: in one compiled
+  loop, cache carried, no dispatch per step), at positions prefix..prefix+steps-1."""
+  return 1e3 * speed.time_decode_step(model, prompt, block=1, position=FLAGS.prefix,
+                                      cache_length=FLAGS.cache_length, steps=FLAGS.steps,
+                                      repeats=FLAGS.repeats)
 
 
 def torch_ms(directory, prompt) -> float:

@@ -16,21 +16,22 @@ from ml_collections import config_flags
 from jax_specsel import experiment, pipeline, validation
 from jax_specsel.bandit import collect
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
-_ALLOW_PARTIAL = flags.DEFINE_bool("allow_partial_collection", False,
-                                   "Train on an unfinished collection (the shards that exist).")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
+flags.DEFINE_bool("allow_partial_collection", False,
+                  "Train on an unfinished collection (the shards that exist).")
 experiment.require_config_flag("configs/paper_t5_table1.py")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  config = _CONFIG.value
+  config = FLAGS.config
   with experiment.usage_errors():
     pipeline.check_config(config)
     validation.writable_directory(config.output_dir, "config.output_dir")
     dataset, meta = collect.load_collection(os.path.join(config.output_dir, "collection"),
-                                            allow_partial=_ALLOW_PARTIAL.value)
+                                            allow_partial=FLAGS.allow_partial_collection)
   policy = pipeline.train_stage(dataset, meta, config, config.output_dir)
   print(f"policy over {policy.option_names} saved to {config.output_dir}/policy")
 

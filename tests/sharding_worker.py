@@ -167,7 +167,7 @@ def check_errors(checkpoint: str) -> dict:
 def check_unsharded_drafter(root: str) -> dict:
   """Sharded target + a drafter loaded on one device: replicated onto the mesh automatically."""
   import jax_specsel as js
-  from jax_specsel import sharding
+  from jax_specsel.models import interface
   target_dir = os.path.join(root, "llama")
   drafter = js.load_model(os.path.join(root, "llama_drafter"), name="small_drafter")
   prompts = _prompts(3)
@@ -175,8 +175,8 @@ def check_unsharded_drafter(root: str) -> dict:
   mesh = js.make_mesh(data=2, model=4)
   sharded = js.load_model(target_dir, mesh=mesh)
   runs = [js.generate(sharded, prompts, drafter=drafter, gamma=3, max_new_tokens=10) for _ in range(2)]
-  replica = sharding.replicated_on(drafter, mesh)
-  other_mesh = sharding.shard_model(drafter, js.make_mesh(data=1, model=8), replicated=True)
+  replica = interface.replicated_on(drafter, mesh)
+  other_mesh = interface.shard_model(drafter, js.make_mesh(data=1, model=8), replicated=True)
   try:
     js.generate(sharded, prompts, drafter=other_mesh, gamma=3, max_new_tokens=10)
     other_mesh_error = None
@@ -187,7 +187,7 @@ def check_unsharded_drafter(root: str) -> dict:
                    for run in runs),
       "acceptance": runs[0].stats.acceptance_rate,
       "replica_mesh": dict(replica.mesh.shape),
-      "replica_cached": replica is sharding.replicated_on(drafter, mesh),
+      "replica_cached": replica is interface.replicated_on(drafter, mesh),
       "drafter_still_on_one_device": drafter.mesh is None,
       "other_mesh_error": other_mesh_error,
   }
@@ -196,7 +196,7 @@ def check_unsharded_drafter(root: str) -> dict:
 def run_sharded(root: str) -> dict:
   import jax
   import jax_specsel as js
-  from jax_specsel import sharding
+  from jax_specsel.models import interface
   logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)  # absl may have a handler
   result = {"devices": jax.device_count(), "errors": check_errors(os.path.join(root, "t5"))}
   # T5 drafts with a replicated copy of itself (every draft accepted: bonus tokens), LLaMA with
@@ -204,7 +204,7 @@ def run_sharded(root: str) -> dict:
   replicated_t5 = js.load_model(os.path.join(root, "t5"), name="t5_copy")
   result["t5"] = check_family(
       "t5", os.path.join(root, "t5"),
-      lambda target: sharding.shard_model(replicated_t5, target.mesh, replicated=True),
+      lambda target: interface.shard_model(replicated_t5, target.mesh, replicated=True),
       js.make_mesh(data=2, model=4), decoder_inputs=True,
       q_path=("decoder", "blocks", 0, "self_attention", "q"))
   result["llama"] = check_family(

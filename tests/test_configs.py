@@ -11,12 +11,12 @@ import pytest
 from jax_specsel.data import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task", "memory_gb",
+PAPER_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task",
                 "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
-                "autoregressive_option", "estimator", "gamma", "temperature", "eval_seeds", "alphas",
+                "autoregressive_option", "trainer", "gamma", "temperature", "eval_seeds", "alphas",
                 "sample_sizes", "output_dir", "seed")
 PIPELINE_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
-                   "autoregressive_option", "estimator", "gamma", "temperature", "eval_seeds", "alphas",
+                   "autoregressive_option", "trainer", "gamma", "temperature", "eval_seeds", "alphas",
                    "sample_sizes", "output_dir")
 
 
@@ -41,8 +41,9 @@ def test_config_is_complete(name, monkeypatch):
   if name != "demo":
     for task in config.tasks:
       tasks.get_task(task)  # every task is registered
-    assert config.memory_gb > 0 and config.drafters
-    assert config.estimator in ("paper", "default")
+    assert config.drafters
+  assert config.trainer in ("paper", "default")
+  assert "estimator" not in config, "the experiment field is `trainer` (estimator: its old name)"
 
 
 @pytest.mark.parametrize("name", _config_modules())

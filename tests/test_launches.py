@@ -71,7 +71,7 @@ def test_unknown_config_override():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.estimator=bogus", "config.estimator='bogus': choose one of ['default', 'paper']."),
+    ("--config.trainer=bogus", "config.trainer='bogus': choose one of ['default', 'paper']."),
     ("--config.alpha=nan", "config.alpha=nan: must be a finite number."),
     ("--config.gamma=0", "config.gamma=0: must be >= 1.")])
 def test_bad_config_values_are_refused_before_work(override, message, tmp_path):

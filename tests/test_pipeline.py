@@ -26,7 +26,7 @@ def _examples(n, seed):
 def _config():
   config = ml_collections.ConfigDict()
   config.seed, config.max_new_tokens, config.collect_batch_size, config.shard_size = 0, 6, 8, 16
-  config.alpha, config.cost_unit, config.autoregressive_option, config.estimator = 0.5, 1e3, True, "default"
+  config.alpha, config.cost_unit, config.autoregressive_option, config.trainer = 0.5, 1e3, True, "default"
   config.gamma, config.temperature, config.eval_seeds = 3, 0.0, (0, 1)
   config.alphas, config.sample_sizes = (0.0, 1.0), (4, 16)
   return config
@@ -127,8 +127,8 @@ def test_bad_config_and_empty_splits_are_refused_before_any_work(tmp_path):
   drafters = {"same": fake_model_with_tokenizer(0, name="same")}
   output_dir = tmp_path / "out"
   for field, value, message in (("alpha", 1.5, r"config.alpha=1.5: must be in \[0.0, 1.0\]"),
-                                ("estimator", "bogus", r"config.estimator='bogus': choose one of "
-                                                       r"\['default', 'paper'\]"),
+                                ("trainer", "bogus", r"config.trainer='bogus': choose one of "
+                                                     r"\['default', 'paper'\]"),
                                 ("temperature", 1e-9, r"config.temperature=1e-09: 0 \(greedy\) or >= 0.0001"),
                                 ("alphas", (0.0, float("nan")), r"config.alphas\[1\]=nan: must be a finite"),
                                 ("eval_seeds", (), r"config.eval_seeds=\(\): must be a non-empty list")):
@@ -161,3 +161,26 @@ def test_a_partial_collection_is_stated_in_the_report(tmp_path):
   complete = pipeline.write_report(result, {}, target, {}, str(tmp_path),
                                    collection={"num_queries": 12, "complete": True})
   assert complete["collection"]["complete"] and "Partial" not in (tmp_path / "report.md").read_text()
+
+
+def test_the_old_estimator_field_is_read_with_a_deprecation_warning():
+  from jax_specsel.bandit import reinforce
+  old = _config()
+  del old["trainer"]
+  old.estimator = "paper"
+  with pytest.warns(FutureWarning, match="rename the field to config.trainer"):
+    pipeline.check_config(old)
+  with pytest.warns(FutureWarning):
+    assert pipeline.trainer_config(old) == reinforce.paper_train_config()
+  old.estimator = "reinforce"  # the training config's own word: refused, with what to write
+  with pytest.raises(ValueError, match=r"config.estimator='reinforce': this experiment field is now "
+                                       r"called `trainer`"):
+    pipeline.check_config(old)
+  both = _config()
+  both.estimator = "default"
+  with pytest.raises(ValueError, match="`estimator` is the old name of `trainer`; remove it"):
+    pipeline.check_config(both)
+  neither = _config()
+  del neither["trainer"]
+  with pytest.raises(ValueError, match=r"config lacks field\(s\) \['trainer'\]"):
+    pipeline.check_config(neither)

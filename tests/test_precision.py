@@ -65,8 +65,8 @@ def generation_hlo(target, drafter=None) -> str:
   spec = generate_lib.loop_spec(target, drafter, gamma=2, max_new_tokens=4)
   ids, mask = generate_lib.pad_prompts([[3, 4, 5]], None, target)
   trees = (target.flat_params()[1], None if drafter is None else drafter.flat_params()[1])
-  args = (target.flat_params()[0], [] if drafter is None else drafter.flat_params()[0], ids, mask,
-          np.uint32(0))
+  args = (target.flat_params()[0], [] if drafter is None else drafter.flat_params()[0],
+          generate_lib.place_prompts(target, ids, mask, 0))  # ids, lengths and seed: one array
   return jax.jit(generate_lib._run_flat, static_argnums=(0, 1)).lower(spec, trees, *args).as_text()
 
 

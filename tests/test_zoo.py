@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_specsel.data import zoo as zoo_lib
+from jax_specsel import token_batches
+from jax_specsel.data import seq2seq, zoo as zoo_lib
 from jax_specsel.data.world import World, WorldConfig
 from jax_specsel.decoding import generate
 from jax_specsel.models import t5
@@ -39,7 +40,7 @@ def built(world, tmp_path_factory):
 def _untrained_zoo(world, config, progress):
   """Stands in for `_train_zoo` where only the cache logic is under test: random weights."""
   del progress
-  vocab = zoo_lib._round_up(len(world.tokenizer()), 8)
+  vocab = seq2seq.round_up(len(world.tokenizer()), 8)
   tokenizer = world.tokenizer()
 
   def model(spec, name, seed):
@@ -72,7 +73,7 @@ def test_tiny_build_returns_models_that_decode(built, world):
   assert zoo.directory.startswith(root) and os.path.basename(zoo.directory).startswith("zoo-")
   assert zoo.tokenizer.pad_token_id == 0 and zoo.tokenizer.eos_token_id == 1
   prompts = [e["prompt"] for e in world.split("test", "arithmetic")[:4]]  # short: cheap compiles
-  ids, mask = zoo_lib.pad_rows(zoo.tokenizer(prompts)["input_ids"])
+  ids, mask = token_batches.right_padded(zoo.tokenizer(prompts)["input_ids"], pad_id=0)
   for name, model in zoo.models.items():
     assert model.name == name and model.is_encoder_decoder
     assert model.vocab_size >= len(zoo.tokenizer)

@@ -46,6 +46,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from jax_specsel import token_batches
 from jax_specsel.bandit import rewards as rewards_lib
 from jax_specsel.decoding import generate
 from jax_specsel.decoding.generate import pad_prompts
@@ -387,7 +388,7 @@ def _collect_rows(target, drafters, examples, config, bar) -> list[dict]:
 def _collect_batch(target, drafters, batch, config) -> list[dict]:
   prompt_ids = target.tokenizer(list(batch["prompt"]))["input_ids"]
   real = len(prompt_ids)
-  prompt_ids = prompt_ids + [prompt_ids[0]] * (config.batch_size - real)  # one compiled shape
+  prompt_ids = token_batches.filled_to(prompt_ids, config.batch_size)  # one compiled shape
   run = lambda model, **kw: decode_text(model, generate(model, prompt_ids,
                                                         max_new_tokens=config.max_new_tokens, **kw))[:real]
   target_text = run(target)

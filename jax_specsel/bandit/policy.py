@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jax_specsel.models.interface import cached_flat_params
+from jax_specsel.flat_params import cached_flat_params
 
 _FORMAT_VERSION = 1
 
@@ -221,22 +221,17 @@ class Policy:
     if key is None:
       # Greedy ignores the key: reuse one instead of creating a key on every call.
       key = self._greedy_key() if greedy else jax.random.key(seed)
-    leaves, treedef = cached_flat_params(self)
+    leaves, treedef = cached_flat_params(self, "params")
     return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
                                       embedding, key, bool(greedy)))
 
   def program_inputs(self) -> tuple[list, Any]:
     """(leaves, treedef) of {"params", "input_mean", "input_scale"}: the arrays `program` reads.
 
-    Flattened once per set of arrays (a per-query call should not flatten an nnx.State).
+    Current after an in-place update of a weight; the structure is flattened once per set of
+    arrays (a per-query call should not flatten an nnx.State): see `cached_flat_params`.
     """
-    arrays = (self.params, self.input_mean, self.input_scale)
-    cached = getattr(self, "_program_inputs_cache", None)
-    if cached is None or any(a is not b for a, b in zip(cached[0], arrays)):
-      inputs = {"params": self.params, "input_mean": self.input_mean,
-                "input_scale": self.input_scale}
-      cached = self._program_inputs_cache = (arrays, *jax.tree.flatten(inputs))
-    return cached[1], cached[2]
+    return cached_flat_params(self, "params", "input_mean", "input_scale")
 
   def _greedy_key(self) -> jax.Array:
     if self._unused_key is None:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel import sharding, validation
+from jax_specsel import sharding, token_batches, validation
 from jax_specsel.decoding import loop, sampling
+from jax_specsel.models import interface
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,9 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
     padded = _padded_int_rows(prompt_ids, target)
     if padded is not None:
       return padded
-  ids, mask = _as_batch(prompt_ids, attention_mask, target.pad_id)
+  ids, mask = token_batches.as_id_batch(prompt_ids, attention_mask, target.pad_id)
   if attention_mask is not None:  # built masks are right-aligned already (keeps the call cheap)
-    ids, mask = _right_aligned(ids, mask)
+    ids, mask = token_batches.right_aligned(ids, mask)
   lengths = mask.sum(axis=1)
   if (lengths == 0).any():
     raise ValueError(f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row needs "
@@ -315,107 +316,6 @@ def _padded_int_rows(prompt_ids, target: Model):
   return ids, mask
 
 
-def _as_batch(prompt_ids, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(ids int64 [B, S], mask int64 [B, S]) from any accepted prompt form, checked."""
-  if isinstance(prompt_ids, np.ndarray) and prompt_ids.dtype == object and prompt_ids.ndim == 1:
-    prompt_ids = list(prompt_ids)  # a ragged numpy array: one id sequence per element
-  if _is_row_list(prompt_ids):
-    rows = [_id_array(row, f"prompt_ids[{i}]") for i, row in enumerate(prompt_ids)]
-    for i, row in enumerate(rows):
-      if row.ndim != 1:
-        raise ValueError(f"prompt_ids[{i}] has shape {row.shape}: each row must be a flat list of ids.")
-    if attention_mask is None:
-      return _pack_rows(rows, pad_id)
-    if len({len(row) for row in rows}) > 1:
-      raise ValueError("attention_mask given with prompt rows of different lengths: pass either "
-                       "ragged id lists (their lengths mark the real tokens) or a padded [B, S] "
-                       "array with its mask.")
-    ids = np.stack(rows)
-  else:
-    ids = _id_array(prompt_ids, "prompt_ids")
-  one_prompt = ids.ndim == 1
-  ids = ids[None] if one_prompt else ids
-  if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-    raise ValueError(f"prompt_ids must be [batch, length] with batch >= 1 and length >= 1, got "
-                     f"shape {ids.shape}.")
-  return ids, _checked_mask(attention_mask, ids.shape, one_prompt)
-
-
-def _is_row_list(prompt_ids) -> bool:
-  if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-    return False
-  try:
-    return np.ndim(prompt_ids[0]) > 0
-  except ValueError:  # a ragged element: let _id_array name it
-    return True
-
-
-def _id_array(values, name: str) -> np.ndarray:
-  """int64 ids from an array-like, refusing floats, objects and ragged nesting (no truncation)."""
-  try:
-    array = np.asarray(values)
-  except ValueError:  # numpy refuses inhomogeneous nesting
-    raise ValueError(f"{name} is ragged (nested sequences of different lengths): pass a list of "
-                     "flat id lists, or a padded [B, S] array with an attention_mask.") from None
-  if array.size == 0:
-    return array.astype(np.int64)
-  if array.dtype == object:
-    raise TypeError(f"{name} holds Python objects (dtype object): pass integer token ids, as a "
-                    "list of id lists or an integer array.")
-  if array.dtype.kind not in "iu":
-    raise TypeError(f"{name} has dtype {array.dtype}: token ids must be integers (they are not "
-                    "truncated; cast whole-number ids with .astype(np.int32)).")
-  return array.astype(np.int64)
-
-
-def _pack_rows(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  width = max(max(len(row) for row in rows), 1)
-  ids = np.full((len(rows), width), pad_id, np.int64)
-  mask = np.zeros((len(rows), width), np.int64)
-  for i, row in enumerate(rows):
-    ids[i, :len(row)], mask[i, :len(row)] = row, 1
-  return ids, mask
-
-
-def _checked_mask(attention_mask, shape: tuple[int, int], one_prompt: bool) -> np.ndarray:
-  """The mask as int64 of `shape`; refuses other shapes and values other than 0 and 1."""
-  if attention_mask is None:
-    return np.ones(shape, np.int64)
-  mask = np.asarray(attention_mask)
-  if one_prompt and mask.ndim == 1:
-    mask = mask[None]
-  if mask.shape != shape:
-    raise ValueError(f"attention_mask has shape {np.shape(attention_mask)} but prompt_ids has "
-                     f"shape {shape if not one_prompt else shape[1:]}: pass one 0/1 value per "
-                     "prompt token.")
-  binary = mask.dtype.kind in "biuf" and bool(((mask == 0) | (mask == 1)).all())
-  if not binary:
-    bad = mask[(mask != 0) & (mask != 1)] if mask.dtype.kind in "biuf" else mask.reshape(-1)
-    raise ValueError(f"attention_mask holds values other than 0 and 1 (e.g. {bad[:3].tolist()}): "
-                     "1 marks a real prompt token, 0 padding.")
-  return mask.astype(np.int64)
-
-
-def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Moves each row's real tokens to the front (the loop's layout) and refuses holes.
-
-  Tokenizers with padding_side="left" put padding first; rolling the row keeps the tokens in
-  order. A 0 between real tokens has no place in a prefix layout, so it is refused.
-  """
-  lengths = mask.sum(axis=1)
-  first = np.argmax(mask, axis=1)
-  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
-  holes = (lengths > 0) & (last - first != lengths)
-  if holes.any():
-    raise ValueError(f"attention_mask row(s) {np.flatnonzero(holes)[:5].tolist()} have padding "
-                     "between real tokens: pass left- or right-padded prompts (one contiguous run "
-                     "of 1s per row).")
-  if not first.any():
-    return ids, mask
-  columns = (np.arange(mask.shape[1])[None, :] + first[:, None]) % mask.shape[1]
-  return np.take_along_axis(ids, columns, axis=1), np.take_along_axis(mask, columns, axis=1)
-
-
 def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed,
                   flags: tuple[int, ...] = ()) -> np.ndarray | jax.Array:
   """The prompts, their lengths, the seed and run-time flags as one int32 array: one upload.
@@ -449,10 +349,10 @@ def unpack_prompts(packed: jax.Array, num_flags: int = 0):
 
 def drafter_for(target: Model, drafter: Model) -> Model:
   """The drafter placed where the target is: a single-device drafter next to a sharded target is
-  replicated onto the target's mesh (`sharding.replicated_on`: once per drafter and mesh, cached
+  replicated onto the target's mesh (`interface.replicated_on`: once per drafter and mesh, cached
   and logged once). Any other placement is returned unchanged for `check_compatible` to judge."""
   if drafter.mesh is None and target.mesh is not None:
-    return sharding.replicated_on(drafter, target.mesh)
+    return interface.replicated_on(drafter, target.mesh)
   return drafter
 
 
@@ -468,7 +368,7 @@ def check_compatible(target: Model, drafter: Model) -> None:
     raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
                      f"on {_mesh_name(target)}: a drafter on one device is replicated onto the target's "
                      "mesh automatically, one on another mesh is not. Load the drafter on one device, or "
-                     "place it with jax_specsel.sharding.shard_model(drafter, target.mesh, replicated=True).")
+                     "place it with jax_specsel.shard_model(drafter, target.mesh, replicated=True).")
   if drafter.is_encoder_decoder != target.is_encoder_decoder:
     raise ValueError(f"drafter {drafter.name} and target {target.name} must both be encoder-decoder "
                      "or both decoder-only.")

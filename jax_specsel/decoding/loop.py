@@ -54,23 +54,27 @@ class LoopState:
 
   Row b has emitted `num_generated[b]` tokens. Its last emitted token (before the first round: the
   T5 decoder start token, or the last prompt token of a decoder-only model) is `pending[b]`, at
-  absolute position `position[b]` and *not yet* in the target's cache: the next round scores it
-  first. `previous[b]` is the token at `position[b] - 1`: the drafter re-reads [previous, pending]
-  every round (its two-token catch-up) because when a round accepts every draft the drafter never
-  ran on its own last draft, which is `previous` then; re-writing a position it already holds is
-  harmless, and every round keeps one shape.
+  absolute position `position[b]`; the next round scores it first, writing its K/V into the
+  target's cache (a decoder-only prompt's last token is there already from the prefill: the first
+  round writes the same K/V again). `previous[b]` is the token at `position[b] - 1`: the drafter
+  re-reads [previous, pending] every round (its two-token catch-up) because when a round accepts
+  every draft the drafter never ran on its own last draft, which is `previous` then; re-writing a
+  position it already holds is harmless, and every round keeps one shape.
 
   Attributes:
     tokens: int32 [B, max_new_tokens + gamma + 1] emitted ids; entries at or past
       `num_generated[b]` are garbage (a round writes its whole block; the counters say what counts).
     num_generated: int32 [B] tokens emitted per row (EOS included), at most max_new_tokens.
-    pending: int32 [B] the last emitted token, not yet in the target cache.
+    pending: int32 [B] the last emitted token, scored next (meaningless once the row is done).
     position: int32 [B] absolute position of `pending`.
     previous: int32 [B] the token at `position - 1` (pad before the first decoder position).
     done: bool [B] the row emitted EOS, reached max_new_tokens, or does not take part (a row that
-      chose another option in a selected batch); a done row is never changed again.
-    target_cache, drafter_cache: K/V buffers by absolute position; entries past a row's `position`
-      are stale drafts or prompt padding, never read before they are overwritten.
+      chose another option in a selected batch). A done row's tokens, counters and positions never
+      change again; the batched decode calls still write its cache at its frozen position (never
+      read).
+    target_cache, drafter_cache: K/V buffers by absolute position (`drafter_cache` None without a
+      drafter); entries at or past a row's `position` are stale drafts or prompt padding, never
+      read before they are overwritten.
     key: the PRNG key of the next round.
     rounds: int32 [B] rounds this row took part in.
     accepted: int32 [B] accepted draft tokens (paper A.6: a rejection rejects the rest).

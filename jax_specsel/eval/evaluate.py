@@ -26,6 +26,7 @@ from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text
 from jax_specsel.data.tasks import get_task
 from jax_specsel.decoding import bucket_length, generate, generate_selected
 from jax_specsel.eval import metrics
+from jax_specsel.eval.speed import spread
 from jax_specsel.models.interface import Model
 
 
@@ -201,7 +202,7 @@ def _option_row(task, option_runs, rows, references) -> dict:
   quality = (None if metric is None else  # reference-free tasks (Spec-Bench): speed only
              metrics.quality(metric, [first[i].text for i in rows], [references[i] for i in rows]))
   return {"quality": quality, "metric": metric, "ms_per_token": statistics.mean(ms),
-          "ms_per_token_spread": statistics.pstdev(ms) if len(ms) > 1 else 0.0,
+          "ms_per_token_spread": spread(ms),
           "acceptance_rate": sum(first[i].accepted for i in rows) / drafted if drafted else None}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import reinforce
 from jax_specsel.eval.evaluate import price_choices
+from jax_specsel.eval.speed import spread
 
 
 def _policy_point(embeddings, rewards, names, test_embeddings, per_query, config, seed,
@@ -59,7 +60,7 @@ def sample_efficiency(dataset, meta, test_embeddings: np.ndarray, per_query: dic
     ms = [_policy_point(embeddings, rewards, names, test_embeddings, per_query, config, s,
                         policy_seconds_per_query)[1] for s in seeds]
     points.append({"examples": config.max_examples, "ms_per_token": statistics.mean(ms),
-                   "ms_per_token_spread": statistics.pstdev(ms)})
+                   "ms_per_token_spread": spread(ms)})
   return {"points": points, "alpha": alpha, "options": names,
           "single_options": _single_options(per_query, names)}
 

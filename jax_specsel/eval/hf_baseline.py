@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from jax_specsel.eval.speed import spread
+
 
 def load_torch_model(directory: str):
   """The transformers PyTorch model of a checkpoint directory, in eval mode, float32."""
@@ -44,4 +46,4 @@ def measure_hf_generation(target, prompts: list[list[int]], drafter=None, gamma:
 
   one_pass()
   ms = [one_pass() for _ in range(repeats)]
-  return {"ms_per_token": statistics.median(ms), "ms_per_token_spread": (max(ms) - min(ms)) / 2}
+  return {"ms_per_token": statistics.median(ms), "ms_per_token_spread": spread(ms)}

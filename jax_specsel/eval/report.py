@@ -51,44 +51,48 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _finish_ms_per_token_axes(ax, single_options: dict, xlabel: str) -> None:
+  """Each single option's ms/token as a dashed line, then labels and the legend."""
+  for option, ms in single_options.items():
+    ax.axhline(ms, linestyle="--", linewidth=1, label=option)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("ms/token")
+  ax.legend(fontsize=7)
+
+
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+
+
 def plot_alpha_sweep(sweep: dict, path: str) -> None:
   """Figure 2: share of choices per option and ms/token versus alpha."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   alphas = [p["alpha"] for p in sweep["points"]]
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 4))
   for option in sweep["options"]:
     left.plot(alphas, [p["shares"].get(option, 0.0) for p in sweep["points"]], marker="o", label=option)
   left.set_xlabel("alpha (weight of alignment, eq. 2)")
   left.set_ylabel("share of queries")
   left.legend()
   right.plot(alphas, [p["ms_per_token"] for p in sweep["points"]], marker="o", label="policy")
-  for option, ms in sweep["single_options"].items():
-    right.axhline(ms, linestyle="--", linewidth=1, label=option)
-  right.set_xlabel("alpha")
-  right.set_ylabel("ms/token")
-  right.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish_ms_per_token_axes(right, sweep["single_options"], "alpha")
+  _save(fig, path)
 
 
 def plot_sample_efficiency(curve: dict, path: str) -> None:
   """Figure 3: ms/token of the policy versus training examples (log x), single options as lines."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _pyplot().subplots(figsize=(6, 4))
   sizes = [p["examples"] for p in curve["points"]]
   ax.errorbar(sizes, [p["ms_per_token"] for p in curve["points"]],
               yerr=[p.get("ms_per_token_spread", 0.0) for p in curve["points"]], marker="o", label="policy")
-  for option, ms in curve["single_options"].items():
-    ax.axhline(ms, linestyle="--", linewidth=1, label=option)
   ax.set_xscale("log")
-  ax.set_xlabel("training examples")
-  ax.set_ylabel("ms/token")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish_ms_per_token_axes(ax, curve["single_options"], "training examples")
+  _save(fig, path)

@@ -1,5 +1,9 @@
 """Speed measurement: ms/token of generation options, model step times, and the analytic ideal.
 
+Every timer of a model's own work (`time_decode_step`, `time_rounds`, `time_prepare`) runs the
+work many times inside one compiled loop (what the decoding loop pays, no dispatch per call) and
+reports the best run per call; `spread` is the one definition of "± spread" in every table.
+
 Everything here is measured side by side in one process (the machines are shared and noisy, so
 ratios from one run mean more than absolute numbers from different runs).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,40 +46,67 @@ def leviathan_speedup(acceptance: float, gamma: int, cost_ratio: float) -> float
   return expected_tokens_per_round(acceptance, gamma) / (gamma * cost_ratio + 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _step(decoder: Decoder, batch: int, cache_length: int, block: int, params, tokens, start, cache,
-          context):
-  del batch, cache_length, block  # part of the compile key only
-  return decoder.decode(params, tokens, start, cache, context)
+def spread(values: Sequence[float]) -> float:
+  """The spread of repeated measurements, reported as "value ± spread" in every table: their
+  population standard deviation (`statistics.pstdev`), 0.0 for fewer than two values."""
+  return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int, position: int,
-                     cache_length: int = 256, repeats: int = 30) -> float:
-  """Median seconds of one jitted `decode` of `block` tokens at `position` (batch of prompt_ids).
+def _best_seconds_per_call(run, calls: int, repeats: int) -> float:
+  """Runs `run` once to compile, then `repeats` timed runs of `calls` calls each: the best run's
+  seconds divided by `calls` (the machines are shared: interference only ever adds time)."""
+  run()
+  best = float("inf")
+  for _ in range(repeats):
+    started = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - started)
+  return best / calls
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _repeat_decode(decoder: Decoder, steps: int, params, tokens, position, cache, context):
+  def body(index, carry):
+    block, cache = carry
+    logits, cache = decoder.decode(params, block, position + index, cache, context)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache  # fed back: nothing is hoisted
+
+  return jax.lax.fori_loop(0, steps, body, (tokens, cache))[0]
+
+
+def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int = 1,
+                     position: int | None = None, cache_length: int = 256, steps: int = 32,
+                     repeats: int = 5) -> float:
+  """Seconds of one `decode` call of `block` tokens as the decoding loop makes it.
+
+  The calls run inside one compiled loop of `steps` calls: no host dispatch per call, the cache
+  carried from call to call, each call's argmax tokens fed to the next. Call i writes its block at
+  `position + i`, one token further per call, as autoregressive steps and rounds that accept no
+  draft advance (with a fixed-length cache, a call's cost does not depend on its position).
 
   Args:
     model: target or drafter.
-    prompt_ids: int [B, S] prompt (encoded once; decoder-only models prefill it).
-    block: tokens per decode call (1 for a drafter or autoregressive step, gamma+1 to verify).
-    position: absolute position of the block's first token.
-    cache_length: K/V buffer length (as the loop would allocate).
-    repeats: timed calls after one warm-up.
+    prompt_ids: int [B, S] prompts, prepared once outside the timing (T5 encodes them, a
+      decoder-only model prefills them).
+    block: tokens per call: 1 for a drafter or autoregressive step, gamma + 1 to verify.
+    position: absolute position of the first call's block (default S, right after the prompt).
+    cache_length: K/V buffer length, as the loop would allocate it.
+    steps: calls per timed run.
+    repeats: timed runs after one that compiles.
+
+  Returns:
+    Seconds per call: the best run divided by `steps`.
   """
   decoder, params = model.decoder, model.params
   ids = jnp.asarray(prompt_ids, jnp.int32)
   batch = ids.shape[0]
   cache = decoder.init_cache(params, batch, cache_length)
-  context, cache = decoder.prepare(params, ids, jnp.ones_like(ids), cache)
+  context, cache = jax.jit(decoder.prepare)(params, ids, jnp.ones_like(ids), cache)
   tokens = jnp.full((batch, block), 3, jnp.int32)
-  start = jnp.full((batch,), position, jnp.int32)
-  args = (params, tokens, start, cache, context)
-  jax.block_until_ready(_step(decoder, batch, cache_length, block, *args))
-  times = []
-  for _ in range(repeats):
-    started = time.perf_counter()
-    jax.block_until_ready(_step(decoder, batch, cache_length, block, *args))
-    times.append(time.perf_counter() - started)
-  return statistics.median(times)
+  start = jnp.full((batch,), ids.shape[1] if position is None else position, jnp.int32)
+  run = lambda: jax.block_until_ready(
+      _repeat_decode(decoder, steps, params, tokens, start, cache, context))
+  return _best_seconds_per_call(run, steps, repeats)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -96,13 +128,7 @@ def time_rounds(target: Model, prompt_ids: np.ndarray, drafter: Model | None = N
   ids = jnp.asarray(prompt_ids, jnp.int32)
   args = (target.params, None if drafter is None else drafter.params, ids, jnp.ones_like(ids))
   run = lambda: jax.block_until_ready(_repeat_rounds(spec, rounds, *args))
-  run()  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    started = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - started)
-  return best / rounds
+  return _best_seconds_per_call(run, rounds, repeats)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -128,18 +154,12 @@ def time_prepare(model: Model, prompt_ids: np.ndarray, cache_length: int = 64, c
   ids = jnp.asarray(prompt_ids, jnp.int32)
   args = (model.decoder, count, cache_length, model.params, ids, jnp.ones_like(ids))
   run = lambda: jax.block_until_ready(_repeat_prepare(*args))
-  run()  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    started = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - started)
-  return best / count
+  return _best_seconds_per_call(run, count, repeats)
 
 
 def measure_generation(target: Model, prompts: list[list[int]], drafter: Model | None, gamma: int,
                        max_new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
-  """ms/token (median and spread over repeats) and acceptance statistics over prompts, batch 1.
+  """ms/token (median and `spread` over repeats) and acceptance statistics over prompts, batch 1.
 
   Each repeat decodes every prompt once; a repeat's ms/token is its total time over its total
   generated tokens. The first pass is a warm-up that compiles each prompt bucket.
@@ -165,7 +185,7 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
   accepted, drafted, rounds, tokens = (sum(r[i] for r in runs) for i in range(1, 5))
   return {
       "ms_per_token": statistics.median(ms),
-      "ms_per_token_spread": (max(ms) - min(ms)) / 2,
+      "ms_per_token_spread": spread(ms),
       "acceptance_rate": accepted / drafted if drafted else float("nan"),
       "tokens_per_round": 1.0 + accepted / max(rounds, 1),  # tau: bonus/correction included
       "tokens": tokens // max(len(runs), 1),

@@ -35,32 +35,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_specsel import sharding
+from jax_specsel import sharding, token_batches
+from jax_specsel.flat_params import cached_flat_params
+
+log = logging.getLogger(__name__)
 
 Cache = Any  # a pytree of fixed-shape arrays
 Context = Any  # a dict of arrays produced by `prepare`
-
-
-def cached_flat_params(owner) -> tuple[list, Any]:
-  """(leaves, treedef) of `owner.params`, flattened again only when `owner.params` is replaced.
-
-  Calling a compiled function with a flat list of arrays skips flattening an `nnx.State` in
-  Python on every call (~0.2 ms per model per call on CPU), which the per-query paths (generate,
-  the policy's choice) would otherwise pay.
-  """
-  cached = getattr(owner, "_flat_params_cache", None)
-  if cached is None or cached[0] is not owner.params:
-    leaves, treedef = jax.tree.flatten(owner.params)
-    cached = owner._flat_params_cache = (owner.params, leaves, treedef)
-  return cached[1], cached[2]
-
 
 AUTO_PRECISION = "auto"
 
@@ -196,8 +186,9 @@ class Model:
     self.name = name if exit_layers is None else f"{name}@layer{exit_layers}"
 
   def flat_params(self) -> tuple[list, Any]:
-    """(leaves, treedef) of `params`: see `cached_flat_params`."""
-    return cached_flat_params(self)
+    """(leaves, treedef) of `params`, current after in-place updates: see
+    `jax_specsel.flat_params.cached_flat_params`."""
+    return cached_flat_params(self, "params")
 
   @classmethod
   def _from_parts(cls, decoder, params, config, tokenizer, name):
@@ -269,7 +260,8 @@ class Model:
     """Full forward logits.
 
     Args:
-      input_ids: int [B, S], right-padded with any id where `attention_mask` is 0.
+      input_ids: int [B, S] (or [S], or a list of id lists: right-padded with the pad id), padded
+        with any id where `attention_mask` is 0.
       decoder_input_ids: int [B, T] (T5 only; required there): decoder inputs starting with the
         decoder start token. Must be None for decoder-only models.
       attention_mask: {0,1} [B, S], 1 for real tokens; default all ones.
@@ -277,7 +269,7 @@ class Model:
     Returns:
       float32 numpy [B, T, V]: logits at every decoder position (T = S for decoder-only models).
     """
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
     if self.is_encoder_decoder and decoder_input_ids is None:
       raise ValueError(f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
                        f"(starting with decoder_start_token_id={self.decoder_start_id}).")
@@ -291,8 +283,13 @@ class Model:
 
   def embed(self, input_ids, attention_mask=None) -> np.ndarray:
     """Query embedding for the policy: float32 numpy [B, D] (see the module docstring)."""
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
     return np.asarray(_embed(self.decoder, self.params, input_ids, attention_mask), np.float32)
+
+  def _device_batch(self, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """int32 ids and mask [B, S] on the device from any form `token_batches.as_id_batch` takes."""
+    ids, mask = token_batches.as_id_batch(input_ids, attention_mask, self.pad_id, name="input_ids")
+    return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
 
   def early_exit(self, layers: int) -> "Model":
     """A drafter made of the first `layers` decoder layers + final norm + the shared LM head.
@@ -315,11 +312,55 @@ class Model:
             f"dtype={self.config.dtype}{where})")
 
 
-def _as_batch(input_ids, attention_mask):
-  ids = np.asarray(input_ids)
-  if ids.ndim == 1:
-    ids = ids[None]
-  if ids.ndim != 2 or ids.shape[1] == 0:
-    raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}.")
-  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-  return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
+# ----------------------------------------------------------------------------- placement
+def _flat_path(keypath) -> tuple:
+  return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
+
+
+def shard_model(model: Model, mesh: jax.sharding.Mesh, replicated: bool = False) -> Model:
+  """A copy of a loaded model with its weights placed on `mesh`.
+
+  Args:
+    model: a `Model` (on one device, or already placed).
+    mesh: from `jax_specsel.make_mesh`.
+    replicated: put every weight whole on every device (for small drafters: no collective per
+      draft step) instead of following the tensor-parallel rules.
+
+  Returns:
+    A `Model` sharing the tokenizer and config, whose decoder carries the placement (its caches
+    are constrained to the mesh inside the compiled loop). Early-exit views of a sharded target
+    (`model.early_exit(k)`) share its placement.
+  """
+  sharding.check_mesh(mesh)
+  specs = {} if replicated else sharding.param_specs(model, mesh)
+  params = jax.tree_util.tree_map_with_path(
+      lambda kp, x: jax.device_put(x, NamedSharding(mesh, specs.get(_flat_path(kp), PartitionSpec()))),
+      model.params)
+  decoder = Decoder(model.decoder.graphdef, model.decoder.exit_layers,
+                    sharding.Placement(mesh, tensor_parallel=not replicated))
+  return Model._from_parts(decoder, params, model.config, model.tokenizer, model.name)
+
+
+def replicated_on(model: Model, mesh: jax.sharding.Mesh) -> Model:
+  """`model` replicated whole on every device of `mesh`, made once per (model, mesh).
+
+  What `generate` does with a single-device drafter next to a sharded target. The copy is cached
+  on the model, made again when a weight of `model.params` changed (replaced or updated in
+  place), and its creation is logged.
+
+  Args:
+    model: a `Model` on one device.
+    mesh: the target's mesh.
+
+  Returns:
+    `shard_model(model, mesh, replicated=True)`, the same object on every later call.
+  """
+  replicas = model.__dict__.setdefault("_replicas_by_mesh", {})
+  leaves, _ = model.flat_params()
+  source, replica = replicas.get(mesh, (None, None))
+  if replica is None or len(source) != len(leaves) or any(a is not b for a, b in zip(source, leaves)):
+    log.info("replicating drafter %s (%.1fM parameters) onto the target's mesh %s; done once per "
+             "drafter and mesh", model.name, model.num_params / 1e6, dict(mesh.shape))
+    replica = shard_model(model, mesh, replicated=True)
+    replicas[mesh] = (leaves, replica)
+  return replica

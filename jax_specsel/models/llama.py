@@ -18,7 +18,7 @@ Measured against transformers PyTorch float32 on tiny random models (tests/test_
             1.5e-2 to 2.2e-2: bfloat16 keeps 8 mantissa bits and, as in HF, the residual stream
             and the weights are bfloat16; only norms, rotary, softmax and logits run in float32).
 
-Token ids are the ones transformers' `generate` uses (`loading.generation_ids`): the stop ids
+Token ids are the ones transformers' `generate` uses (`checkpoint.generation_ids`): the stop ids
 `eos_token_ids` come from generation_config.json when the checkpoint has one, else config.json;
 a null / absent `eos_token_id` means no stop id (generation runs to max_new_tokens), a list means
 several. `pad_token_id` falls back to the first stop id (LLaMA checkpoints usually define no pad
@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_specsel.models import loading
+from jax_specsel.models import checkpoint
 from jax_specsel.models.attention import causal_mask, dot_attention, write_at_positions
+from jax_specsel.models.registry import UnsupportedModelError
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -77,7 +78,8 @@ class Config:
   dtype: str = "float32"
   matmul_precision: str = "auto"  # see interface.matmul_precision: float32 runs at "highest"
 
-  is_encoder_decoder = False  # class attributes, not fields: the same for every LLaMA
+  model_type = "llama"  # class attributes, not fields: the same for every LLaMA
+  is_encoder_decoder = False
   decoder_start_token_id = None
 
   @property
@@ -107,7 +109,7 @@ class Config:
       hf_config: the parsed config.json.
       dtype: "float32", "bfloat16" or "float16" for parameters, activations and the cache.
       generation_config: the parsed generation_config.json, or None when there is none: the stop
-        and pad ids then come from config.json (`loading.generation_ids`, as transformers).
+        and pad ids then come from config.json (`checkpoint.generation_ids`, as transformers).
 
     Returns:
       The frozen Config.
@@ -121,9 +123,9 @@ class Config:
     heads = get("num_attention_heads")
     hidden_act = get("hidden_act", "silu")
     if hidden_act != "silu":
-      raise loading.UnsupportedModelError(
+      raise UnsupportedModelError(
           f"config.json: hidden_act={hidden_act!r}; this LLaMA implementation supports only 'silu'.")
-    ids = loading.generation_ids(hf_config, generation_config, get("vocab_size"))
+    ids = checkpoint.generation_ids(hf_config, generation_config, get("vocab_size"))
     return cls(
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
@@ -149,15 +151,15 @@ def _rope_fields(hf_config: dict) -> dict[str, Any]:
   """Rotary settings from either `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
   params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
   if any(isinstance(v, dict) for v in params.values()):
-    raise loading.UnsupportedModelError(
+    raise UnsupportedModelError(
         f"config.json: per-layer-type rope parameters {sorted(params)} are not supported by LLaMA.")
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in _ROPE_TYPES:
-    raise loading.UnsupportedModelError(
+    raise UnsupportedModelError(
         f"config.json: rope type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}.")
   partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1.0):
-    raise loading.UnsupportedModelError(
+    raise UnsupportedModelError(
         f"config.json: partial_rotary_factor={partial} is not supported (LLaMA rotates all dims).")
   theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
   fields = {"rope_type": rope_type, "rope_theta": float(theta)}
@@ -402,24 +404,24 @@ def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Any]]:
   Returns:
     Every tensor the module needs, keyed by its transformers name.
   """
-  mapping = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), loading.identity),
-             "model.norm.weight": (("norm", "scale"), loading.identity)}
+  mapping = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), checkpoint.identity),
+             "model.norm.weight": (("norm", "scale"), checkpoint.identity)}
   if config.tie_word_embeddings:  # a stored copy is an alias (the loader checks it is equal)
-    mapping["lm_head.weight"] = (("embed_tokens", "embedding"), loading.identity)
+    mapping["lm_head.weight"] = (("embed_tokens", "embedding"), checkpoint.identity)
   else:
-    mapping["lm_head.weight"] = (("lm_head", "kernel"), loading.transpose)
+    mapping["lm_head.weight"] = (("lm_head", "kernel"), checkpoint.transpose)
   projections = [("self_attn", p, config.attention_bias) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
   projections += [("mlp", p, config.mlp_bias) for p in ("gate_proj", "up_proj", "down_proj")]
   for layer in range(config.num_hidden_layers):
     prefix = f"model.layers.{layer}"
     for norm in ("input_layernorm", "post_attention_layernorm"):
-      mapping[f"{prefix}.{norm}.weight"] = (("layers", layer, norm, "scale"), loading.identity)
+      mapping[f"{prefix}.{norm}.weight"] = (("layers", layer, norm, "scale"), checkpoint.identity)
     for block, proj, has_bias in projections:
       mapping[f"{prefix}.{block}.{proj}.weight"] = (("layers", layer, block, proj, "kernel"),
-                                                    loading.transpose)
+                                                    checkpoint.transpose)
       if has_bias:
         mapping[f"{prefix}.{block}.{proj}.bias"] = (("layers", layer, block, proj, "bias"),
-                                                    loading.identity)
+                                                    checkpoint.identity)
   return mapping
 
 
@@ -437,7 +439,7 @@ def is_ignorable(name: str, config: Config) -> bool:
   return name.endswith("rotary_emb.inv_freq")
 
 
-def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors) -> Config:
+def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointTensors) -> Config:
   """Unties the LM head where transformers 5.23 would not tie it.
 
   With `tie_word_embeddings` set, transformers ties lm_head.weight to model.embed_tokens.weight,
@@ -446,12 +448,57 @@ def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors)
 
   Args:
     config: from `Config.from_hf`.
-    checkpoint: the stored tensors (only names and the two tables are looked at).
+    stored_tensors: the stored tensors (only names and the two tables are looked at).
 
   Returns:
     `config`, with tie_word_embeddings=False when the stored tables differ.
   """
   tables = ("lm_head.weight", "model.embed_tokens.weight")
-  if not config.tie_word_embeddings or not set(tables) <= checkpoint.names:
+  if not config.tie_word_embeddings or not set(tables) <= stored_tensors.names:
     return config
-  return config if checkpoint.equal(*tables) else dataclasses.replace(config, tie_word_embeddings=False)
+  return config if stored_tensors.equal(*tables) else dataclasses.replace(config, tie_word_embeddings=False)
+
+
+# ----------------------------------------------------------------------------- sharding, memory
+# Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
+# split on the `model` axis (None: whole), preferred layout first; () replicated (row-parallel
+# biases are added after the all-reduce).
+SHARDING_RULES = (
+    (r"^embed_tokens/embedding$", (("vocab", None), (None, "embed"))),  # [V, D]
+    (r"^lm_head/kernel$", ((None, "vocab"), ("embed", None))),  # [D, V]
+    (r"self_attn/q_proj/kernel$", ((None, "heads"),)),  # [D, N*H]
+    (r"self_attn/q_proj/bias$", (("heads",),)),  # [N*H]
+    (r"self_attn/[kv]_proj/kernel$", ((None, "kv_heads"),)),  # [D, K*H]
+    (r"self_attn/[kv]_proj/bias$", (("kv_heads",),)),  # [K*H]
+    (r"self_attn/o_proj/kernel$", (("heads", None),)),  # [N*H, D]
+    (r"mlp/(gate|up)_proj/kernel$", ((None, "mlp"),)),  # [D, F]
+    (r"mlp/(gate|up)_proj/bias$", (("mlp",),)),  # [F]
+    (r"mlp/down_proj/kernel$", (("mlp", None),)),  # [F, D]
+    (r"(o_proj|down_proj)/bias$", ()),  # [D]
+    (r"scale$", ()),  # [D]
+)
+
+
+def dimensions(config: Config) -> dict[str, int]:
+  """Unit counts the sharding rules split in, and the widths of the memory estimate's formula.
+
+  Returns:
+    {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "mlp_hidden_tensors" (the
+     [tokens, F] temporaries of one SwiGLU: gate, up and their product)}.
+  """
+  return {"vocab": config.vocab_size, "embed": config.hidden_size,
+          "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+          "head_dim": config.head_dim, "mlp": config.intermediate_size, "mlp_hidden_tensors": 3}
+
+
+def context_bytes(config: Config, rows: int, source_length: int, heads: int) -> int:
+  """Bytes of `prepare`'s context: the float32 last hidden state [B, D] (the prompt itself is in
+  the cache).
+
+  Args:
+    config: the model config.
+    rows: batch rows held per device.
+    source_length, heads: not used (the context does not grow with them).
+  """
+  del source_length, heads
+  return rows * config.hidden_size * 4

@@ -49,39 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_specsel.models import attention, loading
-
-
-def _gelu_exact(x):
-  return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x):
-  return jax.nn.gelu(x, approximate=True)
-
-
-# transformers' ACT2FN names that have no parameters -> jax functions (gelu_new is the tanh form).
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": _gelu_exact,
-    "gelu_python": _gelu_exact,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "gelu_10": lambda x: jnp.clip(_gelu_exact(x), -10.0, 10.0),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
-    "relu6": jax.nn.relu6,
-    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
-    "linear": lambda x: x,
-}
+from jax_specsel.models import activations, attention, checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +65,7 @@ class Config:
   num_decoder_layers: int = 6
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
-  dense_act_fn: str = "relu"  # a key of _ACTIVATIONS ("gated-gelu" means gated gelu_new)
+  dense_act_fn: str = "relu"  # a key of activations.ACTIVATIONS ("gated-gelu" means gated gelu_new)
   is_gated_act: bool = False  # v1.1/Flan: act(x wi_0) * (x wi_1)
   layer_norm_epsilon: float = 1e-6
   tie_word_embeddings: bool = True  # LM head = shared embedding
@@ -110,6 +78,7 @@ class Config:
   dtype: str = "float32"  # parameters, activations and caches
   matmul_precision: str = "auto"  # see interface.matmul_precision: float32 runs at "highest"
 
+  model_type: ClassVar[str] = "t5"  # config.json's model_type (models/registry.py)
   is_encoder_decoder: ClassVar[bool] = True
 
   @property
@@ -155,7 +124,7 @@ class Config:
   def from_hf(cls, hf_config: dict, dtype: str, generation_config: dict | None = None) -> Config:
     """Reads a parsed HuggingFace T5 config.json the way transformers 5.23 interprets it.
 
-    Stop, pad and decoder-start ids are transformers' `generate` ones (`loading.generation_ids`:
+    Stop, pad and decoder-start ids are transformers' `generate` ones (`checkpoint.generation_ids`:
     generation_config.json when there is one, else config.json). Where transformers would raise
     for want of a decoder start id, T5's convention is kept: the decoder starts from config.json's
     pad id (0 when unset, T5Config's default).
@@ -179,12 +148,12 @@ class Config:
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
       raise ValueError(f"feed_forward_proj={proj!r} is not of the form 'ACT' or 'gated-ACT'.")
     act = "gelu_new" if proj == "gated-gelu" else parts[-1]  # transformers' legacy special case
-    if act not in _ACTIVATIONS:
+    if act not in activations.ACTIVATIONS:
       raise ValueError(f"feed_forward_proj={proj!r}: activation {act!r} is not supported; "
-                       f"supported: {sorted(_ACTIVATIONS)}.")
+                       f"supported: {sorted(activations.ACTIVATIONS)}.")
     num_layers = hf_config.get("num_layers", 6)
     vocab_size = hf_config.get("vocab_size", 32128)
-    ids = loading.generation_ids(hf_config, generation_config, vocab_size)
+    ids = checkpoint.generation_ids(hf_config, generation_config, vocab_size)
     tie = hf_config.get("tie_word_embeddings", True)
     scale = hf_config.get("scale_decoder_outputs")
     return cls(
@@ -244,7 +213,7 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
 
 
 def _dtype(name) -> Any:
-  return loading.DTYPES.get(name, name) if isinstance(name, str) else name
+  return checkpoint.DTYPES.get(name, name) if isinstance(name, str) else name
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
@@ -323,7 +292,7 @@ class FeedForward(nnx.Module):
     self.wo = _normal(rngs, (f, d), f ** -0.5, dtype)  # [F, D]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    act = _ACTIVATIONS[self.activation]
+    act = activations.ACTIVATIONS[self.activation]
     if self.is_gated:
       hidden = act(jnp.einsum("BTD,DF->BTF", x, self.wi_0[...]))
       hidden = hidden * jnp.einsum("BTD,DF->BTF", x, self.wi_1[...])
@@ -492,30 +461,30 @@ class Module(nnx.Module):
 
 
 def _attention_names(prefix: str, path: tuple, with_bias: bool) -> dict:
-  names = {f"{prefix}.{p}.weight": (path + (p,), loading.transpose) for p in "qkvo"}
+  names = {f"{prefix}.{p}.weight": (path + (p,), checkpoint.transpose) for p in "qkvo"}
   if with_bias:
-    names[f"{prefix}.relative_attention_bias.weight"] = (path + ("relative_bias",), loading.identity)
+    names[f"{prefix}.relative_attention_bias.weight"] = (path + ("relative_bias",), checkpoint.identity)
   return names
 
 
 def _feed_forward_names(prefix: str, path: tuple, config: Config) -> dict:
   inputs = ("wi_0", "wi_1") if config.is_gated_act else ("wi",)
-  return {f"{prefix}.DenseReluDense.{p}.weight": (path + ("feed_forward", p), loading.transpose)
+  return {f"{prefix}.DenseReluDense.{p}.weight": (path + ("feed_forward", p), checkpoint.transpose)
           for p in inputs + ("wo",)}
 
 
 def _block_names(stack: str, index: int, config: Config) -> dict:
   prefix, path = f"{stack}.block.{index}.layer", (stack, "blocks", index)
   names = _attention_names(f"{prefix}.0.SelfAttention", path + ("self_attention",), index == 0)
-  names[f"{prefix}.0.layer_norm.weight"] = (path + ("self_attention_norm", "scale"), loading.identity)
+  names[f"{prefix}.0.layer_norm.weight"] = (path + ("self_attention_norm", "scale"), checkpoint.identity)
   ff = 1
   if stack == "decoder":
     names.update(_attention_names(f"{prefix}.1.EncDecAttention", path + ("cross_attention",), False))
     names[f"{prefix}.1.layer_norm.weight"] = (path + ("cross_attention_norm", "scale"),
-                                              loading.identity)
+                                              checkpoint.identity)
     ff = 2
   names.update(_feed_forward_names(f"{prefix}.{ff}", path, config))
-  names[f"{prefix}.{ff}.layer_norm.weight"] = (path + ("feed_forward_norm", "scale"), loading.identity)
+  names[f"{prefix}.{ff}.layer_norm.weight"] = (path + ("feed_forward_norm", "scale"), checkpoint.identity)
   return names
 
 
@@ -528,21 +497,21 @@ def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Callable]]:
   """
   names = {}
   if config.uses_shared_embedding:
-    names["shared.weight"] = (("shared",), loading.identity)
+    names["shared.weight"] = (("shared",), checkpoint.identity)
   for stack, separate in (("encoder", config.separate_encoder_embeddings),
                           ("decoder", config.separate_decoder_embeddings)):
     names[f"{stack}.embed_tokens.weight"] = (((stack, "embed_tokens") if separate else ("shared",)),
-                                             loading.identity)
+                                             checkpoint.identity)
   for index in range(config.num_layers):
     names.update(_block_names("encoder", index, config))
   for index in range(config.num_decoder_layers):
     names.update(_block_names("decoder", index, config))
-  names["encoder.final_layer_norm.weight"] = (("encoder", "final_norm", "scale"), loading.identity)
-  names["decoder.final_layer_norm.weight"] = (("decoder", "final_norm", "scale"), loading.identity)
+  names["encoder.final_layer_norm.weight"] = (("encoder", "final_norm", "scale"), checkpoint.identity)
+  names["decoder.final_layer_norm.weight"] = (("decoder", "final_norm", "scale"), checkpoint.identity)
   if config.tie_word_embeddings:
-    names["lm_head.weight"] = (("shared",), loading.identity)  # a stored copy of the tied table
+    names["lm_head.weight"] = (("shared",), checkpoint.identity)  # a stored copy of the tied table
   else:
-    names["lm_head.weight"] = (("lm_head",), loading.transpose)
+    names["lm_head.weight"] = (("lm_head",), checkpoint.transpose)
   return names
 
 
@@ -561,7 +530,7 @@ _TIED_TABLES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_t
                 "lm_head.weight")  # transformers' _tied_weights_keys, source first
 
 
-def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors) -> Config:
+def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointTensors) -> Config:
   """Which tables the stored weights tie, decided as transformers 5.23's from_pretrained does.
 
   T5Config forces tie_word_embeddings=True, so encoder.embed_tokens, decoder.embed_tokens and
@@ -571,19 +540,60 @@ def config_for_checkpoint(config: Config, checkpoint: loading.CheckpointTensors)
 
   Args:
     config: from `Config.from_hf` (its tie_word_embeddings is config.json's flag).
-    checkpoint: the stored tensors (names, and the embedding tables when several are stored).
+    stored_tensors: the stored tensors (names, and the embedding tables when several are stored).
 
   Returns:
     The config with tie_word_embeddings and separate_{encoder,decoder}_embeddings set.
   """
-  stored = [name for name in _TIED_TABLES if name in checkpoint.names]
+  stored = [name for name in _TIED_TABLES if name in stored_tensors.names]
   if not stored:
     return config  # the loader reports shared.weight as missing
 
   def own_table(name: str) -> bool:
-    return name in stored[1:] and not checkpoint.equal(name, stored[0])
+    return name in stored[1:] and not stored_tensors.equal(name, stored[0])
 
   return dataclasses.replace(
       config, tie_word_embeddings=not own_table("lm_head.weight"),
       separate_encoder_embeddings=own_table("encoder.embed_tokens.weight"),
       separate_decoder_embeddings=own_table("decoder.embed_tokens.weight"))
+
+
+# ----------------------------------------------------------------------------- sharding, memory
+# Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
+# split on the `model` axis (None: whole), preferred layout first; () replicated (small tensors).
+SHARDING_RULES = (
+    (r"^shared$", (("vocab", None), (None, "embed"))),  # [V, D]
+    (r"^(encoder|decoder)/embed_tokens$", (("vocab", None), (None, "embed"))),  # [V, D] untied
+    (r"^lm_head$", ((None, "vocab"), ("embed", None))),  # [D, V]
+    (r"_attention/[qkv]$", ((None, "heads"),)),  # [D, N*H]
+    (r"_attention/o$", (("heads", None),)),  # [N*H, D]
+    (r"_attention/relative_bias$", ()),  # [R, N]
+    (r"feed_forward/wi(_0|_1)?$", ((None, "mlp"),)),  # [D, F]
+    (r"feed_forward/wo$", (("mlp", None),)),  # [F, D]
+    (r"scale$", ()),  # [D]
+)
+
+
+def dimensions(config: Config) -> dict[str, int]:
+  """Unit counts the sharding rules split in, and the widths of the memory estimate's formula.
+
+  Returns:
+    {"vocab", "embed", "heads", "kv_heads" (= heads: no grouped-query attention), "head_dim",
+     "mlp", "mlp_hidden_tensors" ([tokens, F] temporaries of one feed-forward: 3 gated, else 2)}.
+  """
+  return {"vocab": config.vocab_size, "embed": config.d_model, "heads": config.num_heads,
+          "kv_heads": config.num_heads, "head_dim": config.d_kv, "mlp": config.d_ff,
+          "mlp_hidden_tensors": 3 if config.is_gated_act else 2}
+
+
+def context_bytes(config: Config, rows: int, source_length: int, heads: int) -> int:
+  """Bytes of `prepare`'s context, alive for the whole generation: encoder states [B, S, D], their
+  int32 mask and every decoder layer's cross-attention K/V [B, N, S, H].
+
+  Args:
+    rows, source_length: B per device, and S. heads: the heads per device (N, or N / model).
+  """
+  itemsize = jnp.dtype(config.dtype).itemsize
+  states = rows * source_length * config.d_model * itemsize + rows * source_length * 4
+  cross_kv = 2 * config.num_decoder_layers * rows * heads * source_length * config.d_kv * itemsize
+  return states + cross_kv

@@ -1,0 +1,339 @@
+"""HuggingFace checkpoint files: find them, read config.json and generation_config.json, stream
+the tensors one at a time (imports nothing from the package).
+
+Stop, pad and decoder-start ids are resolved once, here, the way transformers' `generate` resolves
+them (`generation_ids`): generation_config.json when the checkpoint has one, else config.json.
+
+Tensors are read lazily (safetensors memory maps, torch.load(mmap=True)), so peak host memory
+stays near one copy of the weights; models/loading.py converts and places them one at a time.
+`identity` and `transpose` are the tensor transforms the architectures' weight maps name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+GENERATION_CONFIG = "generation_config.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "pytorch_model*.bin"]
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The directory, weight file or hub snapshot does not exist (or is not cached offline)."""
+
+
+class InvalidConfigError(ValueError):
+  """config.json or generation_config.json holds a value that cannot be right (e.g. a stop id
+  outside the vocabulary, or a file that is not JSON)."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint file cannot be parsed (truncated, overwritten) or holds NaN / inf weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationIds:
+  """The special ids transformers' `generate` uses for a checkpoint (see `generation_ids`)."""
+
+  eos_token_ids: tuple[int, ...]  # stop ids; empty: every row runs to max_new_tokens
+  pad_token_id: int  # fills rows after they stop
+  decoder_start_token_id: int | None  # None: neither decoder_start_token_id nor bos_token_id set
+  source: str  # the file the ids were read from
+
+
+_ID_FIELDS = ("eos_token_id", "pad_token_id", "decoder_start_token_id", "bos_token_id")
+
+
+def generation_ids(hf_config: dict, generation_config: dict | None, vocab_size: int) -> GenerationIds:
+  """Stop, pad and decoder-start ids exactly as transformers 5.23 `generate` resolves them.
+
+  transformers' `from_pretrained` takes the generation config from generation_config.json when
+  the checkpoint has one, and then ignores the ids in config.json; otherwise it builds it from the
+  raw config.json (`GenerationConfig.from_model_config`): an id that is null *or absent* there
+  stays unset (the architecture's class default is not used), and a nested "decoder" /
+  "generator" / "text_config" dict fills ids the top level leaves unset. `eos_token_id` may be
+  one id or a list (several stop ids). In `generate` (`_prepare_special_tokens`) an unset pad id
+  becomes the first stop id, and an encoder-decoder model starts from `bos_token_id` when
+  `decoder_start_token_id` is unset.
+
+  Where transformers has no pad id at all (no pad and no stop id) this returns 0: without stop
+  ids no row ends early, so the pad id only fills masked prompt positions and is never emitted.
+  A pad id outside the vocabulary (some configs say -1) is treated the same way as an unset one.
+
+  Args:
+    hf_config: the parsed config.json.
+    generation_config: the parsed generation_config.json, or None when the checkpoint has none.
+    vocab_size: the model's vocabulary size.
+
+  Returns:
+    The GenerationIds.
+
+  Raises:
+    InvalidConfigError: a stop id outside [0, vocab_size), naming the file and field.
+  """
+  if generation_config is not None:
+    fields, source = generation_config, GENERATION_CONFIG
+  else:
+    fields, source = _model_config_ids(hf_config), "config.json"
+  eos = fields.get("eos_token_id")
+  eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  outside = [e for e in eos_ids if not 0 <= e < vocab_size]
+  if outside:
+    raise InvalidConfigError(
+        f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
+        f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
+        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
+  pad = fields.get("pad_token_id")
+  if pad is not None and not 0 <= int(pad) < vocab_size:
+    log.info("%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset", source, pad,
+             vocab_size)
+    pad = None
+  if pad is None:
+    pad = eos_ids[0] if eos_ids else 0
+  start = fields.get("decoder_start_token_id")
+  start = fields.get("bos_token_id") if start is None else start
+  return GenerationIds(eos_ids, int(pad), None if start is None else int(start), source)
+
+
+def _model_config_ids(hf_config: dict) -> dict:
+  """The ids `GenerationConfig.from_model_config` takes from a raw config.json dict."""
+  fields = {key: hf_config[key] for key in _ID_FIELDS if hf_config.get(key) is not None}
+  for nested_name in ("decoder", "generator", "text_config"):  # the first one present, as HF
+    nested = hf_config.get(nested_name)
+    if nested:
+      if isinstance(nested, dict):
+        fields = {**{k: nested[k] for k in _ID_FIELDS if nested.get(k) is not None}, **fields}
+      break
+  return fields
+
+
+def read_generation_config(directory: str) -> dict | None:
+  path = os.path.join(directory, GENERATION_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      parsed = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    # transformers silently falls back to config.json here; a different set of stop ids is
+    # exactly the kind of silent change this loader refuses.
+    raise InvalidConfigError(f"{path} is not valid JSON ({err}); fix or delete it (without it "
+                             "the stop ids come from config.json).") from err
+  if not isinstance(parsed, dict):
+    raise InvalidConfigError(f"{path} must hold a JSON object, got {type(parsed).__name__}.")
+  return parsed
+
+
+def read_hf_config(path_or_id: str) -> dict:
+  """config.json of a local checkpoint directory or a hub id, without fetching any weights.
+
+  Raises:
+    CheckpointNotFoundError: no such directory, or the hub id is neither cached nor reachable.
+  """
+  path = os.path.expanduser(str(path_or_id))
+  if os.path.isdir(path) or os.path.exists(path) or _looks_like_path(path):
+    return read_config(resolve_checkpoint_dir(path))
+  import huggingface_hub
+  offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+  try:
+    config_path = huggingface_hub.hf_hub_download(path, "config.json", local_files_only=offline)
+  except Exception as err:  # the hub raises several classes for "not cached" / "no network"
+    raise CheckpointNotFoundError(
+        f"cannot get config.json of {path!r} ({type(err).__name__}): "
+        + ("HF_HUB_OFFLINE=1 and it is not cached; " if offline else "")
+        + "pass a local checkpoint directory, or download it with huggingface-cli.") from err
+  return read_json(config_path, "config.json")
+
+
+def resolve_checkpoint_dir(path_or_id: str) -> str:
+  """A local directory holding the checkpoint: the path itself, or a hub snapshot."""
+  path = os.path.expanduser(str(path_or_id))
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise CheckpointNotFoundError(f"{path} is a file; pass the checkpoint directory that holds "
+                                  "config.json and the weight files.")
+  if _looks_like_path(path):
+    raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist; pass a directory "
+                                  "with config.json and model.safetensors, or a hub id like org/name.")
+  return _hub_snapshot(path)
+
+
+def _looks_like_path(text: str) -> bool:
+  return text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1
+
+
+def _hub_snapshot(repo_id: str) -> str:
+  import huggingface_hub
+  offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+  try:
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
+                                             local_files_only=offline)
+  except Exception as err:  # the hub raises several classes for "not cached" / "no network"
+    hint = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache: download it on a machine "
+            "with network (huggingface-cli download " + repo_id + ") or pass a local directory."
+            if offline else "check the id, your network and your token, or pass a local directory.")
+    raise CheckpointNotFoundError(f"cannot get hub checkpoint {repo_id!r} ({type(err).__name__}): "
+                                  f"{hint}") from err
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointNotFoundError(f"{path} is missing: a HuggingFace checkpoint directory needs "
+                                  "config.json next to its weights.")
+  return read_json(path, "config.json")
+
+
+def read_json(path: str, what: str) -> dict:
+  """A checkpoint's JSON object; CorruptCheckpointError naming the file when it cannot be parsed."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise CorruptCheckpointError(f"{path} is not valid JSON ({err}): the {what} is truncated or "
+                                 "was edited by hand; restore it from the checkpoint's source "
+                                 "(e.g. huggingface-cli download ... --force-download).") from None
+  if not isinstance(value, dict):
+    raise CorruptCheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                                 f"this is not a {what}; restore it from the checkpoint's source.")
+  return value
+
+
+def weight_files(directory: str) -> list[str]:
+  """The checkpoint's weight files, in the order of preference safetensors > torch .bin."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index_path = os.path.join(directory, index_name)
+    if os.path.isfile(index_path):
+      index = read_json(index_path, "weight index")
+      if not isinstance(index.get("weight_map"), dict):
+        raise CorruptCheckpointError(f"{index_path} has no 'weight_map' object: restore the index "
+                                     "from the checkpoint's source.")
+      shards = sorted(set(index["weight_map"].values()))
+      missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+      if missing:
+        raise CheckpointNotFoundError(f"{index_path} lists shards that are not there: {missing[:3]}; "
+                                      "the download is incomplete.")
+      return [os.path.join(directory, s) for s in shards]
+  for single in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isfile(os.path.join(directory, single)):
+      return [os.path.join(directory, single)]
+  raise CheckpointNotFoundError(f"no weight file in {directory}: expected model.safetensors, "
+                                "model.safetensors.index.json with shards, or pytorch_model.bin.")
+
+
+def iter_tensors(directory: str) -> Iterator[tuple[str, jax.Array | np.ndarray]]:
+  """Yields (name, tensor) one at a time across all weight files."""
+  for _, name, tensor in iter_file_tensors(directory):
+    yield name, tensor
+
+
+def iter_file_tensors(directory: str) -> Iterator[tuple[str, str, jax.Array | np.ndarray]]:
+  """Yields (file, name, tensor) one at a time across all weight files."""
+  for path in weight_files(directory):
+    tensors = _iter_safetensors(path) if path.endswith(".safetensors") else _iter_torch_bin(path)
+    for name, tensor in tensors:
+      yield path, name, tensor
+
+
+def _unreadable(path: str, err: Exception) -> CorruptCheckpointError:
+  return CorruptCheckpointError(
+      f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}): "
+      "the file is truncated or corrupt (an interrupted download or copy?); download it again "
+      "(huggingface-cli download ... --force-download) or re-save the checkpoint.")
+
+
+def _iter_safetensors(path: str):
+  import safetensors
+  try:
+    # framework="flax": numpy has no bfloat16, and checkpoints are often stored in it.
+    with safetensors.safe_open(path, framework="flax") as f:
+      for key in f.keys():
+        yield key, f.get_tensor(key)
+  except safetensors.SafetensorError as err:
+    raise _unreadable(path, err) from err
+
+
+class CheckpointTensors:
+  """A checkpoint's tensor names, and single tensors read on demand (memory-mapped, not cast).
+
+  What `config_for_checkpoint` looks at before the module is built: whether tables that
+  transformers ties are stored, and whether they are equal.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._readers: dict | None = None
+
+  @property
+  def names(self) -> frozenset[str]:
+    return frozenset(self._all_readers())
+
+  def _all_readers(self) -> dict:
+    if self._readers is None:
+      self._readers = {name: reader for path in weight_files(self.directory)
+                       for name, reader in _lazy_tensors(path)}
+    return self._readers
+
+  def read(self, name: str):
+    """The stored tensor `name` as an array in its stored dtype (KeyError if absent)."""
+    return self._all_readers()[name]()
+
+  def equal(self, name: str, other: str) -> bool:
+    """Whether two stored tensors hold the same shape and values (transformers' `torch.equal`)."""
+    first, second = self.read(name), self.read(other)
+    return tuple(first.shape) == tuple(second.shape) and bool(jnp.array_equal(first, second))
+
+
+def _lazy_tensors(path: str):
+  """(name, zero-argument reader) per tensor of one weight file; nothing is read until called."""
+  if path.endswith(".safetensors"):
+    import safetensors
+    with safetensors.safe_open(path, framework="flax") as f:
+      keys = list(f.keys())
+
+    def reader(key):
+      with safetensors.safe_open(path, framework="flax") as f:
+        return f.get_tensor(key)
+
+    return [(key, lambda key=key: reader(key)) for key in keys]
+  tensors = dict(_iter_torch_bin(path))  # memory-mapped: the values are views, not copies
+  return [(key, lambda value=value: value) for key, value in tensors.items()]
+
+
+def _iter_torch_bin(path: str):
+  try:
+    import torch
+  except ImportError as err:
+    raise CheckpointNotFoundError(f"{path} is a PyTorch pickle and reading it needs torch: "
+                                  "pip install torch==2.13.0, or convert it to safetensors.") from err
+  import pickle
+  import zipfile
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    raise _unreadable(path, err) from err
+  for key, tensor in state.items():
+    if tensor.dtype == torch.bfloat16:
+      import ml_dtypes
+      yield key, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+      yield key, tensor.numpy()
+
+
+def identity(x):
+  return x
+
+
+def transpose(x):
+  return x.T
