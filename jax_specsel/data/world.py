@@ -5,14 +5,14 @@ aligned with it on only one. Real data sets and models are out of reach offline 
 module generates three domains shaped like the paper's (Table 10 prompt templates), with outputs as
 long as the paper's data (IWSLT sentences and XSum summaries of ~20-30 tokens, GSM8K worked answers):
 
-  translate   "translate English to German: the big dog sees a cat and ..." (3-4 clauses)
-              -> "die gross Hund sieht eine Katze und ..." (~17-36 tokens)
-              A word-for-word language pair through a one-to-one lexicon; a content word appears
-              at most once per sentence. (Reordering as German does costs too much training here:
-              with the verb moved to the end of its clause and the adjective after its noun, a
-              2000-step target reached 77% token accuracy and no exact sentence at 3-4 clauses; with
-              the adjective move alone, 6% exact sentences, and a distilled drafter 65% token
-              accuracy, which makes it useless even in its own domain.)
+  translate   "translate English to German: big dog sees cat but man likes old fox ..." (4-5
+              clauses) -> "gross Hund sieht Katze aber Mann mag alt Fuchs ..." (~16-32 tokens)
+              A word-for-word language pair through a one-to-one lexicon, every source word at
+              most once per sentence (no articles, distinct connectives). Harder versions cost too
+              much training here: with the verb moved to the end of its clause and the adjective
+              after its noun, a 2000-step target reached 77% token accuracy and no exact sentence;
+              with articles and "and" repeated, 1-layer distilled drafters reached 65% token
+              accuracy (after an article, nothing says which source article it was).
   summarize   "summarize: officials said the storm near the harbor ..." (8-11 topics)
               -> "storm nature harbor transport ..." (~17-23 tokens): each mentioned topic word
               with its category, in the fixed order of the topic list (a T5 of the zoo's size
@@ -37,7 +37,7 @@ import json
 import numpy as np
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
-WORLD_VERSION = 5
+WORLD_VERSION = 6
 
 TRANSLATE = "translate"
 SUMMARIZE = "summarize"
@@ -76,8 +76,9 @@ ADJECTIVES = {
     "clever": "klug", "brave": "mutig", "quiet": "leise", "loud": "laut", "hungry": "hungrig",
     "friendly": "freundlich",
 }
-ADVERBS = {"today": "heute", "often": "oft", "again": "wieder", "never": "nie"}
-CONJUNCTIONS = {"and": "und"}
+ADVERBS = {"today": "heute", "often": "oft", "again": "wieder", "never": "nie", "soon": "bald",
+           "here": "hier", "there": "dort", "now": "jetzt"}
+CONJUNCTIONS = {"and": "und", "but": "aber", "while": "waehrend", "so": "also"}
 LEXICON = {**DETERMINERS, **NOUNS, **VERBS, **ADJECTIVES, **ADVERBS, **CONJUNCTIONS}
 
 # ----- summarize: topic words scattered in filler text -----
@@ -124,7 +125,7 @@ class WorldConfig:
   train_per_domain: int = 5000
   validation_per_domain: int = 200
   test_per_domain: int = 200
-  clauses: tuple[int, int] = (3, 4)  # translate: clauses joined by "and" (each reordered alone)
+  clauses: tuple[int, int] = (4, 5)  # translate: clauses, joined by distinct connectives
   adjective_prob: float = 0.5  # translate: chance a noun phrase carries an adjective
   adverb_prob: float = 0.3  # translate: chance a clause ends with an adverb
   # summarize: distinct topics, filler words around them, and extra mentions of already-seen
@@ -141,7 +142,8 @@ class WorldConfig:
                        f"{DOMAINS}.")
     if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
-    most = min(len(NOUNS) // 2, len(VERBS), len(ADVERBS))  # content words never repeat in a sentence
+    # Source words never repeat in a sentence.
+    most = min(len(NOUNS) // 2, len(VERBS), len(ADVERBS), len(CONJUNCTIONS) + 1)
     if not 1 <= self.clauses[0] <= self.clauses[1] <= most:
       raise ValueError(f"WorldConfig.clauses={self.clauses!r} must be (low, high) with "
                        f"1 <= low <= high <= {most}.")
@@ -213,7 +215,7 @@ def worked_addition(left: int, right: int) -> str:
 
 # ----- generators: one example's (input, reference) from a numpy Generator -----
 def _noun_phrase(rng: np.random.Generator, config: WorldConfig, pools: dict) -> list[str]:
-  words = [_choice(rng, tuple(DETERMINERS))]
+  words = []
   if rng.random() < config.adjective_prob:
     words.append(next(pools["adjectives"]))
   words.append(next(pools["nouns"]))
@@ -221,19 +223,21 @@ def _noun_phrase(rng: np.random.Generator, config: WorldConfig, pools: dict) -> 
 
 
 def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
-  # Content words are drawn without replacement within a sentence: each source word appears once,
-  # so the words already translated tell where in the source the translation stands.
+  # Every source word is drawn without replacement within a sentence (no articles, a different
+  # connective between each pair of clauses): the word just translated then tells, by content
+  # alone, where in the source the translation stands (T5's cross-attention has no positions).
   pools = {name: iter([words[i] for i in rng.permutation(len(words))]) for name, words in
            (("nouns", tuple(NOUNS)), ("verbs", tuple(VERBS)), ("adjectives", tuple(ADJECTIVES)),
-            ("adverbs", tuple(ADVERBS)))}
-  clauses = []
-  for _ in range(int(rng.integers(config.clauses[0], config.clauses[1] + 1))):
-    clause = (_noun_phrase(rng, config, pools) + [next(pools["verbs"])]
-              + _noun_phrase(rng, config, pools))
+            ("adverbs", tuple(ADVERBS)), ("conjunctions", tuple(CONJUNCTIONS)))}
+  words = []
+  for index in range(int(rng.integers(config.clauses[0], config.clauses[1] + 1))):
+    if index:
+      words.append(next(pools["conjunctions"]))
+    words += _noun_phrase(rng, config, pools) + [next(pools["verbs"])]
+    words += _noun_phrase(rng, config, pools)
     if rng.random() < config.adverb_prob:
-      clause.append(next(pools["adverbs"]))
-    clauses.append(" ".join(clause))
-  english = " and ".join(clauses)
+      words.append(next(pools["adverbs"]))
+  english = " ".join(words)
   return english, translate_sentence(english)
 
 
