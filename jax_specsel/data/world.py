@@ -37,7 +37,7 @@ import json
 import numpy as np
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
-WORLD_VERSION = 6
+WORLD_VERSION = 7
 
 TRANSLATE = "translate"
 SUMMARIZE = "summarize"
@@ -57,6 +57,14 @@ SPECIAL_TOKENS = (PAD, EOS, UNK)  # ids 0, 1, 2: T5 conventions (pad doubles as 
 
 # ----- translate: an English-like source and a German-like target, word for word -----
 DETERMINERS = {"the": "die", "a": "eine"}
+# The German article of each noun: a noun phrase is translated as article [adjective] noun.
+ARTICLES = {
+    "Hund": "der", "Katze": "die", "Vogel": "der", "Pferd": "das", "Mann": "der", "Frau": "die",
+    "Kind": "das", "Lehrer": "der", "Bauer": "der", "Koenig": "der", "Arzt": "der",
+    "Freund": "der", "Fisch": "der", "Maus": "die", "Kuh": "die", "Baer": "der", "Fuchs": "der",
+    "Baecker": "der", "Schueler": "der", "Maedchen": "das", "Junge": "der", "Koenigin": "die",
+    "Soldat": "der", "Matrose": "der",
+}
 NOUNS = {
     "dog": "Hund", "cat": "Katze", "bird": "Vogel", "horse": "Pferd", "man": "Mann",
     "woman": "Frau", "child": "Kind", "teacher": "Lehrer", "farmer": "Bauer", "king": "Koenig",
@@ -125,7 +133,7 @@ class WorldConfig:
   train_per_domain: int = 5000
   validation_per_domain: int = 200
   test_per_domain: int = 200
-  clauses: tuple[int, int] = (4, 5)  # translate: clauses, joined by distinct connectives
+  clauses: tuple[int, int] = (3, 4)  # translate: clauses, joined by distinct connectives
   adjective_prob: float = 0.5  # translate: chance a noun phrase carries an adjective
   adverb_prob: float = 0.3  # translate: chance a clause ends with an adverb
   # summarize: distinct topics, filler words around them, and extra mentions of already-seen
@@ -173,15 +181,23 @@ class WorldConfig:
 # ----- the rules, exposed so tests and reports can check outputs against them -----
 def translate_sentence(english: str) -> str:
   """German-like translation of an English-like sentence of this world: word for word through
-  `LEXICON`, in the same order.
+  `LEXICON`, in the same order, each noun phrase opened by its noun's article (`ARTICLES`).
 
   Args:
-    english: space-separated words of the translate lexicon.
+    english: space-separated words of the translate lexicon (no articles).
 
   Returns:
     The translation, space-separated.
   """
-  return " ".join(LEXICON[word] for word in english.split())
+  words, out = english.split(), []
+  for index, word in enumerate(words):
+    opens_phrase = (word in ADJECTIVES or
+                    (word in NOUNS and (index == 0 or words[index - 1] not in ADJECTIVES)))
+    if opens_phrase:
+      noun = word if word in NOUNS else words[index + 1]
+      out.append(ARTICLES[NOUNS[noun]])
+    out.append(LEXICON[word])
+  return " ".join(out)
 
 
 def summarize_text(text: str) -> str:
@@ -291,6 +307,7 @@ def vocabulary() -> tuple[str, ...]:
     words.extend(prefix.split())
   words.extend(LEXICON)
   words.extend(LEXICON.values())
+  words.extend(ARTICLES.values())
   words.extend(TOPICS)
   words.extend(CATEGORIES)
   words.extend(FILLER)
