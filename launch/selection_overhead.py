@@ -3,9 +3,10 @@
   python launch/selection_overhead.py                     # the demo zoo and the demo's policy
   python launch/selection_overhead.py --policy=reports/demo/policy --queries=40 --repeats=5
 
-Per test query of the embedded world (every domain), interleaved so load hits both alike: the
-wall time of `generate_selected` (prefill, embedding, policy and decode in one program) and of
-`generate` with the option the policy chose, same seed; both timed around the whole public call.
+Per test query of the embedded world (every domain): the wall time of `generate_selected` (prefill,
+embedding, policy and decode in one program) and of `generate` with the option the policy chose,
+same seed, both timed around the whole public call, each in blocks over all queries as a
+deployment serves them (the block order alternates between repeats).
 Prints the median ratio fused / plain over queries (the issue's bar: <= 1.05) and the policy's
 share of per-query time per domain, and writes them as JSON to --output.
 """
@@ -27,7 +28,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
 flags.DEFINE_integer("queries", 40, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the queries.")
-flags.DEFINE_integer("gamma", 5, "Draft tokens per round (as the demo).")
+flags.DEFINE_integer("gamma", 3, "Draft tokens per round (as the demo).")
 flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
 flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
@@ -50,22 +51,30 @@ def main(argv):
   queries = [(domain, example["prompt"]) for domain in world.domains
              for example in world.split("test", domain)[:FLAGS.queries]]
   prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
-  for prompt in prompts[::FLAGS.queries]:  # compile every option and the policy per bucket
-    evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)
+  # Untimed: compiles every program and records the greedy policy's choice of each query.
+  choices = [evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)[1]
+             for prompt in prompts]
+  for prompt in prompts[::FLAGS.queries]:
     for drafter in (None, *zoo.drafters.values()):
       evaluate.run_option(zoo.target, drafter, prompt, config, 0)
-  runs = {name: [] for name in ("policy_greedy", "autoregressive", *zoo.drafters)}
+  names = ("policy_greedy", "autoregressive", *zoo.drafters)
+  runs = {name: [[None] * len(prompts) for _ in range(FLAGS.repeats)] for name in names}
   for repeat in range(FLAGS.repeats):
-    per_repeat = {name: [None] * len(prompts) for name in runs}
-    for i, prompt in enumerate(prompts):
-      seed = evaluate.query_seed(repeat, i)
-      fused, choice = evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, seed)
-      fused.choice = choice
-      per_repeat["policy_greedy"][i] = fused
-      drafter = None if choice == "autoregressive" else zoo.drafters[choice]
-      per_repeat[choice][i] = evaluate.run_option(zoo.target, drafter, prompt, config, seed)
-    for name, seed_runs in per_repeat.items():
-      runs[name].append(seed_runs)
+    # Blocks, as a deployment serves: every query through generate_selected, then every query
+    # through generate with the option it chose; the block order alternates between repeats.
+    blocks = ("fused", "plain") if repeat % 2 == 0 else ("plain", "fused")
+    for block in blocks:
+      for i, prompt in enumerate(prompts):
+        seed = evaluate.query_seed(repeat, i)
+        if block == "fused":
+          run, choice = evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config,
+                                            seed)
+          run.choice = choice
+          runs["policy_greedy"][repeat][i] = run
+        else:
+          drafter = None if choices[i] == "autoregressive" else zoo.drafters[choices[i]]
+          runs[choices[i]][repeat][i] = evaluate.run_option(zoo.target, drafter, prompt, config,
+                                                            seed)
   domains = [domain for domain, _ in queries]
   result = {"all": evaluate.policy_cost(runs)["policy_greedy"]}
   for domain in world.domains:
