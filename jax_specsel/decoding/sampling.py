@@ -63,25 +63,36 @@ def accept_prefix_length(accepted: jax.Array) -> jax.Array:
   return jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)
 
 
-def greedy_accept(draft_tokens: jax.Array, target_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _drafted(gamma: int, num_drafted) -> jax.Array:
+  """bool [B or 1, G]: which draft slots hold a real draft (all, without num_drafted)."""
+  slots = jnp.arange(gamma)[None, :]
+  return slots < (gamma if num_drafted is None else jnp.reshape(num_drafted, (-1, 1)))
+
+
+def greedy_accept(draft_tokens: jax.Array, target_logits: jax.Array,
+                  num_drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Greedy verification.
 
   Args:
     draft_tokens: int [B, G] drafted ids.
     target_logits: float [B, G + 1, V] target logits at the block [last, x_1 .. x_G].
+    num_drafted: optional int [B] (or scalar): only the first num_drafted slots hold drafts (a
+      round that drafted fewer than G); the others are never accepted.
 
   Returns:
     (num_accepted int32 [B], next_token int32 [B]): the target's argmax at the first mismatch,
-    or the bonus token after G matches. The emitted text equals greedy autoregressive decoding.
+    or the bonus token after the last draft. The emitted text equals greedy autoregressive decoding.
   """
   target_choice = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, G+1]
-  num_accepted = accept_prefix_length(target_choice[:, :-1] == draft_tokens)
+  matches = (target_choice[:, :-1] == draft_tokens) & _drafted(draft_tokens.shape[1], num_drafted)
+  num_accepted = accept_prefix_length(matches)
   next_token = jnp.take_along_axis(target_choice, num_accepted[:, None], axis=1)[:, 0]
   return num_accepted, next_token
 
 
 def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, target_logprobs: jax.Array,
-                       key: jax.Array) -> tuple[jax.Array, jax.Array]:
+                       key: jax.Array, num_drafted: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
   """Speculative-sampling verification (distribution-preserving).
 
   Args:
@@ -89,6 +100,8 @@ def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, targe
     draft_logprobs: float [B, G, V] processed log q at each draft step.
     target_logprobs: float [B, G + 1, V] processed log p at the block [last, x_1 .. x_G].
     key: PRNG key for the uniforms and the residual / bonus draw.
+    num_drafted: optional int [B] (or scalar): drafts only in the first num_drafted slots; after
+      all of them are accepted the bonus token is drawn from p at slot num_drafted.
 
   Returns:
     (num_accepted int32 [B], next_token int32 [B]).
@@ -99,10 +112,11 @@ def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, targe
   q_draft = jnp.exp(jnp.take_along_axis(draft_logprobs, draft_tokens[..., None], -1)[..., 0])
   uniforms = jax.random.uniform(uniform_key, (batch, gamma))
   # u < p/q written without the division: q(x) > 0 for every drafted x.
-  num_accepted = accept_prefix_length(uniforms * q_draft < p_draft)
+  num_accepted = accept_prefix_length((uniforms * q_draft < p_draft) & _drafted(gamma, num_drafted))
+  drafted = jnp.broadcast_to(gamma if num_drafted is None else num_drafted, (batch,))
   rows = jnp.arange(batch)
   p_next = jnp.exp(target_logprobs[rows, num_accepted])  # [B, V]
-  q_next = jnp.where((num_accepted < gamma)[:, None],
+  q_next = jnp.where((num_accepted < drafted)[:, None],
                      jnp.exp(draft_logprobs[rows, jnp.minimum(num_accepted, gamma - 1)]), 0.0)
   residual = jnp.maximum(p_next - q_next, 0.0)
   # p == q exactly leaves no residual mass; then any rejection had probability 0: fall back to p.
