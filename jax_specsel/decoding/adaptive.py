@@ -1,0 +1,260 @@
+"""`generate_adaptive`: the drafter and gamma chosen again every round, inside one compiled loop.
+
+Beyond the paper's one choice per query (`generate_selected`): one program per (batch, prompt
+bucket, option set, settings) runs
+
+  target first pass -> query embedding -> the offline policy's probabilities (the prior)
+  -> while_loop over rounds:
+       choose an option per row (autoregressive or drafter k) and its gamma from the past only
+       (`adaptive_rule`), the chosen drafter drafts gamma <= max_gamma tokens, the target
+       verifies [pending, drafts] in one call as wide as the batch's largest gamma,
+       accept/reject exactly as `loop` does (sampling.greedy_accept / speculative_accept with
+       num_drafted), then every tracked drafter reads the emitted block in one pass that both
+       keeps its cache in step and scores it on every emitted position (full information)
+  -> one download: tokens, counters, per-round choices, per-drafter scores, hindsight values.
+
+Exactness: a round's option and gamma are functions of the emitted past and of a key stream of
+their own, never of the round's draws; given them, the round is a speculative round with that
+drafter and gamma (or an autoregressive step), so greedy output equals greedy autoregressive
+decoding and sampled output is distributed as the target's.
+
+A drafter that is not tracked falls behind (its cache misses the tokens emitted since); when it is
+probed or chosen it re-reads the whole decoder history in one pass (a short prefill), which also
+scores it on everything it missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop
+from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
+                                           _warn_past_position_limit, check_compatible,
+                                           compiled_program, drafter_for, loop_spec, pad_prompts,
+                                           place_prompts, unpack_prompts)
+from jax_specsel.decoding.selected import AUTOREGRESSIVE
+from jax_specsel.eval import speed
+from jax_specsel.models.interface import Model
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Per-option costs in target decode steps, measured once per (target, drafters, machine).
+
+  Attributes:
+    step: float [K] one draft step of each drafter.
+    catch_up: float [K] one catch-up pass of each drafter (max_gamma + 2 tokens).
+    verify: float [G + 1] a target call over g + 1 tokens, g = 0..max_gamma (verify[0] = 1).
+  """
+
+  step: tuple[float, ...]
+  catch_up: tuple[float, ...]
+  verify: tuple[float, ...]
+
+  def as_array(self) -> np.ndarray:
+    return np.asarray([*self.step, *self.catch_up, *self.verify], np.float32)
+
+
+def measure_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
+                  prompt_ids: np.ndarray, cache_length: int = 128) -> Costs:
+  """Times a target step, its verify calls and each drafter's step and catch-up pass, all inside
+  compiled loops (`speed.time_decode_step`), and returns them in target steps."""
+  ids = np.asarray(prompt_ids, np.int32)
+  time_step = lambda model, block: speed.time_decode_step(model, ids, block=block,
+                                                          cache_length=cache_length)
+  unit = time_step(target, 1)
+  verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
+  models = list(drafters.values())
+  return Costs(step=tuple(time_step(m, 1) / unit for m in models),
+               catch_up=tuple(time_step(m, max_gamma + 2) / unit for m in models),
+               verify=tuple(verify))
+
+
+def parameter_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int) -> Costs:
+  """The memory-bound estimate (GPU decoding at small batch): a step costs its weight bytes, a
+  verify call or catch-up pass costs one step whatever its width."""
+  ratios = tuple(m.num_params / target.num_params for m in drafters.values())
+  return Costs(step=ratios, catch_up=ratios, verify=(1.0,) * (max_gamma + 1))
+
+
+@dataclasses.dataclass
+class AdaptiveOutput(GenerateOutput):
+  """`GenerateOutput` plus what the per-round rule did, per row (options: `option_names`).
+
+  option_names: ["autoregressive", *drafter names]: the option index of every array below.
+  round_options, round_gammas: int32 [B, max_new_tokens] option and gamma of each round (-1 after
+    the row's last round).
+  drafted_by, accepted_by: int32 [B, K + 1] drafts proposed / accepted per option.
+  acceptance: float32 [B, K] each drafter's mean acceptance score over the positions it was
+    scored on (nan where never scored): the hindsight estimate.
+  hindsight_values: float32 [B, K + 1] tokens per target step each fixed option would have given
+    (autoregressive: 1 / verify[0]; a drafter at its best fixed gamma for its hindsight acceptance).
+  achieved: float32 [B] tokens per target step the row got (lengths / cost).
+  regret: float32 [B] best hindsight value minus achieved (negative: better than any fixed option).
+  cost: float32 [B] work spent in target steps (rounds plus scoring passes).
+  prior: float32 [B, K + 1] the offline policy's probabilities (uniform without a policy).
+  embeddings: float32 [B, D] the query embeddings the policy read.
+  """
+
+  option_names: list[str] = dataclasses.field(default_factory=list)
+  round_options: np.ndarray | None = None
+  round_gammas: np.ndarray | None = None
+  drafted_by: np.ndarray | None = None
+  accepted_by: np.ndarray | None = None
+  acceptance: np.ndarray | None = None
+  hindsight_values: np.ndarray | None = None
+  achieved: np.ndarray | None = None
+  regret: np.ndarray | None = None
+  cost: np.ndarray | None = None
+  prior: np.ndarray | None = None
+  embeddings: np.ndarray | None = None
+
+
+def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], policy=None,
+                      costs: Costs | None = None, max_gamma: int = 5,
+                      rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      max_new_tokens: int = 64, seed: int = 0,
+                      attention_mask=None) -> AdaptiveOutput:
+  """Decodes with the option (autoregressive or a drafter) and gamma chosen again every round.
+
+  Greedy output equals `generate(target, prompt_ids)`'s; sampled output is distributed as the
+  target's (the choices depend only on the past: see the module docstring).
+
+  Args:
+    target: the target model.
+    prompt_ids: int [B, S] right-padded (with `attention_mask`), or a list of B id lists.
+    drafters: name -> drafter Model (at least one), each able to draft for the target.
+    policy: optional trained `bandit.Policy` over the target's embeddings whose option names are
+      among "autoregressive" and the drafter names: its probabilities for the query are the prior
+      of the per-round rule (options it does not name start at probability 0). None: uniform.
+    costs: per-option costs in target steps (`measure_costs` on this machine); None uses
+      `parameter_costs`, the memory-bound (GPU, small batch) estimate.
+    max_gamma: the largest speculation length a round may pick (static shapes).
+    rule: the per-round rule's settings (`adaptive_rule.RuleSettings`).
+    temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`.
+
+  Returns:
+    AdaptiveOutput.
+  """
+  started = time.perf_counter()
+  _check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
+  _check_models(target, None, max_gamma)
+  names, models = _drafter_models(target, drafters, max_gamma)
+  costs = parameter_costs(target, dict(zip(names, models)), max_gamma) if costs is None else costs
+  _check_costs(costs, len(models), max_gamma)
+  prior_index = _prior_index(target, policy, [AUTOREGRESSIVE, *names])
+  ids, mask = pad_prompts(prompt_ids, attention_mask, target)
+  for model in models:
+    _warn_past_position_limit(target, model, mask, max_new_tokens)
+  base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
+  spec = adaptive_loop.AdaptiveSpec(base=dataclasses.replace(base, gamma=int(max_gamma)),
+                      drafters=tuple(m.decoder for m in models),
+                      drafter_vocabs=tuple(m.vocab_size for m in models), rule=rule,
+                      policy=None if policy is None else (policy.program, prior_index))
+  packed_prompts = place_prompts(target, ids, mask, seed)
+  policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
+  drafter_parts = [m.flat_params() for m in models]
+  target_leaves, target_tree = target.flat_params()
+  args = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
+          costs.as_array(), packed_prompts)
+  trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+  compiled, compile_seconds = compiled_program(
+      _run_flat, (spec, trees), args,
+      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}")
+  packed = np.asarray(compiled(*args))
+  seconds = time.perf_counter() - started - compile_seconds
+  return _output(spec, [AUTOREGRESSIVE, *names], packed, seconds, compile_seconds)
+
+
+def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int):
+  """(names, models) of the drafters, each checked and placed next to the target."""
+  if not isinstance(drafters, Mapping) or not drafters:
+    raise ValueError(f"drafters={drafters!r}: pass a non-empty dict name -> drafter Model "
+                     "(for plain decoding use generate without a drafter).")
+  names, models = [], []
+  for name, model in drafters.items():
+    if name == AUTOREGRESSIVE:
+      raise ValueError(f"drafters[{name!r}]: that name means plain decoding; rename the drafter.")
+    if not isinstance(model, Model):
+      raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
+    _check_models(target, model, max_gamma)
+    model = drafter_for(target, model)
+    check_compatible(target, model)
+    names.append(str(name))
+    models.append(model)
+  return names, models
+
+
+def _check_costs(costs: Costs, num_drafters: int, max_gamma: int) -> None:
+  if not isinstance(costs, Costs):
+    raise TypeError(f"costs is a {type(costs).__name__}: pass adaptive.Costs (measure_costs).")
+  shapes = (len(costs.step), len(costs.catch_up), len(costs.verify))
+  if shapes != (num_drafters, num_drafters, max_gamma + 1):
+    raise ValueError(f"costs have (step, catch_up, verify) lengths {shapes} but {num_drafters} "
+                     f"drafters and max_gamma={max_gamma} need {(num_drafters, num_drafters, max_gamma + 1)}: "
+                     "measure them for these drafters and max_gamma (measure_costs).")
+  values = costs.as_array()
+  if not np.all(np.isfinite(values)) or np.any(values <= 0):
+    raise ValueError(f"costs must be finite and positive, got {costs}.")
+
+
+def _prior_index(target: Model, policy, options: list[str]) -> tuple[int, ...] | None:
+  """For each option, the index of its probability in the policy's output (-1: not named)."""
+  if policy is None:
+    return None
+  names = getattr(policy, "option_names", None)
+  if not names:
+    raise ValueError("the policy has no option names: train it with option_names so "
+                     "generate_adaptive knows which option each probability belongs to.")
+  if policy.input_dim != target.hidden_size:
+    raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
+                     f"{target.name} embeds queries with width {target.hidden_size}.")
+  unknown = [n for n in names if n not in options]
+  if unknown:
+    raise ValueError(f"the policy chooses among {names} but {unknown} are not among the options "
+                     f"{options}: pass those drafters.")
+  return tuple(names.index(o) if o in names else -1 for o in options)
+
+
+def _run_flat(spec, trees, target_leaves, drafter_leaves, policy_leaves, costs, packed_prompts):
+  target_tree, drafter_trees, policy_tree = trees
+  target_params = jax.tree.unflatten(target_tree, target_leaves)
+  drafter_params = tuple(jax.tree.unflatten(tree, leaves)
+                         for tree, leaves in zip(drafter_trees, drafter_leaves))
+  policy_params = None if policy_tree is None else jax.tree.unflatten(policy_tree, policy_leaves)
+  ids, mask, key, _ = unpack_prompts(packed_prompts)
+  return adaptive_loop.run(spec, target_params, drafter_params, policy_params, costs, ids, mask,
+                           key)
+
+
+def _output(spec, names: list[str], packed: np.ndarray, seconds: float,
+            compile_seconds: float) -> AdaptiveOutput:
+  max_new, rounds, options = spec.base.max_new_tokens, spec.max_rounds, spec.num_drafters + 1
+  width = loop.Summary.width(max_new, spec.max_gamma)
+  summary = loop.Summary.from_array(packed[:, :width], max_new)
+  columns = np.cumsum([width, rounds, rounds, options, options])
+  round_options, round_gammas, drafted_by, accepted_by = (
+      packed[:, a:b] for a, b in zip(columns[:-1], columns[1:]))
+  floats = packed[:, columns[-1]:].view(np.float32)
+  cost = floats[:, 0]
+  acceptance = floats[:, 1:options]
+  hindsight = floats[:, options:2 * options]
+  prior = floats[:, 2 * options:3 * options]
+  achieved = summary.lengths / np.maximum(cost, 1e-9)
+  stats = Stats(drafted=drafted_by.sum(axis=1), accepted=accepted_by.sum(axis=1),
+                rounds=summary.rounds, per_position=summary.accepted_at.sum(axis=0),
+                target_calls=int(summary.target_calls[0]), seconds=seconds,
+                compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
+  return AdaptiveOutput(
+      tokens=summary.tokens, lengths=summary.lengths, stats=stats, option_names=names,
+      round_options=round_options, round_gammas=round_gammas, drafted_by=drafted_by,
+      accepted_by=accepted_by, acceptance=acceptance, hindsight_values=hindsight,
+      achieved=achieved.astype(np.float32),
+      regret=(np.nanmax(hindsight, axis=1) - achieved).astype(np.float32), cost=cost, prior=prior,
+      embeddings=floats[:, 3 * options:])

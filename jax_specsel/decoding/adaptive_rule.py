@@ -1,0 +1,138 @@
+"""The per-round choice of `generate_adaptive`: which option drafts and how many tokens.
+
+Pure functions on per-row estimates, run inside the compiled loop. Units: everything is measured
+in target decode steps (a plain autoregressive round costs 1 and emits 1 token), so the value of
+an option is the expected number of tokens it emits per target step of work.
+
+- Acceptance of drafter k: a discounted mean of per-position acceptance scores (`RuleSettings.
+  decay` per scored position), started from `prior_acceptance` with weight `prior_count`. A
+  score is the probability that drafter k's draft of that position would have been accepted:
+  greedy, 1 when its argmax equals the emitted token; sampling, min(1, q_k(e) / p(e)) for the
+  emitted token e ~ p, an unbiased estimate of the acceptance probability sum_x min(p, q_k)
+  (Leviathan et al. 2023, Definition 3.1).
+- Value of drafter k at speculation length g (Leviathan et al. eq. 1, costs measured):
+  E[tokens] / cost = (1 - a^(g+1)) / (1 - a) / (g * c_k + v(g)), with c_k its draft step and v(g)
+  the target's verify call over g+1 tokens; its best g in 1..max_gamma sets its value.
+- The choice: Hedge (exponential weights, Freund & Schapire 1997) over the options, started from
+  the offline policy's probabilities for the query (log-weights = prior_strength * log prior) and
+  given every option's current value as its reward each round (full information: each drafter
+  tracked is scored on every emitted token, not only when it drafts). `randomized` samples the
+  option from the weights (Hedge's regret guarantee, O(sqrt(T log K)) against the best fixed
+  option for the rewards it is given); otherwise it takes their argmax. The draw uses its own
+  key stream, so a round's choice depends only on the past: every accept/reject stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSettings:
+  """Static settings of the per-round rule (part of the compiled program's key).
+
+  Attributes:
+    learning_rate: Hedge's eta: log-weight added per round per unit of value.
+    prior_strength: multiplies log prior in the initial log-weights (0: ignore the prior).
+    prior_acceptance, prior_count: the acceptance estimate before any score, and its weight in
+      scored positions.
+    decay: per-position discount of past scores (1: a plain mean), so an answer that changes
+      domain midway is followed within about 1 / (1 - decay) tokens.
+    track_threshold: a drafter is scored after a round (its cache kept in step) while its Hedge
+      weight is at least this, or when it drafted; the others fall behind and are re-synced over
+      the whole history when they are probed or chosen.
+    probe_every: every this many rounds one untracked drafter (round robin) is re-synced and
+      scored on everything emitted since it was last scored (0: never).
+    randomized: sample the option from the Hedge weights (else take their argmax).
+  """
+
+  learning_rate: float = 1.0
+  prior_strength: float = 1.0
+  prior_acceptance: float = 0.5
+  prior_count: float = 2.0
+  decay: float = 0.9
+  track_threshold: float = 0.05
+  probe_every: int = 16
+  randomized: bool = True
+
+  def __post_init__(self):
+    checks = {
+        "learning_rate": self.learning_rate >= 0, "prior_strength": self.prior_strength >= 0,
+        "prior_acceptance": 0 < self.prior_acceptance < 1, "prior_count": self.prior_count > 0,
+        "decay": 0 < self.decay <= 1, "track_threshold": 0 <= self.track_threshold <= 1,
+        "probe_every": self.probe_every >= 0}
+    for name, ok in checks.items():
+      value = getattr(self, name)
+      if not ok or not np.isfinite(float(value)):
+        raise ValueError(f"RuleSettings.{name}={value!r} is out of range: see its docstring.")
+
+
+def acceptance(score_sum: jax.Array, score_count: jax.Array, rule: RuleSettings) -> jax.Array:
+  """Current acceptance estimates [..., K] from discounted score sums and counts."""
+  return ((score_sum + rule.prior_acceptance * rule.prior_count)
+          / (score_count + rule.prior_count))
+
+
+def add_scores(score_sum, score_count, scores, scored, rule: RuleSettings):
+  """Discounted update with the positions of one pass.
+
+  Args:
+    score_sum, score_count: float [B] running discounted sums.
+    scores: float [B, W] per-position acceptance scores; scored: bool [B, W] which count.
+
+  Returns:
+    (score_sum, score_count) after discounting by decay per newly scored position.
+  """
+  count = jnp.sum(scored, axis=1).astype(jnp.float32)
+  discount = rule.decay ** count
+  # Later positions weigh more: position j of the pass is discounted by decay^(positions after it).
+  after = jnp.cumsum(scored[:, ::-1], axis=1)[:, ::-1] - scored
+  weights = jnp.where(scored, rule.decay ** after.astype(jnp.float32), 0.0)
+  return (score_sum * discount + jnp.sum(weights * scores, axis=1),
+          score_count * discount + jnp.sum(weights, axis=1))
+
+
+def drafter_values(alpha: jax.Array, step_costs: jax.Array, verify_costs: jax.Array):
+  """(best value [B, K], best gamma int32 [B, K]) of each drafter at acceptance `alpha` [B, K].
+
+  step_costs: float [K] a draft step in target steps; verify_costs: float [G + 1] v(0..G).
+  """
+  max_gamma = verify_costs.shape[0] - 1
+  gammas = jnp.arange(1, max_gamma + 1, dtype=jnp.float32)  # [G]
+  a = jnp.clip(alpha, 0.0, 0.999)[..., None]
+  tokens = (1.0 - a ** (gammas + 1.0)) / (1.0 - a)  # [B, K, G]
+  cost = gammas * step_costs[:, None] + verify_costs[1:]  # [K, G]
+  values = tokens / cost
+  return jnp.max(values, axis=-1), (jnp.argmax(values, axis=-1) + 1).astype(jnp.int32)
+
+
+def option_values(alpha, step_costs, verify_costs):
+  """(values [B, K+1], gammas int32 [B, K+1]) of every option: autoregressive first (1 / v(0))."""
+  values, gammas = drafter_values(alpha, step_costs, verify_costs)
+  batch = alpha.shape[0]
+  autoregressive = jnp.full((batch, 1), 1.0 / verify_costs[0])
+  return (jnp.concatenate([autoregressive, values], axis=1),
+          jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), gammas], axis=1))
+
+
+def initial_log_weights(prior: jax.Array, rule: RuleSettings) -> jax.Array:
+  """Log-weights [B, K+1] from prior probabilities [B, K+1] (a zero prior stays possible)."""
+  return rule.prior_strength * jnp.log(jnp.maximum(prior, 1e-6))
+
+
+def hedge_step(log_weights: jax.Array, values: jax.Array, active: jax.Array, rule: RuleSettings):
+  """Adds eta * value to each option's log-weight on active rows, kept centred (max 0)."""
+  updated = log_weights + rule.learning_rate * values
+  updated = updated - jnp.max(updated, axis=1, keepdims=True)
+  return jnp.where(active[:, None], updated, log_weights)
+
+
+def choose(log_weights: jax.Array, key: jax.Array, rule: RuleSettings) -> jax.Array:
+  """The option of each row, int32 [B]: a Hedge draw, or the argmax."""
+  if rule.randomized:
+    return jax.random.categorical(key, log_weights, axis=-1).astype(jnp.int32)
+  return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)

@@ -1,0 +1,223 @@
+"""`generate_adaptive`: the option and gamma chosen per round inside the loop.
+
+Exactness is checked against plain decoding (greedy: identical tokens) and against the target's
+own distribution computed by transformers PyTorch (sampling: chi-square), with the rule forced to
+switch options at random every round; the rule's math against numpy references.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats as scipy_stats
+
+import jax_specsel as js
+from jax_specsel.decoding import adaptive, adaptive_rule
+from jax_specsel.eval import speed
+
+VOCAB = 96
+EOS = 1
+# Uniform prior, no learning, a Hedge draw every round: every option drafts in turn, with the
+# gamma its acceptance estimate gives (the harshest switching the loop can see).
+SWITCHING = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=True)
+
+
+def _cheap(drafters, max_gamma):
+  """Costs under which drafting pays even at low acceptance: rounds pick gammas above 1."""
+  return adaptive.Costs(step=(0.02,) * len(drafters), catch_up=(0.02,) * len(drafters),
+                        verify=(1.0,) * (max_gamma + 1))
+
+
+def _t5(path, seed, d_model, layers, vocab=VOCAB):
+  torch.manual_seed(seed)
+  config = transformers.T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=64,
+                                 num_layers=layers, num_decoder_layers=layers, num_heads=3,
+                                 relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=16, eos_token_id=EOS,
+                                 pad_token_id=0, decoder_start_token_id=0)
+  model = transformers.T5ForConditionalGeneration(config)
+  with torch.no_grad():
+    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+  model.eval().save_pretrained(path)
+  return js.load_model(str(path))
+
+
+def _llama_torch(vocab, eos, seed=0):
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
+                                    num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=256,
+                                    eos_token_id=eos, bos_token_id=2, pad_token_id=0)
+  return transformers.LlamaForCausalLM(config).eval()
+
+
+def _prompts(seed: int, count: int, vocab=VOCAB) -> list[list[int]]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, vocab, size=n).tolist() for n in rng.integers(3, 9, size=count)]
+
+
+def _rows(out):
+  return [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
+
+
+@pytest.fixture(scope="module")
+def t5_models(tmp_path_factory):
+  root = tmp_path_factory.mktemp("t5adaptive")
+  target = _t5(root / "target", 0, 48, 2)
+  return target, {"small": _t5(root / "small", 1, 32, 1), "self": target,
+                  "tiny": _t5(root / "tiny", 2, 24, 1)}
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory):
+  """A LLaMA whose second stop id is a token it emits often: rows stop early, inside blocks."""
+  root = tmp_path_factory.mktemp("llamaadaptive")
+  _llama_torch(VOCAB, EOS).save_pretrained(root / "probe")
+  probe = js.load_model(str(root / "probe"))
+  emitted = np.concatenate(_rows(js.generate(probe, _prompts(1, 8), max_new_tokens=24)))
+  frequent = int(np.bincount(emitted[emitted != EOS], minlength=VOCAB)[3:].argmax() + 3)
+  _llama_torch(VOCAB, [EOS, frequent]).save_pretrained(root / "target")
+  target = js.load_model(str(root / "target"))
+  assert frequent in target.eos_ids
+  return target, {"exit1": target.early_exit(1), "exit2": target.early_exit(2), "self": target}
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_models,
+                                                                 llama_models):
+  target, drafters = t5_models if family == "t5" else llama_models
+  prompts = _prompts(3, 6)
+  plain = js.generate(target, prompts, max_new_tokens=20)
+  for seed, prompt in enumerate(prompts):
+    out = adaptive.generate_adaptive(target, [prompt], drafters, rule=SWITCHING, max_gamma=4,
+                                     costs=_cheap(drafters, 4), max_new_tokens=20, seed=seed)
+    assert _rows(out) == [_rows(plain)[seed]]
+  batched = adaptive.generate_adaptive(target, prompts, drafters, rule=SWITCHING, max_gamma=4,
+                                       costs=_cheap(drafters, 4), max_new_tokens=20, seed=7)
+  assert _rows(batched) == _rows(plain)
+  played = batched.round_options[batched.round_options >= 0]
+  assert len(set(played.tolist())) == len(drafters) + 1  # every option drafted some round
+  assert len(set(batched.round_gammas[batched.round_options > 0].tolist())) >= 2
+  if family == "llama":
+    assert (batched.lengths < 20).sum() >= 2  # rows stopped early on the frequent stop id
+
+
+def test_counters_agree_with_the_rounds(t5_models):
+  target, drafters = t5_models
+  out = adaptive.generate_adaptive(target, _prompts(4, 5), drafters, rule=SWITCHING, max_gamma=3,
+                                   max_new_tokens=16, seed=3)
+  for row in range(5):
+    options, gammas = out.round_options[row], out.round_gammas[row]
+    played = options >= 0
+    assert played.sum() == out.stats.rounds[row]
+    assert np.all(gammas[played][options[played] == 0] == 0)
+    assert np.all((gammas[played][options[played] > 0] >= 1)
+                  & (gammas[played][options[played] > 0] <= 3))
+    drafted = np.bincount(options[played], weights=gammas[played], minlength=len(drafters) + 1)
+    np.testing.assert_array_equal(out.drafted_by[row], drafted)
+    assert np.all(out.accepted_by[row] <= out.drafted_by[row])
+    # every round emits 1 + its accepted drafts (the last one may be cut by max_new_tokens)
+    assert out.lengths[row] <= out.stats.rounds[row] + out.accepted_by[row].sum()
+  self_column = 1 + list(drafters).index("self")
+  np.testing.assert_allclose(out.acceptance[:, self_column - 1], 1.0)  # it is the target
+  np.testing.assert_array_equal(out.accepted_by[:, self_column], out.drafted_by[:, self_column])
+  best = np.nanmax(out.hindsight_values, axis=1)
+  np.testing.assert_allclose(out.regret, best - out.lengths / out.cost, rtol=1e-5)
+
+
+def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
+  target, drafters = t5_models
+  costs = adaptive.Costs(step=(0.5, 0.05, 0.3), catch_up=(0.5, 0.05, 0.3),
+                         verify=(1.0, 1.0, 1.0, 1.0, 1.0))
+  out = adaptive.generate_adaptive(target, _prompts(5, 4), drafters, costs=costs, max_gamma=4,
+                                   max_new_tokens=48, seed=0,
+                                   rule=adaptive_rule.RuleSettings(randomized=False))
+  self_option = 1 + list(drafters).index("self")
+  for row in range(4):
+    played = out.round_options[row][out.round_options[row] >= 0]
+    assert np.mean(played[len(played) // 2:] == self_option) >= 0.9, played
+  assert np.all(out.round_gammas[out.round_options == self_option] == 4)  # acceptance 1: the max
+
+
+def _exact_two_token_distribution(model: transformers.LlamaForCausalLM, prompt, vocab, temperature):
+  with torch.no_grad():
+    first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+    rows = torch.tensor([prompt + [x] for x in range(vocab)])
+    second = torch.softmax(model(rows).logits[:, -1] / temperature, -1)
+  return (first[:, None] * second).numpy().astype(np.float64)  # [x1, x2]
+
+
+def test_sampled_output_is_distributed_as_the_target_while_options_switch(tmp_path):
+  vocab, temperature = 12, 0.8
+  reference = _llama_torch(vocab, None, seed=3)
+  with torch.no_grad():  # sharper distributions than a random init: fewer cells carry the mass
+    reference.lm_head.weight.mul_(6.0)
+  reference.save_pretrained(tmp_path / "llama")
+  target = js.load_model(str(tmp_path / "llama"))
+  drafters = {"exit1": target.early_exit(1), "exit2": target.early_exit(2)}
+  prompt = [5, 7, 3, 9]
+  count = 6000
+  out = adaptive.generate_adaptive(target, [prompt] * count, drafters, rule=SWITCHING,
+                                   max_gamma=3, max_new_tokens=2, temperature=temperature,
+                                   seed=11)
+  assert len(set(out.round_options[:, 0].tolist())) == 3  # rows started with every option
+  assert out.stats.accepted.sum() > 0 and (out.stats.accepted < out.stats.drafted).any()
+  expected = _exact_two_token_distribution(reference, prompt, vocab, temperature).ravel()
+  observed = np.bincount(out.tokens[:, 0] * vocab + out.tokens[:, 1], minlength=vocab * vocab)
+  big = expected * count >= 5
+  f_obs = np.append(observed[big], observed[~big].sum())
+  f_exp = np.append(expected[big], expected[~big].sum()) * count
+  assert scipy_stats.chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue > 1e-3
+  skewed = 0.9 * expected + 0.1 * np.roll(expected, 1)  # the test can fail
+  s_exp = np.append(skewed[big], skewed[~big].sum()) * count
+  assert scipy_stats.chisquare(f_obs, s_exp * f_obs.sum() / s_exp.sum()).pvalue < 1e-3
+
+
+def test_new_prompts_of_a_warm_bucket_compile_nothing(t5_models):
+  target, drafters = t5_models
+  adaptive.generate_adaptive(target, [[5, 6, 7]], drafters, max_gamma=3, max_new_tokens=8)
+  before = js.compilation_count()
+  for seed, prompt in enumerate(_prompts(6, 5)):
+    adaptive.generate_adaptive(target, [prompt[:8]], drafters, max_gamma=3, max_new_tokens=8,
+                               seed=seed)
+  assert js.compilation_count() == before
+
+
+def test_rule_math_matches_numpy_references():
+  rule = adaptive_rule.RuleSettings(decay=0.8, prior_acceptance=0.3, prior_count=2.0)
+  scores = np.array([[1.0, 0.0, 1.0, 0.5]], np.float32)
+  scored = np.array([[True, False, True, True]])
+  total, count = adaptive_rule.add_scores(np.float32([2.0]), np.float32([3.0]), scores, scored, rule)
+  weights = np.array([0.8 ** 2, 0.8 ** 1, 1.0])  # the three scored positions, latest weighs most
+  np.testing.assert_allclose(total, [2.0 * 0.8 ** 3 + weights @ [1.0, 1.0, 0.5]], rtol=1e-6)
+  np.testing.assert_allclose(count, [3.0 * 0.8 ** 3 + weights.sum()], rtol=1e-6)
+  alpha = np.array([[0.9, 0.4]], np.float32)
+  step, verify = np.float32([0.1, 0.05]), np.float32([1.0, 1.2, 1.3, 1.5])
+  values, gammas = adaptive_rule.drafter_values(alpha, step, verify)
+  for k in range(2):
+    candidates = [speed.expected_tokens_per_round(float(alpha[0, k]), g) / (g * step[k] + verify[g])
+                  for g in (1, 2, 3)]
+    np.testing.assert_allclose(values[0, k], max(candidates), rtol=1e-5)
+    assert gammas[0, k] == 1 + int(np.argmax(candidates))
+
+
+def test_bad_inputs_raise_before_any_work(t5_models):
+  target, drafters = t5_models
+  with pytest.raises(ValueError, match="non-empty dict"):
+    adaptive.generate_adaptive(target, [[3, 4]], {})
+  with pytest.raises(ValueError, match="means plain decoding"):
+    adaptive.generate_adaptive(target, [[3, 4]], {"autoregressive": drafters["small"]})
+  with pytest.raises(TypeError, match="not a jax_specsel Model"):
+    adaptive.generate_adaptive(target, [[3, 4]], {"small": "abc"})
+  wrong = adaptive.Costs(step=(0.1,), catch_up=(0.1,), verify=(1.0, 1.0))
+  with pytest.raises(ValueError, match="measure them for these drafters"):
+    adaptive.generate_adaptive(target, [[3, 4]], drafters, costs=wrong, max_gamma=3)
+  with pytest.raises(ValueError, match="RuleSettings.decay"):
+    adaptive_rule.RuleSettings(decay=1.5)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    adaptive.generate_adaptive(target, [[3, 4]], drafters, max_new_tokens=0)
