@@ -82,6 +82,21 @@ def test_reinforce_with_mean_baseline_also_adapts(policy):
   assert np.mean(policy.choose(queries(0, 200, seed=99)) == 2) >= 0.95
 
 
+def test_reinforce_draws_fresh_actions_each_update_from_the_seed():
+  """With weights that barely move, only the key changes the sampled actions between updates."""
+  def sampled_rewards(seed):
+    policy = bandit.Policy(bandit.PolicyNetwork(DIM, NUM_OPTIONS, 8, 2, rngs=nnx.Rngs(0)))
+    config = bandit.default_online_config()
+    config.estimator, config.learning_rate, config.seed = "reinforce", 1e-9, seed
+    updater = bandit.OnlinePolicyUpdater(policy, config)
+    embeddings, rewards = queries(0, 4, seed=0), np.tile([0.0, 1.0, 2.0], (4, 1))
+    return [updater.update(embeddings, rewards)["policy_reward"] for _ in range(8)]
+
+  first = sampled_rewards(seed=0)
+  assert len(set(first)) > 1
+  assert sampled_rewards(seed=0) == first and sampled_rewards(seed=1) != first
+
+
 def test_first_update_is_one_adamw_step_on_the_expected_reward(policy):
   config = bandit.default_online_config()
   embeddings, rewards = queries(0, 3, seed=3), noisy(SHIFTED_REWARDS, 3, 4)  # padded to 4 rows
