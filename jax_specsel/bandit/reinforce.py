@@ -3,11 +3,9 @@
 Input: query embeddings [N, D] and a full reward table rewards[i, k] (already alpha-mixed,
 see `rewards.mix_rewards`): the offline collection scores every option on every query.
 
-Two gradient estimators of J = E_q E_{a~pi(.|q)} r(q, a):
-  "reinforce"  sample a ~ pi(.|q) and minimize -log pi(a|q) * (r(q, a) - b), as the paper;
-               b = 0 ("none") or the leave-one-out mean of the batch's sampled rewards ("mean").
-  "expected"   minimize -sum_a pi(a|q) r(q, a): the exact gradient of J on the batch, possible
-               because the offline table holds every option's reward (no sampling variance).
+Two gradient estimators of J = E_q E_{a~pi(.|q)} r(q, a) (`objective`): "reinforce" (sampled
+action, the paper's) and "expected" (-sum_a pi(a|q) r(q, a), exact on the batch, possible because
+the offline table holds every option's reward).
 
 Configs are ml_collections.ConfigDict (like every config of this project: `--config.x=`
 overrides work on them): `default_train_config()` (the library default, chosen by
@@ -25,17 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
 from jax_specsel import validation
-from jax_specsel.bandit.policy import Policy, PolicyNetwork, standardized_logits
-
-_ESTIMATORS = ("reinforce", "expected")
-_BASELINES = ("none", "mean")
+from jax_specsel.bandit import objective
+from jax_specsel.bandit.policy import Policy, PolicyNetwork
 
 
 def paper_train_config() -> ml_collections.ConfigDict:
@@ -89,27 +84,13 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field of a training config."""
-  if config.estimator not in _ESTIMATORS:
-    raise ValueError(f"config.estimator={config.estimator!r}; choose one of {_ESTIMATORS}")
-  if config.baseline not in _BASELINES:
-    raise ValueError(f"config.baseline={config.baseline!r}; choose one of {_BASELINES}")
-  if config.estimator == "expected" and config.baseline != "none":
-    raise ValueError("config.baseline='mean' only applies to estimator='reinforce' (the expected "
-                     "gradient has no sampling variance to reduce); set config.baseline='none'")
+  objective.validate_estimator(config)
   try:
     for field in ("hidden_dim", "num_layers", "batch_size", "epochs"):
       validation.integer(f"config.{field}", config[field], minimum=1)
     if config.max_examples is not None:
       validation.integer("config.max_examples", config.max_examples, minimum=1)
-    # optax takes NaN or a negative rate silently and trains a policy of NaN weights.
-    if validation.real("config.learning_rate", config.learning_rate) <= 0:
-      raise ValueError(f"config.learning_rate={config.learning_rate}: must be > 0.")
-    validation.real("config.weight_decay", config.weight_decay, 0.0)
-    for field in ("b1", "b2"):
-      if not 0 <= validation.real(f"config.{field}", config[field]) < 1:
-        raise ValueError(f"config.{field}={config[field]}: must be in [0, 1).")
-    if validation.real("config.eps", config.eps) <= 0:
-      raise ValueError(f"config.eps={config.eps}: must be > 0.")
+    objective.validate_optimizer(config)
   except TypeError as err:  # one error type for a bad config value
     raise ValueError(str(err)) from None
 
@@ -151,38 +132,8 @@ def _standardization(embeddings: np.ndarray, enabled: bool) -> tuple[np.ndarray,
   return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
-def _per_example_loss(log_probs, rewards, weights, key, estimator: str, baseline: str):
-  """Surrogate losses [B] whose gradient estimates -grad J (weights mark real rows)."""
-  if estimator == "expected":
-    expected_rewards = jnp.sum(jnp.exp(log_probs) * rewards, axis=-1)  # [B]
-    return -expected_rewards, expected_rewards
-  actions = jax.random.categorical(key, jax.lax.stop_gradient(log_probs), axis=-1)  # [B]
-  sampled_rewards = jnp.take_along_axis(rewards, actions[:, None], axis=-1)[:, 0]  # [B]
-  advantage = sampled_rewards
-  if baseline == "mean":
-    # Leave-one-out mean: excluding the row's own reward keeps the estimator unbiased.
-    total = jnp.sum(weights * sampled_rewards)
-    others = jnp.sum(weights) - weights
-    loo_mean = jnp.where(others > 0, (total - weights * sampled_rewards) / jnp.maximum(others, 1),
-                         0.0)
-    advantage = sampled_rewards - loo_mean
-  chosen_log_probs = jnp.take_along_axis(log_probs, actions[:, None], axis=-1)[:, 0]
-  return -chosen_log_probs * jax.lax.stop_gradient(advantage), sampled_rewards
-
-
-def _make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return _cached_optimizer(float(config.learning_rate), float(config.b1), float(config.b2),
-                           float(config.eps), float(config.weight_decay))
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_optimizer(learning_rate, b1, b2, eps, weight_decay):
-  # Cached so that equal settings give the same object, and so the same compiled train step.
-  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-
-
 @functools.lru_cache(maxsize=32)
-def _make_train_step(graphdef, optimizer: optax.GradientTransformation, estimator: str,
+def _make_train_step(graphdef, optimizer, estimator: str,
                      baseline: str):
   """A jitted step over one mini-batch [B, D], [B, K] (weights [B] mark real rows).
 
@@ -193,22 +144,14 @@ def _make_train_step(graphdef, optimizer: optax.GradientTransformation, estimato
   the compiled step instead of paying ~2 s of compilation again.
   """
 
-  def loss_fn(params, embeddings, rewards, input_mean, input_scale, weights, key):
-    log_probs = jax.nn.log_softmax(standardized_logits(graphdef, params, input_mean, input_scale,
-                                                       embeddings))  # [B, K]
-    losses, rewards_seen = _per_example_loss(log_probs, rewards, weights, key, estimator,
-                                             baseline)
-    count = jnp.sum(weights)
-    return jnp.sum(weights * losses) / count, jnp.sum(weights * rewards_seen) / count
+  loss_fn = functools.partial(objective.batch_loss, graphdef, estimator, baseline)
 
   @jax.jit
   def train_step(params, optimizer_state, embeddings, rewards, input_mean, input_scale, weights,
                  base_key, step):
     key = jax.random.fold_in(base_key, step)
-    (loss, mean_reward), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, embeddings, rewards, input_mean, input_scale, weights, key)
-    updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
-    return optax.apply_updates(params, updates), optimizer_state, loss, mean_reward
+    return objective.optimizer_step(loss_fn, optimizer, params, optimizer_state, embeddings,
+                                    rewards, input_mean, input_scale, weights, key)
 
   return train_step
 
@@ -329,7 +272,7 @@ def train_policy(embeddings, rewards, seed: int | None = None,
   network = PolicyNetwork(input_dim, num_options, config.hidden_dim, config.num_layers,
                           rngs=nnx.Rngs(params=seed))
   graphdef, params = nnx.split(network, nnx.Param)
-  optimizer = _make_optimizer(config)
+  optimizer = objective.make_optimizer(config)
   optimizer_state = optimizer.init(params)
   checkpoints, start_step = None, 0
   if checkpoint_dir is not None:
