@@ -22,9 +22,11 @@ from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import distributed
 from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
+from jax_specsel.bandit.online import default_online_config
+from jax_specsel.decoding import adaptive, adaptive_rule
 from jax_specsel.decoding.generate import MIN_SAMPLING_TEMPERATURE
 from jax_specsel.eval import evaluate as evaluate_lib
-from jax_specsel.eval import experiments, report
+from jax_specsel.eval import experiments, online_shift, report
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(str(err)) from None
 
 
+ADAPTIVE_FIELDS = ("max_gamma", "probe_every", "hedge_learning_rate", "online_learning_rate",
+                   "frozen", "shifted_domain", "shifted_queries")
+
+
+def _check_adaptive(config) -> None:
+  """config.adaptive (optional): the policy_adaptive row and the shifted-domain experiment."""
+  if "adaptive" not in config:
+    return
+  settings = config.adaptive
+  missing = [f for f in ADAPTIVE_FIELDS if f not in settings]
+  if missing:
+    raise ValueError(f"config.adaptive lacks {missing}: see configs/demo.py.")
+  validation.integer("config.adaptive.max_gamma", settings.max_gamma, minimum=1)
+  validation.integer("config.adaptive.probe_every", settings.probe_every, minimum=0)
+  validation.integer("config.adaptive.shifted_queries", settings.shifted_queries, minimum=1)
+  for field in ("hedge_learning_rate", "online_learning_rate"):
+    validation.real(f"config.adaptive.{field}", settings[field], 0.0)
+  if not isinstance(settings.frozen, bool):
+    raise ValueError(f"config.adaptive.frozen={settings.frozen!r}: must be True or False.")
+
+
 def _check_fields(config) -> None:
+  _check_adaptive(config)
   validation.integer("config.seed", config.seed, minimum=0)
   for field in ("max_new_tokens", "collect_batch_size", "shard_size", "gamma"):
     validation.integer(f"config.{field}", config[field], minimum=1)
@@ -147,11 +171,54 @@ def train_stage(dataset, meta, config, output_dir: str):
   return policy
 
 
-def evaluate_stage(target, drafters, test, policy, config, output_dir: str) -> dict:
-  eval_config = evaluate_lib.EvalConfig(gamma=config.gamma, temperature=config.temperature,
-                                        max_new_tokens=config.max_new_tokens, seeds=tuple(config.eval_seeds))
-  result = evaluate_lib.evaluate(target, drafters, test, policy, eval_config)
+def eval_config_of(config) -> evaluate_lib.EvalConfig:
+  return evaluate_lib.EvalConfig(gamma=config.gamma, temperature=config.temperature,
+                                 max_new_tokens=config.max_new_tokens,
+                                 seeds=tuple(config.eval_seeds))
+
+
+def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup | None:
+  """The `policy_adaptive` row's setup from config.adaptive (None when the config has none):
+  the per-option costs are measured here, on this machine, on the first test prompt."""
+  if "adaptive" not in config:
+    return None
+  settings = config.adaptive
+  prompt = target.tokenizer([test["prompt"][0]])["input_ids"]
+  costs = adaptive.measure_costs(target, drafters, settings.max_gamma, prompt)
+  log.info("adaptive costs (target steps): %s", costs)
+  online = None
+  if not settings.frozen:
+    online = default_online_config()
+    online.learning_rate = settings.online_learning_rate
+  rule = adaptive_rule.RuleSettings(learning_rate=settings.hedge_learning_rate,
+                                    probe_every=settings.probe_every)
+  return evaluate_lib.AdaptiveSetup(costs=costs, max_gamma=settings.max_gamma, rule=rule,
+                                    online=online)
+
+
+def evaluate_stage(target, drafters, test, policy, config, output_dir: str,
+                   setup: evaluate_lib.AdaptiveSetup | None = None) -> dict:
+  result = evaluate_lib.evaluate(target, drafters, test, policy, eval_config_of(config), setup)
   report.write_json(os.path.join(output_dir, "evaluation.json"), result)
+  return result
+
+
+def shift_stage(dataset, meta, test, target, drafters, setup, config, output_dir: str) -> dict:
+  """The shifted domain (`eval.online_shift`): config.adaptive.shifted_domain held out of the
+  policy's training, then served with online updates; writes shifted.json and its figure."""
+  domain = config.adaptive.shifted_domain
+  policy = online_shift.held_out_policy(dataset, meta, domain, policy_options(meta, config),
+                                        config.alpha, config.cost_unit, trainer_config(config),
+                                        config.seed)
+  rows = [i for i, task in enumerate(test["task"]) if task == domain]
+  if not rows:
+    raise ValueError(f"config.adaptive.shifted_domain={domain!r} has no test query.")
+  prompts = target.tokenizer([test["prompt"][i] for i in rows])["input_ids"]
+  result = online_shift.run_shift(target, drafters, policy, prompts, setup, eval_config_of(config),
+                                  config.adaptive.shifted_queries)
+  result["domain"] = domain
+  report.write_json(os.path.join(output_dir, "shifted.json"), result)
+  report.plot_shift(result, os.path.join(output_dir, "figure_shifted_domain.png"))
   return result
 
 
@@ -186,8 +253,12 @@ def run(target: Model, drafters: dict[str, Model], train: datasets.Dataset, test
   validation.writable_directory(output_dir, "output_dir")
   dataset, meta = collect_stage(target, drafters, train, config, output_dir)
   policy = train_stage(dataset, meta, config, output_dir)
-  result = evaluate_stage(target, drafters, test, policy, config, output_dir)
+  setup = adaptive_setup(target, drafters, test, config)
+  result = evaluate_stage(target, drafters, test, policy, config, output_dir, setup)
   extra = experiments_stage(dataset, meta, test, target, result, config, output_dir)
+  if setup is not None:
+    result["shifted"] = shift_stage(dataset, meta, test, target, drafters, setup, config,
+                                    output_dir)
   return write_report(result, extra, target, drafters, output_dir, expectations, collection=meta)
 
 
@@ -220,11 +291,15 @@ def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, M
   checks = effect_checks(result, expectations)
   payload = {"domains": result["domains"], "choices": result["choices"],
              "choices_by_variant": result["choices_by_variant"],
-             "policy_cost": result.get("policy_cost", {}), "checks": checks,
+             "policy_cost": result.get("policy_cost", {}),
+             "round_choices": result.get("round_choices", {}),
+             "shifted": _shift_summary(result.get("shifted")), "checks": checks,
              "shortfalls": shortfalls(checks),
              "figures": {"alpha_sweep": "figure2_alpha_sweep.png",
                          "sample_efficiency": "figure3_sample_efficiency.png"},
              "experiments": extra}
+  if result.get("shifted"):
+    payload["figures"]["shifted_domain"] = "figure_shifted_domain.png"
   if collection is not None:
     payload["collection"] = collection_summary(collection)
   report.write_json(os.path.join(output_dir, "report.json"), payload)
@@ -245,6 +320,10 @@ class Expectations:
     min_speedup: the in-domain speedup a domain drafter should reach.
     policy_tolerance: the greedy policy should be within this fraction of the best single option.
     max_policy_share: what choosing may cost, as a share of per-query time (paper: ~1%).
+    adaptive_tolerance: per-round choice should be within this of the per-query greedy policy
+      in every domain (no loss where one drafter fits).
+    shifted_tolerance: on the shifted domain, the online policy should end within this of the
+      best single option.
   """
 
   drafter_domains: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -252,6 +331,8 @@ class Expectations:
   min_speedup: float = 1.3
   policy_tolerance: float = 0.05
   max_policy_share: float = 0.01
+  adaptive_tolerance: float = 0.03
+  shifted_tolerance: float = 0.05
 
 
 def effect_checks(result: dict, expectations: Expectations | None = None) -> dict:
@@ -274,6 +355,7 @@ def effect_checks(result: dict, expectations: Expectations | None = None) -> dic
     checks["policy_beats_every_single_option_on_average"] = bool(
         all(average["policy_greedy"] > average[o] for o in singles))
   checks.update(_expected_effect_checks(result, expectations))
+  checks.update(_adaptive_checks(result, expectations))
   cost = result.get("policy_cost", {}).get("all", {}).get("policy_greedy")
   if cost is not None:
     checks["policy_share_of_query_time"] = {
@@ -302,6 +384,37 @@ def _expected_effect_checks(result: dict, expectations: Expectations) -> dict:
   return checks
 
 
+def _adaptive_checks(result: dict, expectations: Expectations) -> dict:
+  """Per-round choice against the per-query policy per domain, and the shifted domain's end."""
+  checks = {}
+  for domain, rows in result["domains"].items():
+    if "policy_adaptive" in rows and "policy_greedy" in rows:
+      ratio = rows["policy_adaptive"]["ms_per_token"] / rows["policy_greedy"]["ms_per_token"]
+      checks[f"{domain}_adaptive_vs_policy"] = {
+          "adaptive_speedup": rows["policy_adaptive"]["speedup"],
+          "policy_greedy_speedup": rows["policy_greedy"]["speedup"], "time_ratio": ratio,
+          "adaptive_within_tolerance": bool(ratio <= 1 + expectations.adaptive_tolerance)}
+  shifted = result.get("shifted")
+  if shifted:
+    checks["shifted_domain"] = {
+        "domain": shifted["domain"], "best_fixed": shifted["best_fixed"],
+        "online_vs_best_fixed": shifted["online_vs_best_fixed"],
+        "frozen_vs_best_fixed": shifted["frozen_vs_best_fixed"],
+        "prior_choices": shifted["prior_choices"],
+        "online_within_tolerance": bool(
+            shifted["online_vs_best_fixed"] <= 1 + expectations.shifted_tolerance)}
+  return checks
+
+
+def _shift_summary(shifted: dict | None) -> dict:
+  """What report.json keeps of the shifted-domain run (the curves stay in shifted.json)."""
+  if not shifted:
+    return {}
+  return {key: shifted[key] for key in ("domain", "queries", "window", "final", "best_fixed",
+                                        "online_vs_best_fixed", "frozen_vs_best_fixed",
+                                        "prior_choices")}
+
+
 def shortfalls(checks: dict) -> list[str]:
   """Plain sentences for every check of the paper's effect that did not hold."""
   notes = []
@@ -325,6 +438,13 @@ def shortfalls(checks: dict) -> list[str]:
     if value.get("below_limit") is False:
       notes.append(f"choosing costs {100 * value['share']:.1f}% of per-query time "
                    f"({value['ms_per_query']:.3f} ms a query), above {100 * value['limit']:.0f}%")
+    if value.get("adaptive_within_tolerance") is False:
+      notes.append(f"{name.removesuffix('_adaptive_vs_policy')}: per-round choice takes "
+                   f"{value['time_ratio']:.2f}x the per-query policy's time per token")
+    if value.get("online_within_tolerance") is False:
+      notes.append(f"shifted domain {value['domain']}: after the online updates the adaptive "
+                   f"policy takes {value['online_vs_best_fixed']:.2f}x the best single option's "
+                   f"({value['best_fixed']}) time per token")
     if value.get("for_most_queries") is False:
       notes.append(f"{subject}: the policy picks autoregressive for only "
                    f"{100 * value['share']:.0f}% of the queries")
@@ -343,6 +463,8 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
            "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
            report.results_table(payload), "\n## Choices of the policy per domain\n",
            report.choices_table(payload), "\n## What choosing costs\n", _policy_cost_markdown(payload),
+           "\n## Per-round choice (policy_adaptive): share of rounds per option\n",
+           _round_choices_markdown(payload), _shifted_markdown(payload),
            "\n## Checks of the paper's effect\n",
            _shortfalls_markdown(payload["shortfalls"]),
            "```json\n" + json.dumps(payload["checks"], indent=2) + "\n```\n",
@@ -368,6 +490,30 @@ def _policy_cost_markdown(payload: dict) -> str:
   return ("Measured: `generate_selected` (embed from the target's first pass, policy, decode, in one "
           "program) minus `generate` with the option it chose, same query and seed.\n\n"
           + "\n".join(lines) + "\n")
+
+
+def _round_choices_markdown(payload: dict) -> str:
+  shares = payload.get("round_choices") or {}
+  if not shares:
+    return "Not run (the config has no `adaptive` section).\n"
+  lines = ["| domain | rounds drafted by |", "|---|---|"]
+  for domain, by_option in shares.items():
+    cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in by_option.items() if share)
+    lines.append(f"| {domain} | {cells} |")
+  return "\n".join(lines) + "\n"
+
+
+def _shifted_markdown(payload: dict) -> str:
+  shifted = payload.get("shifted") or {}
+  if not shifted:
+    return ""
+  finals = ", ".join(f"{name} {value:.3f}" for name, value in shifted["final"].items())
+  return (f"\n## Shifted domain: {shifted['domain']} held out of the policy's training\n\n"
+          f"The held-out policy's greedy choices there: {shifted['prior_choices']}. "
+          f"{shifted['queries']} queries served in turn; ms/token over the last "
+          f"{shifted['window']}: {finals}. Online / best single option ({shifted['best_fixed']}): "
+          f"{shifted['online_vs_best_fixed']:.3f}; frozen: {shifted['frozen_vs_best_fixed']:.3f}."
+          "\n\n![shifted domain](figure_shifted_domain.png)\n")
 
 
 def _partial_collection_note(collection: dict | None) -> str:

@@ -28,7 +28,7 @@ SWITCHING = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=True)
 
 def _cheap(drafters, max_gamma):
   """Costs under which drafting pays even at low acceptance: rounds pick gammas above 1."""
-  return adaptive.Costs(step=(0.02,) * len(drafters), catch_up=(0.02,) * len(drafters),
+  return adaptive.Costs(step=(0.02,) * len(drafters), read=(0.02,) * len(drafters),
                         verify=(1.0,) * (max_gamma + 1))
 
 
@@ -132,7 +132,7 @@ def test_counters_agree_with_the_rounds(t5_models):
 
 def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
   target, drafters = t5_models
-  costs = adaptive.Costs(step=(0.5, 0.05, 0.3), catch_up=(0.5, 0.05, 0.3),
+  costs = adaptive.Costs(step=(0.5, 0.05, 0.3), read=(0.5, 0.05, 0.3),
                          verify=(1.0, 1.0, 1.0, 1.0, 1.0))
   out = adaptive.generate_adaptive(target, _prompts(5, 4), drafters, costs=costs, max_gamma=4,
                                    max_new_tokens=48, seed=0,
@@ -214,7 +214,7 @@ def test_bad_inputs_raise_before_any_work(t5_models):
     adaptive.generate_adaptive(target, [[3, 4]], {"autoregressive": drafters["small"]})
   with pytest.raises(TypeError, match="not a jax_specsel Model"):
     adaptive.generate_adaptive(target, [[3, 4]], {"small": "abc"})
-  wrong = adaptive.Costs(step=(0.1,), catch_up=(0.1,), verify=(1.0, 1.0))
+  wrong = adaptive.Costs(step=(0.1,), read=(0.1,), verify=(1.0, 1.0))
   with pytest.raises(ValueError, match="measure them for these drafters"):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, costs=wrong, max_gamma=3)
   with pytest.raises(ValueError, match="RuleSettings.decay"):

@@ -184,3 +184,31 @@ def test_the_old_estimator_field_is_read_with_a_deprecation_warning():
   del neither["trainer"]
   with pytest.raises(ValueError, match=r"config lacks field\(s\) \['trainer'\]"):
     pipeline.check_config(neither)
+
+
+def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(tmp_path):
+  target = fake_model_with_tokenizer(0, name="target")
+  drafters = {"same": fake_model_with_tokenizer(0, name="same"),
+              "other": fake_model_with_tokenizer(4, name="other")}
+  config = _config()
+  config.eval_seeds = (0,)
+  config.adaptive = ml_collections.ConfigDict(dict(
+      max_gamma=3, probe_every=4, hedge_learning_rate=1.0, online_learning_rate=3e-3,
+      frozen=False, shifted_domain="fake_a", shifted_queries=5))
+  payload = pipeline.run(target, drafters, _examples(32, 0), _examples(6, 1), config, str(tmp_path))
+  for domain in ("fake_a", "fake_b"):
+    rows = payload["domains"][domain]
+    assert "policy_adaptive" in rows
+    assert len({round(r["quality"], 6) for r in rows.values()}) == 1  # greedy: the target's text
+    assert abs(sum(payload["round_choices"][domain].values()) - 1.0) < 1e-9
+    assert "adaptive_within_tolerance" in payload["checks"][f"{domain}_adaptive_vs_policy"]
+  assert set(payload["policy_cost"]["all"]) == {"policy_greedy", "policy_dynamic"}
+  shifted = json.loads((tmp_path / "shifted.json").read_text())
+  assert shifted["domain"] == "fake_a" and len(shifted["ms_per_token"]["online"]) == 5
+  assert set(shifted["final"]) == {"online", "frozen", "autoregressive", "same", "other"}
+  assert (tmp_path / "figure_shifted_domain.png").exists()
+  markdown = (tmp_path / "report.md").read_text()
+  assert "| policy_adaptive |" in markdown and "## Shifted domain: fake_a" in markdown
+  config.adaptive = ml_collections.ConfigDict({**config.adaptive.to_dict(), "frozen": "no"})
+  with pytest.raises(ValueError, match="config.adaptive.frozen"):
+    pipeline.check_config(config)

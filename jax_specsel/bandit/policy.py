@@ -225,6 +225,13 @@ class Policy:
     return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
                                       embedding, key, bool(greedy)))
 
+  def copy(self) -> "Policy":
+    """An independent copy: online updates of one leave the other's weights unchanged."""
+    network = nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params))
+    return Policy(network, input_mean=np.asarray(self.input_mean),
+                  input_scale=np.asarray(self.input_scale), option_names=self.option_names,
+                  config=self.config, training_info=json.loads(json.dumps(self.training_info)))
+
   def program_inputs(self) -> tuple[list, Any]:
     """(leaves, treedef) of {"params", "input_mean", "input_scale"}: the arrays `program` reads.
 

@@ -48,21 +48,22 @@ class Costs:
 
   Attributes:
     step: float [K] one draft step of each drafter.
-    catch_up: float [K] one catch-up pass of each drafter (max_gamma + 2 tokens).
+    read: float [K] one catch-up read of each drafter (2 * (max_gamma + 1) tokens: after rounds
+      it sat out; a read of the whole history is charged in proportion to its width).
     verify: float [G + 1] a target call over g + 1 tokens, g = 0..max_gamma (verify[0] = 1).
   """
 
   step: tuple[float, ...]
-  catch_up: tuple[float, ...]
+  read: tuple[float, ...]
   verify: tuple[float, ...]
 
   def as_array(self) -> np.ndarray:
-    return np.asarray([*self.step, *self.catch_up, *self.verify], np.float32)
+    return np.asarray([*self.step, *self.read, *self.verify], np.float32)
 
 
 def measure_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
                   prompt_ids: np.ndarray, cache_length: int = 128) -> Costs:
-  """Times a target step, its verify calls and each drafter's step and catch-up pass, all inside
+  """Times a target step, its verify calls and each drafter's step and catch-up read, all inside
   compiled loops (`speed.time_decode_step`), and returns them in target steps."""
   ids = np.asarray(prompt_ids, np.int32)
   time_step = lambda model, block: speed.time_decode_step(model, ids, block=block,
@@ -71,15 +72,15 @@ def measure_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
   verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
   models = list(drafters.values())
   return Costs(step=tuple(time_step(m, 1) / unit for m in models),
-               catch_up=tuple(time_step(m, max_gamma + 2) / unit for m in models),
+               read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
                verify=tuple(verify))
 
 
 def parameter_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int) -> Costs:
   """The memory-bound estimate (GPU decoding at small batch): a step costs its weight bytes, a
-  verify call or catch-up pass costs one step whatever its width."""
+  verify call or catch-up read costs one step whatever its width."""
   ratios = tuple(m.num_params / target.num_params for m in drafters.values())
-  return Costs(step=ratios, catch_up=ratios, verify=(1.0,) * (max_gamma + 1))
+  return Costs(step=ratios, read=ratios, verify=(1.0,) * (max_gamma + 1))
 
 
 @dataclasses.dataclass
@@ -194,9 +195,9 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
 def _check_costs(costs: Costs, num_drafters: int, max_gamma: int) -> None:
   if not isinstance(costs, Costs):
     raise TypeError(f"costs is a {type(costs).__name__}: pass adaptive.Costs (measure_costs).")
-  shapes = (len(costs.step), len(costs.catch_up), len(costs.verify))
+  shapes = (len(costs.step), len(costs.read), len(costs.verify))
   if shapes != (num_drafters, num_drafters, max_gamma + 1):
-    raise ValueError(f"costs have (step, catch_up, verify) lengths {shapes} but {num_drafters} "
+    raise ValueError(f"costs have (step, read, verify) lengths {shapes} but {num_drafters} "
                      f"drafters and max_gamma={max_gamma} need {(num_drafters, num_drafters, max_gamma + 1)}: "
                      "measure them for these drafters and max_gamma (measure_costs).")
   values = costs.as_array()

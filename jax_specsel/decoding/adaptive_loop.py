@@ -3,15 +3,19 @@
 See `adaptive.py` for what it computes and why it stays exact; `adaptive_rule.py` for the rule.
 A round, per row:
   1. choose the option (0: autoregressive, k >= 1: drafter k - 1) and gamma from the Hedge
-     weights and acceptance estimates (the past only);
-  2. a chosen drafter that fell behind re-reads the whole history (`_read`, history=True);
-  3. each chosen drafter drafts as many tokens as its rows' largest gamma, starting from its
-     logits at `pending` (kept from its last pass), one decode step per further token;
-  4. the target verifies [pending, drafts] in one call as wide as the batch's largest gamma;
-  5. accept exactly (num_drafted = the row's gamma) and emit as `loop._advance` does;
-  6. every tracked drafter reads [old pending, emitted block] (`_read`): its cache catches up,
-     its logits at the new `pending` are kept for the next draft, and it is scored on each
-     emitted position; the Hedge weights then add every option's current value.
+     weights and acceptance estimates (the past only; the draw's uniforms are made up front);
+  2. the chosen drafter reads what its cache lacks up to `pending` (`_read`: usually the two
+     tokens [previous, pending], as `loop` does; after rounds it sat out, the tokens it missed,
+     or the whole history) and drafts gamma tokens, one decode step each after the first;
+  3. the target verifies [pending, drafts] in one call as wide as the batch's largest gamma;
+  4. accept exactly (num_drafted = the row's gamma) and emit as `loop._advance` does;
+  5. the chosen drafter is scored on the positions it drafted (the verification itself: bandit
+     feedback); every `probe_every` rounds, each drafter the Hedge weights still track, and one
+     more in turn, reads the tokens it missed and is scored on all of them (full information,
+     lazily); the Hedge log-weights then add every option's current value.
+
+Each read scores a drafter on every position it had not been scored on, so a drafter that sat
+out many rounds is judged on everything it missed when it comes back.
 """
 
 from __future__ import annotations
@@ -60,36 +64,42 @@ class AdaptiveSpec:
     return self.base.max_new_tokens  # every round emits at least one token
 
 
+
+  @property
+  def read_width(self) -> int:
+    """Tokens of a catch-up read after rounds a drafter sat out (longer gaps read the history)."""
+    return 2 * (self.max_gamma + 1)
+
+
 @struct.dataclass
 class AdaptiveState:
   """The adaptive while_loop's carry: `LoopState` plus per-row, per-drafter bookkeeping.
 
   The decoder history of row b is [origin_token[b], base.tokens[b, :num_generated]] from absolute
-  position origin_position[b]: history index i holds the token at origin_position + i, and
-  `base.pending` is history[num_generated].
+  position origin_position[b]: history index i is the token at origin_position + i, and `pending`
+  is history[num_generated]. Token index j (tokens[:, j]) is history index j + 1.
 
   Attributes:
     base: LoopState with gamma = max_gamma; base.drafter_cache is a tuple of K caches.
     origin_token, origin_position: int32 [B] history[0] (T5 decoder start / last prompt token).
     emitted_logp: float32 [B, max_new + G + 1] the target's log-probability of each emitted token
       (sampling only; zeros when greedy): the denominator of a sampled acceptance score.
-    first_logits: K x float32 [B, V] drafter k's logits at `pending` (valid where synced).
-    synced: bool [B, K] drafter k's cache holds every position before `pending`'s.
+    synced: int32 [B, K] history index up to which (exclusive) drafter k's cache is valid.
     scored_upto: int32 [B, K] drafter k has been scored on tokens[:, :scored_upto].
     score_sum, score_count: float32 [B, K] discounted acceptance scores (adaptive_rule).
     total_score, total_count: float32 [B, K] undiscounted: the hindsight acceptance.
     log_weights: float32 [B, K + 1] Hedge log-weights, autoregressive first.
+    gammas: int32 [B, K + 1] each option's best gamma at the current estimates (0: autoregressive).
     round_options, round_gammas: int32 [B, max_rounds] each round's option and gamma (-1 after
       the row's last round).
     drafted_by, accepted_by: int32 [B, K + 1] drafts proposed / accepted per option.
-    cost: float32 [B] work spent in target steps (rounds plus the passes that scored drafters).
+    cost: float32 [B] work spent in target steps (rounds plus the reads that scored drafters).
   """
 
   base: loop.LoopState
   origin_token: jax.Array
   origin_position: jax.Array
   emitted_logp: jax.Array
-  first_logits: Any
   synced: jax.Array
   scored_upto: jax.Array
   score_sum: jax.Array
@@ -97,6 +107,7 @@ class AdaptiveState:
   total_score: jax.Array
   total_count: jax.Array
   log_weights: jax.Array
+  gammas: jax.Array
   round_options: jax.Array
   round_gammas: jax.Array
   drafted_by: jax.Array
@@ -104,15 +115,13 @@ class AdaptiveState:
   cost: jax.Array
 
 
-
-
 def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params, costs, ids, mask,
         key) -> jax.Array:
-  """The whole adaptive generation (jit with `spec` static); returns `summarize`'s arrays.
+  """The whole adaptive generation (jit with `spec` static); returns `summarize`'s array.
 
   Args:
     drafter_params: K nnx.States; policy_params: the policy program's inputs (None without one).
-    costs: float32 [2K + G + 1] `Costs.as_array()`: step [K], catch_up [K], verify [G + 1].
+    costs: float32 [2K + G + 1] `Costs.as_array()`: step [K], read [K], verify [G + 1].
     ids, mask: int32 [B, S] right-padded prompts; key: the decode key.
   """
   base = spec.base
@@ -120,11 +129,13 @@ def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params,
                                               base.cache_length(ids.shape[1]))
   embeddings = base.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   prior = _prior(spec, policy_params, embeddings)
-  state, contexts = _initial(spec, drafter_params, target_cache, ids, mask, key, prior)
-  choice_key = jax.random.fold_in(key, _CHOICE_STREAM)
+  state, contexts = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
+  # The choices' uniforms, drawn up front from their own stream: independent of every draft.
+  uniforms = jax.random.uniform(jax.random.fold_in(key, _CHOICE_STREAM),
+                                (spec.max_rounds + 1, ids.shape[0]))
 
   def body(state):
-    return _round(spec, target_params, drafter_params, context, contexts, costs, choice_key, state)
+    return _round(spec, target_params, drafter_params, context, contexts, costs, uniforms, state)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), body, state)
   return summarize(spec, state, costs, prior, embeddings)
@@ -141,28 +152,28 @@ def _prior(spec: AdaptiveSpec, policy_params, embeddings) -> jax.Array:
   return jnp.stack(columns, axis=1).astype(jnp.float32)
 
 
-def _initial(spec, drafter_params, target_cache, ids, mask, key, prior):
-  """(AdaptiveState, drafter contexts): every drafter prepared and read up to `pending`."""
+def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
+  """(AdaptiveState, drafter contexts): every drafter's first pass (T5 encoder / prefill)."""
   base_state, _ = loop._start(spec.base, None, target_cache, ids, mask, key)
   batch, num = ids.shape[0], spec.num_drafters
-  caches, contexts, first = [], [], []
+  caches, contexts = [], []
   for decoder, params in zip(spec.drafters, drafter_params):
     cache = decoder.init_cache(params, batch, spec.base.cache_length(ids.shape[1]))
     context, cache = decoder.prepare(params, ids, mask, cache)
-    logits, cache = decoder.decode(params, base_state.pending[:, None], base_state.position,
-                                   cache, context)
     caches.append(cache)
     contexts.append(context)
-    first.append(_on_vocab(logits[:, 0], spec.base.target_vocab))
   zeros = jnp.zeros((batch, num), jnp.float32)
+  step_costs, _, verify_costs = _costs(spec, costs)
+  _, gammas = adaptive_rule.option_values(adaptive_rule.acceptance(zeros, zeros, spec.rule),
+                                          step_costs, verify_costs)
   rounds = jnp.full((batch, spec.max_rounds), -1, jnp.int32)
   state = AdaptiveState(
       base=base_state.replace(drafter_cache=tuple(caches)),
       origin_token=base_state.pending, origin_position=base_state.position,
-      emitted_logp=jnp.zeros(base_state.tokens.shape, jnp.float32), first_logits=tuple(first),
-      synced=jnp.ones((batch, num), bool), scored_upto=jnp.zeros((batch, num), jnp.int32),
+      emitted_logp=jnp.zeros(base_state.tokens.shape, jnp.float32),
+      synced=jnp.zeros((batch, num), jnp.int32), scored_upto=jnp.zeros((batch, num), jnp.int32),
       score_sum=zeros, score_count=zeros, total_score=zeros, total_count=zeros,
-      log_weights=adaptive_rule.initial_log_weights(prior, spec.rule),
+      log_weights=adaptive_rule.initial_log_weights(prior, spec.rule), gammas=gammas,
       round_options=rounds, round_gammas=rounds,
       drafted_by=jnp.zeros((batch, num + 1), jnp.int32),
       accepted_by=jnp.zeros((batch, num + 1), jnp.int32), cost=jnp.zeros((batch,), jnp.float32))
@@ -179,11 +190,14 @@ def _on_vocab(logits: jax.Array, vocab: int) -> jax.Array:
 
 
 def _costs(spec: AdaptiveSpec, costs):
+  """(step [K], read [K], verify [G + 1]) from the flat cost array; verify[g] is the cost of the
+  call a round with gamma g runs (`verify_widths`)."""
   k = spec.num_drafters
-  return costs[:k], costs[k:2 * k], costs[2 * k:]
+  verify = costs[2 * k:]
+  return costs[:k], costs[k:2 * k], verify[jnp.asarray(verify_widths(spec.max_gamma))]
 
 
-def _round(spec, target_params, drafter_params, context, contexts, costs, choice_key, state):
+def _round(spec, target_params, drafter_params, context, contexts, costs, uniforms, state):
   base, settings = state.base, spec.base.settings
   step_costs, _, verify_costs = _costs(spec, costs)
   active = ~base.done
@@ -191,25 +205,15 @@ def _round(spec, target_params, drafter_params, context, contexts, costs, choice
     key = draft_key = accept_key = base.key
   else:
     key, draft_key, accept_key = jax.random.split(base.key, 3)
-  # 1. the choice, from the past only (its own key stream)
-  alpha = adaptive_rule.acceptance(state.score_sum, state.score_count, spec.rule)
-  _, gammas = adaptive_rule.option_values(alpha, step_costs, verify_costs)
-  choice = adaptive_rule.choose(state.log_weights,
-                                jax.random.fold_in(choice_key, base.target_calls), spec.rule)
-  gamma = jnp.where(active, jnp.take_along_axis(gammas, choice[:, None], axis=1)[:, 0], 0)
-  # 2-3. drafts (a chosen drafter that fell behind first re-reads the history)
-  for k in range(spec.num_drafters):
-    behind = jnp.any(active & (choice == k + 1) & ~state.synced[:, k])
-    state = jax.lax.cond(behind, lambda s, k=k: _read(spec, k, drafter_params[k], contexts[k], s,
-                                                      history=True),
-                         lambda s: s, state)
-  drafts, draft_logprobs, caches = _drafts(spec, drafter_params, contexts, state, choice, gamma,
-                                           active, draft_key)
-  # 4-5. verify and emit
-  width = jnp.max(gamma)
-  logits, target_cache = jax.lax.switch(width, [
-      lambda w=w: _verify(spec, target_params, context, base, drafts, w)
-      for w in range(spec.max_gamma + 1)])
+  # 1. the choice, from the past only
+  uniform = uniforms[jnp.minimum(base.target_calls, spec.max_rounds)]
+  choice = adaptive_rule.choose(state.log_weights, uniform, spec.rule)
+  gamma = jnp.where(active, jnp.take_along_axis(state.gammas, choice[:, None], axis=1)[:, 0], 0)
+  # 2. reads and drafts
+  state, drafts, draft_logprobs = _drafts(spec, drafter_params, contexts, costs, state, choice,
+                                          gamma, active, draft_key)
+  # 3-4. verify, accept, emit
+  logits, target_cache = _verify(spec, target_params, context, base, drafts, jnp.max(gamma))
   if settings.greedy:
     target_logprobs = None
     num_accepted, next_token = sampling.greedy_accept(drafts, logits, gamma)
@@ -217,39 +221,189 @@ def _round(spec, target_params, drafter_params, context, contexts, costs, choice
     target_logprobs = sampling.process_logits(logits, settings)
     num_accepted, next_token = sampling.speculative_accept(drafts, draft_logprobs,
                                                            target_logprobs, accept_key, gamma)
-  after = loop._advance(spec.base, base, drafts, num_accepted, next_token, target_cache, caches,
-                        key)
+  after = loop._advance(spec.base, state.base, drafts, num_accepted, next_token, target_cache,
+                        state.base.drafter_cache, key)
   state = _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
                   target_logprobs, step_costs, verify_costs)
-  # 6. full-information feedback from every tracked drafter, then the Hedge step
-  state = _feedback(spec, drafter_params, contexts, costs, state, base.num_generated, choice,
-                    active)
+  # 5. feedback: probes score the drafters that sat out; the verification scores the chosen
+  # one; then the Hedge step. A round that learned nothing (autoregressive, no probe) skips it.
+  due = jnp.asarray(False)
+  if spec.rule.probe_every:
+    due = state.base.target_calls % spec.rule.probe_every == 0  # counts this round already
+    state = _probe(spec, drafter_params, contexts, costs, state, choice, active, due)
+  learned = due | jnp.any(active & (choice > 0))
+
+  def learn(state):
+    state = _score_drafted(spec, state, base.num_generated, choice, gamma, num_accepted, drafts,
+                           draft_logprobs, target_logprobs, active)
+    return _hedge_step(spec, state, costs, active)
+
+  return _when(learned, learn, state)
+
+
+def _hedge_step(spec, state, costs, active):
+  """Every option's value from the current estimates is added to its Hedge log-weight (on the
+  active rows), and each drafter's best gamma is kept for the next choice."""
+  step_costs, _, verify_costs = _costs(spec, costs)
   alpha = adaptive_rule.acceptance(state.score_sum, state.score_count, spec.rule)
-  values, _ = adaptive_rule.option_values(alpha, step_costs, verify_costs)
-  return state.replace(log_weights=adaptive_rule.hedge_step(state.log_weights, values, active,
-                                                            spec.rule))
+  values, gammas = adaptive_rule.option_values(alpha, step_costs, verify_costs)
+  return state.replace(
+      log_weights=adaptive_rule.hedge_step(state.log_weights, values, active, spec.rule),
+      gammas=jnp.where(active[:, None], gammas, state.gammas))
 
 
-def _drafts(spec, drafter_params, contexts, state, choice, gamma, active, key):
-  """(drafts int32 [B, G], log q float32 [B, G, V] or None, drafter caches): each row's drafts
-  from the drafter it chose (zeros for autoregressive rows, never accepted: gamma is 0 there)."""
+# XLA:CPU copies the buffers a conditional updates when it has three or more branches or holds
+# another conditional (measured: a 400 KB buffer through lax.switch of 3 branches, or through
+# nested lax.conds, costs ~43 us a round; through one lax.cond ~0.1 us), while a while_loop
+# updates its carry in place, nested or not. So every "if" of a round is `_when`: a while_loop
+# that runs its body zero times or once, carrying just the buffers the body changes.
+
+
+def _when(predicate, body, operand):
+  """`body(operand)` where the scalar `predicate` holds, else `operand` (body keeps its shapes)."""
+  return jax.lax.while_loop(lambda carry: carry[0],
+                            lambda carry: (jnp.zeros((), bool), body(carry[1])),
+                            (jnp.asarray(predicate), operand))[1]
+
+
+@struct.dataclass
+class _View:
+  """Drafter k's slice of the state: what a read or a draft by drafter k changes ([B] arrays)."""
+
+  cache: Any
+  synced: jax.Array
+  scored_upto: jax.Array
+  score_sum: jax.Array
+  score_count: jax.Array
+  total_score: jax.Array
+  total_count: jax.Array
+  cost: jax.Array
+
+
+def _view(state: AdaptiveState, k: int) -> _View:
+  return _View(cache=state.base.drafter_cache[k], synced=state.synced[:, k],
+               scored_upto=state.scored_upto[:, k], score_sum=state.score_sum[:, k],
+               score_count=state.score_count[:, k], total_score=state.total_score[:, k],
+               total_count=state.total_count[:, k], cost=state.cost)
+
+
+def _with_view(state: AdaptiveState, k: int, view: _View) -> AdaptiveState:
+  caches = tuple(view.cache if i == k else c for i, c in enumerate(state.base.drafter_cache))
+  column = lambda values, new: values.at[:, k].set(new)
+  return state.replace(
+      base=state.base.replace(drafter_cache=caches), synced=column(state.synced, view.synced),
+      scored_upto=column(state.scored_upto, view.scored_upto),
+      score_sum=column(state.score_sum, view.score_sum),
+      score_count=column(state.score_count, view.score_count),
+      total_score=column(state.total_score, view.total_score),
+      total_count=column(state.total_count, view.total_count), cost=view.cost)
+
+
+def _drafts(spec, drafter_params, contexts, costs, state, choice, gamma, active, key):
+  """(state, drafts int32 [B, G], log q [B, G, V] or None): each row's drafts from the drafter it
+  chose, after that drafter read what its cache lacked (zeros for autoregressive rows: gamma 0
+  there, never accepted)."""
   base, max_gamma = state.base, spec.max_gamma
   batch, vocab = base.pending.shape[0], spec.base.target_vocab
   drafts = jnp.zeros((batch, max_gamma), jnp.int32)
   logprobs = None if spec.base.settings.greedy else jnp.zeros((batch, max_gamma, vocab),
                                                               jnp.float32)
-  caches = list(base.drafter_cache)
+  history = _History.of(state)
   for k in range(spec.num_drafters):
     rows = active & (choice == k + 1)
     count = jnp.max(jnp.where(rows, gamma, 0))
-    run = lambda _, k=k, count=count: _draft(spec, k, drafter_params[k], contexts[k], caches[k],
-                                             state.first_logits[k], base.position, count, key)
-    skip = lambda _, k=k: (jnp.zeros_like(drafts), logprobs, caches[k])
-    tokens, token_logprobs, caches[k] = jax.lax.cond(jnp.any(rows), run, skip, None)
-    drafts = jnp.where(rows[:, None], tokens, drafts)
-    if logprobs is not None:
-      logprobs = jnp.where(rows[:, None, None], token_logprobs, logprobs)
-  return drafts, logprobs, tuple(caches)
+
+    def read_and_draft(carry, k=k, rows=rows, count=count):
+      view, drafts, logprobs = carry
+      gap = history.num_generated - view.synced  # history tokens it lacks before pending
+      kind = jnp.max(jnp.where(rows, jnp.where(
+          gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1))
+      first = jnp.zeros((batch, vocab), jnp.float32)
+      for index, width in enumerate((2, spec.read_width, None)):
+        view, first = _when(kind == index, lambda vf, width=width: _read(
+            spec, k, drafter_params[k], contexts[k], costs, history, vf[0], rows, width),
+                            (view, first))
+      tokens, token_logprobs, cache = _draft(spec, k, drafter_params[k], contexts[k], view.cache,
+                                             first, base.position, count, key)
+      drafts = jnp.where(rows[:, None], tokens, drafts)
+      if logprobs is not None:
+        logprobs = jnp.where(rows[:, None, None], token_logprobs, logprobs)
+      # Rows that did not choose k were fed its drafts past their pending: not valid there.
+      synced = jnp.where(rows | (count < 2), view.synced,
+                         jnp.minimum(view.synced, history.num_generated + 1))
+      return view.replace(cache=cache, synced=synced), drafts, logprobs
+
+    view, drafts, logprobs = _when(jnp.any(rows), read_and_draft,
+                                   (_view(state, k), drafts, logprobs))
+    state = _with_view(state, k, view)
+  return state, drafts, logprobs
+
+
+@struct.dataclass
+class _History:
+  """What a read takes from the state, read-only: the decoder history and its targets."""
+
+  sequence: jax.Array  # int32 [B, H]: [origin_token, tokens...]
+  origin_position: jax.Array  # int32 [B]
+  num_generated: jax.Array  # int32 [B]
+  emitted_logp: jax.Array  # float32 [B, H - 1]
+
+  @classmethod
+  def of(cls, state: AdaptiveState) -> "_History":
+    return cls(sequence=jnp.concatenate([state.origin_token[:, None], state.base.tokens], axis=1),
+               origin_position=state.origin_position, num_generated=state.base.num_generated,
+               emitted_logp=state.emitted_logp)
+
+
+def _read(spec, k, params, context, costs, history: _History, view: _View, rows,
+          width: int | None):
+  """Drafter k reads history[start : start + width] at its absolute positions.
+
+  start is where its cache stops being valid (`synced`, at most `pending`'s index); width None
+  reads the whole history from index 0. Every row of the batch is read (rows that did not ask
+  merely get valid K/V a little further); the read's cost is charged to `rows`.
+
+  Returns:
+    (the view with drafter k's cache, synced and scores updated, its logits at `pending`
+    [B, V] (meaningful where the read reached `pending`)).
+  """
+  settings, vocab = spec.base.settings, spec.base.target_vocab
+  _, read_costs, _ = _costs(spec, costs)
+  num_generated = history.num_generated
+  if width is None:
+    start, width = jnp.zeros_like(num_generated), spec.max_rounds + 1
+  else:
+    start = jnp.minimum(view.synced, num_generated)
+  charge = 0.0 if width == 2 else read_costs[k] * width / spec.read_width  # 2: in a draft step
+  sequence = history.sequence
+  last = sequence.shape[1] - 1
+  index = start[:, None] + jnp.arange(width)[None, :]  # history index of each slot
+  block = jnp.take_along_axis(sequence, jnp.minimum(index, last), axis=1)
+  logits, cache = spec.drafters[k].decode(params, block, history.origin_position + start,
+                                          view.cache, context)
+  logits = _on_vocab(logits, vocab).astype(jnp.float32)  # [B, W, V]
+  first = jnp.take_along_axis(
+      logits, jnp.clip(num_generated - start, 0, width - 1)[:, None, None], axis=1)[:, 0]
+  # Slot j predicts history index + 1, i.e. token index `index`.
+  predicted = jnp.take_along_axis(sequence, jnp.minimum(index + 1, last), axis=1)
+  scored = (index >= view.scored_upto[:, None]) & (index < num_generated[:, None])
+  if settings.greedy:
+    scores = (jnp.argmax(logits, axis=-1) == predicted).astype(jnp.float32)
+  else:
+    logq = jnp.take_along_axis(sampling.process_logits(logits, settings), predicted[..., None],
+                               axis=-1)[..., 0]
+    logp = jnp.take_along_axis(history.emitted_logp, jnp.minimum(index, last - 1), axis=1)
+    scores = jnp.exp(jnp.minimum(logq - logp, 0.0))
+  score_sum, score_count = adaptive_rule.add_scores(view.score_sum, view.score_count, scores,
+                                                    scored, spec.rule)
+  reached = jnp.minimum(start + width, num_generated + 1)
+  return view.replace(
+      cache=cache, synced=jnp.maximum(view.synced, reached),
+      scored_upto=jnp.maximum(view.scored_upto, jnp.minimum(num_generated, start + width)),
+      score_sum=score_sum, score_count=score_count,
+      total_score=view.total_score + jnp.sum(jnp.where(scored, scores, 0.0), axis=1),
+      total_count=view.total_count + jnp.sum(scored, axis=1).astype(jnp.float32),
+      cost=view.cost + jnp.where(rows, charge, 0.0)), first
 
 
 def _draft(spec, k, params, context, cache, first_logits, position, count, key):
@@ -280,13 +434,95 @@ def _draft(spec, k, params, context, cache, first_logits, position, count, key):
   return tokens, logprobs, cache
 
 
-def _verify(spec, target_params, context, base, drafts, width: int):
-  """The target over [pending, drafts[:, :width]]: logits padded to [B, G + 1, V], its cache."""
-  block = jnp.concatenate([base.pending[:, None], drafts[:, :width]], axis=1)
-  logits, cache = spec.base.target.decode(target_params, block, base.position, base.target_cache,
-                                          context)
-  padding = spec.max_gamma - width
-  return jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, padding), (0, 0))), cache
+def verify_widths(max_gamma: int) -> tuple[int, ...]:
+  """The drafts a verify call scores for each gamma 0..G: 0, then the two widths a round can
+  run (half and full: a third would be a conditional with three branches, see above)."""
+  half = (max_gamma + 1) // 2
+  return tuple(0 if g == 0 else half if g <= half else max_gamma for g in range(max_gamma + 1))
+
+
+def _verify(spec, target_params, context, base, drafts, width):
+  """The target over [pending, drafts[:, :w]] for the smallest run width w >= `width` (traced):
+  logits padded to [B, G + 1, V] and its cache."""
+  max_gamma = spec.max_gamma
+  batch, vocab = drafts.shape[0], spec.base.target_vocab
+  logits = jnp.zeros((batch, max_gamma + 1, vocab), jnp.float32)
+  carry = (logits, base.target_cache)
+  widths = sorted(set(verify_widths(max_gamma)))
+  for index, run_width in enumerate(widths):
+    low = -1 if index == 0 else widths[index - 1]
+
+    def call(carry, run_width=run_width):
+      block = jnp.concatenate([base.pending[:, None], drafts[:, :run_width]], axis=1)
+      out, cache = spec.base.target.decode(target_params, block, base.position, carry[1], context)
+      padding = ((0, 0), (0, max_gamma - run_width), (0, 0))
+      return jnp.pad(out.astype(jnp.float32), padding), cache
+
+    carry = _when((width > low) & (width <= run_width), call, carry)
+  return carry
+
+
+def _score_drafted(spec, state, start, choice, gamma, num_accepted, drafts, draft_logprobs,
+                   target_logprobs, active):
+  """The verification scores the drafter that drafted, on each position it drafted up to the
+  first rejection (greedy: 1 accepted, 0 rejected; sampling: min(1, p(x) / q(x)), x ~ q), and
+  says how far its cache is valid: through its last accepted draft it was fed.
+
+  Args:
+    start: int32 [B] num_generated before the round (the old pending's history index).
+  """
+  chosen = active & (choice > 0)
+  slots = jnp.arange(spec.max_gamma)[None, :]
+  reached = jnp.minimum(num_accepted + 1, gamma)
+  scored = chosen[:, None] & (slots < reached[:, None])
+  if target_logprobs is None:
+    scores = (slots < num_accepted[:, None]).astype(jnp.float32)
+  else:
+    pick = lambda logprobs: jnp.take_along_axis(logprobs, drafts[..., None], axis=-1)[..., 0]
+    scores = jnp.exp(jnp.minimum(pick(target_logprobs[:, :spec.max_gamma])
+                                 - pick(draft_logprobs), 0.0))
+  columns = chosen[:, None] & (jnp.arange(spec.num_drafters)[None, :] == choice[:, None] - 1)
+  pick = lambda values: jnp.sum(jnp.where(columns, values, 0), axis=1)
+  score_sum, score_count = adaptive_rule.add_scores(pick(state.score_sum), pick(state.score_count),
+                                                    scores, scored, spec.rule)
+  valid = start + 1 + jnp.minimum(num_accepted, jnp.maximum(gamma - 1, 0))
+  put = lambda values, new: jnp.where(columns, new[:, None], values)
+  return state.replace(
+      score_sum=put(state.score_sum, score_sum), score_count=put(state.score_count, score_count),
+      total_score=put(state.total_score,
+                      pick(state.total_score) + jnp.sum(jnp.where(scored, scores, 0.0), axis=1)),
+      total_count=put(state.total_count,
+                      pick(state.total_count) + jnp.sum(scored, axis=1).astype(jnp.float32)),
+      scored_upto=put(state.scored_upto, jnp.maximum(pick(state.scored_upto), start + reached)),
+      synced=put(state.synced, valid))
+
+
+def _probe(spec, drafter_params, contexts, costs, state, choice, active, due):
+  """On a probe round, each drafter the Hedge weights track (weight >= track_threshold), and one
+  more in turn, reads what it missed and is scored on it (the drafter that drafted is current)."""
+  every = spec.rule.probe_every
+  weights = jax.nn.softmax(state.log_weights, axis=1)
+  running = active & ~state.base.done
+  turn = (state.base.target_calls // every) % spec.num_drafters
+  history = _History.of(state)
+
+  def probe(views):
+    views = list(views)
+    for k in range(spec.num_drafters):
+      if k:  # the cost column runs through every drafter's reads in turn
+        views[k] = views[k].replace(cost=views[k - 1].cost)
+      rows = running & (choice != k + 1) & (
+          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
+      far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
+      for wanted, width in ((~far, spec.read_width), (far, None)):
+        views[k] = _when(jnp.any(rows) & wanted, lambda v, width=width, k=k, rows=rows: _read(
+            spec, k, drafter_params[k], contexts[k], costs, history, v, rows, width)[0], views[k])
+    return tuple(views)
+
+  views = _when(due, probe, tuple(_view(state, k) for k in range(spec.num_drafters)))
+  for k, view in enumerate(views):
+    state = _with_view(state, k, view.replace(cost=views[-1].cost))
+  return state
 
 
 def _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
@@ -315,89 +551,6 @@ def _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
       drafted_by=state.drafted_by + chosen * gamma[:, None],
       accepted_by=state.accepted_by + chosen * num_accepted[:, None],
       cost=state.cost + jnp.where(active, cost, 0.0))
-
-
-def _feedback(spec, drafter_params, contexts, costs, state, start, choice, active):
-  """Every drafter some row tracks reads the round's emitted block (or, where it fell behind,
-  the whole history); the others fall behind on the rows that advanced.
-
-  Args:
-    start: int32 [B] num_generated before the round: history[start] was the round's `pending`.
-    choice, active: the round's choices and the rows that took part.
-  """
-  _, catch_up_costs, _ = _costs(spec, costs)
-  weights = jax.nn.softmax(state.log_weights, axis=1)
-  every = spec.rule.probe_every
-  round_index = state.base.target_calls - 1
-  for k in range(spec.num_drafters):
-    probe = False
-    if every:
-      probe = (round_index % every == every - 1) & ((round_index // every) % spec.num_drafters == k)
-    track = active & ((weights[:, k + 1] >= spec.rule.track_threshold) | (choice == k + 1) | probe)
-    behind = jnp.any(active & ~state.synced[:, k])
-    history_factor = -(-(spec.max_rounds + 1) // (spec.max_gamma + 2))
-    charge = jnp.where(behind, history_factor, 1.0) * catch_up_costs[k]
-    read = lambda s, k=k, behind=behind: jax.lax.cond(
-        behind, lambda t: _read(spec, k, drafter_params[k], contexts[k], t, history=True),
-        lambda t: _read(spec, k, drafter_params[k], contexts[k], t, start=start), s)
-    fall_behind = lambda s, k=k: s.replace(synced=s.synced.at[:, k].set(s.synced[:, k] & ~active))
-    state = jax.lax.cond(jnp.any(track), read, fall_behind, state)
-    state = state.replace(cost=state.cost + jnp.where(track, charge, 0.0))
-  return state
-
-
-def _read(spec, k, params, context, state, history: bool = False, start=None):
-  """Drafter k reads history[start : start + width] at its absolute positions.
-
-  Its cache then holds every position up to `pending`'s, its logits at `pending` are kept for its
-  next draft, and each position it had not been scored on is scored: slot j predicts history
-  index start + j + 1, i.e. token tokens[start + j].
-
-  Args:
-    history: read from history index 0 (max_new_tokens + 1 wide): the drafter fell behind.
-    start: int32 [B] otherwise: the round's old num_generated (max_gamma + 2 wide).
-  """
-  base, settings, vocab = state.base, spec.base.settings, spec.base.target_vocab
-  batch = base.pending.shape[0]
-  if history:
-    start, width = jnp.zeros((batch,), jnp.int32), spec.max_rounds + 1
-  else:
-    width = spec.max_gamma + 2
-  sequence = jnp.concatenate([state.origin_token[:, None], base.tokens], axis=1)
-  index = jnp.minimum(start[:, None] + jnp.arange(width)[None, :], sequence.shape[1] - 1)
-  block = jnp.take_along_axis(sequence, index, axis=1)  # [B, W]
-  logits, cache = spec.drafters[k].decode(params, block, state.origin_position + start,
-                                          base.drafter_cache[k], context)
-  logits = _on_vocab(logits, vocab)  # [B, W, V]
-  pending_slot = base.num_generated - start
-  first = jnp.take_along_axis(logits, pending_slot[:, None, None], axis=1)[:, 0]
-  predicted = jnp.take_along_axis(sequence, jnp.minimum(index + 1, sequence.shape[1] - 1), axis=1)
-  token_index = index  # slot j predicts tokens[start + j]
-  scored = ((token_index >= state.scored_upto[:, k:k + 1])
-            & (token_index < base.num_generated[:, None])
-            & (start[:, None] + jnp.arange(width)[None, :] < sequence.shape[1] - 1))
-  if settings.greedy:
-    scores = (jnp.argmax(logits, axis=-1) == predicted).astype(jnp.float32)
-  else:
-    logq = jnp.take_along_axis(sampling.process_logits(logits, settings), predicted[..., None],
-                               axis=-1)[..., 0]
-    logp = jnp.take_along_axis(state.emitted_logp, token_index, axis=1)
-    scores = jnp.exp(jnp.minimum(logq - logp, 0.0))
-  score_sum, score_count = adaptive_rule.add_scores(state.score_sum[:, k], state.score_count[:, k],
-                                                    scores, scored, spec.rule)
-  caches = tuple(cache if i == k else c for i, c in enumerate(base.drafter_cache))
-  firsts = tuple(first if i == k else f for i, f in enumerate(state.first_logits))
-  return state.replace(
-      base=base.replace(drafter_cache=caches), first_logits=firsts,
-      synced=state.synced.at[:, k].set(True),
-      scored_upto=state.scored_upto.at[:, k].set(jnp.maximum(state.scored_upto[:, k],
-                                                             base.num_generated)),
-      score_sum=state.score_sum.at[:, k].set(score_sum),
-      score_count=state.score_count.at[:, k].set(score_count),
-      total_score=state.total_score.at[:, k].add(jnp.sum(jnp.where(scored, scores, 0.0), axis=1)),
-      total_count=state.total_count.at[:, k].add(jnp.sum(scored, axis=1).astype(jnp.float32)))
-
-
 def summarize(spec: AdaptiveSpec, state: AdaptiveState, costs, prior, embeddings) -> jax.Array:
   """The final state as one int32 [B, W] array (float columns bit-cast): one transfer.
 

@@ -15,8 +15,9 @@ an option is the expected number of tokens it emits per target step of work.
   the target's verify call over g+1 tokens; its best g in 1..max_gamma sets its value.
 - The choice: Hedge (exponential weights, Freund & Schapire 1997) over the options, started from
   the offline policy's probabilities for the query (log-weights = prior_strength * log prior) and
-  given every option's current value as its reward each round (full information: each drafter
-  tracked is scored on every emitted token, not only when it drafts). `randomized` samples the
+  given every option's current value as its reward each round (full information, lazily: a
+  drafter that sat out is scored on every token it missed when it reads them at a probe or when
+  it is chosen again). `randomized` samples the
   option from the weights (Hedge's regret guarantee, O(sqrt(T log K)) against the best fixed
   option for the rewards it is given); otherwise it takes their argmax. The draw uses its own
   key stream, so a round's choice depends only on the past: every accept/reject stays exact.
@@ -42,11 +43,11 @@ class RuleSettings:
       scored positions.
     decay: per-position discount of past scores (1: a plain mean), so an answer that changes
       domain midway is followed within about 1 / (1 - decay) tokens.
-    track_threshold: a drafter is scored after a round (its cache kept in step) while its Hedge
-      weight is at least this, or when it drafted; the others fall behind and are re-synced over
-      the whole history when they are probed or chosen.
-    probe_every: every this many rounds one untracked drafter (round robin) is re-synced and
-      scored on everything emitted since it was last scored (0: never).
+    track_threshold: at each probe, every drafter whose Hedge weight is at least this reads what
+      it missed and is scored on it; the others wait for their turn (one per probe, round
+      robin) or for being chosen.
+    probe_every: rounds between probes (0: no probes; a drafter is then scored only on the
+      positions it drafts and on what it missed when it is chosen again).
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
@@ -131,8 +132,11 @@ def hedge_step(log_weights: jax.Array, values: jax.Array, active: jax.Array, rul
   return jnp.where(active[:, None], updated, log_weights)
 
 
-def choose(log_weights: jax.Array, key: jax.Array, rule: RuleSettings) -> jax.Array:
-  """The option of each row, int32 [B]: a Hedge draw, or the argmax."""
+def choose(log_weights: jax.Array, uniform: jax.Array, rule: RuleSettings) -> jax.Array:
+  """The option of each row, int32 [B]: a Hedge draw by inverse CDF of `uniform` [B] (drawn
+  ahead, independent of everything decoded), or the argmax."""
   if rule.randomized:
-    return jax.random.categorical(key, log_weights, axis=-1).astype(jnp.int32)
+    cumulative = jnp.cumsum(jax.nn.softmax(log_weights, axis=-1), axis=-1)
+    below = jnp.sum(cumulative < uniform[:, None], axis=-1)
+    return jnp.minimum(below, log_weights.shape[-1] - 1).astype(jnp.int32)
   return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)

@@ -9,6 +9,11 @@ and decodes inside one program, so the policy's cost is in the time and nothing 
 The policy's share of per-query time is measured: the fused call minus the plain call with the
 option it chose, on the same query and seed.
 
+With an `AdaptiveSetup`, the row `policy_adaptive` calls `generate_adaptive` (the option and gamma
+chosen per round, the policy's probabilities as the prior) and, unless frozen, updates its own
+copy of the policy online after every query, inside the timed call: a user serving with online
+learning waits for the update too. Each repeat starts again from the offline policy.
+
 Each single option is measured on every query too, which gives the baselines and a per-query cost
 table from which policy sweeps (alpha, number of training examples) are priced without re-decoding.
 """
@@ -19,13 +24,15 @@ import collections
 import dataclasses
 import statistics
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import datasets
+import numpy as np
 
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text
+from jax_specsel.bandit.online import OnlinePolicyUpdater
 from jax_specsel.data.tasks import get_task
-from jax_specsel.decoding import bucket_length, generate, generate_selected
+from jax_specsel.decoding import adaptive, adaptive_rule, bucket_length, generate, generate_selected
 from jax_specsel.eval import metrics
 from jax_specsel.eval.speed import spread
 from jax_specsel.models.interface import Model
@@ -39,6 +46,26 @@ class EvalConfig:
   seeds: tuple[int, ...] = (0, 1, 2)  # repeats over which ms/token mean and spread are taken
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSetup:
+  """The `policy_adaptive` row: per-round choice (`generate_adaptive`) and online updates.
+
+  Attributes:
+    costs: per-option costs in target steps (`adaptive.measure_costs` on this machine).
+    max_gamma: the largest speculation length a round may choose.
+    rule: the per-round rule's settings.
+    online: an online-update config (`bandit.default_online_config()`), or None: frozen policy.
+  """
+
+  costs: adaptive.Costs
+  max_gamma: int = 5
+  rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings()
+  online: Any = None
+
+
+FUSED_VARIANTS = ("policy_greedy", "policy_dynamic")  # one choice per query: policy_cost applies
+
+
 @dataclasses.dataclass
 class QueryRun:
   seconds: float  # wall clock around the public call
@@ -47,6 +74,7 @@ class QueryRun:
   drafted: int
   text: str
   choice: str | None = None  # the option a policy row chose
+  rounds_by_option: dict[str, int] | None = None  # policy_adaptive: rounds each option drafted
 
 
 def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
@@ -73,6 +101,38 @@ def run_policy(target: Model, drafters: dict[str, Model], policy, prompt_ids: li
   return run, out.choices[0]
 
 
+def run_adaptive(target: Model, drafters: dict[str, Model], policy, prompt_ids: list[int],
+                 config: EvalConfig, seed: int, setup: AdaptiveSetup,
+                 updater: OnlinePolicyUpdater | None = None) -> QueryRun:
+  """One query through `generate_adaptive` (prior: `policy`), then, with an updater, the online
+  update of its policy from what the query measured; both inside the timed call."""
+  started = time.perf_counter()
+  out = adaptive.generate_adaptive(target, [prompt_ids], drafters, policy, costs=setup.costs,
+                                   max_gamma=setup.max_gamma, rule=setup.rule,
+                                   temperature=config.temperature,
+                                   max_new_tokens=config.max_new_tokens, seed=seed)
+  if updater is not None:
+    updater.update(out.embeddings, *online_feedback(out, updater.policy.option_names))
+  seconds = time.perf_counter() - started
+  played = out.round_options[0][out.round_options[0] >= 0]
+  counts = np.bincount(played, minlength=len(out.option_names))
+  return QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
+                  int(out.stats.drafted.sum()), decode_text(target, out)[0],
+                  rounds_by_option={n: int(c) for n, c in zip(out.option_names, counts)})
+
+
+def online_feedback(out, option_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards [B, K], observed [B, K]) in the policy's option order from an `AdaptiveOutput`:
+  each option's hindsight tokens per target step, divided by the row's best (so rewards lie in
+  [0, 1] as the offline ones do); drafters never scored on the query are unobserved."""
+  columns = [out.option_names.index(name) for name in option_names]
+  values = out.hindsight_values[:, columns].astype(np.float64)
+  observed = np.isfinite(values)
+  best = np.max(np.where(observed, values, 0.0), axis=1, keepdims=True)
+  rewards = np.where(observed, values / np.maximum(best, 1e-9), 0.0)
+  return rewards.astype(np.float32), observed
+
+
 def query_seed(seed: int, index: int) -> int:
   """The decoding (and dynamic policy) seed of query `index` in repeat `seed`: every option gets the
   same one; distinct per query, so the dynamic policy's draws are independent across queries."""
@@ -80,8 +140,8 @@ def query_seed(seed: int, index: int) -> int:
 
 
 def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, policy=None,
-             config: EvalConfig = EvalConfig()) -> dict:
-  """Measures every single option and, with a policy, its greedy and dynamic variants.
+             config: EvalConfig = EvalConfig(), adaptive_setup: AdaptiveSetup | None = None) -> dict:
+  """Measures every single option and, with a policy, its greedy, dynamic (and adaptive) variants.
 
   Args:
     target: the target model (tokenizer attached).
@@ -89,18 +149,22 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
     examples: columns id, task, prompt, reference.
     policy: a trained bandit Policy (option names: drafter names and possibly "autoregressive").
     config: decoding settings and seeds.
+    adaptive_setup: with a policy, adds the row `policy_adaptive` (see the module docstring).
 
   Returns:
     {"domains": {task: {option: row}}, "choices": {task: {option: share}}, "per_query": {...},
-     "policy_cost": {variant: {...}}} with rows {quality, ms_per_token, ms_per_token_spread,
-    speedup, acceptance_rate}; see `policy_cost` for the last.
+     "policy_cost": {variant: {...}}, "round_choices": {task: {option: share of rounds}}} with
+    rows {quality, ms_per_token, ms_per_token_spread, speedup, acceptance_rate}; see
+    `policy_cost` for "policy_cost".
   """
   prompts = target.tokenizer(list(examples["prompt"]))["input_ids"]
   options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
   variants = {} if policy is None else {"policy_greedy": True, "policy_dynamic": False}
   if policy is not None:
     _check_policy_options(policy, options)
-  _warm_up(target, options, drafters, prompts, config, policy)
+    if adaptive_setup is not None:
+      variants["policy_adaptive"] = adaptive_setup
+  _warm_up(target, options, drafters, prompts, config, policy, adaptive_setup)
   rows = [*options, *variants]
   runs = {name: [[None] * len(prompts) for _ in config.seeds] for name in rows}
   for repeat, seed in enumerate(config.seeds):
@@ -108,20 +172,33 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
     # (interleaving rows per query made every call start with another program's code and
     # weights in the CPU caches: ~1 ms a call on the demo zoo, charged to whichever row differed
     # most from its neighbours). The order of the rows rotates from repeat to repeat, so slow
-    # drifts of a shared machine hit every row alike; one untimed call warms each block.
+    # drifts of a shared machine hit every row alike; one untimed call (that learns nothing)
+    # warms each block.
     for name in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
+      _row_decoder(name, target, options, drafters, policy, variants, config, learn=False)(
+          prompts[0], seed)
       decode = _row_decoder(name, target, options, drafters, policy, variants, config)
-      decode(prompts[0], seed)
       for i, prompt in enumerate(prompts):
         runs[name][repeat][i] = decode(prompt, query_seed(seed, i))
-  chosen = {variant: [run.choice for run in runs[variant][0]] for variant in variants}
+  chosen = {variant: [run.choice for run in runs[variant][0]] for variant in variants
+            if variant in FUSED_VARIANTS}
   return _summarize(examples, runs, chosen)
 
 
-def _row_decoder(name, target, options, drafters, policy, variants, config):
-  """(prompt, seed) -> QueryRun for one row of the table: a single option or a policy variant."""
+def _row_decoder(name, target, options, drafters, policy, variants, config, learn=True):
+  """(prompt, seed) -> QueryRun for one row of the table: a single option or a policy variant.
+
+  policy_adaptive gets a fresh copy of the offline policy (and, unless its setup is frozen or
+  learn is False, an online updater of that copy): each call of this function starts over.
+  """
   if name in options:
     return lambda prompt, seed: run_option(target, options[name], prompt, config, seed)
+  if name == "policy_adaptive":
+    setup, own = variants[name], policy.copy()
+    updater = (OnlinePolicyUpdater(own, setup.online) if learn and setup.online is not None
+               else None)
+    return lambda prompt, seed: run_adaptive(target, drafters, own, prompt, config, seed, setup,
+                                             updater)
 
   def decode(prompt, seed):
     run, choice = run_policy(target, drafters, policy, prompt, variants[name], config, seed)
@@ -131,7 +208,7 @@ def _row_decoder(name, target, options, drafters, policy, variants, config):
   return decode
 
 
-def _warm_up(target, options, drafters, prompts, config, policy=None):
+def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_setup=None):
   """Compiles every (option, prompt bucket) and each policy variant once: no timed call compiles."""
   seen = set()
   for prompt in prompts:
@@ -143,6 +220,11 @@ def _warm_up(target, options, drafters, prompts, config, policy=None):
       if policy is not None:
         for greedy in (True, False):
           run_policy(target, drafters, policy, prompt, greedy, config, 0)
+        if adaptive_setup is not None:  # the program, and the online step on a throwaway copy
+          own = policy.copy()
+          updater = (None if adaptive_setup.online is None
+                     else OnlinePolicyUpdater(own, adaptive_setup.online))
+          run_adaptive(target, drafters, own, prompt, config, 0, adaptive_setup, updater)
 
 
 def _check_policy_options(policy, options):
@@ -165,7 +247,7 @@ def policy_cost(runs: dict, rows: Sequence[int] | None = None) -> dict:
                "median_ratio": median over queries of fused / plain}}.
   """
   out = {}
-  for variant in (v for v in runs if v.startswith("policy")):
+  for variant in (v for v in runs if v in FUSED_VARIANTS):
     extra, total, ratios = 0.0, 0.0, []
     for seed_index, seed_runs in enumerate(runs[variant]):
       for i in (range(len(seed_runs)) if rows is None else rows):
@@ -198,8 +280,26 @@ def _summarize(examples, runs, choices) -> dict:
   cost = {"all": policy_cost(runs)}
   for task in dict.fromkeys(tasks):
     cost[task] = policy_cost(runs, [i for i, t in enumerate(tasks) if t == task])
-  return {"domains": domains, "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
-          "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
+  result = {"domains": domains,
+            "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
+            "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
+  if "policy_adaptive" in runs:
+    result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
+                               for task, rows in _rows_by_task(tasks).items()}
+  return result
+
+
+def _rows_by_task(tasks: list[str]) -> dict[str, list[int]]:
+  return {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
+
+
+def _round_shares(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
+  """Share of the rounds each option drafted (policy_adaptive, first repeat)."""
+  totals = collections.Counter()
+  for i in rows:
+    totals.update(adaptive_runs[i].rounds_by_option)
+  count = sum(totals.values())
+  return {name: value / count for name, value in sorted(totals.items())} if count else {}
 
 
 def _option_row(task, option_runs, rows, references) -> dict:

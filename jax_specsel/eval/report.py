@@ -6,7 +6,7 @@ import json
 import os
 
 ORDER_FIRST = ("autoregressive",)
-ORDER_LAST = ("policy_greedy", "policy_dynamic")
+ORDER_LAST = ("policy_greedy", "policy_dynamic", "policy_adaptive")
 
 
 def _ordered(options) -> list[str]:
@@ -95,4 +95,18 @@ def plot_sample_efficiency(curve: dict, path: str) -> None:
               yerr=[p.get("ms_per_token_spread", 0.0) for p in curve["points"]], marker="o", label="policy")
   ax.set_xscale("log")
   _finish_ms_per_token_axes(ax, curve["single_options"], "training examples")
+  _save(fig, path)
+
+
+def plot_shift(shifted: dict, path: str) -> None:
+  """ms/token (running mean) against queries seen on the shifted domain, per variant."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, values in shifted["running"].items():
+    style = "-" if name in ("online", "frozen") else ":"
+    ax.plot(range(1, len(values) + 1), values, style, label=name)
+  ax.set_xlabel("queries seen")
+  ax.set_ylabel(f"ms/token (mean of the last {shifted['window']})")
+  ax.set_title(f"shifted domain: {shifted.get('domain', '')}")
+  ax.legend(fontsize=7)
   _save(fig, path)
