@@ -58,7 +58,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 ADAPTIVE_FIELDS = ("max_gamma", "probe_every", "hedge_learning_rate", "online_learning_rate",
-                   "frozen", "shifted_domain", "shifted_queries")
+                   "update_every", "frozen", "shifted_domain", "shifted_queries")
 
 
 def _check_adaptive(config) -> None:
@@ -72,6 +72,7 @@ def _check_adaptive(config) -> None:
   validation.integer("config.adaptive.max_gamma", settings.max_gamma, minimum=1)
   validation.integer("config.adaptive.probe_every", settings.probe_every, minimum=0)
   validation.integer("config.adaptive.shifted_queries", settings.shifted_queries, minimum=1)
+  validation.integer("config.adaptive.update_every", settings.update_every, minimum=1)
   for field in ("hedge_learning_rate", "online_learning_rate"):
     validation.real(f"config.adaptive.{field}", settings[field], 0.0)
   if not isinstance(settings.frozen, bool):
@@ -193,7 +194,7 @@ def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup
   rule = adaptive_rule.RuleSettings(learning_rate=settings.hedge_learning_rate,
                                     probe_every=settings.probe_every)
   return evaluate_lib.AdaptiveSetup(costs=costs, max_gamma=settings.max_gamma, rule=rule,
-                                    online=online)
+                                    online=online, update_every=settings.update_every)
 
 
 def evaluate_stage(target, drafters, test, policy, config, output_dir: str,

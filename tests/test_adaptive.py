@@ -93,7 +93,7 @@ def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_mod
   target, drafters = t5_models if family == "t5" else llama_models
   prompts = _prompts(3, 6)
   plain = js.generate(target, prompts, max_new_tokens=20)
-  for seed, prompt in enumerate(prompts):
+  for seed, prompt in enumerate(prompts[:3]):  # batch 1: no row waits for another
     out = adaptive.generate_adaptive(target, [prompt], drafters, rule=SWITCHING, max_gamma=4,
                                      costs=_cheap(drafters, 4), max_new_tokens=20, seed=seed)
     assert _rows(out) == [_rows(plain)[seed]]

@@ -194,7 +194,7 @@ def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(
   config.eval_seeds = (0,)
   config.adaptive = ml_collections.ConfigDict(dict(
       max_gamma=3, probe_every=4, hedge_learning_rate=1.0, online_learning_rate=3e-3,
-      frozen=False, shifted_domain="fake_a", shifted_queries=5))
+      update_every=2, frozen=False, shifted_domain="fake_a", shifted_queries=5))
   payload = pipeline.run(target, drafters, _examples(32, 0), _examples(6, 1), config, str(tmp_path))
   for domain in ("fake_a", "fake_b"):
     rows = payload["domains"][domain]

@@ -55,12 +55,33 @@ class AdaptiveSetup:
     max_gamma: the largest speculation length a round may choose.
     rule: the per-round rule's settings.
     online: an online-update config (`bandit.default_online_config()`), or None: frozen policy.
+    update_every: queries whose feedback one online update takes (1: after every query; more
+      amortize the update's fixed cost, ~1 ms on the demo's CPU, over several queries).
   """
 
   costs: adaptive.Costs
   max_gamma: int = 5
   rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings()
   online: Any = None
+  update_every: int = 1
+
+
+class OnlineLearner:
+  """An `OnlinePolicyUpdater` fed one query at a time, updating every `every` queries."""
+
+  def __init__(self, policy, online_config, every: int = 1):
+    self.updater = OnlinePolicyUpdater(policy, online_config)
+    self.every = int(every)
+    self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+  def observe(self, out) -> None:
+    """Records a served query's feedback (an `AdaptiveOutput`); updates when enough are in."""
+    rewards, observed = online_feedback(out, self.updater.policy.option_names)
+    self._pending.append((out.embeddings, rewards, observed))
+    if len(self._pending) >= self.every:
+      embeddings, rewards, observed = (np.concatenate(part) for part in zip(*self._pending))
+      self._pending.clear()
+      self.updater.update(embeddings, rewards, observed)
 
 
 FUSED_VARIANTS = ("policy_greedy", "policy_dynamic")  # one choice per query: policy_cost applies
@@ -103,16 +124,16 @@ def run_policy(target: Model, drafters: dict[str, Model], policy, prompt_ids: li
 
 def run_adaptive(target: Model, drafters: dict[str, Model], policy, prompt_ids: list[int],
                  config: EvalConfig, seed: int, setup: AdaptiveSetup,
-                 updater: OnlinePolicyUpdater | None = None) -> QueryRun:
-  """One query through `generate_adaptive` (prior: `policy`), then, with an updater, the online
+                 learner: OnlineLearner | None = None) -> QueryRun:
+  """One query through `generate_adaptive` (prior: `policy`), then, with a learner, the online
   update of its policy from what the query measured; both inside the timed call."""
   started = time.perf_counter()
   out = adaptive.generate_adaptive(target, [prompt_ids], drafters, policy, costs=setup.costs,
                                    max_gamma=setup.max_gamma, rule=setup.rule,
                                    temperature=config.temperature,
                                    max_new_tokens=config.max_new_tokens, seed=seed)
-  if updater is not None:
-    updater.update(out.embeddings, *online_feedback(out, updater.policy.option_names))
+  if learner is not None:
+    learner.observe(out)
   seconds = time.perf_counter() - started
   played = out.round_options[0][out.round_options[0] >= 0]
   counts = np.bincount(played, minlength=len(out.option_names))
@@ -195,10 +216,10 @@ def _row_decoder(name, target, options, drafters, policy, variants, config, lear
     return lambda prompt, seed: run_option(target, options[name], prompt, config, seed)
   if name == "policy_adaptive":
     setup, own = variants[name], policy.copy()
-    updater = (OnlinePolicyUpdater(own, setup.online) if learn and setup.online is not None
-               else None)
+    learner = (OnlineLearner(own, setup.online, setup.update_every)
+               if learn and setup.online is not None else None)
     return lambda prompt, seed: run_adaptive(target, drafters, own, prompt, config, seed, setup,
-                                             updater)
+                                             learner)
 
   def decode(prompt, seed):
     run, choice = run_policy(target, drafters, policy, prompt, variants[name], config, seed)
@@ -221,10 +242,16 @@ def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_s
         for greedy in (True, False):
           run_policy(target, drafters, policy, prompt, greedy, config, 0)
         if adaptive_setup is not None:  # the program, and the online step on a throwaway copy
-          own = policy.copy()
-          updater = (None if adaptive_setup.online is None
-                     else OnlinePolicyUpdater(own, adaptive_setup.online))
-          run_adaptive(target, drafters, own, prompt, config, 0, adaptive_setup, updater)
+          warm_adaptive(target, drafters, policy, prompt, config, adaptive_setup)
+
+
+def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup) -> None:
+  """Compiles the adaptive program for this prompt's bucket and, on a throwaway copy of the
+  policy, the online update of `update_every` queries: no timed call compiles."""
+  own = policy.copy()
+  learner = None if setup.online is None else OnlineLearner(own, setup.online, setup.update_every)
+  for _ in range(1 if learner is None else setup.update_every):
+    run_adaptive(target, drafters, own, prompt, config, 0, setup, learner)
 
 
 def _check_policy_options(policy, options):

@@ -18,7 +18,6 @@ import numpy as np
 
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import reinforce
-from jax_specsel.bandit.online import OnlinePolicyUpdater
 from jax_specsel.bandit.policy import Policy
 from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.models.interface import Model
@@ -53,10 +52,11 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
   runs = {}
   for name, learn in (("online", True), ("frozen", False)):
     own = policy.copy()
-    updater = OnlinePolicyUpdater(own, setup.online) if learn and setup.online is not None else None
-    evaluate_lib.run_adaptive(target, drafters, policy.copy(), sequence[0], config, 0, setup)
+    learner = (evaluate_lib.OnlineLearner(own, setup.online, setup.update_every)
+               if learn and setup.online is not None else None)
+    evaluate_lib.warm_adaptive(target, drafters, policy, sequence[0], config, setup)
     runs[name] = [evaluate_lib.run_adaptive(target, drafters, own, prompt, config,
-                                            evaluate_lib.query_seed(0, i), setup, updater)
+                                            evaluate_lib.query_seed(0, i), setup, learner)
                   for i, prompt in enumerate(sequence)]
   for name, drafter in options.items():
     evaluate_lib.run_option(target, drafter, sequence[0], config, 0)
