@@ -6,6 +6,8 @@ Public API:
   generate(target, prompt_ids, drafter=None, ...)  (jax_specsel.decoding)
   generate_selected(target, prompt_ids, drafters, policy, ...): the policy chooses the drafter
     per query inside the same compiled program that decodes
+  generate_adaptive(target, prompt_ids, drafters, policy=None, costs=None, ...): the option and
+    gamma chosen again every round inside the loop (the policy as the prior)
   bandit.train_policy / bandit.load_policy          (jax_specsel.bandit)
   make_mesh(data=1, model=N) -> Mesh; load_model(path, dtype, mesh=mesh) loads sharded;
   shard_model(model, mesh, replicated=False); estimate_memory(config, (data, model), batch,
@@ -16,8 +18,9 @@ from jax_specsel._versions import check_versions
 
 check_versions()  # before flax is imported: an old flax under a new jax fails inside flax
 
-from jax_specsel.decoding import (GenerateOutput, SelectedOutput, compilation_count,  # noqa: E402
-                                  generate, generate_selected)
+from jax_specsel.decoding import (AdaptiveOutput, GenerateOutput, SelectedOutput,  # noqa: E402
+                                  compilation_count, generate, generate_adaptive,
+                                  generate_selected)
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
                                            InvalidConfigError)
@@ -27,7 +30,7 @@ from jax_specsel.models.registry import UnsupportedModelError
 from jax_specsel.sharding import make_mesh
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
-__all__ = ["Decoder", "Model", "load_model", "generate", "generate_selected", "GenerateOutput",
-           "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "CorruptCheckpointError",
+__all__ = ["Decoder", "Model", "load_model", "generate", "generate_adaptive", "generate_selected",
+           "AdaptiveOutput", "GenerateOutput", "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "CorruptCheckpointError",
            "InvalidConfigError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
            "shard_model", "estimate_memory", "bandit"]

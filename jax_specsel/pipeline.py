@@ -23,10 +23,10 @@ from jax_specsel.bandit import distributed
 from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
 from jax_specsel.bandit.online import default_online_config
-from jax_specsel.decoding import adaptive, adaptive_rule
+from jax_specsel.decoding import adaptive_rule
 from jax_specsel.decoding.generate import MIN_SAMPLING_TEMPERATURE
 from jax_specsel.eval import evaluate as evaluate_lib
-from jax_specsel.eval import experiments, online_shift, report
+from jax_specsel.eval import experiments, online_shift, report, speed
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup
     return None
   settings = config.adaptive
   prompt = target.tokenizer([test["prompt"][0]])["input_ids"]
-  costs = adaptive.measure_costs(target, drafters, settings.max_gamma, prompt)
+  costs = speed.measure_adaptive_costs(target, drafters, settings.max_gamma, prompt)
   log.info("adaptive costs (target steps): %s", costs)
   online = None
   if not settings.frozen:

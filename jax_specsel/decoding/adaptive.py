@@ -39,7 +39,6 @@ from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models,
                                            compiled_program, drafter_for, loop_spec, pad_prompts,
                                            place_prompts, unpack_prompts)
 from jax_specsel.decoding.selected import AUTOREGRESSIVE
-from jax_specsel.eval import speed
 from jax_specsel.models.interface import Model
 
 @dataclasses.dataclass(frozen=True)
@@ -59,23 +58,6 @@ class Costs:
 
   def as_array(self) -> np.ndarray:
     return np.asarray([*self.step, *self.read, *self.verify], np.float32)
-
-
-def measure_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
-                  prompt_ids: np.ndarray, cache_length: int = 128) -> Costs:
-  """Times a target step, its verify calls and each drafter's step and catch-up read, all inside
-  compiled loops (`speed.time_decode_step`), and returns them in target steps."""
-  ids = np.asarray(prompt_ids, np.int32)
-  time_step = lambda model, block: speed.time_decode_step(model, ids, block=block,
-                                                          cache_length=cache_length)
-  unit = time_step(target, 1)
-  verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
-  # A wider call never costs less: a noisy timing that says so would pick gammas for nothing.
-  verify = np.maximum.accumulate(verify).tolist()
-  models = list(drafters.values())
-  return Costs(step=tuple(time_step(m, 1) / unit for m in models),
-               read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
-               verify=tuple(verify))
 
 
 def parameter_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int) -> Costs:
@@ -136,7 +118,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     policy: optional trained `bandit.Policy` over the target's embeddings whose option names are
       among "autoregressive" and the drafter names: its probabilities for the query are the prior
       of the per-round rule (options it does not name start at probability 0). None: uniform.
-    costs: per-option costs in target steps (`measure_costs` on this machine); None uses
+    costs: per-option costs in target steps (`eval.speed.measure_adaptive_costs` here); None uses
       `parameter_costs`, the memory-bound (GPU, small batch) estimate.
     max_gamma: the largest speculation length a round may pick (static shapes).
     rule: the per-round rule's settings (`adaptive_rule.RuleSettings`).
@@ -196,12 +178,14 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
 
 def _check_costs(costs: Costs, num_drafters: int, max_gamma: int) -> None:
   if not isinstance(costs, Costs):
-    raise TypeError(f"costs is a {type(costs).__name__}: pass adaptive.Costs (measure_costs).")
+    raise TypeError(f"costs is a {type(costs).__name__}: pass adaptive.Costs "
+                    "(eval.speed.measure_adaptive_costs).")
   shapes = (len(costs.step), len(costs.read), len(costs.verify))
   if shapes != (num_drafters, num_drafters, max_gamma + 1):
     raise ValueError(f"costs have (step, read, verify) lengths {shapes} but {num_drafters} "
                      f"drafters and max_gamma={max_gamma} need {(num_drafters, num_drafters, max_gamma + 1)}: "
-                     "measure them for these drafters and max_gamma (measure_costs).")
+                     "measure them for these drafters and max_gamma "
+                     "(eval.speed.measure_adaptive_costs).")
   values = costs.as_array()
   if not np.all(np.isfinite(values)) or np.any(values <= 0):
     raise ValueError(f"costs must be finite and positive, got {costs}.")

@@ -227,11 +227,14 @@ def _round(spec, target_params, drafter_params, context, contexts, costs, unifor
                   target_logprobs, step_costs, verify_costs)
   # 5. feedback: probes score the drafters that sat out; the verification scores the chosen
   # one; then the Hedge step. A round that learned nothing (autoregressive, no probe) skips it.
-  due = jnp.asarray(False)
-  if spec.rule.probe_every:
-    due = state.base.target_calls % spec.rule.probe_every == 0  # counts this round already
-    state = _probe(spec, drafter_params, contexts, costs, state, choice, active, due)
-  learned = due | jnp.any(active & (choice > 0))
+  rounds_done = state.base.target_calls  # counts this round already
+  every, first = spec.rule.probe_every, spec.rule.first_probe
+  due = (rounds_done % every == 0) if every else jnp.asarray(False)
+  everyone = (rounds_done == first) if first else jnp.asarray(False)
+  if every or first:
+    state = _probe(spec, drafter_params, contexts, costs, state, choice, active, due | everyone,
+                   everyone)
+  learned = due | everyone | jnp.any(active & (choice > 0))
 
   def learn(state):
     state = _score_drafted(spec, state, base.num_generated, choice, gamma, num_accepted, drafts,
@@ -497,10 +500,11 @@ def _score_drafted(spec, state, start, choice, gamma, num_accepted, drafts, draf
       synced=put(state.synced, valid))
 
 
-def _probe(spec, drafter_params, contexts, costs, state, choice, active, due):
+def _probe(spec, drafter_params, contexts, costs, state, choice, active, due, everyone):
   """On a probe round, each drafter the Hedge weights track (weight >= track_threshold), and one
-  more in turn, reads what it missed and is scored on it (the drafter that drafted is current)."""
-  every = spec.rule.probe_every
+  more in turn (every drafter when `everyone`), reads what it missed and is scored on it (the
+  drafter that drafted is current)."""
+  every = max(spec.rule.probe_every, 1)
   weights = jax.nn.softmax(state.log_weights, axis=1)
   running = active & ~state.base.done
   turn = (state.base.target_calls // every) % spec.num_drafters
@@ -512,7 +516,7 @@ def _probe(spec, drafter_params, contexts, costs, state, choice, active, due):
       if k:  # the cost column runs through every drafter's reads in turn
         views[k] = views[k].replace(cost=views[k - 1].cost)
       rows = running & (choice != k + 1) & (
-          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
+          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k) | everyone)
       far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):
         views[k] = _when(jnp.any(rows) & wanted, lambda v, width=width, k=k, rows=rows: _read(

@@ -39,6 +39,8 @@ class RuleSettings:
   Attributes:
     learning_rate: Hedge's eta: log-weight added per round per unit of value.
     prior_strength: multiplies log prior in the initial log-weights (0: ignore the prior).
+    prior_floor: prior probabilities below this count as this: a prior that rules an option out
+      still lets a few rounds of evidence bring it back (the policy may be wrong on a new domain).
     prior_acceptance, prior_count: the acceptance estimate before any score, and its weight in
       scored positions.
     decay: per-position discount of past scores (1: a plain mean), so an answer that changes
@@ -48,24 +50,30 @@ class RuleSettings:
       robin) or for being chosen.
     probe_every: rounds between probes (0: no probes; a drafter is then scored only on the
       positions it drafts and on what it missed when it is chosen again).
+    first_probe: the round (counted from 1) at which every drafter reads and is scored on what
+      the query has emitted so far, whatever its weight (0: none): without it a drafter the prior
+      rules out is never seen on a short query, and online updates never learn about it.
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
   learning_rate: float = 1.0
   prior_strength: float = 1.0
+  prior_floor: float = 0.01
   prior_acceptance: float = 0.5
   prior_count: float = 2.0
   decay: float = 0.9
   track_threshold: float = 0.05
   probe_every: int = 16
+  first_probe: int = 2
   randomized: bool = True
 
   def __post_init__(self):
     checks = {
         "learning_rate": self.learning_rate >= 0, "prior_strength": self.prior_strength >= 0,
+        "prior_floor": 0 < self.prior_floor <= 1,
         "prior_acceptance": 0 < self.prior_acceptance < 1, "prior_count": self.prior_count > 0,
         "decay": 0 < self.decay <= 1, "track_threshold": 0 <= self.track_threshold <= 1,
-        "probe_every": self.probe_every >= 0}
+        "probe_every": self.probe_every >= 0, "first_probe": self.first_probe >= 0}
     for name, ok in checks.items():
       value = getattr(self, name)
       if not ok or not np.isfinite(float(value)):
@@ -122,7 +130,7 @@ def option_values(alpha, step_costs, verify_costs):
 
 def initial_log_weights(prior: jax.Array, rule: RuleSettings) -> jax.Array:
   """Log-weights [B, K+1] from prior probabilities [B, K+1] (a zero prior stays possible)."""
-  return rule.prior_strength * jnp.log(jnp.maximum(prior, 1e-6))
+  return rule.prior_strength * jnp.log(jnp.maximum(prior, rule.prior_floor))
 
 
 def hedge_step(log_weights: jax.Array, values: jax.Array, active: jax.Array, rule: RuleSettings):

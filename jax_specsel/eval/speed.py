@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel.decoding import loop
+from jax_specsel.decoding import adaptive, loop
 from jax_specsel.decoding.generate import generate, loop_spec
 from jax_specsel.models.interface import Decoder, Model
 
@@ -191,3 +191,20 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
       "tokens": tokens // max(len(runs), 1),
       "compile_seconds": compile_seconds[0],
   }
+
+
+def measure_adaptive_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
+                           prompt_ids: np.ndarray, cache_length: int = 128) -> adaptive.Costs:
+  """Times a target step, its verify calls and each drafter's step and catch-up read, all inside
+  compiled loops (`time_decode_step`), and returns them in target steps."""
+  ids = np.asarray(prompt_ids, np.int32)
+  time_step = lambda model, block: time_decode_step(model, ids, block=block,
+                                                          cache_length=cache_length)
+  unit = time_step(target, 1)
+  verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
+  # A wider call never costs less: a noisy timing that says so would pick gammas for nothing.
+  verify = np.maximum.accumulate(verify).tolist()
+  models = list(drafters.values())
+  return adaptive.Costs(step=tuple(time_step(m, 1) / unit for m in models),
+               read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
+               verify=tuple(verify))
