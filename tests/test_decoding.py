@@ -15,11 +15,13 @@ from fake_models import fake_model, reference_greedy
 
 
 # ---------------------------------------------------------------- sampling math vs numpy
-def _numpy_speculative(draft_tokens, q, p, uniforms):
-  """Reference: (num_accepted, next-token distribution) per row, written from the paper."""
-  batch, gamma = draft_tokens.shape
+def _numpy_speculative(draft_tokens, q, p, uniforms, num_drafted=None):
+  """Reference: (num_accepted, next-token distribution) per row, written from the paper; row b
+  drafted num_drafted[b] tokens (all by default)."""
+  batch, width = draft_tokens.shape
   accepted, dists = [], []
   for b in range(batch):
+    gamma = width if num_drafted is None else int(num_drafted[b])
     n = 0
     while n < gamma:
       x = draft_tokens[b, n]
@@ -55,6 +57,27 @@ def test_speculative_accept_matches_numpy_reference():
   np.testing.assert_array_equal(np.asarray(next_token), np.asarray(ref_next))
 
 
+def test_speculative_accept_with_fewer_drafts_than_slots_matches_numpy_reference():
+  rng = np.random.default_rng(1)
+  batch, gamma, vocab = 96, 4, 6
+  p = rng.dirichlet(np.ones(vocab) * 0.7, size=(batch, gamma + 1))
+  q = rng.dirichlet(np.ones(vocab) * 0.7, size=(batch, gamma))
+  draft = np.array([[rng.choice(vocab, p=q[b, i]) for i in range(gamma)] for b in range(batch)])
+  drafted = rng.integers(0, gamma + 1, size=batch)  # 0: an autoregressive row
+  key = jax.random.PRNGKey(5)
+  num_accepted, next_token = sampling.speculative_accept(
+      jnp.asarray(draft), jnp.log(jnp.asarray(q, jnp.float32)),
+      jnp.log(jnp.asarray(p, jnp.float32)), key, num_drafted=jnp.asarray(drafted))
+  uniform_key, residual_key = jax.random.split(key)
+  uniforms = np.asarray(jax.random.uniform(uniform_key, (batch, gamma)))
+  ref_accepted, ref_dists = _numpy_speculative(draft, q, p, uniforms, drafted)
+  np.testing.assert_array_equal(np.asarray(num_accepted), ref_accepted)
+  assert np.any((ref_accepted == drafted) & (drafted < gamma))  # bonus after a short draft
+  ref_next = jax.random.categorical(residual_key, jnp.log(jnp.asarray(ref_dists, jnp.float32)),
+                                    axis=-1)
+  np.testing.assert_array_equal(np.asarray(next_token), np.asarray(ref_next))
+
+
 def test_greedy_accept_rule():
   vocab = 5
   targets = np.array([[2, 3, 4, 0], [2, 1, 1, 1], [4, 4, 4, 3]])  # target argmax per block slot
@@ -63,6 +86,11 @@ def test_greedy_accept_rule():
   num_accepted, next_token = sampling.greedy_accept(jnp.asarray(drafts), jnp.asarray(logits))
   np.testing.assert_array_equal(np.asarray(num_accepted), [3, 1, 0])
   np.testing.assert_array_equal(np.asarray(next_token), [0, 1, 4])
+  # Row 0 drafted only 2 of its 3 slots: both match, the bonus is the target's argmax at slot 2.
+  num_accepted, next_token = sampling.greedy_accept(jnp.asarray(drafts), jnp.asarray(logits),
+                                                    num_drafted=jnp.asarray([2, 3, 0]))
+  np.testing.assert_array_equal(np.asarray(num_accepted), [2, 1, 0])
+  np.testing.assert_array_equal(np.asarray(next_token), [4, 1, 4])
 
 
 def test_top_k_top_p_processing_against_numpy():

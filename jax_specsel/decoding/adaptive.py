@@ -38,7 +38,7 @@ from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models,
                                            _warn_past_position_limit, check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts,
                                            place_prompts, unpack_prompts)
-from jax_specsel.decoding.selected import AUTOREGRESSIVE
+from jax_specsel.decoding.selected import AUTOREGRESSIVE, policy_option_names
 from jax_specsel.models.interface import Model
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +195,7 @@ def _prior_index(target: Model, policy, options: list[str]) -> tuple[int, ...] |
   """For each option, the index of its probability in the policy's output (-1: not named)."""
   if policy is None:
     return None
-  names = getattr(policy, "option_names", None)
-  if not names:
-    raise ValueError("the policy has no option names: train it with option_names so "
-                     "generate_adaptive knows which option each probability belongs to.")
-  if policy.input_dim != target.hidden_size:
-    raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
-                     f"{target.name} embeds queries with width {target.hidden_size}.")
+  names = policy_option_names(target, policy, "generate_adaptive")
   unknown = [n for n in names if n not in options]
   if unknown:
     raise ValueError(f"the policy chooses among {names} but {unknown} are not among the options "

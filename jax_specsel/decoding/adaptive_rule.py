@@ -15,12 +15,14 @@ an option is the expected number of tokens it emits per target step of work.
   the target's verify call over g+1 tokens; its best g in 1..max_gamma sets its value.
 - The choice: Hedge (exponential weights, Freund & Schapire 1997) over the options, started from
   the offline policy's probabilities for the query (log-weights = prior_strength * log prior) and
-  given every option's current value as its reward each round (full information, lazily: a
-  drafter that sat out is scored on every token it missed when it reads them at a probe or when
-  it is chosen again). `randomized` samples the
-  option from the weights (Hedge's regret guarantee, O(sqrt(T log K)) against the best fixed
-  option for the rewards it is given); otherwise it takes their argmax. The draw uses its own
-  key stream, so a round's choice depends only on the past: every accept/reject stays exact.
+  given every option's current value as its reward on each round that brought new scores (full
+  information, lazily: a drafter that sat out is scored on every token it missed when it reads
+  them at a probe or when it is chosen again). Past log-weights are discounted by `forget` (a
+  tracking variant that follows a best option that changes; `forget=0` is plain Hedge, whose
+  regret against the best fixed option is O(sqrt(T log K)) for the rewards it is given).
+  `randomized` samples the option from the weights, otherwise their argmax is taken. The draw
+  uses uniforms of its own key stream, so a round's choice depends only on the past: every
+  accept/reject stays exact.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class RuleSettings:
 
   Attributes:
     learning_rate: Hedge's eta: log-weight added per round per unit of value.
+    forget: share of the log-weights forgotten at each Hedge step (0: plain Hedge): discounted
+      Hedge follows an answer whose best option changes (and recovers from early evidence that
+      misled it) within about 1 / forget learning rounds.
     prior_strength: multiplies log prior in the initial log-weights (0: ignore the prior).
     prior_floor: prior probabilities below this count as this: a prior that rules an option out
       still lets a few rounds of evidence bring it back (the policy may be wrong on a new domain).
@@ -57,6 +62,7 @@ class RuleSettings:
   """
 
   learning_rate: float = 1.0
+  forget: float = 0.2
   prior_strength: float = 1.0
   prior_floor: float = 0.01
   prior_acceptance: float = 0.5
@@ -69,7 +75,8 @@ class RuleSettings:
 
   def __post_init__(self):
     checks = {
-        "learning_rate": self.learning_rate >= 0, "prior_strength": self.prior_strength >= 0,
+        "learning_rate": self.learning_rate >= 0, "forget": 0 <= self.forget < 1,
+        "prior_strength": self.prior_strength >= 0,
         "prior_floor": 0 < self.prior_floor <= 1,
         "prior_acceptance": 0 < self.prior_acceptance < 1, "prior_count": self.prior_count > 0,
         "decay": 0 < self.decay <= 1, "track_threshold": 0 <= self.track_threshold <= 1,
@@ -134,8 +141,8 @@ def initial_log_weights(prior: jax.Array, rule: RuleSettings) -> jax.Array:
 
 
 def hedge_step(log_weights: jax.Array, values: jax.Array, active: jax.Array, rule: RuleSettings):
-  """Adds eta * value to each option's log-weight on active rows, kept centred (max 0)."""
-  updated = log_weights + rule.learning_rate * values
+  """Adds eta * value to each option's (discounted) log-weight on active rows, kept centred."""
+  updated = (1.0 - rule.forget) * log_weights + rule.learning_rate * values
   updated = updated - jnp.max(updated, axis=1, keepdims=True)
   return jnp.where(active[:, None], updated, log_weights)
 

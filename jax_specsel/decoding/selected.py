@@ -137,17 +137,23 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   return _output(spec, policy, packed, seconds, compile_seconds)
 
 
-def _option_models(target: Model, drafters: Mapping[str, Model], policy,
-                   gamma: int) -> list[Model | None]:
-  """The drafter (None: autoregressive) of each policy option, checked before any work."""
+def policy_option_names(target: Model, policy, caller: str) -> list[str]:
+  """The policy's option names, after checking it has some and reads this target's embeddings."""
   names = getattr(policy, "option_names", None)
   if not names:
     raise ValueError("the policy has no option names: train it with option_names (drafter names "
-                     "and/or 'autoregressive') so generate_selected knows what each option means.")
+                     f"and/or '{AUTOREGRESSIVE}') so {caller} knows what each option means.")
   if policy.input_dim != target.hidden_size:
     raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
                      f"{target.name} embeds queries with width {target.hidden_size}: train the "
                      "policy on this target's embeddings.")
+  return list(names)
+
+
+def _option_models(target: Model, drafters: Mapping[str, Model], policy,
+                   gamma: int) -> list[Model | None]:
+  """The drafter (None: autoregressive) of each policy option, checked before any work."""
+  names = policy_option_names(target, policy, "generate_selected")
   unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
   if unknown:
     raise ValueError(f"the policy chooses among {names} but {unknown} "
