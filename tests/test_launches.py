@@ -130,7 +130,11 @@ def test_demo_config_error_comes_before_the_zoo(tmp_path):
     ("profile_decoding.py", ["--trace_dir=/proc/jax_specsel/trace"],
      "--trace_dir=/proc/jax_specsel/trace: cannot write there"),
     ("round_cost.py", ["--target=/no/such/target", "--output=/proc/jax_specsel/round_cost.json"],
-     "--output=/proc/jax_specsel/round_cost.json: cannot write its directory")])
+     "--output=/proc/jax_specsel/round_cost.json: cannot write its directory"),
+    ("adaptive_overhead.py", ["--output=/proc/jax_specsel/adaptive.json"],
+     "--output=/proc/jax_specsel/adaptive.json: cannot write its directory"),
+    ("adaptive_overhead.py", ["--policy=/no/such/policy", "--output=/tmp/adaptive_overhead.json"],
+     "--policy=/no/such/policy is not a saved policy directory")])
 def test_measurement_launches_check_flags_and_outputs_first(script, args, message):
   _fails_with(_launch(script, *args, timeout=120), message)
 

@@ -62,10 +62,10 @@ class RuleSettings:
   """
 
   learning_rate: float = 1.0
-  forget: float = 0.2
+  forget: float = 0.05
   prior_strength: float = 1.0
   prior_floor: float = 0.01
-  prior_acceptance: float = 0.5
+  prior_acceptance: float = 0.3
   prior_count: float = 2.0
   decay: float = 0.9
   track_threshold: float = 0.05

@@ -1,0 +1,99 @@
+"""What choosing per round costs against choosing per query: `generate_adaptive` over
+`generate_selected` on the same queries and seeds, interleaved query by query.
+
+  python launch/adaptive_overhead.py --policy=reports/demo/policy [--queries=12 --repeats=5]
+
+Per test query of the embedded world: the wall time of `generate_adaptive` (the policy as prior,
+costs measured here first) and of `generate_selected` (the policy's one choice), both timed around
+the whole public call, the order alternating from query to query. Prints the median ratio per
+domain and the rounds each option drafted, and writes them as JSON to --output.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+
+from jax_specsel import validation
+from jax_specsel.bandit.policy import load_policy
+from jax_specsel.data import world as world_lib, zoo as zoo_lib
+from jax_specsel.decoding import RuleSettings, generate_adaptive, generate_selected
+from jax_specsel.eval.speed import measure_adaptive_costs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
+flags.DEFINE_integer("queries", 12, "Test queries per domain.")
+flags.DEFINE_integer("repeats", 5, "Timed passes over the queries.")
+flags.DEFINE_integer("gamma", 3, "generate_selected's gamma (as the demo).")
+flags.DEFINE_integer("max_gamma", 5, "generate_adaptive's largest gamma (as the demo).")
+flags.DEFINE_integer("probe_every", 32, "Rounds between probes (as the demo).")
+flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
+flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
+
+
+def main(argv):
+  del argv
+  try:  # before the zoo and the timings: an unwritable --output must not cost a run
+    validation.writable_file(FLAGS.output, "--output")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
+  if not os.path.isdir(FLAGS.policy):
+    raise app.UsageError(f"--policy={FLAGS.policy} is not a saved policy directory: run `make demo` "
+                         "first (it saves reports/demo/policy) or point --policy at one.")
+  policy = load_policy(FLAGS.policy)
+  world = world_lib.World()
+  zoo = zoo_lib.build_zoo(world, zoo_lib.ZooConfig())
+  target, drafters = zoo.target, zoo.drafters
+  probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
+  costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
+  rule = RuleSettings(probe_every=FLAGS.probe_every)
+
+  def selected(prompt, seed):
+    started = time.perf_counter()
+    generate_selected(target, [prompt], drafters, policy, gamma=FLAGS.gamma,
+                      max_new_tokens=FLAGS.max_new_tokens, seed=seed)
+    return time.perf_counter() - started, None
+
+  def adaptive(prompt, seed):
+    started = time.perf_counter()
+    out = generate_adaptive(target, [prompt], drafters, policy, costs=costs,
+                            max_gamma=FLAGS.max_gamma, rule=rule,
+                            max_new_tokens=FLAGS.max_new_tokens, seed=seed)
+    return time.perf_counter() - started, out
+
+  result = {}
+  print("| domain | median adaptive / selected | rounds drafted by |\n|---|---|---|")
+  for domain in world.domains:
+    prompts = [zoo.tokenizer(e["prompt"])["input_ids"]
+               for e in world.split("test", domain)[:FLAGS.queries]]
+    for prompt in prompts:  # compiles every bucket, untimed
+      selected(prompt, 0)
+      adaptive(prompt, 0)
+    ratios, rounds = [], collections.Counter()
+    for repeat in range(FLAGS.repeats):
+      for i, prompt in enumerate(prompts):
+        order = (adaptive, selected) if (i + repeat) % 2 else (selected, adaptive)
+        timed = {call: call(prompt, i) for call in order}
+        ratios.append(timed[adaptive][0] / timed[selected][0])
+        out = timed[adaptive][1]
+        played = out.round_options[0][out.round_options[0] >= 0]
+        rounds.update(out.option_names[o] for o in played.tolist())
+    total = sum(rounds.values())
+    shares = {name: count / total for name, count in sorted(rounds.items())}
+    result[domain] = {"median_ratio": statistics.median(ratios), "rounds_by_option": shares}
+    cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
+    print(f"| {domain} | {result[domain]['median_ratio']:.3f} | {cells} |")
+  with open(FLAGS.output, "w") as handle:
+    json.dump({"policy": FLAGS.policy, "queries": FLAGS.queries, "repeats": FLAGS.repeats,
+               "costs": [float(c) for c in np.asarray(costs.as_array())], "result": result},
+              handle, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
