@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import datasets
@@ -76,3 +77,19 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   pipeline.run(zoo.target, zoo.drafters, train, test, config, output_dir, expectations)
   log.info("demo finished in %.0fs", time.perf_counter() - started)
   return output_dir
+
+
+def saved_policy_and_zoo(policy_path: str, cache_dir: str | None = None):
+  """(policy, world, zoo) of a finished demo run, for the launches that measure on its models.
+
+  Raises:
+    ValueError: `policy_path` is not a saved policy directory (checked before the zoo loads).
+  """
+  from jax_specsel.bandit.policy import load_policy
+  from jax_specsel.data import zoo as zoo_lib
+  if not os.path.isdir(policy_path):
+    raise ValueError(f"--policy={policy_path} is not a saved policy directory: run `make demo` "
+                     "first (it saves reports/demo/policy) or point --policy at one.")
+  policy = load_policy(policy_path)
+  world = world_lib.World()
+  return policy, world, zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=cache_dir)

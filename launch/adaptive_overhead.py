@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import statistics
 import time
 
 import numpy as np
 from absl import app, flags
 
-from jax_specsel import validation
-from jax_specsel.bandit.policy import load_policy
-from jax_specsel.data import world as world_lib, zoo as zoo_lib
+from jax_specsel import demo as demo_lib, validation
 from jax_specsel.decoding import RuleSettings, generate_adaptive, generate_selected
 from jax_specsel.eval.speed import measure_adaptive_costs
 
@@ -43,12 +40,10 @@ def main(argv):
     validation.writable_file(FLAGS.output, "--output")
   except ValueError as err:
     raise app.UsageError(str(err)) from None
-  if not os.path.isdir(FLAGS.policy):
-    raise app.UsageError(f"--policy={FLAGS.policy} is not a saved policy directory: run `make demo` "
-                         "first (it saves reports/demo/policy) or point --policy at one.")
-  policy = load_policy(FLAGS.policy)
-  world = world_lib.World()
-  zoo = zoo_lib.build_zoo(world, zoo_lib.ZooConfig())
+  try:
+    policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy)
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)

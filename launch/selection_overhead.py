@@ -14,14 +14,11 @@ share of per-query time per domain, and writes them as JSON to --output.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 
 from absl import app, flags, logging
 
-from jax_specsel import validation
-from jax_specsel.bandit.policy import load_policy
-from jax_specsel.data import world as world_lib, zoo as zoo_lib
+from jax_specsel import demo as demo_lib, validation
 from jax_specsel.eval import evaluate
 
 FLAGS = flags.FLAGS
@@ -40,12 +37,10 @@ def main(argv):
     validation.writable_file(FLAGS.output, "--output")
   except ValueError as err:
     raise app.UsageError(str(err)) from None
-  if not os.path.isdir(FLAGS.policy):
-    raise app.UsageError(f"--policy={FLAGS.policy} is not a saved policy directory: run `make demo` "
-                         "first (it saves reports/demo/policy) or point --policy at one.")
-  policy = load_policy(FLAGS.policy)
-  world = world_lib.World()
-  zoo = zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=FLAGS.cache_dir or None)
+  try:
+    policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy, FLAGS.cache_dir or None)
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
                                seeds=tuple(range(FLAGS.repeats)))
   queries = [(domain, example["prompt"]) for domain in world.domains
