@@ -138,10 +138,10 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   for model in models:
     _warn_past_position_limit(target, model, mask, max_new_tokens)
   base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
-  spec = adaptive_loop.AdaptiveSpec(base=dataclasses.replace(base, gamma=int(max_gamma)),
-                      drafters=tuple(m.decoder for m in models),
-                      drafter_vocabs=tuple(m.vocab_size for m in models), rule=rule,
-                      policy=None if policy is None else (policy.program, prior_index))
+  spec = adaptive_loop.AdaptiveSpec(
+      base=dataclasses.replace(base, gamma=int(max_gamma)),
+      drafters=tuple(m.decoder for m in models), rule=rule,
+      policy=None if policy is None else (policy.program, prior_index))
   packed_prompts = place_prompts(target, ids, mask, seed)
   policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
   drafter_parts = [m.flat_params() for m in models]

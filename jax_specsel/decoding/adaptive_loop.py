@@ -40,14 +40,13 @@ class AdaptiveSpec:
 
   Attributes:
     base: the loop's LoopSpec with gamma = max_gamma and no drafter (emission, stop ids, sizes).
-    drafters: the K drafters' decoders; drafter_vocabs their vocabulary sizes.
+    drafters: the K drafters' decoders.
     rule: the per-round rule's settings.
     policy: the offline policy's program (the prior), or None for a uniform prior.
   """
 
   base: loop.LoopSpec
   drafters: tuple[Decoder, ...]
-  drafter_vocabs: tuple[int, ...]
   rule: adaptive_rule.RuleSettings
   policy: Any
 
@@ -178,15 +177,6 @@ def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
       drafted_by=jnp.zeros((batch, num + 1), jnp.int32),
       accepted_by=jnp.zeros((batch, num + 1), jnp.int32), cost=jnp.zeros((batch,), jnp.float32))
   return state, tuple(contexts)
-
-
-def _on_vocab(logits: jax.Array, vocab: int) -> jax.Array:
-  """Drafter logits [..., Vd] on the target's ids [..., V] (T5 pads 32100 ids to 32128)."""
-  width = logits.shape[-1]
-  if width >= vocab:
-    return logits[..., :vocab]
-  fill = jnp.full((*logits.shape[:-1], vocab - width), -jnp.inf, logits.dtype)
-  return jnp.concatenate([logits, fill], axis=-1)
 
 
 def _costs(spec: AdaptiveSpec, costs):
@@ -384,7 +374,7 @@ def _read(spec, k, params, context, costs, history: _History, view: _View, rows,
   block = jnp.take_along_axis(sequence, jnp.minimum(index, last), axis=1)
   logits, cache = spec.drafters[k].decode(params, block, history.origin_position + start,
                                           view.cache, context)
-  logits = _on_vocab(logits, vocab).astype(jnp.float32)  # [B, W, V]
+  logits = loop.on_target_vocab(logits, vocab).astype(jnp.float32)  # [B, W, V]
   first = jnp.take_along_axis(
       logits, jnp.clip(num_generated - start, 0, width - 1)[:, None, None], axis=1)[:, 0]
   # Slot j predicts history index + 1, i.e. token index `index`.
@@ -426,8 +416,8 @@ def _draft(spec, k, params, context, cache, first_logits, position, count, key):
     cache, tokens, logprobs = carry
     logits, cache = spec.drafters[k].decode(params, tokens[:, i - 1][:, None], position + i,
                                             cache, context)
-    token, token_logprobs = sampling.sample_token(_on_vocab(logits[:, 0], vocab), settings,
-                                                  keys[i])
+    token, token_logprobs = sampling.sample_token(loop.on_target_vocab(logits[:, 0], vocab),
+                                                  settings, keys[i])
     tokens = tokens.at[:, i].set(token)
     if logprobs is not None:
       logprobs = logprobs.at[:, i].set(token_logprobs)

@@ -183,7 +183,7 @@ def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: flo
       gamma=0 if drafter is None else int(gamma), settings=settings,
       max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
       eos_ids=target.eos_ids, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
-      target_vocab=target.vocab_size, drafter_vocab=(drafter or target).vocab_size)
+      target_vocab=target.vocab_size)
 
 
 def _check_settings(gamma, temperature, top_k, top_p, max_new_tokens):

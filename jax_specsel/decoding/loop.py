@@ -40,7 +40,6 @@ class LoopSpec:
   pad_id: int
   start_id: int  # T5 decoder start token; unused for decoder-only models
   target_vocab: int
-  drafter_vocab: int
 
   def cache_length(self, prompt_length: int) -> int:
     """Room for the prompt (decoder-only), every emitted token and one over-long verify block."""
@@ -282,13 +281,17 @@ def _draft(spec, drafter_params, drafter_context, state, key):
 
 
 def _to_target_vocab(spec, logits):
-  """Drafter logits [B, Vd] on the target's ids [B, Vt]: padding rows differ (T5 32100 vs 32128)."""
-  if spec.drafter_vocab == spec.target_vocab:
-    return logits
-  if spec.drafter_vocab > spec.target_vocab:
-    return logits[:, :spec.target_vocab]
-  fill = jnp.full((logits.shape[0], spec.target_vocab - spec.drafter_vocab), -jnp.inf, logits.dtype)
-  return jnp.concatenate([logits, fill], axis=1)
+  """Drafter logits [B, Vd] on the target's ids [B, Vt]."""
+  return on_target_vocab(logits, spec.target_vocab)
+
+
+def on_target_vocab(logits: jax.Array, vocab: int) -> jax.Array:
+  """Drafter logits [..., Vd] on the target's ids [..., V]: padding rows differ (T5 32100 vs 32128)."""
+  width = logits.shape[-1]
+  if width >= vocab:
+    return logits[..., :vocab]
+  fill = jnp.full((*logits.shape[:-1], vocab - width), -jnp.inf, logits.dtype)
+  return jnp.concatenate([logits, fill], axis=-1)
 
 
 def _verify(spec, draft_tokens, draft_logprobs, target_logits, key):

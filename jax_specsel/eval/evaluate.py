@@ -51,7 +51,7 @@ class AdaptiveSetup:
   """The `policy_adaptive` row: per-round choice (`generate_adaptive`) and online updates.
 
   Attributes:
-    costs: per-option costs in target steps (`adaptive.measure_costs` on this machine).
+    costs: per-option costs in target steps (`speed.measure_adaptive_costs` on this machine).
     max_gamma: the largest speculation length a round may choose.
     rule: the per-round rule's settings.
     online: an online-update config (`bandit.default_online_config()`), or None: frozen policy.
