@@ -15,7 +15,8 @@ from jax_specsel.data import tasks, world as world_lib
 log = logging.getLogger(__name__)
 
 _WORLD_METRICS = {world_lib.TRANSLATE: "bleu", world_lib.SUMMARIZE: "rouge_l",
-                  world_lib.ARITHMETIC: "exact_text"}  # digits are separate words: whole answer
+                  world_lib.ARITHMETIC: "exact_text",  # digits are separate words: whole answer
+                  world_lib.MIXED: "rouge_l"}
 
 
 def register_world_tasks() -> None:
@@ -73,7 +74,8 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   expectations = pipeline.Expectations(
       drafter_domains={zoo_lib.drafter_name(d): d for d in zoo_config.drafter_domains},
       autoregressive_domains=tuple(d for d in world.domains
-                                   if d not in zoo_config.drafter_domains))
+                                   if d not in zoo_config.drafter_domains + (world_lib.MIXED,)),
+      mixed_domains=tuple(d for d in world.domains if d == world_lib.MIXED))
   pipeline.run(zoo.target, zoo.drafters, train, test, config, output_dir, expectations)
   log.info("demo finished in %.0fs", time.perf_counter() - started)
   return output_dir

@@ -112,6 +112,25 @@ def test_effect_checks_name_what_holds_and_what_falls_short():
   assert any("translate: the greedy policy (1.00x) is more than 5% slower" in n for n in notes)
 
 
+def test_mixed_domain_checks_per_round_choice_against_every_other_option():
+  result = _result(1.6, 0.9, 1.6)
+  options = ("autoregressive", "drafter_translate", "policy_greedy", "policy_adaptive")
+  result["domains"]["mixed"] = {o: _row(v) for o, v in zip(options, (1.0, 1.3, 1.25, 1.5))}
+  expectations = pipeline.Expectations(drafter_domains={"drafter_translate": "translate"},
+                                       mixed_domains=("mixed",))
+  checks = pipeline.effect_checks(result, expectations)
+  mixed = checks["mixed_adaptive_vs_best"]
+  assert mixed["best_rival"] == "drafter_translate" and mixed["gain"] == pytest.approx(1.5 / 1.3)
+  assert mixed["adaptive_reaches_gain"] is False and "mixed_adaptive_vs_policy" not in checks
+  # a mixed domain is no drafter's "outside": 1.3x there is not a shortfall of drafter_translate
+  assert checks["drafter_translate_in_domain"]["slower_than_autoregressive_outside"]
+  assert any("mixed: per-round choice reaches 1.50x, 1.15x the best other option "
+             "drafter_translate (1.30x), short of 1.2x" in n for n in pipeline.shortfalls(checks))
+  result["domains"]["mixed"]["policy_adaptive"] = _row(1.6)
+  assert pipeline.effect_checks(result, expectations)["mixed_adaptive_vs_best"][
+      "adaptive_reaches_gain"]
+
+
 def test_policy_share_above_the_limit_is_a_shortfall():
   result = _result(1.6, 0.9, 1.6)
   result["policy_cost"] = {"all": {"policy_greedy": {"share": 0.03, "ms_per_query": 0.2}}}

@@ -47,7 +47,7 @@ def test_splits_are_disjoint_and_sized(world):
 
 
 def test_every_domain_present_with_its_prefix(world):
-  assert world.domains == ("translate", "summarize", "arithmetic")
+  assert world.domains == ("translate", "summarize", "arithmetic", "mixed")
   for name in world_lib.SPLITS:
     for domain in world.domains:
       examples = world.split(name, domain)
@@ -93,6 +93,24 @@ def test_summaries_are_the_mentioned_topics_with_their_category_in_topic_list_or
     assert all(topic in world_lib.CATEGORIES[category] for topic, category in zip(topics, categories))
 
 
+def test_mixed_answers_are_a_translation_then_a_summary(world):
+  lexicon = set(world_lib.LEXICON)
+  for example in world.split("train", "mixed")[:200]:
+    source = example["prompt"].removeprefix(world_lib.PROMPT_PREFIX["mixed"] + " ")
+    english, text = source.split(" summarize: ")
+    assert example["reference"] == (world_lib.translate_sentence(english) + " "
+                                    + world_lib.summarize_text(text))
+    assert 2 <= sum(w in world_lib.CONJUNCTIONS for w in english.split()) + 1 <= 3
+    assert 4 <= len(world_lib.summarize_text(text).split()) // 2 <= 6
+    assert not set(text.split()) & lexicon, "the summary's text shares no word with a translation"
+
+
+def test_adding_the_mixed_domain_leaves_the_others_examples_unchanged():
+  without = World(SMALL, domains=("translate", "summarize", "arithmetic"))
+  assert without.split("test") == World(SMALL).split("test", ("translate", "summarize",
+                                                               "arithmetic"))
+
+
 def test_every_topic_has_one_category():
   assert sorted(world_lib.TOPIC_CATEGORY) == sorted(world_lib.TOPICS)
 
@@ -125,7 +143,7 @@ def test_worked_addition_on_known_sums():
 def test_outputs_have_the_papers_lengths(world, tokenizer):
   """Translate ~20-35 tokens, summaries ~15-30, worked arithmetic ~20-60 (EOS included)."""
   for domain, (low, high) in {"translate": (20, 35), "summarize": (15, 30),
-                              "arithmetic": (20, 60)}.items():
+                              "arithmetic": (20, 60), "mixed": (20, 40)}.items():
     lengths = [len(tokenizer(e["reference"])["input_ids"]) for e in world.split("train", domain)]
     assert low <= sum(lengths) / len(lengths) <= high, (domain, sum(lengths) / len(lengths))
 
@@ -167,6 +185,8 @@ def test_bad_configs_are_rejected():
     World(WorldConfig(domains=("arithmetic",), arithmetic_digits=(1, 1)))
   with pytest.raises(ValueError, match="clauses"):
     WorldConfig(clauses=(3, 2))
+  with pytest.raises(ValueError, match="mixed_topics"):
+    WorldConfig(mixed_topics=(0, 4))
   with pytest.raises(ValueError, match="unknown split"):
     World(SMALL).split("dev")
 

@@ -22,6 +22,13 @@ long as the paper's data (IWSLT sentences and XSum summaries of ~20-30 tokens, G
   arithmetic  "Q: 3 7 5 + 4 8" -> "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
               (~18-36 tokens): column by column with carries, GSM8K-like worked steps. Only the
               big target is meant to learn it (the paper's GSM8K case).
+  mixed       "translate English to German: dog sees cat ... summarize: people said the storm ..."
+              -> "der Hund sieht die Katze ... storm nature ..." (~20-38 tokens): a shorter
+              translation (2-3 clauses) and then the summary of a shorter text (4-6 topics) in
+              one answer, so the aligned drafter changes midway (issue 15). No drafter is trained
+              on it; per-query selection can pick only one of the two aligned drafters. The
+              summary's filler avoids words of the translate lexicon ("the", "old", "and", ...),
+              so the two halves stay apart by content (T5's cross-attention has no positions).
 
 Every domain draws from a fixed lexicon, so the vocabulary (and the tokenizer) does not depend on
 the seed. Examples are dicts {id, domain, prompt, reference}; splits never share a prompt.
@@ -37,12 +44,13 @@ import json
 import numpy as np
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
-WORLD_VERSION = 7
+WORLD_VERSION = 8
 
 TRANSLATE = "translate"
 SUMMARIZE = "summarize"
 ARITHMETIC = "arithmetic"
-DOMAINS = (TRANSLATE, SUMMARIZE, ARITHMETIC)
+MIXED = "mixed"
+DOMAINS = (TRANSLATE, SUMMARIZE, ARITHMETIC, MIXED)
 SPLITS = ("train", "validation", "test")
 
 # Paper Table 10 templates.
@@ -50,6 +58,7 @@ PROMPT_PREFIX = {
     TRANSLATE: "translate English to German:",
     SUMMARIZE: "summarize:",
     ARITHMETIC: "Q:",
+    MIXED: "translate English to German:",  # then the text to summarize after "summarize:"
 }
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -142,6 +151,10 @@ class WorldConfig:
   summary_filler_words: tuple[int, int] = (6, 12)
   summary_max_repeats: int = 1
   arithmetic_digits: tuple[int, int] = (2, 4)  # arithmetic: digits per operand (inclusive)
+  # mixed: the translation's clauses, then the summary's topics and filler words (inclusive).
+  mixed_clauses: tuple[int, int] = (2, 3)
+  mixed_topics: tuple[int, int] = (4, 6)
+  mixed_filler_words: tuple[int, int] = (3, 6)
 
   def __post_init__(self):
     unknown = set(self.domains) - set(DOMAINS)
@@ -152,16 +165,20 @@ class WorldConfig:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
     # Source words never repeat in a sentence.
     most = min(len(NOUNS) // 2, len(VERBS), len(ADVERBS), len(CONJUNCTIONS) + 1)
-    if not 1 <= self.clauses[0] <= self.clauses[1] <= most:
-      raise ValueError(f"WorldConfig.clauses={self.clauses!r} must be (low, high) with "
-                       f"1 <= low <= high <= {most}.")
-    low, high = self.summary_topics
-    if not 1 <= low <= high <= len(TOPICS):
-      raise ValueError(f"WorldConfig.summary_topics={self.summary_topics!r} must lie in "
-                       f"[1, {len(TOPICS)}].")
-    if not 0 <= self.summary_filler_words[0] <= self.summary_filler_words[1]:
-      raise ValueError(f"WorldConfig.summary_filler_words={self.summary_filler_words!r} must be "
-                       "(low, high), 0 <= low <= high.")
+    for name in ("clauses", "mixed_clauses"):
+      low, high = getattr(self, name)
+      if not 1 <= low <= high <= most:
+        raise ValueError(f"WorldConfig.{name}={(low, high)!r} must be (low, high) with "
+                         f"1 <= low <= high <= {most}.")
+    for name in ("summary_topics", "mixed_topics"):
+      low, high = getattr(self, name)
+      if not 1 <= low <= high <= len(TOPICS):
+        raise ValueError(f"WorldConfig.{name}={(low, high)!r} must lie in [1, {len(TOPICS)}].")
+    for name in ("summary_filler_words", "mixed_filler_words"):
+      low, high = getattr(self, name)
+      if not 0 <= low <= high:
+        raise ValueError(f"WorldConfig.{name}={(low, high)!r} must be (low, high), "
+                         "0 <= low <= high.")
     if not 1 <= self.arithmetic_digits[0] <= self.arithmetic_digits[1] <= 6:
       raise ValueError(f"WorldConfig.arithmetic_digits={self.arithmetic_digits!r} must lie in [1, 6].")
 
@@ -172,7 +189,7 @@ class WorldConfig:
   def from_dict(cls, values: dict) -> "WorldConfig":
     values = dict(values)
     for key in ("domains", "clauses", "summary_topics", "summary_filler_words",
-                "arithmetic_digits"):
+                "arithmetic_digits", "mixed_clauses", "mixed_topics", "mixed_filler_words"):
       if key in values:
         values[key] = tuple(values[key])
     return cls(**values)
@@ -257,7 +274,8 @@ def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
   return english, translate_sentence(english)
 
 
-def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+def _summarize_input(rng: np.random.Generator, config: WorldConfig,
+                     filler_words: tuple[str, ...] = FILLER) -> tuple[str, str]:
   num_topics = int(rng.integers(config.summary_topics[0], config.summary_topics[1] + 1))
   topics = [TOPICS[i] for i in rng.choice(len(TOPICS), size=num_topics, replace=False)]
   mentions = list(topics)
@@ -269,9 +287,9 @@ def _summarize_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
   gaps = np.bincount(rng.integers(0, len(mentions) + 1, size=filler), minlength=len(mentions) + 1)
   words = []
   for index, topic in enumerate(mentions):
-    words.extend(_choice(rng, FILLER) for _ in range(int(gaps[index])))
+    words.extend(_choice(rng, filler_words) for _ in range(int(gaps[index])))
     words.append(topic)
-  words.extend(_choice(rng, FILLER) for _ in range(int(gaps[-1])))
+  words.extend(_choice(rng, filler_words) for _ in range(int(gaps[-1])))
   text = " ".join(words)
   return text, summarize_text(text)
 
@@ -283,8 +301,21 @@ def _arithmetic_input(rng: np.random.Generator, config: WorldConfig) -> tuple[st
   return f"{spell_number(a)} + {spell_number(b)}", worked_addition(a, b)
 
 
+# The mixed domain's filler: no word the translate half could also contain.
+MIXED_FILLER = tuple(word for word in FILLER if word not in LEXICON)
+
+
+def _mixed_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
+  english, translation = _translate_input(rng, dataclasses.replace(config,
+                                                                   clauses=config.mixed_clauses))
+  text, summary = _summarize_input(
+      rng, dataclasses.replace(config, summary_topics=config.mixed_topics,
+                               summary_filler_words=config.mixed_filler_words), MIXED_FILLER)
+  return f"{english} {PROMPT_PREFIX[SUMMARIZE]} {text}", f"{translation} {summary}"
+
+
 _GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input,
-               ARITHMETIC: _arithmetic_input}
+               ARITHMETIC: _arithmetic_input, MIXED: _mixed_input}
 
 
 def _choice(rng: np.random.Generator, options) -> str:
