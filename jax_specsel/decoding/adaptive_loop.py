@@ -80,13 +80,17 @@ class AdaptiveState:
 
   Attributes:
     base: LoopState with gamma = max_gamma; base.drafter_cache is a tuple of K caches.
+    contexts: K drafter contexts (T5: encoder states and cross K/V), zeros until prepared.
+    prepared: K bool scalars: drafter k's first pass has run (its context and cache are real).
     origin_token, origin_position: int32 [B] history[0] (T5 decoder start / last prompt token).
     emitted_logp: float32 [B, max_new + G + 1] the target's log-probability of each emitted token
       (sampling only; zeros when greedy): the denominator of a sampled acceptance score.
-    synced: int32 [B, K] history index up to which (exclusive) drafter k's cache is valid.
-    scored_upto: int32 [B, K] drafter k has been scored on tokens[:, :scored_upto].
-    score_sum, score_count: float32 [B, K] discounted acceptance scores (adaptive_rule).
-    total_score, total_count: float32 [B, K] undiscounted: the hindsight acceptance.
+    Per drafter, a tuple of K arrays [B] (entry k is drafter k's: a read or a draft by one
+    drafter replaces its entries without touching the others', see `_View`):
+    synced: int32 history index up to which (exclusive) drafter k's cache is valid.
+    scored_upto: int32 drafter k has been scored on tokens[:, :scored_upto].
+    score_sum, score_count: float32 discounted acceptance scores (adaptive_rule).
+    total_score, total_count: float32 undiscounted: the hindsight acceptance.
     log_weights: float32 [B, K + 1] Hedge log-weights, autoregressive first.
     gammas: int32 [B, K + 1] each option's best gamma at the current estimates (0: autoregressive).
     round_options, round_gammas: int32 [B, max_rounds] each round's option and gamma (-1 after
@@ -96,15 +100,17 @@ class AdaptiveState:
   """
 
   base: loop.LoopState
+  contexts: tuple
+  prepared: tuple[jax.Array, ...]
   origin_token: jax.Array
   origin_position: jax.Array
   emitted_logp: jax.Array
-  synced: jax.Array
-  scored_upto: jax.Array
-  score_sum: jax.Array
-  score_count: jax.Array
-  total_score: jax.Array
-  total_count: jax.Array
+  synced: tuple[jax.Array, ...]
+  scored_upto: tuple[jax.Array, ...]
+  score_sum: tuple[jax.Array, ...]
+  score_count: tuple[jax.Array, ...]
+  total_score: tuple[jax.Array, ...]
+  total_count: tuple[jax.Array, ...]
   log_weights: jax.Array
   gammas: jax.Array
   round_options: jax.Array
@@ -128,13 +134,14 @@ def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params,
                                               base.cache_length(ids.shape[1]))
   embeddings = base.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   prior = _prior(spec, policy_params, embeddings)
-  state, contexts = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
+  state = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
+  drafters = _Drafters(params=tuple(drafter_params), ids=ids, mask=mask)
   # The choices' uniforms, drawn up front from their own stream: independent of every draft.
   uniforms = jax.random.uniform(jax.random.fold_in(key, _CHOICE_STREAM),
                                 (spec.max_rounds + 1, ids.shape[0]))
 
   def body(state):
-    return _round(spec, target_params, drafter_params, context, contexts, costs, uniforms, state)
+    return _round(spec, target_params, drafters, context, costs, uniforms, state)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), body, state)
   return summarize(spec, state, costs, prior, embeddings)
@@ -151,32 +158,46 @@ def _prior(spec: AdaptiveSpec, policy_params, embeddings) -> jax.Array:
   return jnp.stack(columns, axis=1).astype(jnp.float32)
 
 
+@struct.dataclass
+class _Drafters:
+  """What every round reads about the drafters: their params and the prompt of their first pass."""
+
+  params: tuple
+  ids: jax.Array  # int32 [B, S]
+  mask: jax.Array  # int32 [B, S]
+
+
 def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
-  """(AdaptiveState, drafter contexts): every drafter's first pass (T5 encoder / prefill)."""
+  """The AdaptiveState before the first round. No drafter has run: its first pass (T5 encoder /
+  prefill) waits for its first read (`_prepared`), so a drafter never chosen nor probed costs
+  nothing; its context starts as zeros of the right shapes."""
   base_state, _ = loop._start(spec.base, None, target_cache, ids, mask, key)
   batch, num = ids.shape[0], spec.num_drafters
   caches, contexts = [], []
   for decoder, params in zip(spec.drafters, drafter_params):
     cache = decoder.init_cache(params, batch, spec.base.cache_length(ids.shape[1]))
-    context, cache = decoder.prepare(params, ids, mask, cache)
+    shapes = jax.eval_shape(decoder.prepare, params, ids, mask, cache)[0]
     caches.append(cache)
-    contexts.append(context)
+    contexts.append(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
   zeros = jnp.zeros((batch, num), jnp.float32)
   step_costs, _, verify_costs = _costs(spec, costs)
   _, gammas = adaptive_rule.option_values(adaptive_rule.acceptance(zeros, zeros, spec.rule),
                                           step_costs, verify_costs)
+  per_drafter = lambda dtype: tuple(jnp.zeros((batch,), dtype) for _ in range(num))
   rounds = jnp.full((batch, spec.max_rounds), -1, jnp.int32)
   state = AdaptiveState(
-      base=base_state.replace(drafter_cache=tuple(caches)),
+      base=base_state.replace(drafter_cache=tuple(caches)), contexts=tuple(contexts),
+      prepared=tuple(jnp.zeros((), bool) for _ in range(num)),
       origin_token=base_state.pending, origin_position=base_state.position,
       emitted_logp=jnp.zeros(base_state.tokens.shape, jnp.float32),
-      synced=jnp.zeros((batch, num), jnp.int32), scored_upto=jnp.zeros((batch, num), jnp.int32),
-      score_sum=zeros, score_count=zeros, total_score=zeros, total_count=zeros,
+      synced=per_drafter(jnp.int32), scored_upto=per_drafter(jnp.int32),
+      score_sum=per_drafter(jnp.float32), score_count=per_drafter(jnp.float32),
+      total_score=per_drafter(jnp.float32), total_count=per_drafter(jnp.float32),
       log_weights=adaptive_rule.initial_log_weights(prior, spec.rule), gammas=gammas,
       round_options=rounds, round_gammas=rounds,
       drafted_by=jnp.zeros((batch, num + 1), jnp.int32),
       accepted_by=jnp.zeros((batch, num + 1), jnp.int32), cost=jnp.zeros((batch,), jnp.float32))
-  return state, tuple(contexts)
+  return state
 
 
 def _costs(spec: AdaptiveSpec, costs):
@@ -187,7 +208,7 @@ def _costs(spec: AdaptiveSpec, costs):
   return costs[:k], costs[k:2 * k], verify[jnp.asarray(verify_widths(spec.max_gamma))]
 
 
-def _round(spec, target_params, drafter_params, context, contexts, costs, uniforms, state):
+def _round(spec, target_params, drafters, context, costs, uniforms, state):
   base, settings = state.base, spec.base.settings
   step_costs, _, verify_costs = _costs(spec, costs)
   active = ~base.done
@@ -200,7 +221,7 @@ def _round(spec, target_params, drafter_params, context, contexts, costs, unifor
   choice = adaptive_rule.choose(state.log_weights, uniform, spec.rule)
   gamma = jnp.where(active, jnp.take_along_axis(state.gammas, choice[:, None], axis=1)[:, 0], 0)
   # 2. reads and drafts
-  state, drafts, draft_logprobs = _drafts(spec, drafter_params, contexts, costs, state, choice,
+  state, drafts, draft_logprobs = _drafts(spec, drafters, costs, state, choice,
                                           gamma, active, draft_key)
   # 3-4. verify, accept, emit
   logits, target_cache = _verify(spec, target_params, context, base, drafts, jnp.max(gamma))
@@ -222,7 +243,7 @@ def _round(spec, target_params, drafter_params, context, contexts, costs, unifor
   due = (rounds_done % every == 0) if every else jnp.asarray(False)
   everyone = (rounds_done == first) if first else jnp.asarray(False)
   if every or first:
-    state = _probe(spec, drafter_params, contexts, costs, state, choice, active, due | everyone,
+    state = _probe(spec, drafters, costs, state, choice, active, due | everyone,
                    everyone)
   learned = due | everyone | jnp.any(active & (choice > 0))
 
@@ -238,7 +259,8 @@ def _hedge_step(spec, state, costs, active):
   """Every option's value from the current estimates is added to its Hedge log-weight (on the
   active rows), and each drafter's best gamma is kept for the next choice."""
   step_costs, _, verify_costs = _costs(spec, costs)
-  alpha = adaptive_rule.acceptance(state.score_sum, state.score_count, spec.rule)
+  alpha = adaptive_rule.acceptance(jnp.stack(state.score_sum, axis=1),
+                                   jnp.stack(state.score_count, axis=1), spec.rule)
   values, gammas = adaptive_rule.option_values(alpha, step_costs, verify_costs)
   return state.replace(
       log_weights=adaptive_rule.hedge_step(state.log_weights, values, active, spec.rule),
@@ -264,6 +286,8 @@ class _View:
   """Drafter k's slice of the state: what a read or a draft by drafter k changes ([B] arrays)."""
 
   cache: Any
+  context: Any
+  prepared: jax.Array
   synced: jax.Array
   scored_upto: jax.Array
   score_sum: jax.Array
@@ -273,26 +297,37 @@ class _View:
   cost: jax.Array
 
 
+_PER_DRAFTER = ("contexts", "prepared", "synced", "scored_upto", "score_sum", "score_count",
+                "total_score", "total_count")
+_VIEW_FIELD = {"contexts": "context"}
+
+
 def _view(state: AdaptiveState, k: int) -> _View:
-  return _View(cache=state.base.drafter_cache[k], synced=state.synced[:, k],
-               scored_upto=state.scored_upto[:, k], score_sum=state.score_sum[:, k],
-               score_count=state.score_count[:, k], total_score=state.total_score[:, k],
-               total_count=state.total_count[:, k], cost=state.cost)
+  return _View(cache=state.base.drafter_cache[k], cost=state.cost,
+               **{_VIEW_FIELD.get(name, name): getattr(state, name)[k] for name in _PER_DRAFTER})
 
 
 def _with_view(state: AdaptiveState, k: int, view: _View) -> AdaptiveState:
-  caches = tuple(view.cache if i == k else c for i, c in enumerate(state.base.drafter_cache))
-  column = lambda values, new: values.at[:, k].set(new)
-  return state.replace(
-      base=state.base.replace(drafter_cache=caches), synced=column(state.synced, view.synced),
-      scored_upto=column(state.scored_upto, view.scored_upto),
-      score_sum=column(state.score_sum, view.score_sum),
-      score_count=column(state.score_count, view.score_count),
-      total_score=column(state.total_score, view.total_score),
-      total_count=column(state.total_count, view.total_count), cost=view.cost)
+  """Drafter k's entries replaced by the view's (no array op: the entries are separate arrays)."""
+  put = lambda values, new: tuple(new if i == k else v for i, v in enumerate(values))
+  return state.replace(base=state.base.replace(drafter_cache=put(state.base.drafter_cache,
+                                                                 view.cache)),
+                       cost=view.cost,
+                       **{name: put(getattr(state, name), getattr(view, _VIEW_FIELD.get(name, name)))
+                          for name in _PER_DRAFTER})
 
 
-def _drafts(spec, drafter_params, contexts, costs, state, choice, gamma, active, key):
+def _prepared(spec, k, drafters: _Drafters, view: _View) -> _View:
+  """Drafter k's first pass over the prompt (T5 encoder / prefill), run once: on its first read."""
+  def prepare(view):
+    context, cache = spec.drafters[k].prepare(drafters.params[k], drafters.ids, drafters.mask,
+                                              view.cache)
+    return view.replace(context=context, cache=cache, prepared=jnp.ones((), bool))
+
+  return _when(~view.prepared, prepare, view)
+
+
+def _drafts(spec, drafters: _Drafters, costs, state, choice, gamma, active, key):
   """(state, drafts int32 [B, G], log q [B, G, V] or None): each row's drafts from the drafter it
   chose, after that drafter read what its cache lacked (zeros for autoregressive rows: gamma 0
   there, never accepted)."""
@@ -308,16 +343,16 @@ def _drafts(spec, drafter_params, contexts, costs, state, choice, gamma, active,
 
     def read_and_draft(carry, k=k, rows=rows, count=count):
       view, drafts, logprobs = carry
+      view = _prepared(spec, k, drafters, view)
       gap = history.num_generated - view.synced  # history tokens it lacks before pending
       kind = jnp.max(jnp.where(rows, jnp.where(
           gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1))
       first = jnp.zeros((batch, vocab), jnp.float32)
       for index, width in enumerate((2, spec.read_width, None)):
         view, first = _when(kind == index, lambda vf, width=width: _read(
-            spec, k, drafter_params[k], contexts[k], costs, history, vf[0], rows, width),
-                            (view, first))
-      tokens, token_logprobs, cache = _draft(spec, k, drafter_params[k], contexts[k], view.cache,
-                                             first, base.position, count, key)
+            spec, k, drafters.params[k], costs, history, vf[0], rows, width), (view, first))
+      tokens, token_logprobs, cache = _draft(spec, k, drafters.params[k], view.context,
+                                             view.cache, first, base.position, count, key)
       drafts = jnp.where(rows[:, None], tokens, drafts)
       if logprobs is not None:
         logprobs = jnp.where(rows[:, None, None], token_logprobs, logprobs)
@@ -348,7 +383,7 @@ class _History:
                emitted_logp=state.emitted_logp)
 
 
-def _read(spec, k, params, context, costs, history: _History, view: _View, rows,
+def _read(spec, k, params, costs, history: _History, view: _View, rows,
           width: int | None):
   """Drafter k reads history[start : start + width] at its absolute positions.
 
@@ -373,7 +408,7 @@ def _read(spec, k, params, context, costs, history: _History, view: _View, rows,
   index = start[:, None] + jnp.arange(width)[None, :]  # history index of each slot
   block = jnp.take_along_axis(sequence, jnp.minimum(index, last), axis=1)
   logits, cache = spec.drafters[k].decode(params, block, history.origin_position + start,
-                                          view.cache, context)
+                                          view.cache, view.context)
   logits = loop.on_target_vocab(logits, vocab).astype(jnp.float32)  # [B, W, V]
   first = jnp.take_along_axis(
       logits, jnp.clip(num_generated - start, 0, width - 1)[:, None, None], axis=1)[:, 0]
@@ -474,12 +509,12 @@ def _score_drafted(spec, state, start, choice, gamma, num_accepted, drafts, draf
     pick = lambda logprobs: jnp.take_along_axis(logprobs, drafts[..., None], axis=-1)[..., 0]
     scores = jnp.exp(jnp.minimum(pick(target_logprobs[:, :spec.max_gamma])
                                  - pick(draft_logprobs), 0.0))
-  columns = chosen[:, None] & (jnp.arange(spec.num_drafters)[None, :] == choice[:, None] - 1)
-  pick = lambda values: jnp.sum(jnp.where(columns, values, 0), axis=1)
+  rows = [chosen & (choice == k + 1) for k in range(spec.num_drafters)]
+  pick = lambda values: sum(jnp.where(r, v, 0) for r, v in zip(rows, values))
   score_sum, score_count = adaptive_rule.add_scores(pick(state.score_sum), pick(state.score_count),
                                                     scores, scored, spec.rule)
   valid = start + 1 + jnp.minimum(num_accepted, jnp.maximum(gamma - 1, 0))
-  put = lambda values, new: jnp.where(columns, new[:, None], values)
+  put = lambda values, new: tuple(jnp.where(r, new, v) for r, v in zip(rows, values))
   return state.replace(
       score_sum=put(state.score_sum, score_sum), score_count=put(state.score_count, score_count),
       total_score=put(state.total_score,
@@ -490,7 +525,7 @@ def _score_drafted(spec, state, start, choice, gamma, num_accepted, drafts, draf
       synced=put(state.synced, valid))
 
 
-def _probe(spec, drafter_params, contexts, costs, state, choice, active, due, everyone):
+def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, everyone):
   """On a probe round, each drafter the Hedge weights track (weight >= track_threshold), and one
   more in turn (every drafter when `everyone`), reads what it missed and is scored on it (the
   drafter that drafted is current)."""
@@ -507,10 +542,11 @@ def _probe(spec, drafter_params, contexts, costs, state, choice, active, due, ev
         views[k] = views[k].replace(cost=views[k - 1].cost)
       rows = running & (choice != k + 1) & (
           (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k) | everyone)
+      views[k] = _when(jnp.any(rows), lambda v, k=k: _prepared(spec, k, drafters, v), views[k])
       far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):
         views[k] = _when(jnp.any(rows) & wanted, lambda v, width=width, k=k, rows=rows: _read(
-            spec, k, drafter_params[k], contexts[k], costs, history, v, rows, width)[0], views[k])
+            spec, k, drafters.params[k], costs, history, v, rows, width)[0], views[k])
     return tuple(views)
 
   views = _when(due, probe, tuple(_view(state, k) for k in range(spec.num_drafters)))
@@ -554,8 +590,9 @@ def summarize(spec: AdaptiveSpec, state: AdaptiveState, costs, prior, embeddings
   """
   _, _, verify_costs = _costs(spec, costs)
   step_costs = costs[:spec.num_drafters]
-  scored = state.total_count > 0
-  acceptance = jnp.where(scored, state.total_score / jnp.maximum(state.total_count, 1.0), jnp.nan)
+  total_score, total_count = (jnp.stack(v, axis=1) for v in (state.total_score, state.total_count))
+  scored = total_count > 0
+  acceptance = jnp.where(scored, total_score / jnp.maximum(total_count, 1.0), jnp.nan)
   values, _ = adaptive_rule.option_values(jnp.where(scored, acceptance, 0.0), step_costs,
                                           verify_costs)
   values = values.at[:, 1:].set(jnp.where(scored, values[:, 1:], jnp.nan))
