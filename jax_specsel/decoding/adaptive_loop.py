@@ -32,6 +32,7 @@ from jax_specsel.models.attention import write_at_positions
 from jax_specsel.models.interface import Decoder
 
 _CHOICE_STREAM = 0xADA97  # folded into the seed's key for the per-round choices
+_TURN_STREAM = 0xADA98  # and for which drafter each row's probes read first in turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +137,15 @@ def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params,
   prior = _prior(spec, policy_params, embeddings)
   state = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
   drafters = _Drafters(params=tuple(drafter_params), ids=ids, mask=mask)
-  # The choices' uniforms, drawn up front from their own stream: independent of every draft.
-  uniforms = jax.random.uniform(jax.random.fold_in(key, _CHOICE_STREAM),
-                                (spec.max_rounds + 1, ids.shape[0]))
+  # The choices' uniforms and the probes' turns, drawn up front from streams of their own:
+  # independent of every draft.
+  draws = _Draws(uniforms=jax.random.uniform(jax.random.fold_in(key, _CHOICE_STREAM),
+                                             (spec.max_rounds + 1, ids.shape[0])),
+                 turn_offset=jax.random.randint(jax.random.fold_in(key, _TURN_STREAM),
+                                                (ids.shape[0],), 0, spec.num_drafters))
 
   def body(state):
-    return _round(spec, target_params, drafters, context, costs, uniforms, state)
+    return _round(spec, target_params, drafters, context, costs, draws, state)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), body, state)
   return summarize(spec, state, costs, prior, embeddings)
@@ -156,6 +160,14 @@ def _prior(spec: AdaptiveSpec, policy_params, embeddings) -> jax.Array:
   probabilities = jax.nn.softmax(program.logits(policy_params, embeddings), axis=-1)
   columns = [probabilities[:, i] if i >= 0 else jnp.zeros((batch,)) for i in index]
   return jnp.stack(columns, axis=1).astype(jnp.float32)
+
+
+@struct.dataclass
+class _Draws:
+  """The rule's randomness, drawn before the first round."""
+
+  uniforms: jax.Array  # float32 [max_rounds + 1, B]: each round's Hedge draw
+  turn_offset: jax.Array  # int32 [B]: the drafter a row's first probe reads in turn
 
 
 @struct.dataclass
@@ -208,7 +220,7 @@ def _costs(spec: AdaptiveSpec, costs):
   return costs[:k], costs[k:2 * k], verify[jnp.asarray(verify_widths(spec.max_gamma))]
 
 
-def _round(spec, target_params, drafters, context, costs, uniforms, state):
+def _round(spec, target_params, drafters, context, costs, draws: _Draws, state):
   base, settings = state.base, spec.base.settings
   step_costs, _, verify_costs = _costs(spec, costs)
   active = ~base.done
@@ -217,7 +229,7 @@ def _round(spec, target_params, drafters, context, costs, uniforms, state):
   else:
     key, draft_key, accept_key = jax.random.split(base.key, 3)
   # 1. the choice, from the past only
-  uniform = uniforms[jnp.minimum(base.target_calls, spec.max_rounds)]
+  uniform = draws.uniforms[jnp.minimum(base.target_calls, spec.max_rounds)]
   choice = adaptive_rule.choose(state.log_weights, uniform, spec.rule)
   gamma = jnp.where(active, jnp.take_along_axis(state.gammas, choice[:, None], axis=1)[:, 0], 0)
   # 2. reads and drafts
@@ -241,11 +253,11 @@ def _round(spec, target_params, drafters, context, costs, uniforms, state):
   rounds_done = state.base.target_calls  # counts this round already
   every, first = spec.rule.probe_every, spec.rule.first_probe
   due = (rounds_done % every == 0) if every else jnp.asarray(False)
-  everyone = (rounds_done == first) if first else jnp.asarray(False)
+  if first:
+    due = due | (rounds_done == first)
   if every or first:
-    state = _probe(spec, drafters, costs, state, choice, active, due | everyone,
-                   everyone)
-  learned = due | everyone | jnp.any(active & (choice > 0))
+    state = _probe(spec, drafters, costs, state, choice, active, due, draws.turn_offset)
+  learned = due | jnp.any(active & (choice > 0))
 
   def learn(state):
     state = _score_drafted(spec, state, base.num_generated, choice, gamma, num_accepted, drafts,
@@ -525,14 +537,14 @@ def _score_drafted(spec, state, start, choice, gamma, num_accepted, drafts, draf
       synced=put(state.synced, valid))
 
 
-def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, everyone):
+def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, turn_offset):
   """On a probe round, each drafter the Hedge weights track (weight >= track_threshold), and one
-  more in turn (every drafter when `everyone`), reads what it missed and is scored on it (the
-  drafter that drafted is current)."""
+  more in turn (from a random drafter per row, `turn_offset`: over queries every drafter is
+  seen), reads what it missed and is scored on it (the drafter that drafted is current)."""
   every = max(spec.rule.probe_every, 1)
   weights = jax.nn.softmax(state.log_weights, axis=1)
   running = active & ~state.base.done
-  turn = (state.base.target_calls // every) % spec.num_drafters
+  turn = (state.base.target_calls // every + turn_offset) % spec.num_drafters
   history = _History.of(state)
 
   def probe(views):
@@ -541,7 +553,7 @@ def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, everyon
       if k:  # the cost column runs through every drafter's reads in turn
         views[k] = views[k].replace(cost=views[k - 1].cost)
       rows = running & (choice != k + 1) & (
-          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k) | everyone)
+          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
       views[k] = _when(jnp.any(rows), lambda v, k=k: _prepared(spec, k, drafters, v), views[k])
       far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):

@@ -55,9 +55,11 @@ class RuleSettings:
       robin) or for being chosen.
     probe_every: rounds between probes (0: no probes; a drafter is then scored only on the
       positions it drafts and on what it missed when it is chosen again).
-    first_probe: the round (counted from 1) at which every drafter reads and is scored on what
-      the query has emitted so far, whatever its weight (0: none): without it a drafter the prior
-      rules out is never seen on a short query, and online updates never learn about it.
+    first_probe: the round (counted from 1) of the first probe (0: none before probe_every).
+      Like every probe it reads the tracked drafters and one more in turn, the first in turn
+      drawn per query: without it a drafter the prior rules out is never seen on a short query,
+      and online updates never learn about it. (Reading every drafter there instead cost the
+      demo's queries ~15% of their time on the CPU: BUILD_NOTES.)
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
