@@ -294,6 +294,7 @@ def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, M
              "choices_by_variant": result["choices_by_variant"],
              "policy_cost": result.get("policy_cost", {}),
              "round_choices": result.get("round_choices", {}),
+             "round_work": result.get("round_work", {}),
              "shifted": _shift_summary(result.get("shifted")), "checks": checks,
              "shortfalls": shortfalls(checks),
              "figures": {"alpha_sweep": "figure2_alpha_sweep.png",
@@ -517,11 +518,20 @@ def _round_choices_markdown(payload: dict) -> str:
   shares = payload.get("round_choices") or {}
   if not shares:
     return "Not run (the config has no `adaptive` section).\n"
-  lines = ["| domain | rounds drafted by |", "|---|---|"]
+  work = payload.get("round_work") or {}
+  lines = ["| domain | rounds drafted by | tokens per target step: achieved / best fixed in "
+           "hindsight |", "|---|---|---|"]
   for domain, by_option in shares.items():
     cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in by_option.items() if share)
-    lines.append(f"| {domain} | {cells} |")
-  return "\n".join(lines) + "\n"
+    row = work.get(domain)
+    ratio = (f"{row['achieved']:.2f} / {row['best_fixed_hindsight']:.2f} ({row['ratio']:.2f})"
+             if row else "-")
+    lines.append(f"| {domain} | {cells} | {ratio} |")
+  note = ("\nWork in the measured costs' units (a target step = 1; the reads that scored "
+          "drafters count): what the per-round choices got against the best single option with "
+          "the acceptance it showed on the same query, apart from the loop's wall-time "
+          "overhead.\n")
+  return "\n".join(lines) + "\n" + (note if work else "")
 
 
 def _shifted_markdown(payload: dict) -> str:

@@ -74,6 +74,13 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
   assert evaluate_lib.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(0.01 / 0.51)
 
 
+def test_round_work_averages_achieved_and_hindsight_over_the_domain_rows():
+  run = lambda achieved, best: evaluate_lib.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
+  runs = [run(1.0, 2.0), run(3.0, 2.0), run(9.0, 9.0)]
+  assert evaluate_lib._round_work(runs, [0, 1]) == pytest.approx(
+      {"achieved": 2.0, "best_fixed_hindsight": 2.0, "ratio": 1.0})
+
+
 def test_price_choices_uses_the_cost_table():
   per_query = {"a": [[0.1, 10], [0.2, 10]], "b": [[0.05, 10], [0.4, 10]]}
   assert evaluate_lib.price_choices(per_query, ["b", "a"]) == pytest.approx(1e3 * 0.25 / 20)
@@ -220,6 +227,9 @@ def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(
     assert "policy_adaptive" in rows
     assert len({round(r["quality"], 6) for r in rows.values()}) == 1  # greedy: the target's text
     assert abs(sum(payload["round_choices"][domain].values()) - 1.0) < 1e-9
+    work = payload["round_work"][domain]  # autoregressive is always observed: 1 token a step
+    assert 0 < work["achieved"] and work["best_fixed_hindsight"] >= 1.0
+    assert work["ratio"] == pytest.approx(work["achieved"] / work["best_fixed_hindsight"])
     assert "adaptive_within_tolerance" in payload["checks"][f"{domain}_adaptive_vs_policy"]
   assert set(payload["policy_cost"]["all"]) == {"policy_greedy", "policy_dynamic"}
   shifted = json.loads((tmp_path / "shifted.json").read_text())

@@ -96,6 +96,9 @@ class QueryRun:
   text: str
   choice: str | None = None  # the option a policy row chose
   rounds_by_option: dict[str, int] | None = None  # policy_adaptive: rounds each option drafted
+  # policy_adaptive: (tokens per target step of work achieved, the best fixed option's in
+  # hindsight among the options scored on the query), in the measured costs' units.
+  work: tuple[float, float] | None = None
 
 
 def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
@@ -139,7 +142,8 @@ def run_adaptive(target: Model, drafters: dict[str, Model], policy, prompt_ids: 
   counts = np.bincount(played, minlength=len(out.option_names))
   return QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
                   int(out.stats.drafted.sum()), decode_text(target, out)[0],
-                  rounds_by_option={n: int(c) for n, c in zip(out.option_names, counts)})
+                  rounds_by_option={n: int(c) for n, c in zip(out.option_names, counts)},
+                  work=(float(out.achieved[0]), float(np.nanmax(out.hindsight_values[0]))))
 
 
 def online_feedback(out, option_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +178,8 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
 
   Returns:
     {"domains": {task: {option: row}}, "choices": {task: {option: share}}, "per_query": {...},
-     "policy_cost": {variant: {...}}, "round_choices": {task: {option: share of rounds}}} with
+     "policy_cost": {variant: {...}}, "round_choices": {task: {option: share of rounds}},
+     "round_work": {task: {"achieved", "best_fixed_hindsight", "ratio"}}} with
     rows {quality, ms_per_token, ms_per_token_spread, speedup, acceptance_rate}; see
     `policy_cost` for "policy_cost".
   """
@@ -311,13 +316,26 @@ def _summarize(examples, runs, choices) -> dict:
             "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
             "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
   if "policy_adaptive" in runs:
+    by_task = _rows_by_task(tasks)
     result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
-                               for task, rows in _rows_by_task(tasks).items()}
+                               for task, rows in by_task.items()}
+    result["round_work"] = {task: _round_work(runs["policy_adaptive"][0], rows)
+                            for task, rows in by_task.items()}
   return result
 
 
 def _rows_by_task(tasks: list[str]) -> dict[str, list[int]]:
   return {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
+
+
+def _round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
+  """Mean tokens per target step of work (policy_adaptive, first repeat): what the rounds got,
+  the best fixed option's in hindsight, and their ratio: the rule's choices apart from the
+  per-round overhead in wall time (both count the reads that scored drafters as work)."""
+  achieved = [adaptive_runs[i].work[0] for i in rows]
+  best = [adaptive_runs[i].work[1] for i in rows]
+  return {"achieved": float(np.mean(achieved)), "best_fixed_hindsight": float(np.mean(best)),
+          "ratio": float(np.mean(achieved) / np.mean(best))}
 
 
 def _round_shares(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
