@@ -144,6 +144,27 @@ def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
   assert np.all(out.round_gammas[out.round_options == self_option] == 4)  # acceptance 1: the max
 
 
+def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
+  """A prior that rules every drafter out: none is tracked, so the first probe reads exactly one
+  per row, the one in turn, drawn per row, so that over rows every drafter is seen."""
+  from flax import nnx
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  target, drafters = t5_models
+  only_autoregressive = Policy(PolicyNetwork(target.hidden_size, 1, hidden_dim=8,
+                                             rngs=nnx.Rngs(0)), option_names=["autoregressive"])
+  rule = adaptive_rule.RuleSettings(randomized=False, probe_every=0, first_probe=2)
+  scored = []
+  for seed, prompt in enumerate(_prompts(6, 12)):  # batch 1: a read scores every row it spans
+    out = adaptive.generate_adaptive(target, [prompt], drafters, only_autoregressive,
+                                     costs=_cheap(drafters, 3), max_gamma=3, max_new_tokens=8,
+                                     rule=rule, seed=seed)
+    assert np.all(out.round_options[out.round_options >= 0] == 0)  # never drafted
+    scored.append(np.isfinite(out.acceptance[0]))
+  scored = np.asarray(scored)
+  assert np.all(scored.sum(axis=1) == 1), scored
+  assert np.all(scored.any(axis=0)), scored
+
+
 def _exact_two_token_distribution(model: transformers.LlamaForCausalLM, prompt, vocab, temperature):
   with torch.no_grad():
     first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
