@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptive = ml_collections.ConfigDict()
   config.adaptive.max_gamma = 5  # rounds choose gamma in 1..5 from measured costs
   config.adaptive.probe_every = 32  # rounds between reads that score the drafters sitting out
-  config.adaptive.hedge_learning_rate = 1.0
+  config.adaptive.hedge_learning_rate = 4.0  # the rule's default (RuleSettings)
   config.adaptive.online_learning_rate = 3e-3  # 1e-2 drifted the prior across domains (BUILD_NOTES)
   config.adaptive.update_every = 4  # queries per online update (an update costs ~1 ms here)
   config.adaptive.frozen = False  # True: the offline policy is never updated

@@ -152,7 +152,8 @@ def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
   target, drafters = t5_models
   only_autoregressive = Policy(PolicyNetwork(target.hidden_size, 1, hidden_dim=8,
                                              rngs=nnx.Rngs(0)), option_names=["autoregressive"])
-  rule = adaptive_rule.RuleSettings(randomized=False, probe_every=0, first_probe=2)
+  rule = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=False, probe_every=0,
+                                    first_probe=2)  # the prior alone chooses
   scored = []
   for seed, prompt in enumerate(_prompts(6, 12)):  # batch 1: a read scores every row it spans
     out = adaptive.generate_adaptive(target, [prompt], drafters, only_autoregressive,
