@@ -235,19 +235,27 @@ def _row_decoder(name, target, options, drafters, policy, variants, config, lear
 
 
 def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_setup=None):
-  """Compiles every (option, prompt bucket) and each policy variant once: no timed call compiles."""
+  """Runs every path a timed call will take once, untimed. Each (option, prompt bucket) compiles
+  once. The policy variants and the adaptive row also run every query once, with the first
+  repeat's seed: the first execution of a branch of a compiled program is itself slow on XLA:CPU
+  (30-200 ms measured for the adaptive program's drafter paths; the kernels' runtimes are set up
+  on first use), and which branches a call takes depends on the query (its chosen option, its
+  rounds' choices and probes)."""
   seen = set()
-  for prompt in prompts:
+  for i, prompt in enumerate(prompts):
     bucket = bucket_length(len(prompt))
     if bucket not in seen:
       seen.add(bucket)
       for drafter in options.values():
         run_option(target, drafter, prompt, config, 0)
-      if policy is not None:
-        for greedy in (True, False):
-          run_policy(target, drafters, policy, prompt, greedy, config, 0)
-        if adaptive_setup is not None:  # the program, and the online step on a throwaway copy
-          warm_adaptive(target, drafters, policy, prompt, config, adaptive_setup)
+      if policy is not None and adaptive_setup is not None:
+        warm_adaptive(target, drafters, policy, prompt, config, adaptive_setup)
+    if policy is not None:
+      seed = query_seed(config.seeds[0], i)
+      for greedy in (True, False):
+        run_policy(target, drafters, policy, prompt, greedy, config, seed)
+      if adaptive_setup is not None:
+        run_adaptive(target, drafters, policy, prompt, config, seed, adaptive_setup)
 
 
 def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup) -> None:

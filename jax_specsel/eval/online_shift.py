@@ -50,6 +50,9 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
   sequence = [prompts[i % len(prompts)] for i in range(queries)]
   options: dict[str, Model | None] = {collect_lib.AUTOREGRESSIVE: None, **drafters}
   runs = {}
+  for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
+    evaluate_lib.run_adaptive(target, drafters, policy, prompt, config,
+                              evaluate_lib.query_seed(0, i), setup)
   for name, learn in (("online", True), ("frozen", False)):
     own = policy.copy()
     learner = (evaluate_lib.OnlineLearner(own, setup.online, setup.update_every)
