@@ -329,14 +329,15 @@ def _with_view(state: AdaptiveState, k: int, view: _View) -> AdaptiveState:
                           for name in _PER_DRAFTER})
 
 
-def _prepared(spec, k, drafters: _Drafters, view: _View) -> _View:
-  """Drafter k's first pass over the prompt (T5 encoder / prefill), run once: on its first read."""
+def _prepared(spec, k, drafters: _Drafters, view: _View, wanted=True) -> _View:
+  """Drafter k's first pass over the prompt (T5 encoder / prefill), run once: on its first read
+  (where the scalar `wanted` holds)."""
   def prepare(view):
     context, cache = spec.drafters[k].prepare(drafters.params[k], drafters.ids, drafters.mask,
                                               view.cache)
     return view.replace(context=context, cache=cache, prepared=jnp.ones((), bool))
 
-  return _when(~view.prepared, prepare, view)
+  return _when(jnp.asarray(wanted) & ~view.prepared, prepare, view)
 
 
 def _drafts(spec, drafters: _Drafters, costs, state, choice, gamma, active, key):
@@ -554,7 +555,7 @@ def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, turn_of
         views[k] = views[k].replace(cost=views[k - 1].cost)
       rows = running & (choice != k + 1) & (
           (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
-      views[k] = _when(jnp.any(rows), lambda v, k=k: _prepared(spec, k, drafters, v), views[k])
+      views[k] = _prepared(spec, k, drafters, views[k], jnp.any(rows))
       far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):
         views[k] = _when(jnp.any(rows) & wanted, lambda v, width=width, k=k, rows=rows: _read(
