@@ -58,10 +58,25 @@ def _pyplot():
   return plt
 
 
+def option_colours(names) -> dict:
+  """One fixed colour per option name (tab10), so an option looks the same in every panel."""
+  import matplotlib
+  cycle = matplotlib.colormaps["tab10"].colors
+  return {name: cycle[i % len(cycle)] for i, name in enumerate(sorted(names))}
+
+
+_SINGLE_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1)))
+
+
 def _finish_ms_per_token_axes(ax, single_options: dict, xlabel: str) -> None:
-  """Each single option's ms/token as a dashed line, then labels and the legend."""
-  for option, ms in single_options.items():
-    ax.axhline(ms, linestyle="--", linewidth=1, label=option)
+  """Each single option's ms/token as a horizontal line in its own colour and dash pattern,
+  labelled in the legend and at its right end (lines of equal value stay distinguishable)."""
+  colours = option_colours(single_options)
+  for i, (option, ms) in enumerate(sorted(single_options.items(), key=lambda kv: kv[1])):
+    ax.axhline(ms, linestyle=_SINGLE_STYLES[i % len(_SINGLE_STYLES)], linewidth=1.4,
+               color=colours[option], label=f"{option} ({ms:.3f} ms)")
+    ax.annotate(option, xy=(1.0, ms), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                textcoords="offset points", fontsize=7, color=colours[option], va="center")
   ax.set_xlabel(xlabel)
   ax.set_ylabel("ms/token")
   ax.legend(fontsize=7)
@@ -76,13 +91,16 @@ def _save(fig, path: str) -> None:
 def plot_alpha_sweep(sweep: dict, path: str) -> None:
   """Figure 2: share of choices per option and ms/token versus alpha."""
   alphas = [p["alpha"] for p in sweep["points"]]
-  fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 4))
+  fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4))
+  colours = option_colours(sweep["options"])
   for option in sweep["options"]:
-    left.plot(alphas, [p["shares"].get(option, 0.0) for p in sweep["points"]], marker="o", label=option)
+    left.plot(alphas, [p["shares"].get(option, 0.0) for p in sweep["points"]], marker="o",
+              label=option, color=colours[option])
   left.set_xlabel("alpha (weight of alignment, eq. 2)")
   left.set_ylabel("share of queries")
   left.legend()
-  right.plot(alphas, [p["ms_per_token"] for p in sweep["points"]], marker="o", label="policy")
+  right.plot(alphas, [p["ms_per_token"] for p in sweep["points"]], marker="o", color="black",
+             label="policy")
   _finish_ms_per_token_axes(right, sweep["single_options"], "alpha")
   _save(fig, path)
 
@@ -92,7 +110,8 @@ def plot_sample_efficiency(curve: dict, path: str) -> None:
   fig, ax = _pyplot().subplots(figsize=(6, 4))
   sizes = [p["examples"] for p in curve["points"]]
   ax.errorbar(sizes, [p["ms_per_token"] for p in curve["points"]],
-              yerr=[p.get("ms_per_token_spread", 0.0) for p in curve["points"]], marker="o", label="policy")
+              yerr=[p.get("ms_per_token_spread", 0.0) for p in curve["points"]], marker="o",
+              color="black", label="policy")
   ax.set_xscale("log")
   _finish_ms_per_token_axes(ax, curve["single_options"], "training examples")
   _save(fig, path)
