@@ -75,6 +75,8 @@ def _check_adaptive(config) -> None:
   validation.integer("config.adaptive.update_every", settings.update_every, minimum=1)
   for field in ("hedge_learning_rate", "online_learning_rate"):
     validation.real(f"config.adaptive.{field}", settings[field], 0.0)
+  if "track_threshold" in settings:  # optional: RuleSettings' default otherwise
+    validation.real("config.adaptive.track_threshold", settings.track_threshold, 0.0, 1.0)
   if not isinstance(settings.frozen, bool):
     raise ValueError(f"config.adaptive.frozen={settings.frozen!r}: must be True or False.")
 
@@ -191,8 +193,9 @@ def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup
   if not settings.frozen:
     online = default_online_config()
     online.learning_rate = settings.online_learning_rate
-  rule = adaptive_rule.RuleSettings(learning_rate=settings.hedge_learning_rate,
-                                    probe_every=settings.probe_every)
+  rule = adaptive_rule.RuleSettings(
+      learning_rate=settings.hedge_learning_rate, probe_every=settings.probe_every,
+      track_threshold=settings.get("track_threshold", adaptive_rule.RuleSettings.track_threshold))
   return evaluate_lib.AdaptiveSetup(costs=costs, max_gamma=settings.max_gamma, rule=rule,
                                     online=online, update_every=settings.update_every)
 
@@ -243,15 +246,20 @@ def experiments_stage(dataset, meta, test, target, result, config, output_dir: s
 
 def run(target: Model, drafters: dict[str, Model], train: datasets.Dataset, test: datasets.Dataset,
         config: ml_collections.ConfigDict, output_dir: str,
-        expectations: Expectations | None = None) -> dict:
+        expectations: Expectations | None = None, provenance: str = "") -> dict:
   """All stages; writes report.json, report.md, the figures and intermediate files to output_dir.
 
   The config, the splits and the output directory are checked first: a bad value fails before
   any collection, training or evaluation (ValueError naming it).
+
+  Args:
+    provenance: a sentence on where the models come from, for the report's header (the demo:
+      how its target was grown).
   """
   check_config(config)
   check_splits(train, test)
   validation.writable_directory(output_dir, "output_dir")
+  regime = regime_stage(target, drafters, test, config)
   dataset, meta = collect_stage(target, drafters, train, config, output_dir)
   policy = train_stage(dataset, meta, config, output_dir)
   setup = adaptive_setup(target, drafters, test, config)
@@ -260,7 +268,19 @@ def run(target: Model, drafters: dict[str, Model], train: datasets.Dataset, test
   if setup is not None:
     result["shifted"] = shift_stage(dataset, meta, test, target, drafters, setup, config,
                                     output_dir)
-  return write_report(result, extra, target, drafters, output_dir, expectations, collection=meta)
+  return write_report(result, extra, target, drafters, output_dir, expectations, collection=meta,
+                      regime=regime, provenance=provenance)
+
+
+def regime_stage(target: Model, drafters: dict[str, Model], test: datasets.Dataset,
+                 config) -> dict:
+  """Step costs on this machine (`speed.regime`, first test prompt): is the target memory-bound
+  enough for speculation to pay? Stated in the report's header."""
+  prompt = target.tokenizer([test["prompt"][0]])["input_ids"]
+  measured = speed.regime(target, drafters, prompt, config.gamma)
+  log.info("regime: target step %.0f us, a gamma-%d round costs %.2f target steps",
+           measured["target_step_us"], config.gamma, measured["round_target_steps"])
+  return measured
 
 
 def check_splits(train: datasets.Dataset | None, test: datasets.Dataset | None) -> None:
@@ -282,7 +302,8 @@ def collection_summary(meta: dict) -> dict:
 
 def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, Model],
                  output_dir: str, expectations: Expectations | None = None,
-                 collection: dict | None = None) -> dict:
+                 collection: dict | None = None, regime: dict | None = None,
+                 provenance: str = "") -> dict:
   """report.json (the schema `make demo` promises) and report.md in output_dir.
 
   Args:
@@ -304,6 +325,9 @@ def write_report(result: dict, extra: dict, target: Model, drafters: dict[str, M
     payload["figures"]["shifted_domain"] = "figure_shifted_domain.png"
   if collection is not None:
     payload["collection"] = collection_summary(collection)
+  payload["models"] = {"target": target.name, "target_params": int(target.num_params),
+                       "drafter_params": {n: int(m.num_params) for n, m in drafters.items()},
+                       "provenance": provenance, "regime": regime or {}}
   report.write_json(os.path.join(output_dir, "report.json"), payload)
   with open(os.path.join(output_dir, "report.md"), "w") as f:
     f.write(markdown_report(payload, target, drafters))
@@ -316,10 +340,12 @@ class Expectations:
 
   Attributes:
     drafter_domains: drafter name -> the domain it was aligned on (it should be >= min_speedup
-      times faster than autoregressive there and slower than autoregressive everywhere else).
+      times faster than autoregressive there and at most max_speedup_outside everywhere else).
     autoregressive_domains: domains where only the target is aligned: the policy should pick
       the autoregressive option for most queries.
     min_speedup: the in-domain speedup a domain drafter should reach.
+    max_speedup_outside: the speedup a domain drafter should stay at or below outside its domain
+      (a misaligned drafter should cost, as the paper's drafters do out of domain).
     policy_tolerance: the greedy policy should be within this fraction of the best single option.
     max_policy_share: what choosing may cost, as a share of per-query time (paper: ~1%).
     mixed_domains: domains whose answers switch domain midway: per-round choice should beat
@@ -336,7 +362,8 @@ class Expectations:
   autoregressive_domains: tuple[str, ...] = ()
   mixed_domains: tuple[str, ...] = ()
   mixed_gain: float = 1.2
-  min_speedup: float = 1.3
+  min_speedup: float = 1.5
+  max_speedup_outside: float = 0.8
   policy_tolerance: float = 0.05
   max_policy_share: float = 0.01
   adaptive_tolerance: float = 0.03
@@ -384,7 +411,9 @@ def _expected_effect_checks(result: dict, expectations: Expectations) -> dict:
         "domain": home, "speedup": domains[home][drafter]["speedup"],
         "at_least_min_speedup": bool(domains[home][drafter]["speedup"] >= expectations.min_speedup),
         "speedup_outside": outside,
-        "slower_than_autoregressive_outside": bool(all(v < 1.0 for v in outside.values()))}
+        "limit_outside": expectations.max_speedup_outside,
+        "slower_than_autoregressive_outside": bool(
+            all(v <= expectations.max_speedup_outside for v in outside.values()))}
   for domain in expectations.autoregressive_domains:
     share = result["choices"].get(domain, {}).get(AUTOREGRESSIVE)
     if share is not None:
@@ -450,8 +479,8 @@ def shortfalls(checks: dict) -> list[str]:
       notes.append(f"{subject} reaches {value['speedup']:.2f}x in its own domain "
                    f"{value['domain']}, short of the expected speedup")
     if value.get("slower_than_autoregressive_outside") is False:
-      notes.append(f"{subject} is not slower than autoregressive outside its domain "
-                   f"({_rounded(value['speedup_outside'])})")
+      notes.append(f"{subject} is not at most {value['limit_outside']:.2f}x autoregressive "
+                   f"outside its domain ({_rounded(value['speedup_outside'])})")
     if value.get("below_limit") is False:
       notes.append(f"choosing costs {100 * value['share']:.1f}% of per-query time "
                    f"({value['ms_per_query']:.3f} ms a query), above {100 * value['limit']:.0f}%")
@@ -479,8 +508,10 @@ def _rounded(values: dict) -> dict:
 
 def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) -> str:
   sizes = ", ".join(f"{name} {model.num_params / 1e6:.2f}M" for name, model in drafters.items())
+  models = payload.get("models", {})
   parts = [f"# Context-aware drafter selection: report\n\nTarget {target.name} "
-           f"({target.num_params / 1e6:.2f}M params); drafters: {sizes}.\n",
+           f"({target.num_params / 1e6:.2f}M params); drafters: {sizes}. "
+           f"{models.get('provenance', '')}\n", _regime_markdown(models.get("regime")),
            _partial_collection_note(payload.get("collection")),
            "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
            report.results_table(payload), "\n## Choices of the policy per domain\n",
@@ -493,6 +524,18 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
            "\n## Figures\n\n![alpha sweep](figure2_alpha_sweep.png)\n\n"
            "![sample efficiency](figure3_sample_efficiency.png)\n"]
   return "\n".join(parts)
+
+
+def _regime_markdown(regime: dict | None) -> str:
+  """The measured step costs: whether this machine is in the regime where speculation pays."""
+  if not regime:
+    return ""
+  steps = ", ".join(f"{name} {us:.1f} us (ratio {regime['step_ratio'][name]:.0f})"
+                    for name, us in regime["drafter_step_us"].items())
+  return (f"Measured here, inside compiled loops: a target step {regime['target_step_us']:.0f} us; "
+          f"drafter steps {steps}; a gamma-{regime['gamma']} round with {regime['round_drafter']} "
+          f"costs {regime['round_target_steps']:.2f} target steps (speculation pays where this is "
+          "close to 1: a memory-bound target).\n")
 
 
 def _policy_cost_markdown(payload: dict) -> str:

@@ -90,6 +90,31 @@ def test_tiny_build_returns_models_that_decode(built, world):
   assert zoo.info["models"]["drafter_general"]["distilled_on"] == ["summarize", "translate"]
 
 
+def test_the_target_is_the_trained_one_grown_without_changing_its_function(built, world):
+  zoo, _, _ = built
+  factor = zoo_lib.ZooConfig.tiny().target_growth
+  trained, grown = zoo.trained_target, zoo.target
+  assert factor > 1 and zoo.info["target_growth"]["factor"] == factor
+  assert grown.hidden_size == factor * trained.hidden_size
+  assert zoo.info["target_growth"]["params"] == grown.num_params > trained.num_params
+  assert os.path.isdir(os.path.join(zoo.directory, f"target-grown-x{factor}"))
+  prompts = [e["prompt"] for e in world.split("test", "translate")[:4]]
+  ids, mask = token_batches.right_padded(zoo.tokenizer(prompts)["input_ids"], pad_id=0)
+  before = generate(trained, ids, temperature=0.0, max_new_tokens=8, attention_mask=mask)
+  after = generate(grown, ids, temperature=0.0, max_new_tokens=8, attention_mask=mask)
+  np.testing.assert_array_equal(before.tokens, after.tokens)
+  # The drafters stay as distilled: speculative decoding with the grown target is exact.
+  spec = generate(grown, ids, drafter=zoo.drafters["drafter_translate"], gamma=3,
+                  temperature=0.0, max_new_tokens=8, attention_mask=mask)
+  np.testing.assert_array_equal(spec.tokens, after.tokens)
+
+
+def test_bad_growth_factor_is_refused_before_any_work():
+  for bad in (0, 2.5, "2", True):
+    with pytest.raises(ValueError, match="target_growth"):
+      zoo_lib.ZooConfig(target_growth=bad)
+
+
 def test_second_build_loads_from_cache_without_training(built, world, count_training):
   zoo, root, build_seconds = built
   started = time.perf_counter()

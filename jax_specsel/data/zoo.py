@@ -9,8 +9,16 @@
 
 No drafter is distilled on arithmetic: as with the paper's GSM8K, only the target is aligned there
 and autoregressive decoding should win. The target is slower per step than a drafter only
-because it is bigger (6 decoder layers of width 128 against 1 of width 96); nothing else
-differs.
+because it is bigger; nothing else differs.
+
+The grown target: the demo's budget trains a target of ~2M parameters, whose decode step sits in
+the CPU's caches and is compute-bound, so verifying gamma + 1 tokens costs several steps and
+speculation cannot pay. Every real target is memory-bound. So the trained target is widened
+`ZooConfig.target_growth` times without changing its function (models/growth.py, Net2Net):
+the grown model computes the trained one's logits up to float rounding, so the drafters distilled
+on the trained target's outputs stay exactly as aligned, while each step moves k^2 times the
+weights. The grown target is an ordinary HuggingFace checkpoint in the zoo's directory
+(`target-grown-x<k>/`), made once from the trained one.
 
 Training: optax AdamW with linear warmup and cosine decay (30x the step on T5's relative position
 bias tables, see `_optimizer`), one jitted step over the `nnx.split` state, teacher forcing
@@ -42,8 +50,9 @@ from typing import Any
 from jax_specsel.data import seq2seq, world as world_lib, zoo_store
 from jax_specsel.data.zoo_store import ZooCacheError
 from jax_specsel.data.zoo_training import greedy_generate, train_t5
-from jax_specsel.models import t5
+from jax_specsel.models import growth, t5
 from jax_specsel.models.interface import Model
+from jax_specsel.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,17 @@ class ZooConfig:
   shared_batch_shape: bool = False
   seed: int = 0
   dtype: str = "float32"
+  # The trained target widened this many times (function-preserving; 1: used as trained). 4 is the
+  # smallest factor at which a gamma-3 round costs at most ~1.6 target steps on the 2-core CPU
+  # (launch/round_cost.py; BUILD_NOTES "The embedded default"). Not part of the training
+  # fingerprint: every factor grows the same trained zoo.
+  target_growth: int = 4
+
+  def __post_init__(self):
+    if (isinstance(self.target_growth, bool) or not isinstance(self.target_growth, int)
+        or self.target_growth < 1):
+      raise ValueError(f"ZooConfig.target_growth={self.target_growth!r}: must be an integer >= 1 "
+                       "(1 keeps the trained target).")
 
   @classmethod
   def tiny(cls) -> "ZooConfig":
@@ -132,7 +152,8 @@ class ZooConfig:
                       train_steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=5)
     return cls(target=dataclasses.replace(small, d_model=48, decoder_layers=2),
                domain_drafter=small, general_drafter=small, drafter_steps=(), distill_per_domain=32,
-               max_new_tokens=12, generate_batch_size=32, shared_batch_shape=True)
+               max_new_tokens=12, generate_batch_size=32, shared_batch_shape=True,
+               target_growth=2)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -163,7 +184,8 @@ class Zoo:
   """The trained models of a world.
 
   Attributes:
-    target: the big model (a `jax_specsel.Model`).
+    target: the big model (a `jax_specsel.Model`): the trained target grown
+      `config.target_growth` times (the same function, k^2 the weights).
     drafters: name -> small `Model` (see `ZooConfig.drafter_names`).
     tokenizer: the shared word-level tokenizer.
     world: the `World` the zoo was trained on.
@@ -171,6 +193,7 @@ class Zoo:
     directory: the cache directory the zoo lives in.
     from_cache: True when loaded without training.
     info: zoo.json: configs, parameter counts, training seconds and final losses per model.
+    trained_target: the target as trained, before growth (None until `with_grown_target`).
   """
 
   target: Model
@@ -181,6 +204,7 @@ class Zoo:
   directory: str
   from_cache: bool
   info: dict
+  trained_target: Model | None = None
 
   @property
   def models(self) -> dict[str, Model]:
@@ -189,9 +213,10 @@ class Zoo:
 
 # ----------------------------------------------------------------------------- cache layout
 def zoo_fingerprint(world: world_lib.World, config: ZooConfig) -> str:
-  """A short hash of everything that determines the trained weights."""
+  """A short hash of everything that determines the trained weights (not the target's growth)."""
+  training = {k: v for k, v in config.to_dict().items() if k != "target_growth"}
   payload = json.dumps({"version": ZOO_VERSION, "world": world.fingerprint(),
-                        "zoo": config.to_dict()}, sort_keys=True)
+                        "zoo": training}, sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -231,7 +256,7 @@ def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
   directory = zoo_directory(world, config, cache_dir)
   if os.path.isdir(directory):
     try:
-      return load_zoo(directory, world)
+      return with_grown_target(load_zoo(directory, world), config.target_growth)
     except ZooCacheError as err:
       log.warning("%s: rebuilding the zoo.", err)
       shutil.rmtree(directory, ignore_errors=True)
@@ -250,6 +275,36 @@ def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
     shutil.rmtree(partial, ignore_errors=True)
   zoo = load_zoo(directory, world)  # reading back what was written checks the save
   zoo.from_cache = False
+  return with_grown_target(zoo, config.target_growth)
+
+
+def with_grown_target(zoo: Zoo, factor: int) -> Zoo:
+  """The zoo with its target widened `factor` times (`growth.grow_model`), the trained target kept
+  as `zoo.trained_target`. The grown checkpoint is made once, in `<zoo>/target-grown-x<k>/`
+  (written to a temporary sibling and renamed, so a killed growth never looks complete), and
+  loaded from there afterwards. zoo.info["target_growth"] records both sizes.
+  """
+  trained = zoo.trained_target or zoo.target
+  zoo.trained_target = trained
+  zoo.config = dataclasses.replace(zoo.config, target_growth=factor)
+  zoo.info["target_growth"] = {"factor": factor, "trained_params": int(trained.num_params)}
+  if factor == 1:
+    zoo.target = trained
+    zoo.info["target_growth"]["params"] = int(trained.num_params)
+    return zoo
+  directory = os.path.join(zoo.directory, f"target-grown-x{factor}")
+  if not os.path.isdir(directory):
+    started = time.perf_counter()
+    growth.grow_model(trained, factor, directory)
+    log.info("grew the target %dx in %.1fs: %s", factor, time.perf_counter() - started, directory)
+  try:
+    zoo.target = load_model(directory, dtype=trained.config.dtype, name=TARGET)
+  except Exception as err:  # a damaged grown checkpoint: remove it so the next build regrows it
+    shutil.rmtree(directory, ignore_errors=True)
+    raise ZooCacheError(f"{directory} (the grown target) could not be loaded and was removed; "
+                        f"run again to regrow it ({type(err).__name__}: {str(err)[:200]})") from err
+  zoo.target.tokenizer = zoo.tokenizer  # the drafters' own tokenizer object
+  zoo.info["target_growth"]["params"] = int(zoo.target.num_params)
   return zoo
 
 

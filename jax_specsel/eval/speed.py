@@ -208,3 +208,27 @@ def measure_adaptive_costs(target: Model, drafters: Mapping[str, Model], max_gam
   return adaptive.Costs(step=tuple(time_step(m, 1) / unit for m in models),
                read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
                verify=tuple(verify))
+
+
+def regime(target: Model, drafters: Mapping[str, Model], prompt_ids: np.ndarray, gamma: int,
+           rounds: int = 60) -> dict:
+  """Whether speculation can pay here: step costs of every model and a gamma round's cost.
+
+  Speculative decoding pays only where scoring gamma + 1 tokens costs about one target step (a
+  memory-bound target). Each round is timed inside a compiled loop (`time_rounds`) with the
+  first drafter; the result is stated in every report so a reader can check the regime.
+
+  Returns:
+    {"target_step_us", "drafter_step_us": {name: us}, "step_ratio": {name: target / drafter},
+     "gamma", "round_target_steps": a gamma round's cost in target steps (first drafter)}.
+  """
+  ids = np.asarray(prompt_ids, np.int32)
+  step = time_rounds(target, ids, rounds=rounds)
+  drafter_steps = {name: time_rounds(model, ids, rounds=rounds) for name, model in drafters.items()}
+  first = next(iter(drafters.values()))
+  round_seconds = time_rounds(target, ids, first, gamma, rounds=rounds)
+  return {"target_step_us": 1e6 * step,
+          "drafter_step_us": {name: 1e6 * s for name, s in drafter_steps.items()},
+          "step_ratio": {name: step / s for name, s in drafter_steps.items()},
+          "gamma": int(gamma), "round_drafter": next(iter(drafters)),
+          "round_target_steps": round_seconds / step}
