@@ -6,7 +6,8 @@ them (`generation_ids`): generation_config.json when the checkpoint has one, els
 
 Tensors are read lazily (safetensors memory maps, torch.load(mmap=True)), so peak host memory
 stays near one copy of the weights; models/loading.py converts and places them one at a time.
-`identity` and `transpose` are the tensor transforms the architectures' weight maps name.
+`identity` and `transpose` are the tensor transforms the architectures' weight maps name (a
+stored tensor -> the module's parameter); `inverse` gives the transform back (models/hf_export.py).
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def _model_config_ids(hf_config: dict) -> dict:
       break
   return fields
 
+
+def eos_field(eos_token_ids: tuple[int, ...]) -> int | list[int] | None:
+  """The stop ids as config.json / generation_config.json write `eos_token_id` (one id or a list;
+  None for no stop id), which `generation_ids` reads back as the same tuple."""
+  if not eos_token_ids:
+    return None
+  return int(eos_token_ids[0]) if len(eos_token_ids) == 1 else [int(e) for e in eos_token_ids]
 
 def read_generation_config(directory: str) -> dict | None:
   path = os.path.join(directory, GENERATION_CONFIG)
@@ -337,3 +345,26 @@ def identity(x):
 
 def transpose(x):
   return x.T
+
+
+# Each weight-map transform -> the one that undoes it (a parameter -> the stored tensor).
+_INVERSES = {identity: identity, transpose: transpose}
+
+
+def inverse(transform):
+  """The transform that undoes a weight-map transform.
+
+  Args:
+    transform: a transform an architecture's `hf_weight_map` names (`identity`, `transpose`).
+
+  Returns:
+    The function mapping the module's parameter back to the stored HuggingFace tensor.
+
+  Raises:
+    ValueError: a transform with no registered inverse (add it to `_INVERSES`).
+  """
+  try:
+    return _INVERSES[transform]
+  except (KeyError, TypeError):
+    raise ValueError(f"weight-map transform {transform!r} has no inverse: register one in "
+                     "jax_specsel/models/checkpoint.py _INVERSES to export such parameters.") from None

@@ -146,6 +146,34 @@ class Config:
         **_rope_fields(hf_config),
     )
 
+  def to_hf(self) -> dict:
+    """config.json fields transformers 5.x reads back as this architecture (`from_hf`'s inverse).
+
+    Returns:
+      A JSON-serializable dict (v5 layout: rotary settings in `rope_parameters`, `head_dim`
+      written explicitly).
+    """
+    rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+    if self.rope_type in ("linear", "llama3"):
+      rope["factor"] = self.rope_factor
+    if self.rope_type == "llama3":
+      rope.update(low_freq_factor=self.rope_low_freq_factor,
+                  high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": self.model_type,
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+        "mlp_bias": self.mlp_bias, "pad_token_id": self.pad_token_id,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": checkpoint.eos_field(self.eos_token_ids), "dtype": self.dtype,
+    }
+
 
 def _rope_fields(hf_config: dict) -> dict[str, Any]:
   """Rotary settings from either `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
@@ -458,6 +486,49 @@ def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointT
     return config
   return config if stored_tensors.equal(*tables) else dataclasses.replace(config, tie_word_embeddings=False)
 
+
+# ----------------------------------------------------------------------------- growth (models/growth.py)
+# Net2Net widening by k, per stored tensor (HF layout, torch Linear weights [out, in]): the axes
+# whose units are tiled k times (copy-major: query and key/value heads alike, so every query head
+# keeps its own key/value head), and among them the contracted ones (divided by k). The embedding
+# is a lookup: tiled, never divided. Every stored LLaMA tensor matches exactly one row.
+GROWTH_AXES = (
+    (r"^model\.embed_tokens\.weight$", (1,), ()),  # [V, D]
+    (r"^lm_head\.weight$", (1,), (1,)),  # [V, D]
+    (r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$", (0, 1), (1,)),  # [out, in]
+    (r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.bias$", (0,), ()),  # [out]
+    (r"norm\.weight$", (0,), ()),  # [D]
+    (r"rotary_emb\.inv_freq$", (), ()),  # [H/2]: head size unchanged
+)
+LM_HEAD = "lm_head.weight"  # the output table [V, D] a grown checkpoint always stores untied
+
+
+def output_scale(config: Config) -> float:
+  """What the final hidden state is multiplied by before the LM head: LLaMA does not scale."""
+  del config
+  return 1.0
+
+
+def grown_hf_config(hf_config: dict, config: Config, factor: int) -> dict:
+  """config.json of the checkpoint widened `factor` times (models/growth.py).
+
+  hidden_size, intermediate_size and both head counts grow k times; head_dim stays and is
+  written explicitly (hidden_size / num_attention_heads would give it anyway, but a reader must
+  not have to rely on that); the head is stored untied.
+
+  Args:
+    hf_config: the source config.json (fields this module does not read are kept).
+    config: the source's Config (`from_hf`, then `config_for_checkpoint`).
+    factor: k.
+
+  Returns:
+    The grown config.json dict.
+  """
+  return {**hf_config, "hidden_size": config.hidden_size * factor,
+          "intermediate_size": config.intermediate_size * factor,
+          "num_attention_heads": config.num_attention_heads * factor,
+          "num_key_value_heads": config.num_key_value_heads * factor,
+          "head_dim": config.head_dim, "tie_word_embeddings": False}
 
 # ----------------------------------------------------------------------------- sharding, memory
 # Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit

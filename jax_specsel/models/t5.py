@@ -179,6 +179,45 @@ class Config:
         dtype=dtype,
     )
 
+  def to_hf(self) -> dict:
+    """config.json fields transformers 5.x reads back as this architecture (`from_hf`'s inverse).
+
+    Both output flags are written: transformers takes the head's scaling from
+    `scale_decoder_outputs` when saved, and ties the tables from the stored weights.
+
+    Returns:
+      A JSON-serializable dict.
+
+    Raises:
+      ValueError: a gated exact-gelu feed-forward, which no `feed_forward_proj` names
+        (transformers reads "gated-gelu" as gelu_new).
+    """
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": self.model_type,
+        "is_encoder_decoder": True, "vocab_size": self.vocab_size, "d_model": self.d_model,
+        "d_kv": self.d_kv, "d_ff": self.d_ff, "num_heads": self.num_heads,
+        "num_layers": self.num_layers, "num_decoder_layers": self.num_decoder_layers,
+        "relative_attention_num_buckets": self.relative_attention_num_buckets,
+        "relative_attention_max_distance": self.relative_attention_max_distance,
+        "feed_forward_proj": self._feed_forward_proj(),
+        "layer_norm_epsilon": self.layer_norm_epsilon,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "scale_decoder_outputs": self.scale_decoder_outputs,
+        "pad_token_id": self.pad_token_id,
+        "eos_token_id": checkpoint.eos_field(self.eos_token_ids),
+        "decoder_start_token_id": self.decoder_start_token_id, "dtype": self.dtype,
+    }
+
+  def _feed_forward_proj(self) -> str:
+    if not self.is_gated_act:
+      return self.dense_act_fn
+    if self.dense_act_fn == "gelu_new":
+      return "gated-gelu"  # transformers' legacy name of gated gelu_new
+    if self.dense_act_fn == "gelu":
+      raise ValueError("a gated exact-gelu T5 feed-forward has no feed_forward_proj name "
+                       "(transformers reads 'gated-gelu' as gelu_new); it cannot be exported.")
+    return f"gated-{self.dense_act_fn}"
+
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
                              num_buckets: int, max_distance: int) -> jax.Array:
@@ -557,6 +596,47 @@ def config_for_checkpoint(config: Config, stored_tensors: checkpoint.CheckpointT
       separate_encoder_embeddings=own_table("encoder.embed_tokens.weight"),
       separate_decoder_embeddings=own_table("decoder.embed_tokens.weight"))
 
+
+# ----------------------------------------------------------------------------- growth (models/growth.py)
+# Net2Net widening by k, per stored tensor (HF layout, torch Linear weights [out, in]): the axes
+# whose units are tiled k times (copy-major), and among them the contracted ones (summed over by
+# the product, so the tiled tensor is divided by k there). Embedding tables are lookups: tiled,
+# never divided. Every stored T5 tensor matches exactly one row.
+GROWTH_AXES = (
+    (r"^(shared|(encoder|decoder)\.embed_tokens)\.weight$", (1,), ()),  # [V, D]
+    (r"^lm_head\.weight$", (1,), (1,)),  # [V, D]
+    (r"\.(SelfAttention|EncDecAttention)\.[qkv]\.weight$", (0, 1), (1,)),  # [N*H, D]
+    (r"\.(SelfAttention|EncDecAttention)\.o\.weight$", (0, 1), (1,)),  # [D, N*H]
+    (r"\.relative_attention_bias\.weight$", (1,), ()),  # [R, N]: per head
+    (r"\.DenseReluDense\.wi(_0|_1)?\.weight$", (0, 1), (1,)),  # [F, D]
+    (r"\.DenseReluDense\.wo\.weight$", (0, 1), (1,)),  # [D, F]
+    (r"layer_norm\.weight$", (0,), ()),  # [D]
+)
+LM_HEAD = "lm_head.weight"  # the output table [V, D] a grown checkpoint always stores untied
+
+
+def output_scale(config: Config) -> float:
+  """What the final hidden state is multiplied by before the LM head (d_model**-0.5 or 1)."""
+  return config.d_model ** -0.5 if config.scale_decoder_outputs else 1.0
+
+
+def grown_hf_config(hf_config: dict, config: Config, factor: int) -> dict:
+  """config.json of the checkpoint widened `factor` times (models/growth.py).
+
+  d_model, d_ff and num_heads grow k times, d_kv stays; the head is stored untied with the
+  scaling folded in, so both output flags are false.
+
+  Args:
+    hf_config: the source config.json (fields this module does not read are kept).
+    config: the source's Config (`from_hf`, then `config_for_checkpoint`).
+    factor: k.
+
+  Returns:
+    The grown config.json dict.
+  """
+  return {**hf_config, "d_model": config.d_model * factor, "d_ff": config.d_ff * factor,
+          "num_heads": config.num_heads * factor, "d_kv": config.d_kv,
+          "tie_word_embeddings": False, "scale_decoder_outputs": False}
 
 # ----------------------------------------------------------------------------- sharding, memory
 # Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
