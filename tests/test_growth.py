@@ -112,17 +112,25 @@ def grown(sources, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo_target():
-  """The demo target's architecture (original T5 via ModelSpec.t5_config), random, tiny."""
+  """The demo target's architecture (original T5 via ModelSpec.t5_config), random, tiny.
+
+  The weights are drawn in numpy into the module's abstract state: no per-shape jax program.
+  """
   spec = zoo.ModelSpec(d_model=32, num_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2,
                        train_steps=1)
-  module = t5.Module(spec.t5_config(vocab_size=80), rngs=nnx.Rngs(3))
-  graphdef, state = nnx.split(module)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(4), len(leaves))
-  # Norm scales (the only all-ones leaves) around 1; the rest as initialized.
-  leaves = [x + 0.2 * jax.random.normal(k, x.shape) if bool(jnp.all(x == 1)) else x
-            for x, k in zip(leaves, keys)]
-  return Model(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), name="zoo_target")
+  config = spec.t5_config(vocab_size=80)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: t5.Module(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(3)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:  # norm scales around 1 (not exactly 1: a mis-tiled scale must show)
+      return jnp.asarray(1.0 + 0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
+    std = 1.0 if "shared" in name or "relative_bias" in name else leaf.shape[0] ** -0.5
+    return jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype)
+
+  state = jax.tree_util.tree_map_with_path(draw, state)
+  return Model(nnx.merge(graphdef, state), name="zoo_target")
 
 
 def _inputs(model: Model, seed: int = 0):

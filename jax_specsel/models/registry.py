@@ -21,6 +21,14 @@ An architecture module provides (BUILD_NOTES.md, "Adding an architecture"):
                         for the memory estimate's activation formula
   context_bytes(config, rows, source_length, heads) -> int   bytes of what `prepare` returns
                         for `rows` rows, `heads` attention heads held per device
+
+For export (models/hf_export.py) and growth (models/growth.py):
+
+  Config.to_hf() -> dict    config.json fields transformers reads back as the same model
+  GROWTH_AXES           ((regex over HF tensor names, widened axes, contracted axes), ...)
+  LM_HEAD               the HF name of the output table, stored untied by growth
+  output_scale(config) -> float   the factor applied to the final hidden state before the head
+  grown_hf_config(hf_config, config, factor) -> dict   config.json widened `factor` times
 """
 
 from __future__ import annotations
