@@ -9,6 +9,9 @@ Public API:
   generate_adaptive(target, prompt_ids, drafters, policy=None, costs=None, ...): the option and
     gamma chosen again every round inside the loop (the policy as the prior)
   bandit.train_policy / bandit.load_policy          (jax_specsel.bandit)
+  grow_checkpoint(src_dir, dst_dir, factor) / grow_model(model, factor, directory): a T5 or
+    LLaMA widened `factor` times without changing its function (Net2Net; jax_specsel.models.growth)
+  save_hf_checkpoint(model, directory): a Model as a transformers checkpoint
   make_mesh(data=1, model=N) -> Mesh; load_model(path, dtype, mesh=mesh) loads sharded;
   shard_model(model, mesh, replicated=False); estimate_memory(config, (data, model), batch,
   cache_length, dtype) -> bytes per device   (jax_specsel.sharding, .models.interface, .memory)
@@ -22,6 +25,8 @@ from jax_specsel.decoding import (AdaptiveOutput, GenerateOutput, SelectedOutput
                                   compilation_count, generate, generate_adaptive,
                                   generate_selected)
 from jax_specsel.memory import estimate_memory
+from jax_specsel.models.growth import grow_checkpoint, grow_model
+from jax_specsel.models.hf_export import save_hf_checkpoint
 from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
                                            InvalidConfigError)
 from jax_specsel.models.interface import Decoder, Model, shard_model
@@ -33,4 +38,5 @@ from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_pol
 __all__ = ["Decoder", "Model", "load_model", "generate", "generate_adaptive", "generate_selected",
            "AdaptiveOutput", "GenerateOutput", "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "CorruptCheckpointError",
            "InvalidConfigError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
-           "shard_model", "estimate_memory", "bandit"]
+           "shard_model", "estimate_memory", "bandit", "grow_checkpoint", "grow_model",
+           "save_hf_checkpoint"]

@@ -27,9 +27,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
 flags.DEFINE_integer("queries", 12, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 5, "Timed passes over the queries.")
-flags.DEFINE_integer("gamma", 3, "generate_selected's gamma (as the demo).")
+flags.DEFINE_integer("gamma", 5, "generate_selected's gamma (as the demo).")
 flags.DEFINE_integer("max_gamma", 5, "generate_adaptive's largest gamma (as the demo).")
-flags.DEFINE_integer("probe_every", 32, "Rounds between probes (as the demo).")
+flags.DEFINE_integer("probe_every", 1, "Rounds between probes (as the demo).")
+flags.DEFINE_float("track_threshold", 0.0, "Hedge weight from which a drafter is read at every "
+                   "probe (as the demo: 0, every drafter every round).")
 flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
 flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
 
@@ -47,7 +49,7 @@ def main(argv):
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
-  rule = RuleSettings(probe_every=FLAGS.probe_every)
+  rule = RuleSettings(probe_every=FLAGS.probe_every, track_threshold=FLAGS.track_threshold)
 
   def selected(prompt, seed):
     started = time.perf_counter()

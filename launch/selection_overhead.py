@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
 flags.DEFINE_integer("queries", 40, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the queries.")
-flags.DEFINE_integer("gamma", 3, "Draft tokens per round (as the demo).")
+flags.DEFINE_integer("gamma", 5, "Draft tokens per round (as the demo).")
 flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
 flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
