@@ -14,10 +14,13 @@ and item `metadata` = JSON (widths, option names, config, training info).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any, Callable, Sequence
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from jax_specsel.flat_params import cached_flat_params
@@ -264,26 +268,82 @@ class Policy:
   def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes the policy to directory `path` with orbax (weights + metadata).
 
+    The policy is written beside `path` (`path.saving-*`) and swapped in by renames. A process
+    killed at any point leaves either the old or the new policy loadable: a kill between moving
+    the old one away (`path.previous-*`) and renaming the new one in is repaired by the next
+    `load_policy` or `save` (see `recover_interrupted_save`), and every save removes what
+    earlier interrupted saves left beside `path`.
+
     Args:
       path: directory to create.
       overwrite: replace an existing directory instead of raising FileExistsError.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
+    recover_interrupted_save(path)
+    if os.path.lexists(path) and not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
     state = {"params": self.params, "input_mean": self.input_mean,
              "input_scale": self.input_scale}
-    # Written beside the target, then swapped in: an interrupted save never leaves a half
-    # policy where the previous one was.
-    staging = f"{path}.saving-{uuid.uuid4().hex[:8]}"
+    staging = f"{path}{_SAVING}{uuid.uuid4().hex[:8]}"
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       checkpointer.save(staging, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())))
-    previous = f"{path}.previous-{uuid.uuid4().hex[:8]}"
-    if os.path.exists(path):
-      os.rename(path, previous)
+    if os.path.lexists(path):
+      os.rename(path, f"{path}{_PREVIOUS}{uuid.uuid4().hex[:8]}")
     os.rename(staging, path)
-    shutil.rmtree(previous, ignore_errors=True)
+    _remove_leftovers(path)
+
+
+_SAVING, _PREVIOUS = ".saving-", ".previous-"  # suffixes of a save's staging and replaced copies
+
+
+def _beside(path: str, suffix: str) -> list[str]:
+  """Entries `path<suffix>*` in path's directory (orbax temporaries of a staging copy included)."""
+  return sorted(glob.glob(glob.escape(path + suffix) + "*"))
+
+
+def _is_complete(directory: str) -> bool:
+  """A finished Policy.save directory (orbax renames its temporary into place only when done)."""
+  name = os.path.basename(directory)
+  return (re.fullmatch(r".*\.(saving|previous)-[0-9a-f]{8}", name) is not None
+          and not os.path.islink(directory)
+          and all(os.path.isdir(os.path.join(directory, item)) for item in ("metadata", "state")))
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> str | None:
+  """Puts back the policy of a save killed between its two renames; a no-op when `path` exists.
+
+  With nothing at `path`, a complete new copy (`path.saving-*`) wins, else the old one
+  (`path.previous-*`); the newest if several.
+
+  Returns:
+    The directory renamed to `path`, or None.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path):
+    return None
+  for suffix in (_SAVING, _PREVIOUS):
+    candidates = [d for d in _beside(path, suffix) if _is_complete(d)]
+    if candidates:
+      chosen = max(candidates, key=os.path.getmtime)
+      try:
+        os.rename(chosen, path)
+      except OSError:
+        if not os.path.isdir(path):  # another process recovering at once got there first
+          raise
+      logging.warning("%s: recovered the policy of an interrupted save from %s", path, chosen)
+      return chosen
+  return None
+
+
+def _remove_leftovers(path: str) -> None:
+  """Removes the staging and replaced copies of this and of earlier (interrupted) saves."""
+  for leftover in _beside(path, _SAVING) + _beside(path, _PREVIOUS):
+    if os.path.isdir(leftover) and not os.path.islink(leftover):
+      shutil.rmtree(leftover, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(leftover)
 
 
 class PolicyLoadError(ValueError):
@@ -304,8 +364,10 @@ def load_policy(path: str | os.PathLike) -> Policy:
     PolicyLoadError: the directory is empty, lacks an item, or cannot be read.
   """
   path = os.path.abspath(os.fspath(path))
+  recover_interrupted_save(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)")
+    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)"
+                            + _leftovers_note(path))
   _check_policy_dir(path)
   try:
     return _restore(path)
@@ -316,6 +378,14 @@ def load_policy(path: str | os.PathLike) -> Policy:
     raise PolicyLoadError(f"cannot read the policy at {path} ({type(err).__name__}: {detail}): the "
                           "directory is damaged or was written only in part; train and save the "
                           "policy again (launch/train_policy.py) or restore a copy.") from err
+
+
+def _leftovers_note(path: str) -> str:
+  leftovers = [os.path.basename(p) for p in _beside(path, _SAVING) + _beside(path, _PREVIOUS)]
+  if not leftovers:
+    return ""
+  return (f"; beside it only {leftovers}, unfinished copies of a save that was interrupted "
+          "before it completed: train and save the policy again (the next save removes them)")
 
 
 def _check_policy_dir(path: str) -> None:
