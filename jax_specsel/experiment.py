@@ -16,6 +16,7 @@ turns the ValueErrors of the checks a launch runs before any work into absl usag
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 
@@ -24,7 +25,7 @@ import ml_collections
 from absl import app, flags
 
 from jax_specsel import validation
-from jax_specsel.bandit.collect import IncompleteCollectionError
+from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectionMismatchError, IncompleteCollectionError
 from jax_specsel.data import loaders, tasks
 from jax_specsel.models.checkpoint import DTYPES
 from jax_specsel.models.interface import Model, shard_model
@@ -106,6 +107,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     except TypeError as err:
       raise ValueError(str(err)) from None
   mesh_shape(config)
+
+
+def check_collection(meta: dict, config: ml_collections.ConfigDict, directory: str) -> None:
+  """Refuses a collection whose target or drafters (collection.json) differ from the config's.
+
+  The collection records the target's name (`load_model`'s label: the last path component of
+  config.target) and the drafters' names (the keys of config.drafters).
+
+  Raises:
+    CollectionMismatchError: naming both sides and the fix.
+  """
+  target = os.path.basename(os.path.normpath(str(config.target)))
+  collected = [name for name in meta["options"] if name != AUTOREGRESSIVE]
+  problems = []
+  if meta.get("target") != target:
+    problems.append(f"target {meta.get('target')!r}, not config.target={config.target!r} "
+                    f"(named {target!r})")
+  if sorted(collected) != sorted(config.drafters):
+    problems.append(f"drafters {sorted(collected)}, not config.drafters {sorted(config.drafters)}")
+  if problems:
+    raise CollectionMismatchError(
+        f"{directory} was collected with {' and '.join(problems)}: a policy trained on it would "
+        "choose among other models than this config runs. Pass the config the collection was made "
+        "with, or collect again into another config.output_dir.")
 
 
 def _early_exit_layers(name: str, source: str) -> int:

@@ -58,6 +58,19 @@ def _collection(output_dir, finished: bool = True) -> None:
       os.remove(os.path.join(directory, f"shard-{shard:05d}.parquet"))
 
 
+def _config_file(tmp_path, **fields) -> str:
+  """A paper config naming the fake collection's models (target, drafters same and other)."""
+  fields = {"target": str(tmp_path / "target"), "output_dir": str(tmp_path),
+            "drafters": {"same": str(tmp_path / "same"), "other": str(tmp_path / "other")},
+            **fields}
+  path = tmp_path / "config.py"
+  path.write_text("from configs import paper_t5_table1\n\n\ndef get_config():\n"
+                  "  config = paper_t5_table1.get_config()\n"
+                  + "".join(f"  config.{name} = {value!r}\n" for name, value in fields.items())
+                  + "  return config\n")
+  return str(path)
+
+
 def test_missing_config_flag():
   _fails_with(_launch("train_policy.py"),
               "--config is required: pass an experiment config file, e.g. "
@@ -83,7 +96,7 @@ def test_bad_config_values_are_refused_before_work(override, message, tmp_path):
 
 def test_unfinished_collection_needs_the_explicit_flag(tmp_path):
   _collection(tmp_path, finished=False)
-  args = [f"--config={PAPER_CONFIG}", f"--config.output_dir={tmp_path}"]
+  args = [f"--config={_config_file(tmp_path)}"]
   _fails_with(_launch("train_policy.py", *args),
               "is an unfinished collection: 2 of 3 shards are missing (shard-00001.parquet, "
               "shard-00002.parquet). Rerun the collection")
@@ -100,18 +113,32 @@ def test_evaluate_with_an_empty_test_split_fails_before_loading_models(tmp_path)
   data_file = tmp_path / "xsum.jsonl"  # the test file holds only the collected queries
   data_file.write_text("".join(json.dumps({"id": f"q{i}", "document": "d", "summary": "s"}) + "\n"
                                for i in range(QUERIES)))
-  config_file = tmp_path / "config.py"
-  config_file.write_text(
-      "from configs import paper_t5_table1\n\n\ndef get_config():\n"
-      "  config = paper_t5_table1.get_config()\n"
-      f"  config.target = {str(tmp_path / 'no-such-target')!r}\n"
-      "  config.tasks = ('xsum',)\n"
-      f"  config.data_files = {{'xsum': {str(data_file)!r}}}\n"
-      f"  config.output_dir = {str(tmp_path)!r}\n"
-      "  return config\n")
+  config_file = _config_file(tmp_path, tasks=("xsum",), data_files={"xsum": str(data_file)})
   _fails_with(_launch("evaluate.py", f"--config={config_file}"),
               f"the test split is empty: {QUERIES} test queries of tasks ['xsum'] (split 'test'), "
               f"{QUERIES} of them also in the collection; raise config.test_per_task")
+
+
+@pytest.mark.parametrize("script", ["train_policy.py", "evaluate.py"])
+def test_a_collection_of_other_models_than_the_config_is_refused(script, tmp_path):
+  _collection(tmp_path)
+  _fails_with(_launch(script, f"--config={PAPER_CONFIG}", f"--config.output_dir={tmp_path}"),
+              f"{tmp_path / 'collection'} was collected with target 'target', not "
+              "config.target='google/flan-t5-xxl' (named 'flan-t5-xxl') and drafters ['other', "
+              "'same'], not config.drafters ['t5-small', 't5-small-xsum']: a policy trained on it "
+              "would choose among other models than this config runs.")
+  _fails_with(_launch(script, f"--config={_config_file(tmp_path, drafters={'same': 'x'})}"),
+              "was collected with drafters ['other', 'same'], not config.drafters ['same']")
+  assert not (tmp_path / "policy").exists()
+
+
+def test_a_damaged_collection_is_refused_before_training(tmp_path):
+  _collection(tmp_path)
+  shard = tmp_path / "collection" / "shard-00002.parquet"
+  shard.write_bytes(shard.read_bytes()[:100])
+  _fails_with(_launch("train_policy.py", f"--config={_config_file(tmp_path)}"),
+              f"{shard} cannot be read")
+  assert not (tmp_path / "policy").exists()
 
 
 def test_demo_config_error_comes_before_the_zoo(tmp_path):
