@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
-import threading
 
 import datasets
 import numpy as np
@@ -203,6 +205,22 @@ def test_two_writers_on_one_directory_split_the_work(tmp_path):
   assert leftovers == []
 
 
+class _KillOnWait:
+  """`fcntl` for the collector, except that a blocking flock (the collector starting to wait for
+  a held shard) first kills the holder with SIGKILL: the kill comes exactly then, no timer."""
+
+  def __init__(self, holder: subprocess.Popen):
+    self.holder = holder
+
+  def __getattr__(self, name):
+    return getattr(fcntl, name)
+
+  def flock(self, fd, operation):
+    if not operation & fcntl.LOCK_NB:
+      self.holder.kill()
+    return fcntl.flock(fd, operation)
+
+
 def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkeypatch):
   target, drafters = models
   tmp_path.mkdir(exist_ok=True)
@@ -223,7 +241,7 @@ def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkey
     real_write(directory, shard, rows)
 
   monkeypatch.setattr(collect_lib, "_write_shard", recording_write)
-  threading.Timer(2.0, holder.kill).start()  # the holder dies (SIGKILL) while we wait for it
+  monkeypatch.setattr(collect_lib, "fcntl", _KillOnWait(holder))
   data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
   holder.wait()
   assert data["id"] == [f"q{i}" for i in range(12)]
@@ -298,3 +316,31 @@ def test_an_inconsistent_collection_json_is_refused_on_load(models, tmp_path, fi
   meta_path.write_text(json.dumps(meta))
   with pytest.raises(collect_lib.DamagedCollectionError, match=message):
     collect_lib.load_collection(str(tmp_path))
+
+
+@pytest.mark.parametrize("point", ["shard", "meta"])
+def test_a_collector_killed_while_writing_resumes_each_query_exactly_once(point, tmp_path):
+  """A real collector process killed (SIGKILL) halfway through writing a shard or collection.json,
+  then resumed: every query once, in order, and nothing of the killed writer left behind."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here,
+                                                     os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  output_dir = tmp_path / "run"
+  killed = subprocess.run([sys.executable, os.path.join(here, "collect_worker.py"),
+                           str(output_dir), point], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  temporaries = [p.name for p in output_dir.iterdir() if ".tmp-" in p.name]
+  assert len(temporaries) == 1, temporaries  # the half-written file the kill left
+  finished = sorted(p.name for p in output_dir.glob("shard-*.parquet"))
+  assert finished == (["shard-00000.parquet"] if point == "shard" else [])
+  target, drafters = collect_worker.models()
+  resumed = collect_lib.collect(target, drafters, collect_worker.examples(), str(output_dir),
+                                collect_worker.config(), progress=False)
+  every_id = [f"q{i}" for i in range(collect_worker.NUM_QUERIES)]
+  assert resumed["id"] == every_id
+  assert collect_lib.load_collection(str(output_dir))[0]["id"] == every_id
+  leftovers = [p.name for p in output_dir.iterdir()
+               if not p.name.endswith(".parquet") and p.name != "collection.json"]
+  assert leftovers == []

@@ -151,7 +151,7 @@ def _collect_shard(target, drafters, examples, output_dir, shard, config, bar, w
     if os.path.exists(_shard_path(output_dir, shard)):  # another writer finished it meanwhile
       bar.update(len(indices))
     else:
-      _remove_stale_temporaries(output_dir, shard)
+      _remove_stale_temporaries(_shard_path(output_dir, shard))
       rows = _collect_rows(target, drafters, examples.select(indices), config, bar)
       _write_shard(output_dir, shard, rows)
     # Safe while others wait on the lock: whoever gets it next sees the shard and skips it.
@@ -210,6 +210,7 @@ def _rows_fingerprint(ids: Sequence[str], prompts: Sequence[str]) -> str:
 def _prepare_dir(output_dir: str, meta: dict) -> None:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, _META)
+  _remove_stale_temporaries(path)
   if not os.path.exists(path):
     _create_json(path, meta)  # exclusive: of two runs starting together, one writes it
   _check_same(output_dir, meta)
@@ -362,10 +363,11 @@ def _shard_lock(output_dir: str, shard: int, wait: bool) -> Iterator[bool]:
     os.close(fd)  # releases the lock
 
 
-def _remove_stale_temporaries(output_dir: str, shard: int) -> None:
-  """Removes temporary shard files of dead writers on this host (a SIGKILL leaves them)."""
+def _remove_stale_temporaries(path: str) -> None:
+  """Removes the temporaries of `path` (a shard or collection.json) that dead writers on this
+  host left (a SIGKILL leaves them)."""
   host = socket.gethostname()
-  for temporary in glob.glob(_shard_path(output_dir, shard) + ".tmp*"):
+  for temporary in glob.glob(glob.escape(path) + ".tmp*"):
     owner = temporary.rsplit(".tmp", 1)[1].lstrip("-").rsplit("-", 2)
     if owner == [""] or (len(owner) == 3 and owner[0] == host and not _alive(owner[1])):
       _remove_quietly(temporary)  # [""]: the fixed ".tmp" name of earlier versions
