@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.drafters = {f"layer{k}": f"early_exit:{k}" for k in (8, 16, 24, 32)}
   config.tasks = ("alpaca", "triviaqa")
   config.data_files = {}
+  config.data_dir = ""  # or a directory of <task>.jsonl files (--config.data_dir=DIR)
   config.train_split, config.test_split = "train", "train"  # Alpaca has only a train split
   config.train_per_task = 10_000
   config.test_per_task = 500

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.drafters = {"t5-small": "google-t5/t5-small", "t5-small-xsum": "jaeheekim/t5-small-xsum"}
   config.tasks = ("iwslt2017-en-de", "xsum")
   config.data_files = {}  # {task: local .jsonl/.csv/.parquet} to skip the dataset hub
+  config.data_dir = ""  # or a directory of <task>.jsonl files (--config.data_dir=DIR)
   config.train_split, config.test_split = "train", "test"
   config.train_per_task = 200_000  # the paper's offline table: ~400k queries over both tasks
   config.test_per_task = 500

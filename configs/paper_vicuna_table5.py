@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tasks = ("spec-bench-mt_bench", "spec-bench-translation", "spec-bench-summarization",
                   "spec-bench-qa", "spec-bench-math_reasoning", "spec-bench-rag")
   config.data_files = {task: "data/spec_bench/question.jsonl" for task in config.tasks}
+  config.data_dir = ""  # or a directory of <task>.jsonl files (--config.data_dir=DIR)
   config.train_split, config.test_split = "train", "test"
   config.train_per_task = 2_000
   config.test_per_task = 80

@@ -1,7 +1,7 @@
 """Small input checks shared by the library and the launches (imports nothing from the package).
 
 Every check raises before any expensive work and names the input and the fix: a launch turns the
-error into a usage message (`absl.app.UsageError`), the library lets it propagate.
+error into a one-line usage message (`experiment.usage_errors`), the library lets it propagate.
 """
 
 from __future__ import annotations

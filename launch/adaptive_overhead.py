@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jax_specsel import demo as demo_lib, validation
+from jax_specsel import demo as demo_lib, experiment, validation
 from jax_specsel.decoding import RuleSettings, generate_adaptive, generate_selected
 from jax_specsel.eval.speed import measure_adaptive_costs
 
@@ -36,16 +36,18 @@ flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (
 flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
 
 
+def check_flags() -> None:
+  """Validates every flag and the output path before the policy, the zoo or any timing."""
+  experiment.integer_flags("queries", "repeats", "gamma", "max_gamma", "max_new_tokens")
+  experiment.integer_flags("probe_every", minimum=0)
+  validation.writable_file(FLAGS.output, "--output")
+
+
 def main(argv):
   del argv
-  try:  # before the zoo and the timings: an unwritable --output must not cost a run
-    validation.writable_file(FLAGS.output, "--output")
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
-  try:
+  with experiment.usage_errors():  # one line, before the zoo and the timings
+    check_flags()
     policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy)
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
@@ -93,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

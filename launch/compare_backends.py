@@ -15,6 +15,9 @@ import sys
 
 from absl import app, flags
 
+from jax_specsel import experiment, validation
+from jax_specsel.eval import random_models
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backends", [], "Backends to compare (default: every one present).")
 flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs (see launch/benchmark.py).")
@@ -26,7 +29,7 @@ flags.DEFINE_integer("repeats", 3, "Timed passes.")
 def present_backends() -> list[str]:
   import jax
   found = []
-  for backend in ("cpu", "gpu", "tpu"):
+  for backend in BACKENDS:
     try:
       if jax.devices(backend):
         found.append(backend)
@@ -59,8 +62,23 @@ def merged_table(runs: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def check_flags() -> None:
+  """Validates every flag and the output directory before any backend is started."""
+  for name, known in (("backends", BACKENDS), ("families", tuple(random_models.RANDOM_PAIRS))):
+    unknown = sorted(set(FLAGS[name].value) - set(known))
+    if unknown or (name == "families" and not FLAGS.families):
+      raise ValueError(f"--{name}={','.join(FLAGS[name].value)}: choose from {sorted(known)}.")
+  experiment.integer_flags("max_new_tokens", "repeats")
+  validation.writable_directory(FLAGS.output_dir, "--output_dir")
+
+
 def main(argv):
   del argv
+  with experiment.usage_errors():  # one line, before any benchmark runs
+    check_flags()
   backends = FLAGS.backends or present_backends()
   runs = {backend: run_backend(backend) for backend in backends}
   os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -73,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from jax_specsel import experiment
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("kilobytes", 400, "Size of the carried buffer.")
 flags.DEFINE_integer("iterations", 1000, "Loop iterations per timed run.")
@@ -53,6 +55,8 @@ def _loop(kind: str, iterations: int, buffer, flag):
 
 def main(argv):
   del argv
+  with experiment.usage_errors():  # one line, before anything is compiled
+    experiment.integer_flags("kilobytes", "iterations")
   buffer = jnp.zeros((FLAGS.kilobytes * 256,), jnp.float32)
   flag = jnp.int32(1)
   print(f"| construct ({FLAGS.kilobytes} KB carried) | us per iteration |\n|---|---|")
@@ -69,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

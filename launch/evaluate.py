@@ -50,8 +50,9 @@ def main(argv):
     experiment.check_config(config)
     shape = experiment.mesh_shape(config, FLAGS.mesh)
     validation.writable_directory(config.output_dir, "config.output_dir")
-    dataset, meta = collect.load_collection(os.path.join(config.output_dir, "collection"),
-                                            allow_partial=FLAGS.allow_partial_collection)
+    directory = os.path.join(config.output_dir, "collection")
+    dataset, meta = collect.load_collection(directory, allow_partial=FLAGS.allow_partial_collection)
+    experiment.check_collection(meta, config, directory)
     test = test_queries(config, dataset)
     policy = load_policy(os.path.join(config.output_dir, "policy"))
   mesh = None if shape is None else sharding.make_mesh(*shape)

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jax_specsel import bandit
+from jax_specsel import bandit, experiment, validation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "write the results as JSON to this path")
@@ -122,9 +122,21 @@ def summary_table(results: list[dict], sizes) -> str:
   return "\n".join(lines)
 
 
+def check_flags() -> list[int]:
+  """Validates every flag and the output path before any training; returns the sizes."""
+  sizes = experiment.integer_list_flag("sizes")
+  experiment.integer_flags("seeds", "test_size", "dim")
+  for name in ("cluster_spread", "reward_noise"):
+    validation.real(f"--{name}", FLAGS[name].value, 0.0)
+  if FLAGS.output:
+    validation.writable_file(FLAGS.output, "--output")
+  return sizes
+
+
 def main(argv):
   del argv
-  sizes = [int(s) for s in FLAGS.sizes]
+  with experiment.usage_errors():  # one line, before any training
+    sizes = check_flags()
   results = []
   for name, overrides in _VARIANTS.items():
     results += run_variant(name, overrides, sizes, FLAGS.seeds)
@@ -146,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -3,6 +3,9 @@
   python launch/round_cost.py                                # the demo zoo (built if not cached)
   python launch/round_cost.py --target=DIR --drafter=DIR --prompt="translate English to German: ..."
 
+Every flag is checked before a model is loaded or timed. A --target without tokenizer files is
+timed on random prompt ids within the vocabulary of both models (then --prompt is refused).
+
 Two tables, both in units of one target decode step measured inside a compiled loop:
   * rounds by gamma: `loop.repeat_rounds` (rounds back to back in one program: no dispatch, warm
     weights); a round's cost is also its break-even tokens per round against autoregressive.
@@ -27,9 +30,9 @@ from flax import nnx
 import numpy as np
 
 import jax_specsel as js
-from jax_specsel import validation
+from jax_specsel import experiment, validation
 from jax_specsel.bandit.policy import Policy, PolicyNetwork
-from jax_specsel.eval import speed
+from jax_specsel.eval import random_models, speed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "", "Target checkpoint (directory or hub id); empty: the demo zoo.")
@@ -41,6 +44,33 @@ flags.DEFINE_integer("rounds", 200, "Rounds per timed program.")
 flags.DEFINE_integer("calls", 40, "Timed 1-token calls per entry point (median taken).")
 flags.DEFINE_string("cache_dir", "", "Zoo cache root (demo zoo only).")
 flags.DEFINE_string("output", "reports/round_cost.json", "Where the JSON tables go.")
+
+
+def check_flags() -> list[int]:
+  """Validates every flag and the output path before any model is loaded; returns --gammas."""
+  gammas = experiment.integer_list_flag("gammas")
+  experiment.integer_flags("gamma", "rounds", "calls")
+  if not FLAGS.target and FLAGS.drafter:
+    from jax_specsel.data import zoo as zoo_lib
+    names = zoo_lib.ZooConfig().drafter_names()
+    if FLAGS.drafter not in names:
+      raise ValueError(f"--drafter={FLAGS.drafter!r}: without --target, name a drafter of the demo "
+                       f"zoo, one of {list(names)}, or pass --target and --drafter checkpoints.")
+  validation.writable_file(FLAGS.output, "--output")
+  return gammas
+
+
+def _prompt_ids(target, drafter, prompt: str) -> np.ndarray:
+  """[1, L] ids of `prompt`; random ids within both vocabularies when the target has no tokenizer."""
+  if target.tokenizer is not None:
+    return np.asarray([target.tokenizer(prompt)["input_ids"]])
+  if FLAGS.prompt:
+    experiment.exit_with_usage_error(
+        f"--prompt needs a tokenizer, and --target={FLAGS.target} has none (no tokenizer files); "
+        "drop --prompt to time random prompt ids, or pass a checkpoint with tokenizer files.")
+  logging.warning("%s has no tokenizer: timing random prompt ids", FLAGS.target)
+  vocab = min(target.vocab_size, drafter.vocab_size)  # every id must exist in both models
+  return np.asarray(random_models.random_prompt_ids(np.random.default_rng(0), vocab, 1, 16))
 
 
 def _models():
@@ -101,16 +131,14 @@ def per_call_costs(target, drafter, ids, step: float, round_seconds: float, gamm
 
 def main(argv):
   del argv
-  try:  # before the zoo and the timings: an unwritable --output must not cost a run
-    validation.writable_file(FLAGS.output, "--output")
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
+  with experiment.usage_errors():  # one line, before the zoo and the timings
+    gammas = check_flags()
   target, drafter, prompt = _models()
-  ids = np.asarray([target.tokenizer(prompt)["input_ids"]])
+  ids = _prompt_ids(target, drafter, prompt)
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)
   drafter_step = speed.time_rounds(drafter, ids, rounds=FLAGS.rounds)
   rows = [{"gamma": 0, "round_us": 1e6 * step, "target_steps": 1.0}]
-  for gamma in map(int, FLAGS.gammas):
+  for gamma in gammas:
     seconds = speed.time_rounds(target, ids, drafter, gamma, rounds=FLAGS.rounds)
     rows.append({"gamma": gamma, "round_us": 1e6 * seconds, "target_steps": seconds / step})
   round_us = {row["gamma"]: row["round_us"] for row in rows}
@@ -139,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -18,7 +18,7 @@ import statistics
 
 from absl import app, flags, logging
 
-from jax_specsel import demo as demo_lib, validation
+from jax_specsel import demo as demo_lib, experiment, validation
 from jax_specsel.eval import evaluate
 
 FLAGS = flags.FLAGS
@@ -31,16 +31,17 @@ flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
 
 
+def check_flags() -> None:
+  """Validates every flag and the output path before the policy, the zoo or any timing."""
+  experiment.integer_flags("queries", "repeats", "gamma", "max_new_tokens")
+  validation.writable_file(FLAGS.output, "--output")
+
+
 def main(argv):
   del argv
-  try:  # before the zoo and the timings: an unwritable --output must not cost a run
-    validation.writable_file(FLAGS.output, "--output")
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
-  try:
+  with experiment.usage_errors():  # one line, before the zoo and the timings
+    check_flags()
     policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy, FLAGS.cache_dir or None)
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
   config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
                                seeds=tuple(range(FLAGS.repeats)))
   queries = [(domain, example["prompt"]) for domain in world.domains
@@ -88,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

@@ -22,6 +22,7 @@ from absl import app, flags
 import numpy as np
 
 import jax_specsel as js
+from jax_specsel import experiment
 from jax_specsel.eval import random_models, speed
 
 FLAGS = flags.FLAGS
@@ -66,8 +67,20 @@ def torch_ms(directory, prompt) -> float:
   return 1e3 * statistics.median(times)
 
 
+def check_flags() -> None:
+  """Validates every flag before any model is built or timed."""
+  unknown = sorted(set(FLAGS.families) - set(random_models.RANDOM_PAIRS))
+  if unknown or not FLAGS.families:
+    raise ValueError(f"--families={','.join(FLAGS.families)}: choose from "
+                     f"{sorted(random_models.RANDOM_PAIRS)}.")
+  experiment.integer_flags("prefix", "steps", "repeats", "cache_length")
+  experiment.integer_flags("torch_threads", minimum=0)
+
+
 def main(argv):
   del argv
+  with experiment.usage_errors():  # one line, before any model is built
+    check_flags()
   if FLAGS.torch_threads:
     import torch
     torch.set_num_threads(FLAGS.torch_threads)
@@ -87,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

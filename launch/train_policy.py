@@ -5,7 +5,8 @@
 
 The config and the collection are checked before training: an unfinished collection is refused
 (naming its missing shards) unless --allow_partial_collection, and then the policy's metadata
-records it (training_info["collection"]).
+records it (training_info["collection"]); so is a collection of another target or other drafters
+than the config names, and one whose shards are damaged or hold unusable values.
 """
 
 import os
@@ -29,9 +30,11 @@ def main(argv):
   config = FLAGS.config
   with experiment.usage_errors():
     pipeline.check_config(config)
+    experiment.check_config(config)
     validation.writable_directory(config.output_dir, "config.output_dir")
-    dataset, meta = collect.load_collection(os.path.join(config.output_dir, "collection"),
-                                            allow_partial=FLAGS.allow_partial_collection)
+    directory = os.path.join(config.output_dir, "collection")
+    dataset, meta = collect.load_collection(directory, allow_partial=FLAGS.allow_partial_collection)
+    experiment.check_collection(meta, config, directory)
   policy = pipeline.train_stage(dataset, meta, config, config.output_dir)
   print(f"policy over {policy.option_names} saved to {config.output_dir}/policy")
 

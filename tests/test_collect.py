@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
-import threading
 
 import datasets
 import numpy as np
@@ -203,6 +205,22 @@ def test_two_writers_on_one_directory_split_the_work(tmp_path):
   assert leftovers == []
 
 
+class _KillOnWait:
+  """`fcntl` for the collector, except that a blocking flock (the collector starting to wait for
+  a held shard) first kills the holder with SIGKILL: the kill comes exactly then, no timer."""
+
+  def __init__(self, holder: subprocess.Popen):
+    self.holder = holder
+
+  def __getattr__(self, name):
+    return getattr(fcntl, name)
+
+  def flock(self, fd, operation):
+    if not operation & fcntl.LOCK_NB:
+      self.holder.kill()
+    return fcntl.flock(fd, operation)
+
+
 def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkeypatch):
   target, drafters = models
   tmp_path.mkdir(exist_ok=True)
@@ -223,10 +241,106 @@ def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkey
     real_write(directory, shard, rows)
 
   monkeypatch.setattr(collect_lib, "_write_shard", recording_write)
-  threading.Timer(2.0, holder.kill).start()  # the holder dies (SIGKILL) while we wait for it
+  monkeypatch.setattr(collect_lib, "fcntl", _KillOnWait(holder))
   data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
   holder.wait()
   assert data["id"] == [f"q{i}" for i in range(12)]
   assert holder_state[0] is None and holder_state[2] is None  # the free shards went first
   assert holder_state[1] is not None  # shard 1 only after its holder died
   assert not stale.exists()
+
+
+def _rewrite_shard(path, change):
+  """Rewrites one parquet shard with `change(columns)` applied to its columns (a dict of lists)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  columns = pq.read_table(path).to_pydict()
+  change(columns)
+  pq.write_table(pa.table(columns), path)
+
+
+def _set_row(column, row, value):
+  def change(columns):
+    columns[column][row] = value
+  return change
+
+
+def _rename_column(old, new):
+  def change(columns):
+    columns[new] = columns.pop(old)
+  return change
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:200]),
+     r"shard-00001.parquet cannot be read \(.*\): the shard was truncated or damaged; re-collect it: "
+     r"delete it and rerun the collection \(it redoes only the missing shards\)"),
+    (lambda path: _rewrite_shard(path, _set_row("score/other", 2, float("nan"))),
+     r"shard-00001.parquet, column 'score/other': rows \[2\] \(1 in all\) hold NaN/inf \(or are "
+     r"empty\); training cannot use them. Re-collect the shard: delete it and rerun"),
+    (lambda path: _rewrite_shard(path, _set_row("embedding", 3, [0.5, 0.5])),
+     r"shard-00001.parquet, column 'embedding': rows \[3\] have width\(s\) \[2\], but "
+     r"collection.json records embedding_dim=\d+ \(the target's width\)"),
+    (lambda path: _rewrite_shard(path, _set_row("embedding", 0, [float("inf")] * 4)),
+     r"shard-00001.parquet, column 'embedding': rows \[0\] \(1 in all\) hold NaN/inf"),
+    (lambda path: _rewrite_shard(path, _rename_column("score/other", "score/renamed")),
+     r"shard-00001.parquet has no column 'score/other': collection.json lists option 'other', the "
+     r"shard scores \['same', 'autoregressive', 'renamed'\]; an option was renamed in one of them")])
+def test_a_damaged_shard_is_named_with_the_fix_on_load(models, tmp_path, damage, message):
+  target, drafters = models
+  assert target.hidden_size == 4  # the inf row above is of the recorded width
+  collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
+  damage(tmp_path / "shard-00001.parquet")
+  with pytest.raises(collect_lib.DamagedCollectionError, match=message):
+    collect_lib.load_collection(str(tmp_path))
+  if "cannot be read" in message:  # the fix the message gives: delete the shard and resume
+    (tmp_path / "shard-00001.parquet").unlink()
+    data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
+    assert data["id"] == [f"q{i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("embedding_dim", 7, r"shard-00000.parquet, column 'embedding': rows \[0, 1, 2, 3, 4\] have "
+                         r"width\(s\) \[4\], but collection.json records embedding_dim=7"),
+    ("options", ["same", "same", "autoregressive"],
+     r"collection.json: options=\['same', 'same', 'autoregressive'\] must be a non-empty list of "
+     r"distinct names; the file was edited or damaged"),
+    ("options", ["same", "renamed", "autoregressive"],
+     r"collection.json: param_counts has no entry for \['renamed'\]")])
+def test_an_inconsistent_collection_json_is_refused_on_load(models, tmp_path, field, value, message):
+  target, drafters = models
+  collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
+  meta_path = tmp_path / "collection.json"
+  meta = json.loads(meta_path.read_text())
+  meta[field] = value
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(collect_lib.DamagedCollectionError, match=message):
+    collect_lib.load_collection(str(tmp_path))
+
+
+@pytest.mark.parametrize("point", ["shard", "meta"])
+def test_a_collector_killed_while_writing_resumes_each_query_exactly_once(point, tmp_path):
+  """A real collector process killed (SIGKILL) halfway through writing a shard or collection.json,
+  then resumed: every query once, in order, and nothing of the killed writer left behind."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here,
+                                                     os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  output_dir = tmp_path / "run"
+  killed = subprocess.run([sys.executable, os.path.join(here, "collect_worker.py"),
+                           str(output_dir), point], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  temporaries = [p.name for p in output_dir.iterdir() if ".tmp-" in p.name]
+  assert len(temporaries) == 1, temporaries  # the half-written file the kill left
+  finished = sorted(p.name for p in output_dir.glob("shard-*.parquet"))
+  assert finished == (["shard-00000.parquet"] if point == "shard" else [])
+  target, drafters = collect_worker.models()
+  resumed = collect_lib.collect(target, drafters, collect_worker.examples(), str(output_dir),
+                                collect_worker.config(), progress=False)
+  every_id = [f"q{i}" for i in range(collect_worker.NUM_QUERIES)]
+  assert resumed["id"] == every_id
+  assert collect_lib.load_collection(str(output_dir))[0]["id"] == every_id
+  leftovers = [p.name for p in output_dir.iterdir()
+               if not p.name.endswith(".parquet") and p.name != "collection.json"]
+  assert leftovers == []

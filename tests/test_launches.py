@@ -34,10 +34,13 @@ def _launch(script: str, *args: str, timeout: float = 300) -> subprocess.Complet
 
 
 def _fails_with(completed: subprocess.CompletedProcess, message: str) -> None:
+  """Exit status 1 and the message on ONE line: no traceback, no usage text, no flag help."""
   output = completed.stdout + completed.stderr
   assert completed.returncode == 1, output[-3000:]
-  assert message in output, output[-3000:]
-  assert "Traceback" not in output, output[-3000:]
+  fatal = [line for line in output.splitlines() if line.startswith("FATAL")]
+  assert len(fatal) == 1 and message in fatal[0], output[-3000:]
+  assert "Traceback" not in output and "--helpshort or --helpfull" not in output, output[-3000:]
+  assert "\nflags:\n" not in output, output[-3000:]
 
 
 def _examples(n: int = QUERIES) -> datasets.Dataset:
@@ -58,10 +61,50 @@ def _collection(output_dir, finished: bool = True) -> None:
       os.remove(os.path.join(directory, f"shard-{shard:05d}.parquet"))
 
 
+def _config_file(tmp_path, **fields) -> str:
+  """A paper config naming the fake collection's models (target, drafters same and other)."""
+  fields = {"target": str(tmp_path / "target"), "output_dir": str(tmp_path),
+            "drafters": {"same": str(tmp_path / "same"), "other": str(tmp_path / "other")},
+            **fields}
+  path = tmp_path / "config.py"
+  path.write_text("from configs import paper_t5_table1\n\n\ndef get_config():\n"
+                  "  config = paper_t5_table1.get_config()\n"
+                  + "".join(f"  config.{name} = {value!r}\n" for name, value in fields.items())
+                  + "  return config\n")
+  return str(path)
+
+
 def test_missing_config_flag():
   _fails_with(_launch("train_policy.py"),
               "--config is required: pass an experiment config file, e.g. "
               "--config=configs/paper_t5_table1.py")
+
+
+def test_a_config_file_that_does_not_exist_is_one_line():
+  _fails_with(_launch("train_policy.py", "--config=/no/such/config.py"),
+              "--config=/no/such/config.py: cannot load the config file ([Errno 2] No such file or "
+              "directory: '/no/such/config.py'); pass an existing experiment config file, e.g. "
+              "--config=configs/paper_t5_table1.py")
+
+
+def test_a_flag_of_the_wrong_type_is_one_line():
+  _fails_with(_launch("benchmark.py", "--gamma=abc"),
+              "Flags parsing error: flag --gamma=abc: invalid literal for int() with base 10: 'abc'")
+
+
+def test_the_paper_configs_fix_for_a_missing_dataset_is_a_config_field(tmp_path):
+  from jax_specsel.data import loaders, tasks
+  local = tasks.Task(name="local-only", template="{input}", source_field="prompt",
+                     target_field="reference", metric="rouge_l")  # no hub source
+  with pytest.raises(loaders.DatasetUnavailableError, match=r"or, in a launch, --config.data_dir=DIR "
+                                                            r"with a file local-only.jsonl there"):
+    loaders.load_examples(local, split="train")
+  _fails_with(_launch("collect.py", f"--config={PAPER_CONFIG}", f"--config.data_dir={tmp_path}",
+                      f"--config.output_dir={tmp_path / 'run'}"),
+              f"config.data_dir={str(tmp_path)!r} has no file for task 'iwslt2017-en-de': add "
+              "iwslt2017-en-de.jsonl (or .json/.csv/.parquet) there, or name it in "
+              "config.data_files.")
+  assert not (tmp_path / "run").exists()
 
 
 def test_unknown_config_override():
@@ -83,7 +126,7 @@ def test_bad_config_values_are_refused_before_work(override, message, tmp_path):
 
 def test_unfinished_collection_needs_the_explicit_flag(tmp_path):
   _collection(tmp_path, finished=False)
-  args = [f"--config={PAPER_CONFIG}", f"--config.output_dir={tmp_path}"]
+  args = [f"--config={_config_file(tmp_path)}"]
   _fails_with(_launch("train_policy.py", *args),
               "is an unfinished collection: 2 of 3 shards are missing (shard-00001.parquet, "
               "shard-00002.parquet). Rerun the collection")
@@ -100,18 +143,32 @@ def test_evaluate_with_an_empty_test_split_fails_before_loading_models(tmp_path)
   data_file = tmp_path / "xsum.jsonl"  # the test file holds only the collected queries
   data_file.write_text("".join(json.dumps({"id": f"q{i}", "document": "d", "summary": "s"}) + "\n"
                                for i in range(QUERIES)))
-  config_file = tmp_path / "config.py"
-  config_file.write_text(
-      "from configs import paper_t5_table1\n\n\ndef get_config():\n"
-      "  config = paper_t5_table1.get_config()\n"
-      f"  config.target = {str(tmp_path / 'no-such-target')!r}\n"
-      "  config.tasks = ('xsum',)\n"
-      f"  config.data_files = {{'xsum': {str(data_file)!r}}}\n"
-      f"  config.output_dir = {str(tmp_path)!r}\n"
-      "  return config\n")
+  config_file = _config_file(tmp_path, tasks=("xsum",), data_files={"xsum": str(data_file)})
   _fails_with(_launch("evaluate.py", f"--config={config_file}"),
               f"the test split is empty: {QUERIES} test queries of tasks ['xsum'] (split 'test'), "
               f"{QUERIES} of them also in the collection; raise config.test_per_task")
+
+
+@pytest.mark.parametrize("script", ["train_policy.py", "evaluate.py"])
+def test_a_collection_of_other_models_than_the_config_is_refused(script, tmp_path):
+  _collection(tmp_path)
+  _fails_with(_launch(script, f"--config={PAPER_CONFIG}", f"--config.output_dir={tmp_path}"),
+              f"{tmp_path / 'collection'} was collected with target 'target', not "
+              "config.target='google/flan-t5-xxl' (named 'flan-t5-xxl') and drafters ['other', "
+              "'same'], not config.drafters ['t5-small', 't5-small-xsum']: a policy trained on it "
+              "would choose among other models than this config runs.")
+  _fails_with(_launch(script, f"--config={_config_file(tmp_path, drafters={'same': 'x'})}"),
+              "was collected with drafters ['other', 'same'], not config.drafters ['same']")
+  assert not (tmp_path / "policy").exists()
+
+
+def test_a_damaged_collection_is_refused_before_training(tmp_path):
+  _collection(tmp_path)
+  shard = tmp_path / "collection" / "shard-00002.parquet"
+  shard.write_bytes(shard.read_bytes()[:100])
+  _fails_with(_launch("train_policy.py", f"--config={_config_file(tmp_path)}"),
+              f"{shard} cannot be read")
+  assert not (tmp_path / "policy").exists()
 
 
 def test_demo_config_error_comes_before_the_zoo(tmp_path):
@@ -134,9 +191,24 @@ def test_demo_config_error_comes_before_the_zoo(tmp_path):
     ("adaptive_overhead.py", ["--output=/proc/jax_specsel/adaptive.json"],
      "--output=/proc/jax_specsel/adaptive.json: cannot write its directory"),
     ("adaptive_overhead.py", ["--policy=/no/such/policy", "--output=/tmp/adaptive_overhead.json"],
-     "--policy=/no/such/policy is not a saved policy directory")])
-def test_measurement_launches_check_flags_and_outputs_first(script, args, message):
-  _fails_with(_launch(script, *args, timeout=120), message)
+     "--policy=/no/such/policy is not a saved policy directory"),
+    ("adaptive_overhead.py", ["--probe_every=-1"], "--probe_every=-1: must be >= 0."),
+    ("selection_overhead.py", ["--repeats=0"], "--repeats=0: must be >= 1."),
+    ("compare_backends.py", ["--backends=cpu,quantum"],
+     "--backends=cpu,quantum: choose from ['cpu', 'gpu', 'tpu']."),
+    ("step_latency.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
+    ("conditional_copies.py", ["--iterations=0"], "--iterations=0: must be >= 1."),
+    ("experiment_estimators.py", ["--sizes=256,many"],
+     "--sizes=256,many: 'many' is not an integer; give a comma-separated list of integers"),
+    ("round_cost.py", ["--gammas=a,b"], "--gammas=a,b: 'a' is not an integer"),
+    ("round_cost.py", ["--gammas=2,0"], "--gammas entry=0: must be >= 1."),
+    ("round_cost.py", ["--drafter=drafter_nowhere"],
+     "--drafter='drafter_nowhere': without --target, name a drafter of the demo zoo")])
+def test_measurement_launches_check_flags_and_outputs_first(script, args, message, tmp_path):
+  cache = tmp_path / "zoo"  # where round_cost would build the demo zoo: never reached
+  extra = [f"--cache_dir={cache}"] if script == "round_cost.py" else []
+  _fails_with(_launch(script, *args, *extra, timeout=120), message)
+  assert not cache.exists()
 
 
 def test_random_prompts_stay_inside_the_vocabulary():
@@ -165,6 +237,17 @@ def tiny_llama(tmp_path_factory):
   directory = tmp_path_factory.mktemp("tiny_llama")
   transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
   return str(directory)
+
+
+def test_round_cost_times_a_target_without_tokenizer_on_random_prompt_ids(tiny_llama, tmp_path):
+  output = tmp_path / "round_cost.json"
+  args = [f"--target={tiny_llama}", "--gammas=1", "--gamma=1", "--rounds=2", "--calls=1"]
+  _fails_with(_launch("round_cost.py", *args, "--prompt=hello", f"--output={output}"),
+              f"--prompt needs a tokenizer, and --target={tiny_llama} has none")
+  completed = _launch("round_cost.py", *args, f"--output={output}")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = json.loads(output.read_text())
+  assert result["prompt_tokens"] == 16 and [row["gamma"] for row in result["rounds"]] == [0, 1]
 
 
 def test_benchmark_and_profile_draw_prompts_from_the_models_vocabulary(tiny_llama, tmp_path):

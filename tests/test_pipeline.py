@@ -241,3 +241,39 @@ def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(
   config.adaptive = ml_collections.ConfigDict({**config.adaptive.to_dict(), "frozen": "no"})
   with pytest.raises(ValueError, match="config.adaptive.frozen"):
     pipeline.check_config(config)
+
+
+@pytest.mark.slow  # ~4 min of CPU: the tiny zoo is trained, then every stage runs
+def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
+  """`demo.run_demo` as `make demo` runs it, on the tiny zoo and a handful of queries: every stage
+  writes its files, greedy decoding gives every option the target's own text, and the saved
+  policy and collection load back."""
+  import importlib
+  import os
+  from jax_specsel import bandit, demo
+  from jax_specsel.bandit import collect as collect_lib
+  monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = importlib.import_module("configs.demo").get_config()
+  config.zoo, config.cache_dir, config.output_dir = "tiny", str(tmp_path / "zoo"), str(tmp_path / "out")
+  config.collect_per_domain, config.test_per_domain, config.eval_seeds = 8, 2, (0,)
+  config.shard_size, config.collect_batch_size, config.max_new_tokens = 16, 8, 16
+  config.alphas, config.sample_sizes = (0.0, 1.0), (4, 16)
+  config.adaptive.shifted_queries = 3
+  assert demo.run_demo(config) == str(tmp_path / "out")
+  out = tmp_path / "out"
+  for name in ("report.json", "report.md", "evaluation.json", "alpha_sweep.json", "shifted.json",
+               "sample_efficiency.json", "figure2_alpha_sweep.png", "figure_shifted_domain.png"):
+    assert (out / name).exists(), name
+  report = json.loads((out / "report.json").read_text())
+  dataset, meta = collect_lib.load_collection(str(out / "collection"))
+  domains = sorted(set(dataset["task"]))
+  assert sorted(report["domains"]) == domains and len(dataset) == 8 * len(domains)
+  policy = bandit.load_policy(out / "policy")
+  assert policy.option_names == [n for n in meta["options"] if n != "autoregressive"] + [
+      "autoregressive"]
+  for domain in domains:
+    rows = report["domains"][domain]
+    assert {"autoregressive", "policy_greedy", "policy_dynamic", "policy_adaptive",
+            *policy.option_names} <= set(rows)
+    assert len({round(row["quality"], 6) for row in rows.values()}) == 1  # greedy: the same text
+  assert report["collection"]["complete"]

@@ -275,3 +275,63 @@ def test_empty_or_damaged_policy_directory_is_named(small_policy, tmp_path):
                                                    r"\(.*\): the directory is damaged or was written only "
                                                    r"in part; train and save the policy again"):
     bandit.load_policy(tmp_path / "damaged")
+
+
+def _tiny_policy(option_names=None, seed=0):
+  network = bandit.PolicyNetwork(4, 3, hidden_dim=8, num_layers=2, rngs=nnx.Rngs(params=seed))
+  return bandit.Policy(network, option_names=option_names)
+
+
+def test_nan_or_inf_embeddings_are_refused_naming_the_rows():
+  policy = _tiny_policy()
+  embeddings = np.ones((6, 4), np.float32)
+  embeddings[2, 1], embeddings[5, 0] = np.nan, np.inf
+  for call in (policy.choose, policy.probabilities,
+               lambda e: policy.choose(e, greedy=False)):
+    with pytest.raises(ValueError, match=r"embeddings rows \[2, 5\] \(2 of 6\) hold NaN/inf: the "
+                                         r"policy cannot choose for them"):
+      call(embeddings)
+  with pytest.raises(ValueError, match="the embedding holds NaN/inf"):
+    policy.choose_one(embeddings[2])
+  assert policy.choose(embeddings[:2]).shape == (2,)  # finite rows still choose
+  assert 0 <= policy.choose_one(embeddings[0]) < 3
+
+
+def test_duplicate_option_names_are_refused_at_construction_training_and_load(tmp_path):
+  message = r"option names \['a'\] are given more than once in \['a', 'b', 'a'\]"
+  with pytest.raises(ValueError, match=message):
+    _tiny_policy(["a", "b", "a"])
+  with pytest.raises(ValueError, match=message):
+    bandit.train_policy(TRAIN[0][:10], TRAIN[1][:10], option_names=["a", "b", "a"])
+  _tiny_policy(["a", "b", "c"]).save(tmp_path / "policy")
+  metadata_file = tmp_path / "policy" / "metadata" / "metadata"
+  metadata_file.write_text(metadata_file.read_text().replace('"c"', '"a"'))
+  with pytest.raises(bandit.PolicyLoadError, match=rf"{tmp_path / 'policy' / 'metadata'}: {message}"):
+    bandit.load_policy(tmp_path / "policy")
+
+
+def test_option_names_that_do_not_match_the_reward_columns_fail_before_training(monkeypatch):
+  from jax_specsel.bandit import reinforce
+  monkeypatch.setattr(reinforce, "_run_epochs", lambda *args: pytest.fail("trained"))
+  with pytest.raises(ValueError, match=r"2 option names for 3 options \(reward columns\): "
+                                       r"\['a', 'b'\]; pass one name per column"):
+    bandit.train_policy(TRAIN[0][:10], TRAIN[1][:10], option_names=["a", "b"])
+
+
+def test_a_policy_with_nan_weights_is_refused_at_load_naming_the_file(tmp_path):
+  policy = _tiny_policy(["a", "b", "c"])
+  policy.params["layers"][1]["bias"].value = policy.params["layers"][1]["bias"].value.at[0].set(
+      np.nan)  # as a flipped byte in the weight file leaves it
+  policy.save(tmp_path / "policy")
+  with pytest.raises(bandit.PolicyLoadError,
+                     match=rf"{tmp_path / 'policy' / 'state'} holds NaN/inf in "
+                           r"\['params/layers/1/bias'\]: the weight file is damaged"):
+    bandit.load_policy(tmp_path / "policy")
+
+
+def test_training_that_diverges_is_refused():
+  config = bandit.default_train_config()
+  config.learning_rate, config.epochs = 1e30, 3  # the decay step alone multiplies by -1e28
+  with pytest.raises(FloatingPointError, match=r"policy training diverged: after 3 steps the weights "
+                                               r"\[.*\] hold NaN/inf. Lower config.learning_rate"):
+    bandit.train_policy(TRAIN[0][:64], TRAIN[1][:64], config=config)

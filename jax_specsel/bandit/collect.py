@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from jax_specsel import token_batches
@@ -61,6 +62,10 @@ _FINGERPRINTS = ("queries_fingerprint", "shard_fingerprints")  # meta keys descr
 
 class CollectionMismatchError(ValueError):
   """A directory holds a collection of other settings, models or queries than the ones given."""
+
+
+class DamagedCollectionError(ValueError):
+  """A shard or collection.json cannot be read, or holds values training cannot use."""
 
 
 class IncompleteCollectionError(RuntimeError):
@@ -146,7 +151,7 @@ def _collect_shard(target, drafters, examples, output_dir, shard, config, bar, w
     if os.path.exists(_shard_path(output_dir, shard)):  # another writer finished it meanwhile
       bar.update(len(indices))
     else:
-      _remove_stale_temporaries(output_dir, shard)
+      _remove_stale_temporaries(_shard_path(output_dir, shard))
       rows = _collect_rows(target, drafters, examples.select(indices), config, bar)
       _write_shard(output_dir, shard, rows)
     # Safe while others wait on the lock: whoever gets it next sees the shard and skips it.
@@ -205,6 +210,7 @@ def _rows_fingerprint(ids: Sequence[str], prompts: Sequence[str]) -> str:
 def _prepare_dir(output_dir: str, meta: dict) -> None:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, _META)
+  _remove_stale_temporaries(path)
   if not os.path.exists(path):
     _create_json(path, meta)  # exclusive: of two runs starting together, one writes it
   _check_same(output_dir, meta)
@@ -357,10 +363,11 @@ def _shard_lock(output_dir: str, shard: int, wait: bool) -> Iterator[bool]:
     os.close(fd)  # releases the lock
 
 
-def _remove_stale_temporaries(output_dir: str, shard: int) -> None:
-  """Removes temporary shard files of dead writers on this host (a SIGKILL leaves them)."""
+def _remove_stale_temporaries(path: str) -> None:
+  """Removes the temporaries of `path` (a shard or collection.json) that dead writers on this
+  host left (a SIGKILL leaves them)."""
   host = socket.gethostname()
-  for temporary in glob.glob(_shard_path(output_dir, shard) + ".tmp*"):
+  for temporary in glob.glob(glob.escape(path) + ".tmp*"):
     owner = temporary.rsplit(".tmp", 1)[1].lstrip("-").rsplit("-", 2)
     if owner == [""] or (len(owner) == 3 and owner[0] == host and not _alive(owner[1])):
       _remove_quietly(temporary)  # [""]: the fixed ".tmp" name of earlier versions
@@ -439,6 +446,9 @@ def load_collection(output_dir: str, allow_partial: bool = False) -> tuple[datas
     FileNotFoundError: not a collection directory, or no shard finished yet.
     IncompleteCollectionError: shards are missing and allow_partial is False.
     CollectionMismatchError: a shard holds other queries than collection.json records.
+    DamagedCollectionError: a shard cannot be read or holds unusable values (a missing or
+      non-finite score, embeddings of another width or non-finite), or collection.json is
+      inconsistent; the message names the file, the column and the fix.
   """
   meta_path = os.path.join(output_dir, _META)
   if not os.path.exists(meta_path):
@@ -457,12 +467,77 @@ def load_collection(output_dir: str, allow_partial: bool = False) -> tuple[datas
         f"missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun the "
         "collection (it resumes only the missing shards), or allow a partial one "
         "(allow_partial=True, --allow_partial_collection); the report then says so.")
-  parts = [datasets.Dataset.from_parquet(paths[k]) for k in present]
+  _check_meta(meta_path, meta)
+  parts = [_read_shard(paths[k]) for k in present]
   for k, part in zip(present, parts):
     _check_shard(paths[k], k, part, meta)
+    _check_shard_values(paths[k], part, meta)
   dataset = datasets.concatenate_datasets(parts)
   meta.update(complete=not missing, collected_queries=len(dataset), missing_shards=missing)
   return dataset, meta
+
+
+_REDO_SHARD = "delete it and rerun the collection (it redoes only the missing shards)"
+
+
+def _read_shard(path: str) -> datasets.Dataset:
+  try:
+    return datasets.Dataset.from_parquet(path)
+  except Exception as err:  # pyarrow and datasets raise many classes for a damaged file
+    detail = str(err).splitlines()[0][:200] if str(err) else ""
+    raise DamagedCollectionError(f"{path} cannot be read ({type(err).__name__}: {detail}): the "
+                                 f"shard was truncated or damaged; re-collect it: {_REDO_SHARD}."
+                                 ) from None
+
+
+def _check_meta(path: str, meta: dict) -> None:
+  """collection.json's options, sizes and width are usable (a hand edit can break them)."""
+  options, counts = meta.get("options"), meta.get("param_counts") or {}
+  problem = None
+  if not isinstance(options, list) or len(set(map(str, options))) != len(options) or not options:
+    problem = f"options={options!r} must be a non-empty list of distinct names"
+  elif any(name not in counts for name in options):
+    problem = (f"param_counts has no entry for {[n for n in options if n not in counts]} of "
+               f"options {options}")
+  elif type(meta.get("embedding_dim")) is not int or meta["embedding_dim"] < 1:
+    problem = f"embedding_dim={meta.get('embedding_dim')!r} must be a positive integer"
+  if problem:
+    raise DamagedCollectionError(f"{path}: {problem}; the file was edited or damaged: restore it "
+                                 "(the collection writes it once, at its start).")
+
+
+def _check_shard_values(path: str, part: datasets.Dataset, meta: dict) -> None:
+  """Every option's score column is present and finite; embeddings are finite, of the recorded
+  width (raised here, naming the shard and column, rather than deep inside training)."""
+  table = part.data
+  for option in meta["options"]:
+    column = f"score/{option}"
+    if column not in part.column_names:
+      have = [c.removeprefix("score/") for c in part.column_names if c.startswith("score/")]
+      raise DamagedCollectionError(
+          f"{path} has no column {column!r}: collection.json lists option {option!r}, the shard "
+          f"scores {have}; an option was renamed in one of them. Rename it back, or {_REDO_SHARD}.")
+    scores = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    _refuse_non_finite(path, column, np.nonzero(~np.isfinite(scores))[0])
+  embeddings = table.column("embedding").combine_chunks()
+  widths = pc.list_value_length(embeddings).to_numpy(zero_copy_only=False)
+  wrong = np.nonzero(widths != meta["embedding_dim"])[0]
+  if wrong.size:
+    raise DamagedCollectionError(
+        f"{path}, column 'embedding': rows {wrong[:5].tolist()} have width(s) "
+        f"{sorted(set(widths[wrong].tolist()))[:5]}, but collection.json records embedding_dim="
+        f"{meta['embedding_dim']} (the target's width); the shard or collection.json was edited or "
+        f"comes from another target. Restore collection.json, or {_REDO_SHARD}.")
+  values = pc.list_flatten(embeddings).to_numpy(zero_copy_only=False).astype(np.float64)
+  rows = np.unique(np.nonzero(~np.isfinite(values.reshape(-1, meta["embedding_dim"])))[0])
+  _refuse_non_finite(path, "embedding", rows)
+
+
+def _refuse_non_finite(path: str, column: str, rows: np.ndarray) -> None:
+  if rows.size:
+    raise DamagedCollectionError(
+        f"{path}, column {column!r}: rows {rows[:5].tolist()} ({rows.size} in all) hold NaN/inf "
+        f"(or are empty); training cannot use them. Re-collect the shard: {_REDO_SHARD}.")
 
 
 def _check_shard(path: str, shard: int, part: datasets.Dataset, meta: dict) -> None:
@@ -493,6 +568,10 @@ def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit:
   unknown = set(names) - set(meta["options"])
   if unknown:
     raise ValueError(f"options {sorted(unknown)} were not collected; available: {meta['options']}.")
+  missing = [f"score/{n}" for n in names if f"score/{n}" not in dataset.column_names]
+  if missing:
+    raise ValueError(f"the dataset lacks column(s) {missing}: pass the table load_collection "
+                     "returns with its metadata.")
   alignment = np.stack([np.asarray(dataset[f"score/{n}"], np.float32) for n in names], axis=1)
   costs = rewards_lib.size_costs([meta["param_counts"][n] for n in names], unit=cost_unit)
   embeddings = np.asarray(dataset["embedding"], np.float32)

@@ -14,10 +14,13 @@ and item `metadata` = JSON (widths, option names, config, training info).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any, Callable, Sequence
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from jax_specsel.flat_params import cached_flat_params
@@ -88,16 +92,25 @@ class PolicyProgram:
                                inputs["input_scale"], embeddings)
 
 
+def _finite_rows(embeddings):
+  """[M] bool: the rows free of NaN/inf (the argmax of NaN logits would silently be option 0)."""
+  return jnp.all(jnp.isfinite(embeddings), axis=-1)
+
+
 def _probabilities(graphdef, params, input_mean, input_scale, embeddings):
-  return jax.nn.softmax(
+  probabilities = jax.nn.softmax(
       standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1)
+  return probabilities, _finite_rows(embeddings)
 
 
 def _choices(graphdef, params, input_mean, input_scale, embeddings, key, greedy):
+  """Option per row; -1 marks a row holding NaN/inf, which the caller refuses by index."""
   logits = standardized_logits(graphdef, params, input_mean, input_scale, embeddings)
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    choices = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    choices = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jnp.where(_finite_rows(embeddings), choices, -1)
 
 
 def _single_choice(graphdef, treedef, leaves, input_mean, input_scale, embedding, key, greedy):
@@ -147,10 +160,7 @@ class Policy:
     if self.input_mean.shape != (self.input_dim,) or self.input_scale.shape != (self.input_dim,):
       raise ValueError(f"input_mean/input_scale must have shape ({self.input_dim},), got "
                        f"{self.input_mean.shape} and {self.input_scale.shape}")
-    if option_names is not None and len(option_names) != self.num_options:
-      raise ValueError(f"{len(option_names)} option names for {self.num_options} options: "
-                       f"{list(option_names)}")
-    self.option_names = None if option_names is None else [str(n) for n in option_names]
+    self.option_names = check_option_names(option_names, self.num_options)
     self.config = config
     self.training_info = dict(training_info or {})
     self._probabilities_fn, self._choices_fn, self._single_choice_fn = _jitted_functions(
@@ -176,10 +186,15 @@ class Policy:
 
     Returns:
       float32 array [M, K], rows summing to 1.
+
+    Raises:
+      ValueError: rows holding NaN/inf (named by index).
     """
     embeddings = self._check_batch(embeddings)
-    return np.asarray(self._probabilities_fn(self.params, self.input_mean, self.input_scale,
-                                             embeddings))
+    probabilities, finite = self._probabilities_fn(self.params, self.input_mean,
+                                                   self.input_scale, embeddings)
+    _refuse_non_finite_rows(np.nonzero(~np.asarray(finite))[0], embeddings.shape[0])
+    return np.asarray(probabilities)
 
   def choose(self, embeddings, greedy: bool = True, seed: int = 0) -> np.ndarray:
     """Options for a batch of queries.
@@ -192,11 +207,16 @@ class Policy:
 
     Returns:
       int32 array [M] of option indices in [0, K).
+
+    Raises:
+      ValueError: rows holding NaN/inf (named by index).
     """
     embeddings = self._check_batch(embeddings)
     key = jax.random.key(seed)
-    return np.asarray(self._choices_fn(self.params, self.input_mean, self.input_scale,
-                                       embeddings, key, bool(greedy)))
+    choices = np.asarray(self._choices_fn(self.params, self.input_mean, self.input_scale,
+                                          embeddings, key, bool(greedy)))
+    _refuse_non_finite_rows(np.nonzero(choices < 0)[0], embeddings.shape[0])
+    return choices
 
   def choose_one(self, embedding, greedy: bool = True, seed: int = 0,
                  key: jax.Array | None = None) -> int:
@@ -222,8 +242,12 @@ class Policy:
       # Greedy ignores the key: reuse one instead of creating a key on every call.
       key = self._greedy_key() if greedy else jax.random.key(seed)
     leaves, treedef = cached_flat_params(self, "params")
-    return int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
-                                      embedding, key, bool(greedy)))
+    choice = int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
+                                        embedding, key, bool(greedy)))
+    if choice < 0:
+      raise ValueError("the embedding holds NaN/inf: the policy cannot choose for it; check the "
+                       "model that embedded the query (its dtype or weights).")
+    return choice
 
   def copy(self) -> "Policy":
     """An independent copy: online updates of one leave the other's weights unchanged."""
@@ -264,26 +288,119 @@ class Policy:
   def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes the policy to directory `path` with orbax (weights + metadata).
 
+    The policy is written beside `path` (`path.saving-*`) and swapped in by renames. A process
+    killed at any point leaves either the old or the new policy loadable: a kill between moving
+    the old one away (`path.previous-*`) and renaming the new one in is repaired by the next
+    `load_policy` or `save` (see `recover_interrupted_save`), and every save removes what
+    earlier interrupted saves left beside `path`.
+
     Args:
       path: directory to create.
       overwrite: replace an existing directory instead of raising FileExistsError.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
+    recover_interrupted_save(path)
+    if os.path.lexists(path) and not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
     state = {"params": self.params, "input_mean": self.input_mean,
              "input_scale": self.input_scale}
-    # Written beside the target, then swapped in: an interrupted save never leaves a half
-    # policy where the previous one was.
-    staging = f"{path}.saving-{uuid.uuid4().hex[:8]}"
+    staging = f"{path}{_SAVING}{uuid.uuid4().hex[:8]}"
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       checkpointer.save(staging, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())))
-    previous = f"{path}.previous-{uuid.uuid4().hex[:8]}"
-    if os.path.exists(path):
-      os.rename(path, previous)
+    if os.path.lexists(path):
+      os.rename(path, f"{path}{_PREVIOUS}{uuid.uuid4().hex[:8]}")
     os.rename(staging, path)
-    shutil.rmtree(previous, ignore_errors=True)
+    _remove_leftovers(path)
+
+
+_SAVING, _PREVIOUS = ".saving-", ".previous-"  # suffixes of a save's staging and replaced copies
+
+
+def _beside(path: str, suffix: str) -> list[str]:
+  """Entries `path<suffix>*` in path's directory (orbax temporaries of a staging copy included)."""
+  return sorted(glob.glob(glob.escape(path + suffix) + "*"))
+
+
+def _is_complete(directory: str) -> bool:
+  """A finished Policy.save directory (orbax renames its temporary into place only when done)."""
+  name = os.path.basename(directory)
+  return (re.fullmatch(r".*\.(saving|previous)-[0-9a-f]{8}", name) is not None
+          and not os.path.islink(directory)
+          and all(os.path.isdir(os.path.join(directory, item)) for item in ("metadata", "state")))
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> str | None:
+  """Puts back the policy of a save killed between its two renames; a no-op when `path` exists.
+
+  With nothing at `path`, a complete new copy (`path.saving-*`) wins, else the old one
+  (`path.previous-*`); the newest if several.
+
+  Returns:
+    The directory renamed to `path`, or None.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path):
+    return None
+  for suffix in (_SAVING, _PREVIOUS):
+    candidates = [d for d in _beside(path, suffix) if _is_complete(d)]
+    if candidates:
+      chosen = max(candidates, key=os.path.getmtime)
+      try:
+        os.rename(chosen, path)
+      except OSError:
+        if not os.path.isdir(path):  # another process recovering at once got there first
+          raise
+      logging.warning("%s: recovered the policy of an interrupted save from %s", path, chosen)
+      return chosen
+  return None
+
+
+def _remove_leftovers(path: str) -> None:
+  """Removes the staging and replaced copies of this and of earlier (interrupted) saves."""
+  for leftover in _beside(path, _SAVING) + _beside(path, _PREVIOUS):
+    if os.path.isdir(leftover) and not os.path.islink(leftover):
+      shutil.rmtree(leftover, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(leftover)
+
+
+def check_option_names(option_names: Sequence[str] | None, num_options: int) -> list[str] | None:
+  """The names as strings, one per option and all distinct (None stays None).
+
+  Raises:
+    ValueError: a count other than `num_options`, or a name given twice.
+  """
+  if option_names is None:
+    return None
+  if isinstance(option_names, str):
+    raise ValueError(f"option_names={option_names!r}: pass a list of {num_options} names, "
+                     "not one string.")
+  names = [str(name) for name in option_names]
+  if len(names) != num_options:
+    raise ValueError(f"{len(names)} option names for {num_options} options (reward columns): "
+                     f"{names}; pass one name per column.")
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise ValueError(f"option names {repeated} are given more than once in {names}: every "
+                     "option needs its own name (choices are reported by name).")
+  return names
+
+
+def _refuse_non_finite_rows(rows: np.ndarray, total: int) -> None:
+  if rows.size:
+    raise ValueError(f"embeddings rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''} "
+                     f"({rows.size} of {total}) hold NaN/inf: the policy cannot choose for them; "
+                     "check the model that embedded those queries (its dtype or weights), or "
+                     "drop them.")
+
+
+def non_finite_arrays(tree) -> list[str]:
+  """Paths (e.g. "params/layers/0/kernel") of the arrays in `tree` holding NaN or inf."""
+  return [jax.tree_util.keystr(key_path, simple=True, separator="/").removesuffix("/value")
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if not np.all(np.isfinite(np.asarray(leaf)))]
 
 
 class PolicyLoadError(ValueError):
@@ -304,8 +421,10 @@ def load_policy(path: str | os.PathLike) -> Policy:
     PolicyLoadError: the directory is empty, lacks an item, or cannot be read.
   """
   path = os.path.abspath(os.fspath(path))
+  recover_interrupted_save(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)")
+    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)"
+                            + _leftovers_note(path))
   _check_policy_dir(path)
   try:
     return _restore(path)
@@ -316,6 +435,14 @@ def load_policy(path: str | os.PathLike) -> Policy:
     raise PolicyLoadError(f"cannot read the policy at {path} ({type(err).__name__}: {detail}): the "
                           "directory is damaged or was written only in part; train and save the "
                           "policy again (launch/train_policy.py) or restore a copy.") from err
+
+
+def _leftovers_note(path: str) -> str:
+  leftovers = [os.path.basename(p) for p in _beside(path, _SAVING) + _beside(path, _PREVIOUS)]
+  if not leftovers:
+    return ""
+  return (f"; beside it only {leftovers}, unfinished copies of a save that was interrupted "
+          "before it completed: train and save the policy again (the next save removes them)")
 
 
 def _check_policy_dir(path: str) -> None:
@@ -343,6 +470,16 @@ def _restore(path: str) -> Policy:
     target = {"params": abstract_params, "input_mean": vector, "input_scale": vector}
     state = checkpointer.restore(path, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
+  damaged = non_finite_arrays(state)
+  if damaged:
+    raise PolicyLoadError(f"{os.path.join(path, 'state')} holds NaN/inf in {damaged}: the weight "
+                          "file is damaged (or was saved from a diverged training); restore a "
+                          "copy, or train and save the policy again.")
+  try:
+    check_option_names(metadata["option_names"], metadata["num_options"])
+  except ValueError as err:
+    raise PolicyLoadError(f"{os.path.join(path, 'metadata')}: {err} The file was edited or "
+                          "damaged; restore a copy or save the policy again.") from None
   network = nnx.merge(nnx.graphdef(abstract_network), state["params"])
   config = metadata["config"]
   return Policy(network, input_mean=np.asarray(state["input_mean"]),

@@ -30,7 +30,7 @@ from ml_collections import config_dict
 
 from jax_specsel import validation
 from jax_specsel.bandit import objective
-from jax_specsel.bandit.policy import Policy, PolicyNetwork
+from jax_specsel.bandit.policy import Policy, PolicyNetwork, check_option_names, non_finite_arrays
 
 
 def paper_train_config() -> ml_collections.ConfigDict:
@@ -239,6 +239,16 @@ def _run_epochs(train_step, params, optimizer_state, embeddings, rewards, stats,
   return params, epoch_rewards
 
 
+def _refuse_diverged(params, config, steps: int) -> None:
+  """A policy whose weights turned NaN/inf would choose option 0 for every query: refuse it."""
+  damaged = non_finite_arrays(params)
+  if damaged:
+    raise FloatingPointError(
+        f"policy training diverged: after {steps} steps the weights {damaged} hold NaN/inf. "
+        f"Lower config.learning_rate (now {config.learning_rate}) or rescale the rewards; "
+        "nothing was returned or saved.")
+
+
 def train_policy(embeddings, rewards, seed: int | None = None,
                  config: ml_collections.ConfigDict | None = None, *,
                  option_names: Sequence[str] | None = None,
@@ -260,11 +270,16 @@ def train_policy(embeddings, rewards, seed: int | None = None,
 
   Returns:
     The trained `Policy`.
+
+  Raises:
+    ValueError: a bad config, table or option names (before any training).
+    FloatingPointError: the weights turned NaN/inf during training.
   """
   config = default_train_config() if config is None else config
   validate_train_config(config)
   seed = int(config.seed if seed is None else seed)
   embeddings, rewards = _check_dataset(embeddings, rewards)
+  option_names = check_option_names(option_names, rewards.shape[1])  # before any training
   embeddings, rewards = _select_examples(embeddings, rewards, config.max_examples, seed)
   (num_examples, input_dim), num_options = embeddings.shape, rewards.shape[1]
   input_mean, input_scale = _standardization(embeddings, config.standardize_inputs)
@@ -291,6 +306,7 @@ def train_policy(embeddings, rewards, seed: int | None = None,
     if checkpoints is not None:
       checkpoints.close()
   total_steps = config.epochs * math.ceil(num_examples / config.batch_size)
+  _refuse_diverged(params, config, total_steps)
   training_info = {"steps": max(total_steps, start_step), "resumed_from_step": start_step,
                    "num_examples": num_examples, "seed": seed,
                    "epoch_mean_reward": epoch_rewards}

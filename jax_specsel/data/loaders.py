@@ -36,6 +36,16 @@ class MissingFieldError(KeyError):
     return str(self.args[0])  # KeyError would print the repr of the message
 
 
+def find_task_file(data_dir: str, task: str) -> str | None:
+  """The file `data_dir/<task>.<ext>` for the first extension found (.jsonl, .json, .csv,
+  .parquet), or None."""
+  for extension in _FORMATS:
+    path = os.path.join(data_dir, task + extension)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
 def _file_format(data_file: str) -> str:
   extension = os.path.splitext(data_file)[1].lower()
   if extension not in _FORMATS:
@@ -54,8 +64,8 @@ def _local_dataset(data_file: str, split: str) -> datasets.Dataset:
 
 def _hub_dataset(task: Task, split: str) -> datasets.Dataset:
   how_to = (f"provide a local copy: load_examples({task.name!r}, data_file='path/to/file.jsonl') "
-            f"or --config.data_file=path/to/file.jsonl (a .jsonl/.json/.csv/.parquet file with "
-            f"the fields {list(task.source_fields)}"
+            f"or, in a launch, --config.data_dir=DIR with a file {task.name}.jsonl there (or "
+            f".json/.csv/.parquet; the fields {list(task.source_fields)}"
             + (f" and {task.target_field!r}" if task.target_field else "") + ")")
   if task.hub is None:
     raise DatasetUnavailableError(f"task {task.name!r} has no hub source; {how_to}")
