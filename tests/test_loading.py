@@ -356,3 +356,14 @@ def test_t5_missing_tensor(tmp_path, t5_dir):
   _rewrite_weights(tmp_path / "ckpt", lambda t: t.pop(name))
   with pytest.raises(js.WeightMismatchError, match=f"missing.*{name}"):
     js.load_model(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_t5_unreadable_safetensors_is_named(tmp_path, t5_dir, damage):
+  directory, _ = t5_dir
+  shutil.copytree(directory, tmp_path / "ckpt")
+  path = tmp_path / "ckpt" / "model.safetensors"
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read \(SafetensorError: .*\): "
+                                                      r"the file is truncated or corrupt.*download it again"):
+    js.load_model(str(tmp_path / "ckpt"))

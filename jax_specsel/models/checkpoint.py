@@ -11,6 +11,7 @@ stays near one copy of the weights; models/loading.py converts and places them o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -254,14 +255,29 @@ def _unreadable(path: str, err: Exception) -> CorruptCheckpointError:
 
 
 def _iter_safetensors(path: str):
-  import safetensors
-  try:
+  with _safetensors_errors(path):
     # framework="flax": numpy has no bfloat16, and checkpoints are often stored in it.
-    with safetensors.safe_open(path, framework="flax") as f:
+    with safetensors_open(path) as f:
       for key in f.keys():
         yield key, f.get_tensor(key)
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str):
+  """Turns the reader's errors (a truncated, empty or overwritten file) into one that names it."""
+  import safetensors
+  try:
+    yield
   except safetensors.SafetensorError as err:
     raise _unreadable(path, err) from err
+
+
+def safetensors_open(path: str):
+  """`safetensors.safe_open` of a weight file; every read of one goes through here, so a file
+  that cannot be parsed raises CorruptCheckpointError naming it, whichever path reads it first."""
+  import safetensors
+  with _safetensors_errors(path):
+    return safetensors.safe_open(path, framework="flax")
 
 
 class CheckpointTensors:
@@ -298,12 +314,11 @@ class CheckpointTensors:
 def _lazy_tensors(path: str):
   """(name, zero-argument reader) per tensor of one weight file; nothing is read until called."""
   if path.endswith(".safetensors"):
-    import safetensors
-    with safetensors.safe_open(path, framework="flax") as f:
+    with safetensors_open(path) as f:
       keys = list(f.keys())
 
     def reader(key):
-      with safetensors.safe_open(path, framework="flax") as f:
+      with _safetensors_errors(path), safetensors_open(path) as f:
         return f.get_tensor(key)
 
     return [(key, lambda key=key: reader(key)) for key in keys]
