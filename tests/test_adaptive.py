@@ -243,3 +243,8 @@ def test_bad_inputs_raise_before_any_work(t5_models):
     adaptive_rule.RuleSettings(decay=1.5)
   with pytest.raises(ValueError, match="max_new_tokens"):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, max_new_tokens=0)
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match=rf"max_gamma={bad}: must be >= 1 .*use generate without a drafter"):
+      adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=bad)
+  with pytest.raises(ValueError, match=r"max_gamma=2.5: must be a whole number.*Pass max_gamma"):
+    adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=2.5)

@@ -171,3 +171,16 @@ def test_bad_inputs_raise_before_any_work(t5_models, llama_models):
     js.generate_selected(target, [[3, 4]], {"small": "abc"}, policy)
   with pytest.raises(ValueError, match="gamma"):
     js.generate_selected(target, [[3, 4]], drafters, policy, gamma=0)
+
+
+def test_a_missing_policy_or_a_path_says_how_to_load_one(t5_models, tmp_path):
+  target, drafters = t5_models
+  with pytest.raises(TypeError, match=r"generate_selected: policy is None: pass a trained "
+                                      r"jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy\(path\)"):
+    js.generate_selected(target, [[3, 4]], drafters, None)
+  path = str(tmp_path / "policy")
+  with pytest.raises(TypeError, match=rf"policy='{path}' is a path, not a Policy: load it first, "
+                                      rf"policy = jax_specsel.bandit.load_policy\('{path}'\)"):
+    js.generate_selected(target, [[3, 4]], drafters, path)
+  with pytest.raises(TypeError, match=r"generate_adaptive: policy='.*' is a path.*load_policy"):
+    js.generate_adaptive(target, [[3, 4]], drafters, policy=tmp_path / "policy")

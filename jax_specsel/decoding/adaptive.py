@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_specsel import validation
 from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
                                            _warn_past_position_limit, check_compatible,
@@ -128,6 +129,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     AdaptiveOutput.
   """
   started = time.perf_counter()
+  _check_max_gamma(max_gamma)
   _check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
   _check_models(target, None, max_gamma)
   names, models = _drafter_models(target, drafters, max_gamma)
@@ -155,6 +157,18 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, [AUTOREGRESSIVE, *names], packed, seconds, compile_seconds)
+
+
+def _check_max_gamma(max_gamma) -> None:
+  """max_gamma must be a whole number >= 1 (the checks shared with `generate` call it gamma)."""
+  try:
+    value = validation.integer("max_gamma", max_gamma)
+  except (TypeError, ValueError) as err:
+    raise type(err)(f"{err} Pass max_gamma as a whole number >= 1.") from None
+  if value < 1:
+    raise ValueError(f"max_gamma={value}: must be >= 1 (the most tokens a round may draft; each "
+                     "round may still choose plain autoregressive decoding). For plain decoding "
+                     "only, use generate without a drafter.")
 
 
 def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Mapping
 
@@ -138,7 +139,9 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
 
 
 def policy_option_names(target: Model, policy, caller: str) -> list[str]:
-  """The policy's option names, after checking it has some and reads this target's embeddings."""
+  """The policy's option names, after checking it is a policy, has some and reads this target's
+  embeddings."""
+  _check_is_policy(policy, caller)
   names = getattr(policy, "option_names", None)
   if not names:
     raise ValueError("the policy has no option names: train it with option_names (drafter names "
@@ -148,6 +151,18 @@ def policy_option_names(target: Model, policy, caller: str) -> list[str]:
                      f"{target.name} embeds queries with width {target.hidden_size}: train the "
                      "policy on this target's embeddings.")
   return list(names)
+
+
+def _check_is_policy(policy, caller: str) -> None:
+  """Refuses what is not a trained policy (None, a path, anything without the policy's program)."""
+  if all(hasattr(policy, attribute) for attribute in ("option_names", "program", "input_dim")):
+    return
+  if isinstance(policy, (str, os.PathLike)):
+    raise TypeError(f"{caller}: policy={os.fspath(policy)!r} is a path, not a Policy: load it first, "
+                    f"policy = jax_specsel.bandit.load_policy({os.fspath(policy)!r}).")
+  raise TypeError(f"{caller}: policy is {'None' if policy is None else type(policy).__name__}: pass a "
+                  "trained jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy(path) "
+                  "(one saved by train_policy), or train one with jax_specsel.bandit.train_policy.")
 
 
 def _option_models(target: Model, drafters: Mapping[str, Model], policy,
