@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +13,8 @@ from scipy import stats as scipy_stats
 
 import jax_specsel.decoding as dec
 from jax_specsel.decoding import loop, sampling
-from jax_specsel.decoding.generate import loop_spec, pad_prompts
-from fake_models import fake_model, reference_greedy
+from jax_specsel.decoding.generate import VocabularyWarning, loop_spec, pad_prompts
+from fake_models import fake_model, fake_model_with_tokenizer, reference_greedy
 
 
 # ---------------------------------------------------------------- sampling math vs numpy
@@ -370,3 +373,29 @@ def test_incompatible_drafter_raises():
     dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=12, eos_id=3))
   with pytest.raises(ValueError, match="vocabulary sizes"):
     dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=400, eos_id=1))
+
+
+def test_a_drafter_vocabulary_that_nothing_can_check_warns_until_the_assumption_is_stated(caplog):
+  target = fake_model(0, vocab_size=12, eos_id=1, name="target-v12")
+  drafter = fake_model(1, vocab_size=14, eos_id=1, name="drafter-v14")
+  message = (r"drafter drafter-v14 has vocab_size 14 but target target-v12 12, and target-v12 and "
+             r"drafter-v14 carry no tokenizer to compare.*pass assume_shared_vocabulary=True")
+  with pytest.warns(VocabularyWarning, match=message):
+    dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2)
+  assert any("assume_shared_vocabulary=True" in r.getMessage() for r in caplog.records)
+  for call in (lambda **k: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2, **k),
+               lambda **k: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
+                                                 max_new_tokens=2, **k)):
+    importlib.import_module("jax_specsel.decoding.generate")._VOCABULARY_WARNED.clear()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", VocabularyWarning)
+      call(assume_shared_vocabulary=True)  # stated: no warning
+    with pytest.warns(VocabularyWarning):
+      call()
+
+
+def test_drafter_tokenizers_that_differ_are_refused_whatever_is_assumed():
+  target = fake_model_with_tokenizer(0, vocab_size=12, name="target")
+  drafter = fake_model_with_tokenizer(1, vocab_size=14, name="drafter")
+  with pytest.raises(ValueError, match="different tokenizers: speculative decoding needs a shared vocabulary"):
+    dec.generate(target, [[2, 3]], drafter=drafter, assume_shared_vocabulary=True)

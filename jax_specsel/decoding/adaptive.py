@@ -106,7 +106,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
                       rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                       max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None) -> AdaptiveOutput:
+                      attention_mask=None, assume_shared_vocabulary: bool = False) -> AdaptiveOutput:
   """Decodes with the option (autoregressive or a drafter) and gamma chosen again every round.
 
   Greedy output equals `generate(target, prompt_ids)`'s; sampled output is distributed as the
@@ -123,7 +123,8 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       `parameter_costs`, the memory-bound (GPU, small batch) estimate.
     max_gamma: the largest speculation length a round may pick (static shapes).
     rule: the per-round rule's settings (`adaptive_rule.RuleSettings`).
-    temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`.
+    temperature, top_k, top_p, max_new_tokens, seed, attention_mask, assume_shared_vocabulary:
+      as for `generate`.
 
   Returns:
     AdaptiveOutput.
@@ -132,7 +133,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   _check_max_gamma(max_gamma)
   _check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
   _check_models(target, None, max_gamma)
-  names, models = _drafter_models(target, drafters, max_gamma)
+  names, models = _drafter_models(target, drafters, max_gamma, assume_shared_vocabulary)
   costs = parameter_costs(target, dict(zip(names, models)), max_gamma) if costs is None else costs
   _check_costs(costs, len(models), max_gamma)
   prior_index = _prior_index(target, policy, [AUTOREGRESSIVE, *names])
@@ -171,7 +172,8 @@ def _check_max_gamma(max_gamma) -> None:
                      "only, use generate without a drafter.")
 
 
-def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int):
+def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int,
+                    assume_shared_vocabulary: bool):
   """(names, models) of the drafters, each checked and placed next to the target."""
   if not isinstance(drafters, Mapping) or not drafters:
     raise ValueError(f"drafters={drafters!r}: pass a non-empty dict name -> drafter Model "
@@ -184,7 +186,7 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
       raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
     _check_models(target, model, max_gamma)
     model = drafter_for(target, model)
-    check_compatible(target, model)
+    check_compatible(target, model, assume_shared_vocabulary)
     names.append(str(name))
     models.append(model)
   return names, models

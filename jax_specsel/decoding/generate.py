@@ -30,10 +30,16 @@ MIN_BUCKET = 8
 MIN_SAMPLING_TEMPERATURE = 1e-4
 _COMPILED: dict = {}
 _COMPILE_SECONDS: list[float] = []
+_VOCABULARY_WARNED: set = set()  # (target, drafter) pairs warned about once
 
 
 class PositionLimitWarning(UserWarning):
   """A decoder-only generation runs past the model's max_position_embeddings (it goes on)."""
+
+
+class VocabularyWarning(UserWarning):
+  """A drafter's vocabulary size differs from the target's and no tokenizers can show that the
+  ids mean the same text (generation goes on; `assume_shared_vocabulary=True` states it)."""
 
 
 @dataclasses.dataclass
@@ -118,7 +124,8 @@ def bucket_length(length: int, limit: int | None = None) -> int:
 
 def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int = 7,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, attention_mask=None) -> GenerateOutput:
+             max_new_tokens: int = 64, seed: int = 0, attention_mask=None,
+             assume_shared_vocabulary: bool = False) -> GenerateOutput:
   """Autoregressive (drafter=None) or speculative generation in one compiled while_loop.
 
   Every input is checked before anything is compiled or run; nothing is silently truncated.
@@ -146,6 +153,10 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
       padding_side="left" produce) or both-sided padding are accepted and normalized to the
       right-padded layout the loop uses; padding between real tokens, other values and other
       shapes are refused.
+    assume_shared_vocabulary: states that the drafter's ids mean the same text as the target's
+      where nothing can check it (vocabulary sizes that differ by padding, no tokenizers to
+      compare): silences the `VocabularyWarning` given otherwise. Tokenizers that differ are
+      refused either way.
 
   Returns:
     GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
@@ -161,7 +172,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   _warn_past_position_limit(target, drafter, mask, max_new_tokens)
   if drafter is not None:
     drafter = drafter_for(target, drafter)
-    check_compatible(target, drafter)
+    check_compatible(target, drafter, assume_shared_vocabulary)
   spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
   target_leaves, target_tree = target.flat_params()
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
@@ -356,13 +367,15 @@ def drafter_for(target: Model, drafter: Model) -> Model:
   return drafter
 
 
-def check_compatible(target: Model, drafter: Model) -> None:
+def check_compatible(target: Model, drafter: Model, assume_shared_vocabulary: bool = False) -> None:
   """Raises ValueError unless the drafter can draft for the target (same family and tokenizer).
 
   Generation stops on the target's stop ids and pads with the target's pad id; the drafter's own
   stop ids only serve as a tokenizer check when the models carry no tokenizers: they must share
   an id when both have some (a base drafter's single EOS inside an instruct target's several
-  end-of-turn ids is fine).
+  end-of-turn ids is fine). Without two tokenizers to compare, vocabulary sizes that differ by
+  padding (at most 256) are accepted with a `VocabularyWarning` (logged and warned once per pair)
+  unless `assume_shared_vocabulary` states that the ids are shared.
   """
   if drafter.mesh != target.mesh:
     raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
@@ -384,6 +397,25 @@ def check_compatible(target: Model, drafter: Model) -> None:
   if abs(target.vocab_size - drafter.vocab_size) > 256:
     raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
                      f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
+  if drafter.vocab_size != target.vocab_size and not assume_shared_vocabulary:
+    _warn_unchecked_vocabulary(target, drafter)
+
+
+def _warn_unchecked_vocabulary(target: Model, drafter: Model) -> None:
+  """Logs and warns, once per pair, that nothing shows the drafter's ids mean the target's text."""
+  pair = (target.name, drafter.name, target.vocab_size, drafter.vocab_size)
+  if pair in _VOCABULARY_WARNED:
+    return
+  _VOCABULARY_WARNED.add(pair)
+  missing = [m.name for m in (target, drafter) if m.tokenizer is None]
+  message = (f"drafter {drafter.name} has vocab_size {drafter.vocab_size} but target {target.name} "
+             f"{target.vocab_size}, and {' and '.join(missing)} carr{'y' if len(missing) > 1 else 'ies'} "
+             "no tokenizer to compare: nothing checks that the ids mean the same text. Generation "
+             "goes on assuming they do (the output keeps the target's distribution; a drafter with "
+             "another vocabulary only gets its drafts rejected). Load the models with their "
+             "tokenizer files to check it, or pass assume_shared_vocabulary=True to state it.")
+  log.warning("%s", message)
+  warnings.warn(VocabularyWarning(message), stacklevel=4)
 
 
 def _mesh_name(model: Model) -> str:

@@ -98,7 +98,7 @@ class SelectedOutput(GenerateOutput):
 def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], policy,
                       greedy_policy: bool = True, gamma: int = 7, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None) -> SelectedOutput:
+                      attention_mask=None, assume_shared_vocabulary: bool = False) -> SelectedOutput:
   """Chooses the drafter per query with `policy` and decodes with it, in one compiled call.
 
   Emits exactly what `generate(target, prompt_ids, drafter=<the chosen drafter or None>, ...)`
@@ -112,8 +112,8 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       "autoregressive". Drafters the policy never names are ignored.
     policy: a trained `jax_specsel.bandit.Policy` over the target's embeddings.
     greedy_policy: True takes the policy's argmax, False samples from it (the dynamic policy).
-    gamma, temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`
-      (gamma is shared by every drafter option).
+    gamma, temperature, top_k, top_p, max_new_tokens, seed, attention_mask,
+      assume_shared_vocabulary: as for `generate` (gamma is shared by every drafter option).
 
   Returns:
     SelectedOutput: tokens, lengths, stats as `generate`, plus choices, choice_ids, embeddings.
@@ -121,7 +121,7 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   started = time.perf_counter()
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
   _check_models(target, None, gamma)
-  option_models = _option_models(target, drafters, policy, gamma)
+  option_models = _option_models(target, drafters, policy, gamma, assume_shared_vocabulary)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   for drafter in option_models:
     _warn_past_position_limit(target, drafter, mask, max_new_tokens)
@@ -165,8 +165,8 @@ def _check_is_policy(policy, caller: str) -> None:
                   "(one saved by train_policy), or train one with jax_specsel.bandit.train_policy.")
 
 
-def _option_models(target: Model, drafters: Mapping[str, Model], policy,
-                   gamma: int) -> list[Model | None]:
+def _option_models(target: Model, drafters: Mapping[str, Model], policy, gamma: int,
+                   assume_shared_vocabulary: bool) -> list[Model | None]:
   """The drafter (None: autoregressive) of each policy option, checked before any work."""
   names = policy_option_names(target, policy, "generate_selected")
   unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
@@ -182,7 +182,7 @@ def _option_models(target: Model, drafters: Mapping[str, Model], policy,
         raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
       _check_models(target, model, gamma)
       model = drafter_for(target, model)  # a single-device drafter joins a sharded target's mesh
-      check_compatible(target, model)
+      check_compatible(target, model, assume_shared_vocabulary)
     models.append(model)
   return models
 
