@@ -399,3 +399,33 @@ def test_drafter_tokenizers_that_differ_are_refused_whatever_is_assumed():
   drafter = fake_model_with_tokenizer(1, vocab_size=14, name="drafter")
   with pytest.raises(ValueError, match="different tokenizers: speculative decoding needs a shared vocabulary"):
     dec.generate(target, [[2, 3]], drafter=drafter, assume_shared_vocabulary=True)
+
+
+@pytest.mark.filterwarnings("ignore::jax_specsel.decoding.PositionLimitWarning")
+def test_caches_that_cannot_fit_are_refused_before_compiling(monkeypatch):
+  from flax import nnx
+  from jax_specsel import memory
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  target, drafter = fake_model(0, vocab_size=12, name="target"), fake_model(1, vocab_size=12, name="drafter")
+  policy = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
+                  option_names=["d", "autoregressive"])
+  monkeypatch.setattr(memory, "free_bytes", lambda mesh=None: (2 ** 20, "host RAM in total"))
+  before = dec.compilation_count()
+  # The fake caches hold one int32 per position: 300000 positions of two models are 2.3 MiB.
+  message = (r"max_new_tokens=300000 needs K/V caches of 2.29 MiB per device \(300\d+ positions x batch 1, "
+             r"target target and 1 drafter\(s\)\) but there is 1.00 MiB \(host RAM in total\): lower "
+             r"max_new_tokens \(about 1\d{5} fit")
+  calls = [lambda: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=300000),
+           lambda: dec.generate_selected(target, [[2, 3]], {"d": drafter}, policy, gamma=2,
+                                         max_new_tokens=300000),
+           lambda: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
+                                         max_new_tokens=300000)]
+  for call in calls:
+    with pytest.raises(ValueError, match=message):
+      call()
+  assert dec.compilation_count() == before
+  monkeypatch.undo()
+  assert memory.free_bytes()[0] > 2 ** 20  # the CPU backend: host RAM
+  with pytest.raises(ValueError, match=r"max_new_tokens=2147483647: the caches would need 2147483\d+ "
+                                       r"positions, beyond the loop's int32 positions"):
+    dec.generate(target, [[2, 3]], max_new_tokens=2 ** 31 - 1)

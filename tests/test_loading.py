@@ -421,3 +421,11 @@ def test_llama_config_inconsistent_heads_and_bad_stop_id(checkpoint):
   with pytest.raises(js.InvalidConfigError, match=r"config.json: eos_token_id='2' \(str\): must be an "
                                                   r"integer. Fix eos_token_id in config.json"):
     js.load_model(str(checkpoint))
+
+
+def test_cache_bytes_checked_before_compiling_equal_the_memory_estimate(base_dir, t5_dir):
+  from jax_specsel import memory
+  for directory in (base_dir, t5_dir[0]):
+    model = js.load_model(str(directory))
+    assert memory.cache_bytes_per_device(model, 3, 40) == js.estimate_memory(
+        model.config, batch=3, cache_length=40)["caches"]

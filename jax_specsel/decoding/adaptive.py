@@ -36,7 +36,8 @@ import numpy as np
 from jax_specsel import validation
 from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_compatible,
+                                           _warn_past_position_limit, check_caches_fit,
+                                           check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts,
                                            place_prompts, unpack_prompts)
 from jax_specsel.decoding.selected import AUTOREGRESSIVE, policy_option_names
@@ -152,9 +153,11 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   args = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
           costs.as_array(), packed_prompts)
   trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+  fits = lambda: check_caches_fit(target, models, ids.shape[0],
+                                  spec.base.cache_length(ids.shape[1]), max_new_tokens)
   compiled, compile_seconds = compiled_program(
       _run_flat, (spec, trees), args,
-      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}")
+      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}", before_compile=fits)
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, [AUTOREGRESSIVE, *names], packed, seconds, compile_seconds)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel import sharding, token_batches, validation
+from jax_specsel import memory, sharding, token_batches, validation
 from jax_specsel.decoding import loop, sampling
 from jax_specsel.models import interface
 from jax_specsel.models.interface import Model
@@ -28,6 +28,7 @@ MIN_BUCKET = 8
 # Sampling temperatures in (0, this) are refused: logits / temperature leave float32's useful range
 # (measured: 1e-10 already yields pad tokens on a toy model); 0 is greedy, their limit.
 MIN_SAMPLING_TEMPERATURE = 1e-4
+MAX_POSITIONS = 2 ** 31 - 1  # positions and lengths are int32 inside the loop
 _COMPILED: dict = {}
 _COMPILE_SECONDS: list[float] = []
 _VOCABULARY_WARNED: set = set()  # (target, drafter) pairs warned about once
@@ -177,8 +178,10 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   target_leaves, target_tree = target.flat_params()
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
   args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
+  fits = lambda: check_caches_fit(target, [drafter], ids.shape[0], spec.cache_length(ids.shape[1]),
+                                  max_new_tokens)
   compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
-                                               args, _program_name(spec))
+                                               args, _program_name(spec), before_compile=fits)
   summary = loop.Summary.from_array(np.asarray(compiled(*args)), spec.max_new_tokens)
   seconds = time.perf_counter() - started - compile_seconds
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
@@ -441,7 +444,54 @@ def _program_name(spec: loop.LoopSpec) -> str:
   return f"gamma {spec.gamma}, {'greedy' if spec.settings.greedy else 'sampled'}"
 
 
-def compiled_program(function, static: tuple, args: tuple, description: str):
+def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max_new_tokens: int,
+                     together: bool = True) -> None:
+  """Refuses, before compiling, caches that cannot fit: the program would die allocating them.
+
+  Args:
+    target: the target (its cache is always held).
+    drafters: the drafters whose caches the program holds (None entries: autoregressive).
+    batch, cache_length: the caches' rows and positions (`LoopSpec.cache_length`).
+    max_new_tokens: the setting named in the message.
+    together: True when every drafter's cache is held at once (adaptive); False when only one
+      runs at a time (a selected option): the largest then counts.
+
+  Raises:
+    ValueError: naming max_new_tokens, the caches' bytes, the memory that bounds them and the fix.
+  """
+  if cache_length > MAX_POSITIONS:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: the caches would need {cache_length} "
+                     f"positions, beyond the loop's int32 positions ({MAX_POSITIONS}); lower "
+                     "max_new_tokens.")
+  free = memory.free_bytes(target.mesh)
+  if free is None:
+    return
+  drafter_bytes = [memory.cache_bytes_per_device(d, batch, cache_length) for d in drafters if d is not None]
+  needed = memory.cache_bytes_per_device(target, batch, cache_length) + (
+      sum(drafter_bytes) if together else max(drafter_bytes, default=0))
+  available, source = free
+  if needed <= available:
+    return
+  per_position = needed / cache_length
+  fitting = max(int(available / per_position) - (cache_length - max_new_tokens), 0)
+  raise ValueError(
+      f"max_new_tokens={max_new_tokens} needs K/V caches of {_size(needed)} per device ({cache_length} "
+      f"positions x batch {batch}, target {target.name}"
+      + (f" and {len(drafter_bytes)} drafter(s)" if drafter_bytes else "")
+      + f") but there is {_size(available)} ({source}): lower max_new_tokens (about {fitting} "
+      "fit at this batch and prompt length), the batch, or the dtype, or shard the target on a mesh.")
+
+
+def _size(count: float) -> str:
+  """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
+  for unit, scale in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2)):
+    if count >= scale:
+      return f"{count / scale:.2f} {unit}"
+  return f"{count / 1024:.2f} KiB"
+
+
+def compiled_program(function, static: tuple, args: tuple, description: str,
+                     before_compile=None):
   """`function` compiled ahead of time for (static, batch, prompt bucket), cached and counted.
 
   Args:
@@ -450,6 +500,8 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
       treedefs follow from the decoders' graph definitions inside the specs.
     args: the array arguments (flat weight lists and the packed prompts).
     description: what the log line says about the program.
+    before_compile: called only when the program must be compiled (a check whose answer a
+      compiled program already gave: e.g. `check_caches_fit`).
 
   Returns:
     (compiled callable, compile seconds: 0.0 when it was cached).
@@ -458,6 +510,8 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
   cache_key = (static[0], batch, width)  # width: the prompt bucket (+ fixed columns)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
+  if before_compile is not None:
+    before_compile()
   started = time.perf_counter()
   compiled = jax.jit(function, static_argnums=tuple(range(len(static)))).lower(
       *static, *args).compile()

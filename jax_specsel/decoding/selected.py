@@ -36,7 +36,8 @@ import numpy as np
 
 from jax_specsel.decoding import loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_compatible,
+                                           _warn_past_position_limit, check_caches_fit,
+                                           check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts, place_prompts,
                                            unpack_prompts)
 from jax_specsel.models.interface import Model
@@ -131,8 +132,10 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       policy=policy.program)
   packed_prompts = place_prompts(target, ids, mask, seed, flags=(int(bool(greedy_policy)),))
   args, trees = _arguments(spec, target, option_models, policy, packed_prompts)
+  fits = lambda: check_caches_fit(target, option_models, ids.shape[0],
+                                  spec.cache_length(ids.shape[1]), max_new_tokens, together=False)
   compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
-                                               _program_name(spec, policy))
+                                               _program_name(spec, policy), before_compile=fits)
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, policy, packed, seconds, compile_seconds)
