@@ -15,11 +15,15 @@ temporaries of one layer in the larger of two phases,
 counting the residual stream, q/k/v, float32 attention scores and probabilities and the MLP
 hidden. XLA's buffer assignment fuses some of these and keeps others, so treat the number as
 within a small factor; it matters only for long prompts at large batch.
+
+`cache_bytes_per_device` and `free_bytes` serve the generation entry points' check, before
+compiling, that the caches a setting asks for can fit at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -155,3 +159,48 @@ def format_estimate(name: str, estimate: dict) -> str:
           f"(of {gib('params_unsharded')} for {estimate['num_params'] / 1e9:.2f}B), caches "
           f"{gib('caches')}, context {gib('context')}, activations ~{gib('activations')}")
 
+
+
+def cache_bytes_per_device(model, batch: int, cache_length: int) -> int:
+  """Bytes one device holds of the K/V caches `model.decoder.init_cache` builds (nothing is
+  allocated: the shapes come from an abstract evaluation of the model's own `init_cache`).
+
+  Args:
+    model: a loaded `Model` (any architecture speaking the decoder protocol, early exits too).
+    batch, cache_length: the cache's rows and positions.
+  """
+  cache = jax.eval_shape(lambda params: model.decoder.init_cache(params, batch, cache_length),
+                         model.params)
+  placement = model.decoder.placement
+  sizes = sharding.axis_sizes((1, 1) if placement is None else placement.mesh)
+  tensor_parallel = placement is not None and placement.tensor_parallel
+  return sum(sharding.bytes_per_device(x.shape, x.dtype.itemsize,
+                                       sharding.cache_spec(x.shape, sizes, tensor_parallel), sizes)
+             for x in jax.tree.leaves(cache))
+
+
+def free_bytes(mesh=None) -> tuple[int, str] | None:
+  """(bytes a new buffer may still take per device, where that number comes from), or None.
+
+  Accelerators report it (`memory_stats()`: bytes_limit - bytes_in_use, the least over the mesh's
+  devices). On the CPU backend the buffers live in host RAM: its total size (`os.sysconf`) is the
+  bound, so only what can never fit is refused. None where neither is known.
+  """
+  devices = jax.local_devices()[:1] if mesh is None else list(mesh.devices.flat)
+  stats = [_memory_stats(device) for device in devices]
+  if all(s and "bytes_limit" in s for s in stats):
+    free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    return free, f"free on {devices[0].platform} device memory (memory_stats)"
+  if all(device.platform == "cpu" for device in devices):
+    try:
+      return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM in total"
+    except (ValueError, OSError, AttributeError):  # no such sysconf name on this system
+      return None
+  return None
+
+
+def _memory_stats(device) -> dict | None:
+  try:
+    return device.memory_stats()
+  except Exception:  # some backends raise instead of returning None
+    return None

@@ -1,5 +1,6 @@
 """Token-id batches on the host (numpy, no device op): checked conversion of every accepted prompt
-form to [B, S] ids and a 0/1 mask, right padding of ragged rows, right alignment, batch filling.
+form to [B, S] ids and a 0/1 mask, right padding of ragged rows, right alignment (and moving
+per-position results back), batch filling.
 
 `decoding.generate.pad_prompts` (prompts -> their bucket, checked against a model) and
 `Model.logits` / `Model.embed` build their batches here. Imports nothing from the package.
@@ -139,6 +140,17 @@ def right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     return ids, mask
   columns = (np.arange(mask.shape[1])[None, :] + first[:, None]) % mask.shape[1]
   return np.take_along_axis(ids, columns, axis=1), np.take_along_axis(mask, columns, axis=1)
+
+
+def original_layout(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Per-position values [B, S, ...] computed on a `right_aligned` batch, moved back to the
+  columns of the batch as it was given (`mask`: its mask before alignment)."""
+  first = np.argmax(mask, axis=1)  # 0 for rows that were right-padded already (or empty)
+  if not first.any():
+    return values
+  columns = (np.arange(mask.shape[1])[None, :] - first[:, None]) % mask.shape[1]
+  columns = columns.reshape(columns.shape + (1,) * (values.ndim - 2))
+  return np.take_along_axis(values, columns, axis=1)
 
 
 def filled_to(rows: Sequence, count: int) -> list:

@@ -94,3 +94,35 @@ def fake_model_with_tokenizer(seed: int, vocab_size: int = 12, sharpness: float 
   model = fake_model(seed, vocab_size=vocab_size, eos_id=1, sharpness=sharpness, name=name)
   model.tokenizer = word_tokenizer(vocab_size)
   return model
+
+
+def transformers_probabilities(logits: np.ndarray, temperature: float, top_k: int = 0,
+                               top_p: float = 1.0) -> np.ndarray:
+  """Next-token probabilities [N, V] (float64) after transformers' own logits warpers, in the order
+  its `generate` applies them (temperature, top-k, top-p): a reference independent of
+  `sampling.process_logits`."""
+  import torch
+  import transformers
+  warpers = [transformers.TemperatureLogitsWarper(temperature)]
+  if top_k:
+    warpers.append(transformers.TopKLogitsWarper(top_k))
+  if top_p < 1.0:
+    warpers.append(transformers.TopPLogitsWarper(top_p))
+  scores = torch.tensor(np.asarray(logits, np.float32))
+  for warper in warpers:
+    scores = warper(torch.zeros((scores.shape[0], 1), dtype=torch.long), scores)
+  return torch.softmax(scores.double(), dim=-1).numpy()
+
+
+def exact_joint(model: Model, prompt: list[int], new_tokens: int, temperature: float,
+                top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+  """p(x_1..x_n | prompt) over every sequence of n ids, [V] * n, by enumerating all prefixes:
+  the model's full-forward logits, processed by `transformers_probabilities`."""
+  vocab = model.vocab_size
+  joint = np.ones(())
+  for depth in range(new_tokens):
+    prefixes = np.indices((vocab,) * depth).reshape(depth, vocab ** depth).T  # [V**depth, depth]
+    rows = np.concatenate([np.tile(prompt, (len(prefixes), 1)), prefixes], axis=1)
+    step = transformers_probabilities(model.logits(rows)[:, -1], temperature, top_k, top_p)
+    joint = joint[..., None] * step.reshape((vocab,) * depth + (vocab,))
+  return joint

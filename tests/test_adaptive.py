@@ -243,3 +243,36 @@ def test_bad_inputs_raise_before_any_work(t5_models):
     adaptive_rule.RuleSettings(decay=1.5)
   with pytest.raises(ValueError, match="max_new_tokens"):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, max_new_tokens=0)
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match=rf"max_gamma={bad}: must be >= 1 .*use generate without a drafter"):
+      adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=bad)
+  with pytest.raises(ValueError, match=r"max_gamma=2.5: must be a whole number.*Pass max_gamma"):
+    adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=2.5)
+
+
+def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_models):
+  target, drafters = t5_models
+  max_gamma, step = 3, np.array([0.3, 0.05, 0.2])
+  # Reads cost next to nothing, so the cost is the rounds' alone: gamma draft steps + one verify.
+  costs = adaptive.Costs(step=tuple(step), read=(1e-7,) * 3, verify=(1.0,) * (max_gamma + 1))
+  # The program of test_counters_agree_with_the_rounds (costs are run-time arguments): no compile.
+  out = adaptive.generate_adaptive(target, _prompts(8, 5), drafters, costs=costs, rule=SWITCHING,
+                                   max_gamma=max_gamma, max_new_tokens=16, seed=2)
+  per_round = np.where(out.round_options > 0,
+                       out.round_gammas * step[np.maximum(out.round_options - 1, 0)] + 1.0,
+                       np.where(out.round_options == 0, 1.0, 0.0))  # -1: no round, no cost
+  cost = per_round.sum(axis=1)
+  np.testing.assert_allclose(out.cost, cost, rtol=1e-5)
+  hindsight = np.full((5, len(drafters) + 1), np.nan)
+  hindsight[:, 0] = 1.0  # autoregressive: one token per target step
+  for row in range(5):
+    for k, alpha in enumerate(out.acceptance[row]):
+      if np.isfinite(alpha):  # the best fixed gamma: expected tokens of a round over its cost
+        a = min(float(alpha), 0.999)
+        hindsight[row, k + 1] = max(sum(a ** i for i in range(g + 1)) / (g * step[k] + 1.0)
+                                    for g in range(1, max_gamma + 1))
+  assert np.isfinite(hindsight[:, 1:]).sum() >= 4  # several drafters were scored
+  np.testing.assert_allclose(out.hindsight_values, hindsight, rtol=1e-5)
+  np.testing.assert_allclose(out.achieved, out.lengths / cost, rtol=1e-5)
+  np.testing.assert_allclose(out.regret, np.nanmax(hindsight, axis=1) - out.lengths / cost,
+                             rtol=1e-4, atol=1e-6)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +13,9 @@ from scipy import stats as scipy_stats
 
 import jax_specsel.decoding as dec
 from jax_specsel.decoding import loop, sampling
-from jax_specsel.decoding.generate import loop_spec, pad_prompts
-from fake_models import fake_model, reference_greedy
+from jax_specsel.decoding.generate import VocabularyWarning, loop_spec, pad_prompts
+from fake_models import (exact_joint, fake_model, fake_model_with_tokenizer, reference_greedy,
+                         transformers_probabilities)
 
 
 # ---------------------------------------------------------------- sampling math vs numpy
@@ -198,26 +202,27 @@ def test_prompts_in_one_bucket_reuse_the_compiled_program():
 
 
 # ---------------------------------------------------------------- sampling preserves the distribution
-def _exact_two_token_distribution(target, prompt, settings):
-  """p(x1, x2 | prompt) from the target's full-forward logits, with the same processing."""
-  vocab = target.vocab_size
-  first = np.exp(np.asarray(sampling.process_logits(
-      jnp.asarray(target.logits(np.asarray([prompt]))[:, -1]), settings)))[0]
-  joint = np.zeros((vocab, vocab))
-  seqs = np.asarray([prompt + [x] for x in range(vocab)])
-  second = np.exp(np.asarray(sampling.process_logits(jnp.asarray(target.logits(seqs)[:, -1]), settings)))
-  for x in range(vocab):
-    joint[x] = first[x] * second[x]
-  return joint
-
-
 def _chi_square_pvalue(samples, joint, vocab):
-  counts = np.bincount(samples[:, 0] * vocab + samples[:, 1], minlength=vocab * vocab)
+  """Chi-square p-value of sampled sequences [N, n] against their joint distribution [V] * n."""
+  counts = np.bincount(np.ravel_multi_index(tuple(samples.T), joint.shape), minlength=joint.size)
   expected = joint.reshape(-1) / joint.sum() * len(samples)
   cells = expected > 0
-  assert counts[~cells].sum() == 0, "sampled a pair the target gives probability 0"
-  expected = expected[cells] * counts[cells].sum() / expected[cells].sum()
-  return scipy_stats.chisquare(counts[cells], expected).pvalue
+  assert counts[~cells].sum() == 0, "sampled a sequence the target gives probability 0"
+  big = expected[cells] >= 5  # pool the rare cells: the test's approximation needs >= 5 expected
+  observed, expected = counts[cells][big], expected[cells][big]
+  if not big.all():
+    observed = np.append(observed, counts[cells][~big].sum())
+    expected = np.append(expected, (joint.reshape(-1)[cells][~big] / joint.sum() * len(samples)).sum())
+  return scipy_stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue
+
+
+def _perturbed_samples(joint, count, mixture=0.02, seed=0):
+  """Samples of a `mixture` blend of `joint` with uniform over its support: what a subtly wrong
+  sampler would emit (the power check: the chi-square test must reject these)."""
+  support = (joint > 0) / (joint > 0).sum()
+  perturbed = ((1 - mixture) * joint / joint.sum() + mixture * support).reshape(-1)
+  flat = np.random.default_rng(seed).choice(joint.size, size=count, p=perturbed / perturbed.sum())
+  return np.stack(np.unravel_index(flat, joint.shape), axis=1)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
@@ -225,18 +230,59 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
   vocab, num_samples, prompt = 6, 40000, [2, 3]
   target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
   drafter = fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
-  settings = sampling.SamplingSettings(temperature, top_k, top_p)
-  joint = _exact_two_token_distribution(target, prompt, settings)
+  joint = exact_joint(target, prompt, 2, temperature, top_k, top_p)
   out = dec.generate(target, [prompt] * num_samples, drafter=drafter, gamma=3, temperature=temperature,
                      top_k=top_k, top_p=top_p, max_new_tokens=2, seed=11)
   assert 0.05 < out.stats.acceptance_rate < 0.95  # both branches (accept, residual) are exercised
   assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
   # Power check: the same test on samples from a 2%-perturbed distribution must fail.
-  rng = np.random.default_rng(0)
-  support = (joint > 0) / (joint > 0).sum()
-  perturbed = 0.98 * joint / joint.sum() + 0.02 * support  # a 2% mixture, same support
-  flat = rng.choice(vocab * vocab, size=num_samples, p=perturbed.reshape(-1) / perturbed.sum())
-  assert _chi_square_pvalue(np.stack([flat // vocab, flat % vocab], 1), joint, vocab) < 1e-3
+  assert _chi_square_pvalue(_perturbed_samples(joint, num_samples), joint, vocab) < 1e-3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 4, 0.85), (1.3, 0, 0.6), (0.5, 3, 1.0),
+                                                     (1.0, 7, 0.3), (2.0, 9, 0.97)])
+def test_temperature_top_k_top_p_match_transformers_logits_warpers(temperature, top_k, top_p):
+  logits = np.random.default_rng(3).normal(scale=2.0, size=(300, 10)).astype(np.float32)
+  ours = np.exp(np.asarray(sampling.process_logits(
+      jnp.asarray(logits), sampling.SamplingSettings(temperature, top_k, top_p)), np.float64))
+  reference = transformers_probabilities(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(ours > 0, reference > 0)  # the same ids survive the filters
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+
+
+def _rounds_after_a_rejection(out) -> float:
+  """Share of rows that went on for a third round: with gamma 2 and 4 new tokens, one of the
+  first two rounds rejected a draft (a round that accepts both emits 3 tokens)."""
+  return float(np.mean(out.stats.rounds >= 3))
+
+
+def test_sampling_after_rejections_matches_the_target_over_four_tokens():
+  vocab, count, prompt, settings = 4, 40000, [2, 3], dict(temperature=0.9, top_k=3, top_p=0.95)
+  target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
+  poor = fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=2.0)
+  joint = exact_joint(target, prompt, 4, **settings)
+  out = dec.generate(target, [prompt] * count, drafter=poor, gamma=2, max_new_tokens=4, seed=5,
+                     **settings)
+  assert _rounds_after_a_rejection(out) > 0.3 and out.stats.acceptance_rate > 0.1
+  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert _chi_square_pvalue(_perturbed_samples(joint, count), joint, vocab) < 1e-3
+
+
+def test_adaptive_sampling_after_rejections_and_switches_matches_the_target_over_four_tokens():
+  from jax_specsel.decoding import adaptive, adaptive_rule
+  vocab, count, prompt, settings = 4, 40000, [2, 3], dict(temperature=0.9, top_k=3, top_p=0.95)
+  target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)
+  drafters = {"poor": fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=2.0),
+              "other": fake_model(2, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0)}
+  costs = adaptive.Costs(step=(0.02, 0.02), read=(0.02, 0.02), verify=(1.0, 1.0, 1.0))
+  out = dec.generate_adaptive(target, [prompt] * count, drafters, costs=costs, max_gamma=2,
+                              max_new_tokens=4, seed=6, **settings,
+                              rule=adaptive_rule.RuleSettings(learning_rate=0.0, randomized=True))
+  switched = [len(set(row[row >= 0].tolist())) > 1 for row in out.round_options]
+  assert np.mean(switched) > 0.3 and _rounds_after_a_rejection(out) > 0.3
+  joint = exact_joint(target, prompt, 4, **settings)
+  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert _chi_square_pvalue(_perturbed_samples(joint, count), joint, vocab) < 1e-3
 
 
 def test_seed_changes_samples_and_is_reproducible():
@@ -370,3 +416,59 @@ def test_incompatible_drafter_raises():
     dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=12, eos_id=3))
   with pytest.raises(ValueError, match="vocabulary sizes"):
     dec.generate(target, [[2, 3]], drafter=fake_model(1, vocab_size=400, eos_id=1))
+
+
+def test_a_drafter_vocabulary_that_nothing_can_check_warns_until_the_assumption_is_stated(caplog):
+  target = fake_model(0, vocab_size=12, eos_id=1, name="target-v12")
+  drafter = fake_model(1, vocab_size=14, eos_id=1, name="drafter-v14")
+  message = (r"drafter drafter-v14 has vocab_size 14 but target target-v12 12, and target-v12 and "
+             r"drafter-v14 carry no tokenizer to compare.*pass assume_shared_vocabulary=True")
+  with pytest.warns(VocabularyWarning, match=message):
+    dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2)
+  assert any("assume_shared_vocabulary=True" in r.getMessage() for r in caplog.records)
+  for call in (lambda **k: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2, **k),
+               lambda **k: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
+                                                 max_new_tokens=2, **k)):
+    importlib.import_module("jax_specsel.decoding.generate")._VOCABULARY_WARNED.clear()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", VocabularyWarning)
+      call(assume_shared_vocabulary=True)  # stated: no warning
+    with pytest.warns(VocabularyWarning):
+      call()
+
+
+def test_drafter_tokenizers_that_differ_are_refused_whatever_is_assumed():
+  target = fake_model_with_tokenizer(0, vocab_size=12, name="target")
+  drafter = fake_model_with_tokenizer(1, vocab_size=14, name="drafter")
+  with pytest.raises(ValueError, match="different tokenizers: speculative decoding needs a shared vocabulary"):
+    dec.generate(target, [[2, 3]], drafter=drafter, assume_shared_vocabulary=True)
+
+
+@pytest.mark.filterwarnings("ignore::jax_specsel.decoding.PositionLimitWarning")
+def test_caches_that_cannot_fit_are_refused_before_compiling(monkeypatch):
+  from flax import nnx
+  from jax_specsel import memory
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  target, drafter = fake_model(0, vocab_size=12, name="target"), fake_model(1, vocab_size=12, name="drafter")
+  policy = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
+                  option_names=["d", "autoregressive"])
+  monkeypatch.setattr(memory, "free_bytes", lambda mesh=None: (2 ** 20, "host RAM in total"))
+  before = dec.compilation_count()
+  # The fake caches hold one int32 per position: 300000 positions of two models are 2.3 MiB.
+  message = (r"max_new_tokens=300000 needs K/V caches of 2.29 MiB per device \(300\d+ positions x batch 1, "
+             r"target target and 1 drafter\(s\)\) but there is 1.00 MiB \(host RAM in total\): lower "
+             r"max_new_tokens \(about 1\d{5} fit")
+  calls = [lambda: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=300000),
+           lambda: dec.generate_selected(target, [[2, 3]], {"d": drafter}, policy, gamma=2,
+                                         max_new_tokens=300000),
+           lambda: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
+                                         max_new_tokens=300000)]
+  for call in calls:
+    with pytest.raises(ValueError, match=message):
+      call()
+  assert dec.compilation_count() == before
+  monkeypatch.undo()
+  assert memory.free_bytes()[0] > 2 ** 20  # the CPU backend: host RAM
+  with pytest.raises(ValueError, match=r"max_new_tokens=2147483647: the caches would need 2147483\d+ "
+                                       r"positions, beyond the loop's int32 positions"):
+    dec.generate(target, [[2, 3]], max_new_tokens=2 ** 31 - 1)

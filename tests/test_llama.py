@@ -303,3 +303,21 @@ def test_bfloat16_stays_within_documented_tolerance(checkpoints):
   assert ours.dtype == np.float32
   for row, length in enumerate(lengths):
     assert_close(ours[row, :length], ref[row, :length], BF16_TOLERANCE, what=f"bf16 row {row}")
+
+
+# ----- 5. left padding -----
+
+def test_left_and_right_padded_batches_match_transformers_on_the_unpadded_prompts(checkpoints):
+  _, hf, model = checkpoints("gqa_kv2")
+  lengths, width = [9, 4, 1], 9
+  right_ids, right_mask = padded_batch(lengths, width, seed=12)
+  prompts = [right_ids[b, :n] for b, n in enumerate(lengths)]
+  left_ids = np.stack([np.roll(row, width - n) for row, n in zip(right_ids, lengths)])  # garbage first
+  left_mask = right_mask[:, ::-1].copy()
+  references = [hf_forward(hf, p[None], hidden=True) for p in prompts]
+  for ids, mask, side in ((right_ids, right_mask, "right"), (left_ids, left_mask, "left")):
+    logits, embeddings = model.logits(ids, attention_mask=mask), model.embed(ids, attention_mask=mask)
+    for b, (n, ref) in enumerate(zip(lengths, references)):
+      real = slice(0, n) if side == "right" else slice(width - n, width)
+      assert_close(logits[b, real], ref.logits[0].numpy(), what=f"{side}-padded logits row {b}")
+      assert_close(embeddings[b], ref.hidden_states[-1][0, -1].numpy(), what=f"{side}-padded embed row {b}")

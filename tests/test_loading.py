@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -356,3 +357,75 @@ def test_t5_missing_tensor(tmp_path, t5_dir):
   _rewrite_weights(tmp_path / "ckpt", lambda t: t.pop(name))
   with pytest.raises(js.WeightMismatchError, match=f"missing.*{name}"):
     js.load_model(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_t5_unreadable_safetensors_is_named(tmp_path, t5_dir, damage):
+  directory, _ = t5_dir
+  shutil.copytree(directory, tmp_path / "ckpt")
+  path = tmp_path / "ckpt" / "model.safetensors"
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read \(SafetensorError: .*\): "
+                                                      r"the file is truncated or corrupt.*download it again"):
+    js.load_model(str(tmp_path / "ckpt"))
+
+
+# ----- config.json fields of the wrong type or value -----
+
+BAD_LLAMA_FIELDS = [("num_attention_heads", "4", r"must be an integer"),
+                    ("hidden_size", 32.5, r"must be a whole number"),
+                    ("max_position_embeddings", "512", r"must be an integer"),
+                    ("vocab_size", 0, r"must be >= 1"),
+                    ("intermediate_size", -64, r"must be >= 1"),
+                    ("num_hidden_layers", True, r"must be an integer"),
+                    ("rms_norm_eps", "1e-6", r"must be a number"),
+                    ("tie_word_embeddings", "false", r"must be true or false")]
+BAD_T5_FIELDS = [("num_heads", "4", r"must be an integer"), ("d_model", 32.5, r"must be a whole number"),
+                 ("vocab_size", 0, r"must be >= 1"), ("d_kv", 0, r"must be >= 1"),
+                 ("num_decoder_layers", False, r"must be an integer")]
+
+
+def _expect_invalid_config(monkeypatch, directory, field, value, reason):
+  """load_model raises InvalidConfigError naming the file, field, value and fix, before any module
+  is built (building one fails the test)."""
+  monkeypatch.setattr(js.models.loading, "_build_module",
+                      lambda *a, **k: pytest.fail("a module was built from an invalid config"))
+  pattern = (re.escape(f"{directory}: config.json: {field}={value!r}") + rf".*{reason}.* Fix {field} in "
+             r"config.json: it must be .*restore the value")
+  with pytest.raises(js.InvalidConfigError, match=pattern):
+    js.load_model(str(directory))
+
+
+@pytest.mark.parametrize("field,value,reason", BAD_LLAMA_FIELDS)
+def test_llama_config_field_of_wrong_type_or_value(checkpoint, monkeypatch, field, value, reason):
+  _edit_json(checkpoint / "config.json", **{field: value})
+  _expect_invalid_config(monkeypatch, checkpoint, field, value, reason)
+
+
+@pytest.mark.parametrize("field,value,reason", BAD_T5_FIELDS)
+def test_t5_config_field_of_wrong_type_or_value(tmp_path, t5_dir, monkeypatch, field, value, reason):
+  directory, _ = t5_dir
+  shutil.copytree(directory, tmp_path / "ckpt")
+  _edit_json(tmp_path / "ckpt" / "config.json", **{field: value})
+  _expect_invalid_config(monkeypatch, tmp_path / "ckpt", field, value, reason)
+
+
+def test_llama_config_inconsistent_heads_and_bad_stop_id(checkpoint):
+  _edit_json(checkpoint / "config.json", num_key_value_heads=3)
+  with pytest.raises(js.InvalidConfigError, match=r"config.json: num_attention_heads=4 is not a multiple "
+                                                  r"of num_key_value_heads=3.*Fix one of the two"):
+    js.load_model(str(checkpoint))
+  _edit_json(checkpoint / "config.json", num_key_value_heads=2)
+  os.remove(checkpoint / "generation_config.json")
+  _edit_json(checkpoint / "config.json", eos_token_id="2")
+  with pytest.raises(js.InvalidConfigError, match=r"config.json: eos_token_id='2' \(str\): must be an "
+                                                  r"integer. Fix eos_token_id in config.json"):
+    js.load_model(str(checkpoint))
+
+
+def test_cache_bytes_checked_before_compiling_equal_the_memory_estimate(base_dir, t5_dir):
+  from jax_specsel import memory
+  for directory in (base_dir, t5_dir[0]):
+    model = js.load_model(str(directory))
+    assert memory.cache_bytes_per_device(model, 3, 40) == js.estimate_memory(
+        model.config, batch=3, cache_length=40)["caches"]

@@ -171,3 +171,38 @@ def test_bad_inputs_raise_before_any_work(t5_models, llama_models):
     js.generate_selected(target, [[3, 4]], {"small": "abc"}, policy)
   with pytest.raises(ValueError, match="gamma"):
     js.generate_selected(target, [[3, 4]], drafters, policy, gamma=0)
+
+
+def test_a_missing_policy_or_a_path_says_how_to_load_one(t5_models, tmp_path):
+  target, drafters = t5_models
+  with pytest.raises(TypeError, match=r"generate_selected: policy is None: pass a trained "
+                                      r"jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy\(path\)"):
+    js.generate_selected(target, [[3, 4]], drafters, None)
+  path = str(tmp_path / "policy")
+  with pytest.raises(TypeError, match=rf"policy='{path}' is a path, not a Policy: load it first, "
+                                      rf"policy = jax_specsel.bandit.load_policy\('{path}'\)"):
+    js.generate_selected(target, [[3, 4]], drafters, path)
+  with pytest.raises(TypeError, match=r"generate_adaptive: policy='.*' is a path.*load_policy"):
+    js.generate_adaptive(target, [[3, 4]], drafters, policy=tmp_path / "policy")
+
+
+def test_sampled_first_tokens_follow_the_target_whichever_option_the_policy_draws():
+  from fake_models import fake_model, transformers_probabilities
+  vocab, count, prompt, settings = 6, 30000, [2, 3], dict(temperature=1.2, top_k=5, top_p=0.95)
+  target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0, name="target")
+  drafters = {"poor": fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=2.0, name="poor")}
+  policy = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
+                  option_names=["poor", "autoregressive"])
+  out = js.generate_selected(target, [prompt] * count, drafters, policy, greedy_policy=False, gamma=3,
+                             max_new_tokens=3, seed=4, **settings)
+  expected = transformers_probabilities(target.logits(np.asarray([prompt]))[:, -1], **settings)[0]
+  assert out.stats.acceptance_rate < 0.9  # the poor drafter's drafts are rejected often
+  for option in ("poor", "autoregressive"):
+    rows = np.asarray(out.choices) == option
+    assert rows.sum() > count // 10, option  # the dynamic policy draws both options
+    counts = np.bincount(out.tokens[rows, 0], minlength=vocab)
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, "sampled an id the processing filters out"
+    assert scipy_stats.chisquare(counts[kept], expected[kept] * rows.sum()).pvalue > 1e-3, option
+    skewed = 0.9 * expected[kept] + 0.1 / kept.sum()  # a 10% mixture with uniform: must fail
+    assert scipy_stats.chisquare(counts[kept], skewed * rows.sum()).pvalue < 1e-3, option

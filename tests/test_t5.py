@@ -348,3 +348,20 @@ def test_untied_table_of_the_wrong_shape_is_refused(tmp_path):
   save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(js.WeightMismatchError, match="decoder.embed_tokens.weight.*shape"):
     js.load_model(directory)
+
+
+def test_left_and_right_padded_batches_match_transformers_on_the_unpadded_prompts(models, checkpoints):
+  model, (_, torch_model) = models["flan"], checkpoints["flan"]
+  right_ids, right_mask, decoder_ids = _inputs(model.vocab_size, seed=4)
+  lengths = right_mask.sum(1)
+  left_ids = np.stack([np.roll(row, SOURCE_LEN - n) for row, n in zip(right_ids, lengths)])
+  left_mask = right_mask[:, ::-1].copy()
+  for b, n in enumerate(lengths):
+    prompt = right_ids[b:b + 1, :n]
+    ref_logits = _torch_logits(torch_model, prompt, np.ones_like(prompt), decoder_ids[b:b + 1])[0]
+    with torch.no_grad():
+      ref_embed = torch_model.encoder(input_ids=torch.tensor(prompt)).last_hidden_state[0].mean(0).numpy()
+    for ids, mask, side in ((right_ids, right_mask, "right"), (left_ids, left_mask, "left")):
+      logits = model.logits(ids, decoder_input_ids=decoder_ids, attention_mask=mask)[b]
+      assert _relative_error(logits, ref_logits) <= 1e-4, (side, b)
+      assert _relative_error(model.embed(ids, mask)[b], ref_embed) <= 1e-4, (side, b)

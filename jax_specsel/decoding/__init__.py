@@ -5,11 +5,12 @@ option and gamma again every round (`generate_adaptive`)."""
 from jax_specsel.decoding.adaptive import AdaptiveOutput, Costs, generate_adaptive
 from jax_specsel.decoding.adaptive_rule import RuleSettings
 from jax_specsel.decoding.generate import (MIN_SAMPLING_TEMPERATURE, GenerateOutput,
-                                           PositionLimitWarning, Stats, bucket_length,
-                                           check_compatible, compilation_count, generate)
+                                           PositionLimitWarning, Stats, VocabularyWarning,
+                                           bucket_length, check_compatible, compilation_count,
+                                           generate)
 from jax_specsel.decoding.sampling import SamplingSettings
 from jax_specsel.decoding.selected import SelectedOutput, generate_selected
 
 __all__ = ["AdaptiveOutput", "Costs", "MIN_SAMPLING_TEMPERATURE", "GenerateOutput", "RuleSettings", "PositionLimitWarning", "SelectedOutput",
            "Stats", "SamplingSettings", "bucket_length", "check_compatible", "compilation_count",
-           "generate", "generate_adaptive", "generate_selected"]
+           "generate", "generate_adaptive", "generate_selected", "VocabularyWarning"]

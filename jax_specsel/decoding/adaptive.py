@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_specsel import validation
 from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_compatible,
+                                           _warn_past_position_limit, check_caches_fit,
+                                           check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts,
                                            place_prompts, unpack_prompts)
 from jax_specsel.decoding.selected import AUTOREGRESSIVE, policy_option_names
@@ -105,7 +107,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
                       rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                       max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None) -> AdaptiveOutput:
+                      attention_mask=None, assume_shared_vocabulary: bool = False) -> AdaptiveOutput:
   """Decodes with the option (autoregressive or a drafter) and gamma chosen again every round.
 
   Greedy output equals `generate(target, prompt_ids)`'s; sampled output is distributed as the
@@ -122,15 +124,17 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       `parameter_costs`, the memory-bound (GPU, small batch) estimate.
     max_gamma: the largest speculation length a round may pick (static shapes).
     rule: the per-round rule's settings (`adaptive_rule.RuleSettings`).
-    temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`.
+    temperature, top_k, top_p, max_new_tokens, seed, attention_mask, assume_shared_vocabulary:
+      as for `generate`.
 
   Returns:
     AdaptiveOutput.
   """
   started = time.perf_counter()
+  _check_max_gamma(max_gamma)
   _check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
   _check_models(target, None, max_gamma)
-  names, models = _drafter_models(target, drafters, max_gamma)
+  names, models = _drafter_models(target, drafters, max_gamma, assume_shared_vocabulary)
   costs = parameter_costs(target, dict(zip(names, models)), max_gamma) if costs is None else costs
   _check_costs(costs, len(models), max_gamma)
   prior_index = _prior_index(target, policy, [AUTOREGRESSIVE, *names])
@@ -149,15 +153,30 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   args = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
           costs.as_array(), packed_prompts)
   trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+  fits = lambda: check_caches_fit(target, models, ids.shape[0],
+                                  spec.base.cache_length(ids.shape[1]), max_new_tokens)
   compiled, compile_seconds = compiled_program(
       _run_flat, (spec, trees), args,
-      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}")
+      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}", before_compile=fits)
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, [AUTOREGRESSIVE, *names], packed, seconds, compile_seconds)
 
 
-def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int):
+def _check_max_gamma(max_gamma) -> None:
+  """max_gamma must be a whole number >= 1 (the checks shared with `generate` call it gamma)."""
+  try:
+    value = validation.integer("max_gamma", max_gamma)
+  except (TypeError, ValueError) as err:
+    raise type(err)(f"{err} Pass max_gamma as a whole number >= 1.") from None
+  if value < 1:
+    raise ValueError(f"max_gamma={value}: must be >= 1 (the most tokens a round may draft; each "
+                     "round may still choose plain autoregressive decoding). For plain decoding "
+                     "only, use generate without a drafter.")
+
+
+def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int,
+                    assume_shared_vocabulary: bool):
   """(names, models) of the drafters, each checked and placed next to the target."""
   if not isinstance(drafters, Mapping) or not drafters:
     raise ValueError(f"drafters={drafters!r}: pass a non-empty dict name -> drafter Model "
@@ -170,7 +189,7 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
       raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
     _check_models(target, model, max_gamma)
     model = drafter_for(target, model)
-    check_compatible(target, model)
+    check_compatible(target, model, assume_shared_vocabulary)
     names.append(str(name))
     models.append(model)
   return names, models

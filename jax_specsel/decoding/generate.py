@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel import sharding, token_batches, validation
+from jax_specsel import memory, sharding, token_batches, validation
 from jax_specsel.decoding import loop, sampling
 from jax_specsel.models import interface
 from jax_specsel.models.interface import Model
@@ -28,12 +28,19 @@ MIN_BUCKET = 8
 # Sampling temperatures in (0, this) are refused: logits / temperature leave float32's useful range
 # (measured: 1e-10 already yields pad tokens on a toy model); 0 is greedy, their limit.
 MIN_SAMPLING_TEMPERATURE = 1e-4
+MAX_POSITIONS = 2 ** 31 - 1  # positions and lengths are int32 inside the loop
 _COMPILED: dict = {}
 _COMPILE_SECONDS: list[float] = []
+_VOCABULARY_WARNED: set = set()  # (target, drafter) pairs warned about once
 
 
 class PositionLimitWarning(UserWarning):
   """A decoder-only generation runs past the model's max_position_embeddings (it goes on)."""
+
+
+class VocabularyWarning(UserWarning):
+  """A drafter's vocabulary size differs from the target's and no tokenizers can show that the
+  ids mean the same text (generation goes on; `assume_shared_vocabulary=True` states it)."""
 
 
 @dataclasses.dataclass
@@ -118,7 +125,8 @@ def bucket_length(length: int, limit: int | None = None) -> int:
 
 def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int = 7,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, attention_mask=None) -> GenerateOutput:
+             max_new_tokens: int = 64, seed: int = 0, attention_mask=None,
+             assume_shared_vocabulary: bool = False) -> GenerateOutput:
   """Autoregressive (drafter=None) or speculative generation in one compiled while_loop.
 
   Every input is checked before anything is compiled or run; nothing is silently truncated.
@@ -146,6 +154,10 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
       padding_side="left" produce) or both-sided padding are accepted and normalized to the
       right-padded layout the loop uses; padding between real tokens, other values and other
       shapes are refused.
+    assume_shared_vocabulary: states that the drafter's ids mean the same text as the target's
+      where nothing can check it (vocabulary sizes that differ by padding, no tokenizers to
+      compare): silences the `VocabularyWarning` given otherwise. Tokenizers that differ are
+      refused either way.
 
   Returns:
     GenerateOutput(tokens [B, max_new_tokens], lengths [B], stats).
@@ -161,13 +173,15 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   _warn_past_position_limit(target, drafter, mask, max_new_tokens)
   if drafter is not None:
     drafter = drafter_for(target, drafter)
-    check_compatible(target, drafter)
+    check_compatible(target, drafter, assume_shared_vocabulary)
   spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
   target_leaves, target_tree = target.flat_params()
   drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
   args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
+  fits = lambda: check_caches_fit(target, [drafter], ids.shape[0], spec.cache_length(ids.shape[1]),
+                                  max_new_tokens)
   compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
-                                               args, _program_name(spec))
+                                               args, _program_name(spec), before_compile=fits)
   summary = loop.Summary.from_array(np.asarray(compiled(*args)), spec.max_new_tokens)
   seconds = time.perf_counter() - started - compile_seconds
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
@@ -356,13 +370,15 @@ def drafter_for(target: Model, drafter: Model) -> Model:
   return drafter
 
 
-def check_compatible(target: Model, drafter: Model) -> None:
+def check_compatible(target: Model, drafter: Model, assume_shared_vocabulary: bool = False) -> None:
   """Raises ValueError unless the drafter can draft for the target (same family and tokenizer).
 
   Generation stops on the target's stop ids and pads with the target's pad id; the drafter's own
   stop ids only serve as a tokenizer check when the models carry no tokenizers: they must share
   an id when both have some (a base drafter's single EOS inside an instruct target's several
-  end-of-turn ids is fine).
+  end-of-turn ids is fine). Without two tokenizers to compare, vocabulary sizes that differ by
+  padding (at most 256) are accepted with a `VocabularyWarning` (logged and warned once per pair)
+  unless `assume_shared_vocabulary` states that the ids are shared.
   """
   if drafter.mesh != target.mesh:
     raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target {target.name} "
@@ -384,6 +400,25 @@ def check_compatible(target: Model, drafter: Model) -> None:
   if abs(target.vocab_size - drafter.vocab_size) > 256:
     raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
                      f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
+  if drafter.vocab_size != target.vocab_size and not assume_shared_vocabulary:
+    _warn_unchecked_vocabulary(target, drafter)
+
+
+def _warn_unchecked_vocabulary(target: Model, drafter: Model) -> None:
+  """Logs and warns, once per pair, that nothing shows the drafter's ids mean the target's text."""
+  pair = (target.name, drafter.name, target.vocab_size, drafter.vocab_size)
+  if pair in _VOCABULARY_WARNED:
+    return
+  _VOCABULARY_WARNED.add(pair)
+  missing = [m.name for m in (target, drafter) if m.tokenizer is None]
+  message = (f"drafter {drafter.name} has vocab_size {drafter.vocab_size} but target {target.name} "
+             f"{target.vocab_size}, and {' and '.join(missing)} carr{'y' if len(missing) > 1 else 'ies'} "
+             "no tokenizer to compare: nothing checks that the ids mean the same text. Generation "
+             "goes on assuming they do (the output keeps the target's distribution; a drafter with "
+             "another vocabulary only gets its drafts rejected). Load the models with their "
+             "tokenizer files to check it, or pass assume_shared_vocabulary=True to state it.")
+  log.warning("%s", message)
+  warnings.warn(VocabularyWarning(message), stacklevel=4)
 
 
 def _mesh_name(model: Model) -> str:
@@ -409,7 +444,54 @@ def _program_name(spec: loop.LoopSpec) -> str:
   return f"gamma {spec.gamma}, {'greedy' if spec.settings.greedy else 'sampled'}"
 
 
-def compiled_program(function, static: tuple, args: tuple, description: str):
+def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max_new_tokens: int,
+                     together: bool = True) -> None:
+  """Refuses, before compiling, caches that cannot fit: the program would die allocating them.
+
+  Args:
+    target: the target (its cache is always held).
+    drafters: the drafters whose caches the program holds (None entries: autoregressive).
+    batch, cache_length: the caches' rows and positions (`LoopSpec.cache_length`).
+    max_new_tokens: the setting named in the message.
+    together: True when every drafter's cache is held at once (adaptive); False when only one
+      runs at a time (a selected option): the largest then counts.
+
+  Raises:
+    ValueError: naming max_new_tokens, the caches' bytes, the memory that bounds them and the fix.
+  """
+  if cache_length > MAX_POSITIONS:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: the caches would need {cache_length} "
+                     f"positions, beyond the loop's int32 positions ({MAX_POSITIONS}); lower "
+                     "max_new_tokens.")
+  free = memory.free_bytes(target.mesh)
+  if free is None:
+    return
+  drafter_bytes = [memory.cache_bytes_per_device(d, batch, cache_length) for d in drafters if d is not None]
+  needed = memory.cache_bytes_per_device(target, batch, cache_length) + (
+      sum(drafter_bytes) if together else max(drafter_bytes, default=0))
+  available, source = free
+  if needed <= available:
+    return
+  per_position = needed / cache_length
+  fitting = max(int(available / per_position) - (cache_length - max_new_tokens), 0)
+  raise ValueError(
+      f"max_new_tokens={max_new_tokens} needs K/V caches of {_size(needed)} per device ({cache_length} "
+      f"positions x batch {batch}, target {target.name}"
+      + (f" and {len(drafter_bytes)} drafter(s)" if drafter_bytes else "")
+      + f") but there is {_size(available)} ({source}): lower max_new_tokens (about {fitting} "
+      "fit at this batch and prompt length), the batch, or the dtype, or shard the target on a mesh.")
+
+
+def _size(count: float) -> str:
+  """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
+  for unit, scale in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2)):
+    if count >= scale:
+      return f"{count / scale:.2f} {unit}"
+  return f"{count / 1024:.2f} KiB"
+
+
+def compiled_program(function, static: tuple, args: tuple, description: str,
+                     before_compile=None):
   """`function` compiled ahead of time for (static, batch, prompt bucket), cached and counted.
 
   Args:
@@ -418,6 +500,8 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
       treedefs follow from the decoders' graph definitions inside the specs.
     args: the array arguments (flat weight lists and the packed prompts).
     description: what the log line says about the program.
+    before_compile: called only when the program must be compiled (a check whose answer a
+      compiled program already gave: e.g. `check_caches_fit`).
 
   Returns:
     (compiled callable, compile seconds: 0.0 when it was cached).
@@ -426,6 +510,8 @@ def compiled_program(function, static: tuple, args: tuple, description: str):
   cache_key = (static[0], batch, width)  # width: the prompt bucket (+ fixed columns)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key], 0.0
+  if before_compile is not None:
+    before_compile()
   started = time.perf_counter()
   compiled = jax.jit(function, static_argnums=tuple(range(len(static)))).lower(
       *static, *args).compile()

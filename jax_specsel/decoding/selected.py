@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Mapping
 
@@ -35,7 +36,8 @@ import numpy as np
 
 from jax_specsel.decoding import loop
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_compatible,
+                                           _warn_past_position_limit, check_caches_fit,
+                                           check_compatible,
                                            compiled_program, drafter_for, loop_spec, pad_prompts, place_prompts,
                                            unpack_prompts)
 from jax_specsel.models.interface import Model
@@ -97,7 +99,7 @@ class SelectedOutput(GenerateOutput):
 def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], policy,
                       greedy_policy: bool = True, gamma: int = 7, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None) -> SelectedOutput:
+                      attention_mask=None, assume_shared_vocabulary: bool = False) -> SelectedOutput:
   """Chooses the drafter per query with `policy` and decodes with it, in one compiled call.
 
   Emits exactly what `generate(target, prompt_ids, drafter=<the chosen drafter or None>, ...)`
@@ -111,8 +113,8 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       "autoregressive". Drafters the policy never names are ignored.
     policy: a trained `jax_specsel.bandit.Policy` over the target's embeddings.
     greedy_policy: True takes the policy's argmax, False samples from it (the dynamic policy).
-    gamma, temperature, top_k, top_p, max_new_tokens, seed, attention_mask: as for `generate`
-      (gamma is shared by every drafter option).
+    gamma, temperature, top_k, top_p, max_new_tokens, seed, attention_mask,
+      assume_shared_vocabulary: as for `generate` (gamma is shared by every drafter option).
 
   Returns:
     SelectedOutput: tokens, lengths, stats as `generate`, plus choices, choice_ids, embeddings.
@@ -120,7 +122,7 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   started = time.perf_counter()
   _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
   _check_models(target, None, gamma)
-  option_models = _option_models(target, drafters, policy, gamma)
+  option_models = _option_models(target, drafters, policy, gamma, assume_shared_vocabulary)
   ids, mask = pad_prompts(prompt_ids, attention_mask, target)
   for drafter in option_models:
     _warn_past_position_limit(target, drafter, mask, max_new_tokens)
@@ -130,15 +132,19 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
       policy=policy.program)
   packed_prompts = place_prompts(target, ids, mask, seed, flags=(int(bool(greedy_policy)),))
   args, trees = _arguments(spec, target, option_models, policy, packed_prompts)
+  fits = lambda: check_caches_fit(target, option_models, ids.shape[0],
+                                  spec.cache_length(ids.shape[1]), max_new_tokens, together=False)
   compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
-                                               _program_name(spec, policy))
+                                               _program_name(spec, policy), before_compile=fits)
   packed = np.asarray(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, policy, packed, seconds, compile_seconds)
 
 
 def policy_option_names(target: Model, policy, caller: str) -> list[str]:
-  """The policy's option names, after checking it has some and reads this target's embeddings."""
+  """The policy's option names, after checking it is a policy, has some and reads this target's
+  embeddings."""
+  _check_is_policy(policy, caller)
   names = getattr(policy, "option_names", None)
   if not names:
     raise ValueError("the policy has no option names: train it with option_names (drafter names "
@@ -150,8 +156,20 @@ def policy_option_names(target: Model, policy, caller: str) -> list[str]:
   return list(names)
 
 
-def _option_models(target: Model, drafters: Mapping[str, Model], policy,
-                   gamma: int) -> list[Model | None]:
+def _check_is_policy(policy, caller: str) -> None:
+  """Refuses what is not a trained policy (None, a path, anything without the policy's program)."""
+  if all(hasattr(policy, attribute) for attribute in ("option_names", "program", "input_dim")):
+    return
+  if isinstance(policy, (str, os.PathLike)):
+    raise TypeError(f"{caller}: policy={os.fspath(policy)!r} is a path, not a Policy: load it first, "
+                    f"policy = jax_specsel.bandit.load_policy({os.fspath(policy)!r}).")
+  raise TypeError(f"{caller}: policy is {'None' if policy is None else type(policy).__name__}: pass a "
+                  "trained jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy(path) "
+                  "(one saved by train_policy), or train one with jax_specsel.bandit.train_policy.")
+
+
+def _option_models(target: Model, drafters: Mapping[str, Model], policy, gamma: int,
+                   assume_shared_vocabulary: bool) -> list[Model | None]:
   """The drafter (None: autoregressive) of each policy option, checked before any work."""
   names = policy_option_names(target, policy, "generate_selected")
   unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
@@ -167,7 +185,7 @@ def _option_models(target: Model, drafters: Mapping[str, Model], policy,
         raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
       _check_models(target, model, gamma)
       model = drafter_for(target, model)  # a single-device drafter joins a sharded target's mesh
-      check_compatible(target, model)
+      check_compatible(target, model, assume_shared_vocabulary)
     models.append(model)
   return models
 

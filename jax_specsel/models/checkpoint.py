@@ -1,8 +1,12 @@
 """HuggingFace checkpoint files: find them, read config.json and generation_config.json, stream
-the tensors one at a time (imports nothing from the package).
+the tensors one at a time (imports only validation.py from the package).
 
 Stop, pad and decoder-start ids are resolved once, here, the way transformers' `generate` resolves
 them (`generation_ids`): generation_config.json when the checkpoint has one, else config.json.
+
+Config fields are checked by type and range as they are read (`config_integer`, `config_real`,
+`config_flag`), before any module is built: a wrong one raises InvalidConfigError naming the file,
+the field, the value and the fix.
 
 Tensors are read lazily (safetensors memory maps, torch.load(mmap=True)), so peak host memory
 stays near one copy of the weights; models/loading.py converts and places them one at a time.
@@ -12,6 +16,7 @@ stored tensor -> the module's parameter); `inverse` gives the transform back (mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +26,8 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_specsel import validation
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,76 @@ class GenerationIds:
   pad_token_id: int  # fills rows after they stop
   decoder_start_token_id: int | None  # None: neither decoder_start_token_id nor bos_token_id set
   source: str  # the file the ids were read from
+
+
+REQUIRED = object()  # a `default` that makes a config field required
+
+
+def config_integer(fields: dict, name: str, default, minimum: int | None = 1,
+                   source: str = "config.json") -> int | None:
+  """`fields[name]` as a whole number >= `minimum`, checked before any module is built.
+
+  Args:
+    fields: the parsed config.json (or a nested dict of it).
+    name: the field; how it is called in the message (dotted for a nested dict's field).
+    default: returned when the field is absent or null; REQUIRED: an absent field is a KeyError
+      (the loader names it as a missing field).
+    minimum: the smallest accepted value (sizes: 1; ids: 0; None: no bound).
+    source: the file, for the message.
+
+  Raises:
+    InvalidConfigError: a string, bool, fraction or value below `minimum`, naming the file, the
+      field, the value and the fix.
+  """
+  value = _field(fields, name, default)
+  if value is None:
+    return None
+  try:
+    return validation.integer(name, value, minimum)
+  except (TypeError, ValueError) as err:
+    raise _invalid_field(source, name, err, "a whole number" + (
+        "" if minimum is None else f" >= {minimum}")) from None
+
+
+def config_real(fields: dict, name: str, default, positive: bool = False,
+                source: str = "config.json") -> float:
+  """`fields[name]` as a finite number (> 0 with `positive`, else >= 0); as `config_integer`."""
+  value = _field(fields, name, default)
+  try:
+    result = validation.real(name, value, low=0.0)
+  except (TypeError, ValueError) as err:
+    raise _invalid_field(source, name, err, "a finite number >= 0") from None
+  if positive and result == 0:
+    raise _invalid_field(source, name, ValueError(f"{name}={value!r}: must be > 0."), "a number > 0")
+  return result
+
+
+def config_flag(fields: dict, name: str, default: bool | None,
+                source: str = "config.json") -> bool | None:
+  """`fields[name]` as a bool: JSON true / false only ("false" as a string would read as True)."""
+  value = fields.get(name)
+  if value is None:
+    return default
+  if not isinstance(value, (bool, np.bool_)):
+    raise _invalid_field(source, name, TypeError(f"{name}={value!r} ({type(value).__name__}): "
+                                                 "must be true or false."), "true or false")
+  return bool(value)
+
+
+def _field(fields: dict, name: str, default):
+  key = name.rpartition(".")[2]
+  value = fields.get(key)
+  if value is None:
+    if default is REQUIRED:
+      raise KeyError(key)
+    return default
+  return value
+
+
+def _invalid_field(source: str, name: str, err: Exception, wanted: str) -> InvalidConfigError:
+  kind = "JSON true or false" if wanted == "true or false" else "a JSON number"
+  return InvalidConfigError(f"{source}: {err} Fix {name} in {source}: it must be {wanted} ({kind}, "
+                            "not a string); restore the value from the checkpoint's source.")
 
 
 _ID_FIELDS = ("eos_token_id", "pad_token_id", "decoder_start_token_id", "bos_token_id")
@@ -87,23 +164,25 @@ def generation_ids(hf_config: dict, generation_config: dict | None, vocab_size: 
   else:
     fields, source = _model_config_ids(hf_config), "config.json"
   eos = fields.get("eos_token_id")
-  eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
+  eos_ids = () if eos is None else tuple(
+      config_integer({"eos_token_id": e}, "eos_token_id", None, None, source) for e in eos_list)
   outside = [e for e in eos_ids if not 0 <= e < vocab_size]
   if outside:
     raise InvalidConfigError(
         f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
         f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
         f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
-  pad = fields.get("pad_token_id")
-  if pad is not None and not 0 <= int(pad) < vocab_size:
+  pad = config_integer(fields, "pad_token_id", None, None, source)
+  if pad is not None and not 0 <= pad < vocab_size:
     log.info("%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset", source, pad,
              vocab_size)
     pad = None
   if pad is None:
     pad = eos_ids[0] if eos_ids else 0
-  start = fields.get("decoder_start_token_id")
-  start = fields.get("bos_token_id") if start is None else start
-  return GenerationIds(eos_ids, int(pad), None if start is None else int(start), source)
+  start = config_integer(fields, "decoder_start_token_id", None, 0, source)
+  start = config_integer(fields, "bos_token_id", None, 0, source) if start is None else start
+  return GenerationIds(eos_ids, pad, start, source)
 
 
 def _model_config_ids(hf_config: dict) -> dict:
@@ -262,14 +341,29 @@ def _unreadable(path: str, err: Exception) -> CorruptCheckpointError:
 
 
 def _iter_safetensors(path: str):
-  import safetensors
-  try:
+  with _safetensors_errors(path):
     # framework="flax": numpy has no bfloat16, and checkpoints are often stored in it.
-    with safetensors.safe_open(path, framework="flax") as f:
+    with safetensors_open(path) as f:
       for key in f.keys():
         yield key, f.get_tensor(key)
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str):
+  """Turns the reader's errors (a truncated, empty or overwritten file) into one that names it."""
+  import safetensors
+  try:
+    yield
   except safetensors.SafetensorError as err:
     raise _unreadable(path, err) from err
+
+
+def safetensors_open(path: str):
+  """`safetensors.safe_open` of a weight file; every read of one goes through here, so a file
+  that cannot be parsed raises CorruptCheckpointError naming it, whichever path reads it first."""
+  import safetensors
+  with _safetensors_errors(path):
+    return safetensors.safe_open(path, framework="flax")
 
 
 class CheckpointTensors:
@@ -306,12 +400,11 @@ class CheckpointTensors:
 def _lazy_tensors(path: str):
   """(name, zero-argument reader) per tensor of one weight file; nothing is read until called."""
   if path.endswith(".safetensors"):
-    import safetensors
-    with safetensors.safe_open(path, framework="flax") as f:
+    with safetensors_open(path) as f:
       keys = list(f.keys())
 
     def reader(key):
-      with safetensors.safe_open(path, framework="flax") as f:
+      with _safetensors_errors(path), safetensors_open(path) as f:
         return f.get_tensor(key)
 
     return [(key, lambda key=key: reader(key)) for key in keys]

@@ -157,6 +157,10 @@ def _full_logits(decoder: Decoder, params, input_ids, attention_mask, decoder_in
   return logits
 
 
+def _on_device(ids: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(decoder: Decoder, params, input_ids, attention_mask):
   cache = decoder.init_cache(params, input_ids.shape[0], input_ids.shape[1])
@@ -256,12 +260,16 @@ class Model:
     return total - per_layer * (self.config.num_decoder_layers - self.exit_layers)
 
   # ----- eager conveniences (numpy in, numpy out) -----
+  # Left- and right-padded batches give the same values on the real tokens: a decoder-only model
+  # reads positions from the layout, so its rows are right-aligned first (as `generate` does) and
+  # its logits moved back to the columns given. T5 reads the mask (holes in it are allowed there).
   def logits(self, input_ids, decoder_input_ids=None, attention_mask=None) -> np.ndarray:
     """Full forward logits.
 
     Args:
       input_ids: int [B, S] (or [S], or a list of id lists: right-padded with the pad id), padded
-        with any id where `attention_mask` is 0.
+        with any id where `attention_mask` is 0, on either side (left or right padding give the
+        same logits on the real tokens).
       decoder_input_ids: int [B, T] (T5 only; required there): decoder inputs starting with the
         decoder start token. Must be None for decoder-only models.
       attention_mask: {0,1} [B, S], 1 for real tokens; default all ones.
@@ -269,7 +277,7 @@ class Model:
     Returns:
       float32 numpy [B, T, V]: logits at every decoder position (T = S for decoder-only models).
     """
-    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
+    ids, mask = self._host_batch(input_ids, attention_mask)
     if self.is_encoder_decoder and decoder_input_ids is None:
       raise ValueError(f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
                        f"(starting with decoder_start_token_id={self.decoder_start_id}).")
@@ -278,18 +286,24 @@ class Model:
                        "leave decoder_input_ids=None.")
     if decoder_input_ids is not None:
       decoder_input_ids = jnp.asarray(np.asarray(decoder_input_ids, np.int32))
-    out = _full_logits(self.decoder, self.params, input_ids, attention_mask, decoder_input_ids)
-    return np.asarray(out, np.float32)
+    aligned, aligned_mask = self._aligned(ids, mask)
+    out = np.asarray(_full_logits(self.decoder, self.params, *_on_device(aligned, aligned_mask),
+                                  decoder_input_ids), np.float32)
+    return out if self.is_encoder_decoder else token_batches.original_layout(out, mask)
 
   def embed(self, input_ids, attention_mask=None) -> np.ndarray:
-    """Query embedding for the policy: float32 numpy [B, D] (see the module docstring)."""
-    input_ids, attention_mask = self._device_batch(input_ids, attention_mask)
-    return np.asarray(_embed(self.decoder, self.params, input_ids, attention_mask), np.float32)
+    """Query embedding for the policy: float32 numpy [B, D] (see the module docstring); left- and
+    right-padded batches embed alike."""
+    ids, mask = self._aligned(*self._host_batch(input_ids, attention_mask))
+    return np.asarray(_embed(self.decoder, self.params, *_on_device(ids, mask)), np.float32)
 
-  def _device_batch(self, input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
-    """int32 ids and mask [B, S] on the device from any form `token_batches.as_id_batch` takes."""
-    ids, mask = token_batches.as_id_batch(input_ids, attention_mask, self.pad_id, name="input_ids")
-    return jnp.asarray(ids.astype(np.int32)), jnp.asarray(mask.astype(np.int32))
+  def _host_batch(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """ids and mask [B, S] from any form `token_batches.as_id_batch` takes."""
+    return token_batches.as_id_batch(input_ids, attention_mask, self.pad_id, name="input_ids")
+
+  def _aligned(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder-only rows with their real tokens first (the layout their positions assume)."""
+    return (ids, mask) if self.is_encoder_decoder else token_batches.right_aligned(ids, mask)
 
   def early_exit(self, layers: int) -> "Model":
     """A drafter made of the first `layers` decoder layers + final norm + the shared LM head.

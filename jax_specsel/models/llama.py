@@ -117,31 +117,26 @@ class Config:
     Raises:
       UnsupportedModelError: an activation other than SiLU, a rope type other than default /
         linear / llama3, or partial rotary embeddings.
-      InvalidConfigError: a stop id outside the vocabulary.
+      InvalidConfigError: a field of the wrong type or range (naming it, its value and the fix),
+        a stop id outside the vocabulary.
+      KeyError: a required size field is absent (the loader names it).
     """
-    get = hf_config.get
-    heads = get("num_attention_heads")
-    hidden_act = get("hidden_act", "silu")
+    hidden_act = hf_config.get("hidden_act", "silu")
     if hidden_act != "silu":
       raise UnsupportedModelError(
           f"config.json: hidden_act={hidden_act!r}; this LLaMA implementation supports only 'silu'.")
-    ids = checkpoint.generation_ids(hf_config, generation_config, get("vocab_size"))
+    sizes = _sizes(hf_config)
+    ids = checkpoint.generation_ids(hf_config, generation_config, sizes["vocab_size"])
+    flag = lambda name: checkpoint.config_flag(hf_config, name, False)
     return cls(
-        vocab_size=get("vocab_size"),
-        hidden_size=get("hidden_size"),
-        intermediate_size=get("intermediate_size"),
-        num_hidden_layers=get("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=get("num_key_value_heads") or heads,
-        head_dim=get("head_dim") or get("hidden_size") // heads,
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        attention_bias=bool(get("attention_bias", False)),
-        mlp_bias=bool(get("mlp_bias", False)),
+        **sizes,
+        rms_norm_eps=checkpoint.config_real(hf_config, "rms_norm_eps", 1e-6),
+        tie_word_embeddings=flag("tie_word_embeddings"),
+        attention_bias=flag("attention_bias"),
+        mlp_bias=flag("mlp_bias"),
         pad_token_id=ids.pad_token_id,
         eos_token_ids=ids.eos_token_ids,
-        bos_token_id=get("bos_token_id"),
+        bos_token_id=checkpoint.config_integer(hf_config, "bos_token_id", None, minimum=None),
         dtype=dtype,
         **_rope_fields(hf_config),
     )
@@ -175,6 +170,28 @@ class Config:
     }
 
 
+def _sizes(hf_config: dict) -> dict[str, int]:
+  """The size fields of config.json, each a whole number >= 1; heads a multiple of K/V heads."""
+  size = lambda name, default=checkpoint.REQUIRED: checkpoint.config_integer(hf_config, name, default)
+  hidden, heads = size("hidden_size"), size("num_attention_heads")
+  kv_heads = size("num_key_value_heads", heads)
+  if heads % kv_heads:
+    raise checkpoint.InvalidConfigError(
+        f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+        f"{kv_heads}: grouped-query attention shares each K/V head among a whole number of query "
+        "heads. Fix one of the two in config.json.")
+  head_dim = size("head_dim", hidden // heads)
+  if head_dim < 1:  # the default, hidden_size // num_attention_heads, is 0
+    raise checkpoint.InvalidConfigError(
+        f"config.json: hidden_size={hidden} is smaller than num_attention_heads={heads}, so the "
+        "heads would have width 0: fix hidden_size or num_attention_heads, or set head_dim.")
+  return dict(vocab_size=size("vocab_size"), hidden_size=hidden,
+              intermediate_size=size("intermediate_size"),
+              num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads,
+              num_key_value_heads=kv_heads, head_dim=head_dim,
+              max_position_embeddings=size("max_position_embeddings", 2048))
+
+
 def _rope_fields(hf_config: dict) -> dict[str, Any]:
   """Rotary settings from either `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
   params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
@@ -189,15 +206,19 @@ def _rope_fields(hf_config: dict) -> dict[str, Any]:
   if partial not in (None, 1.0):
     raise UnsupportedModelError(
         f"config.json: partial_rotary_factor={partial} is not supported (LLaMA rotates all dims).")
-  theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-  fields = {"rope_type": rope_type, "rope_theta": float(theta)}
+  nested = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
+  real = lambda name, default=checkpoint.REQUIRED: checkpoint.config_real(
+      params, f"{nested}.{name}", default, positive=True)
+  theta = real("rope_theta", checkpoint.config_real(hf_config, "rope_theta", 10000.0, positive=True))
+  fields = {"rope_type": rope_type, "rope_theta": theta}
   if rope_type in ("linear", "llama3"):
-    fields["rope_factor"] = float(params["factor"])
+    fields["rope_factor"] = real("factor")
   if rope_type == "llama3":
-    fields["rope_low_freq_factor"] = float(params["low_freq_factor"])
-    fields["rope_high_freq_factor"] = float(params["high_freq_factor"])
-    fields["rope_original_max_position_embeddings"] = int(params.get(
-        "original_max_position_embeddings", hf_config.get("max_position_embeddings", 2048)))
+    fields["rope_low_freq_factor"] = real("low_freq_factor")
+    fields["rope_high_freq_factor"] = real("high_freq_factor")
+    fields["rope_original_max_position_embeddings"] = checkpoint.config_integer(
+        params, f"{nested}.original_max_position_embeddings",
+        checkpoint.config_integer(hf_config, "max_position_embeddings", 2048))
   return fields
 
 

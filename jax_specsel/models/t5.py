@@ -140,42 +140,26 @@ class Config:
       The Config.
 
     Raises:
-      ValueError: an unknown or malformed `feed_forward_proj`.
-      InvalidConfigError: a stop id outside the vocabulary.
+      InvalidConfigError: a field of the wrong type or range (naming it, its value and the fix),
+        an unknown or malformed `feed_forward_proj`, a stop id outside the vocabulary.
     """
-    proj = hf_config.get("feed_forward_proj", "relu")
-    parts = proj.split("-")
-    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-      raise ValueError(f"feed_forward_proj={proj!r} is not of the form 'ACT' or 'gated-ACT'.")
-    act = "gelu_new" if proj == "gated-gelu" else parts[-1]  # transformers' legacy special case
-    if act not in activations.ACTIVATIONS:
-      raise ValueError(f"feed_forward_proj={proj!r}: activation {act!r} is not supported; "
-                       f"supported: {sorted(activations.ACTIVATIONS)}.")
-    num_layers = hf_config.get("num_layers", 6)
-    vocab_size = hf_config.get("vocab_size", 32128)
-    ids = checkpoint.generation_ids(hf_config, generation_config, vocab_size)
-    tie = hf_config.get("tie_word_embeddings", True)
-    scale = hf_config.get("scale_decoder_outputs")
+    act, gated = _feed_forward(hf_config)
+    sizes = _sizes(hf_config)
+    ids = checkpoint.generation_ids(hf_config, generation_config, sizes["vocab_size"])
+    tie = checkpoint.config_flag(hf_config, "tie_word_embeddings", True)
+    scale = checkpoint.config_flag(hf_config, "scale_decoder_outputs", tie)
+    pad = checkpoint.config_integer(hf_config, "pad_token_id", 0, minimum=None)
     return cls(
-        vocab_size=vocab_size,
-        d_model=hf_config.get("d_model", 512),
-        d_kv=hf_config.get("d_kv", 64),
-        d_ff=hf_config.get("d_ff", 2048),
-        num_heads=hf_config.get("num_heads", 8),
-        num_layers=num_layers,
-        num_decoder_layers=(num_layers if hf_config.get("num_decoder_layers") is None
-                            else hf_config["num_decoder_layers"]),
-        relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
+        **sizes,
         dense_act_fn=act,
-        is_gated_act=len(parts) == 2,
-        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6),
-        tie_word_embeddings=bool(tie),
-        scale_decoder_outputs=bool(tie if scale is None else scale),
+        is_gated_act=gated,
+        layer_norm_epsilon=checkpoint.config_real(hf_config, "layer_norm_epsilon", 1e-6),
+        tie_word_embeddings=tie,
+        scale_decoder_outputs=scale,
         pad_token_id=ids.pad_token_id,
         eos_token_ids=ids.eos_token_ids,
         decoder_start_token_id=(ids.decoder_start_token_id if ids.decoder_start_token_id is not None
-                                else hf_config.get("pad_token_id") or 0),
+                                else pad or 0),
         dtype=dtype,
     )
 
@@ -217,6 +201,34 @@ class Config:
       raise ValueError("a gated exact-gelu T5 feed-forward has no feed_forward_proj name "
                        "(transformers reads 'gated-gelu' as gelu_new); it cannot be exported.")
     return f"gated-{self.dense_act_fn}"
+
+
+def _feed_forward(hf_config: dict) -> tuple[str, bool]:
+  """(activation, gated) from `feed_forward_proj` ("ACT" or "gated-ACT")."""
+  proj = hf_config.get("feed_forward_proj", "relu")
+  parts = proj.split("-") if isinstance(proj, str) else []
+  if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+    raise checkpoint.InvalidConfigError(
+        f"config.json: feed_forward_proj={proj!r} is not of the form 'ACT' or 'gated-ACT'; fix "
+        "it in config.json (e.g. 'relu' or 'gated-gelu').")
+  act = "gelu_new" if proj == "gated-gelu" else parts[-1]  # transformers' legacy special case
+  if act not in activations.ACTIVATIONS:
+    raise checkpoint.InvalidConfigError(
+        f"config.json: feed_forward_proj={proj!r}: activation {act!r} is not supported; "
+        f"supported: {sorted(activations.ACTIVATIONS)}.")
+  return act, len(parts) == 2
+
+
+def _sizes(hf_config: dict) -> dict[str, int]:
+  """The size fields of config.json, each a whole number >= 1 (T5Config's defaults when absent)."""
+  size = lambda name, default: checkpoint.config_integer(hf_config, name, default)
+  num_layers = size("num_layers", 6)
+  return dict(
+      vocab_size=size("vocab_size", 32128), d_model=size("d_model", 512), d_kv=size("d_kv", 64),
+      d_ff=size("d_ff", 2048), num_heads=size("num_heads", 8), num_layers=num_layers,
+      num_decoder_layers=size("num_decoder_layers", num_layers),
+      relative_attention_num_buckets=size("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=size("relative_attention_max_distance", 128))
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
