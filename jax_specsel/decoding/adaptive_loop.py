@@ -357,7 +357,7 @@ def _drafts(spec, drafters: _Drafters, costs, state, choice, gamma, active, key)
     def read_and_draft(carry, k=k, rows=rows, count=count):
       view, drafts, logprobs = carry
       view = _prepared(spec, k, drafters, view)
-      gap = history.num_generated - view.synced  # history tokens it lacks before pending
+      gap = history.num_generated - read_start(view, history.num_generated)
       kind = jnp.max(jnp.where(rows, jnp.where(
           gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1))
       first = jnp.zeros((batch, vocab), jnp.float32)
@@ -396,12 +396,24 @@ class _History:
                emitted_logp=state.emitted_logp)
 
 
+def read_start(view: _View, num_generated: jax.Array) -> jax.Array:
+  """int32 [B]: the history index a read of drafter k starts at.
+
+  Token index j is scored by the drafter's logits at history index j, which a read computes only
+  while that index is in its block. The last read stopped at `pending`, whose successor was not
+  known yet: the next read must start there again (`scored_upto`), not after it (`synced`), or
+  the token emitted after every read is never scored (a drafter read every round would then be
+  scored on nothing while the rounds emit one token each).
+  """
+  return jnp.minimum(jnp.minimum(view.synced, view.scored_upto), num_generated)
+
+
 def _read(spec, k, params, costs, history: _History, view: _View, rows,
           width: int | None):
   """Drafter k reads history[start : start + width] at its absolute positions.
 
-  start is where its cache stops being valid (`synced`, at most `pending`'s index); width None
-  reads the whole history from index 0. Every row of the batch is read (rows that did not ask
+  start is `read_start`: where its cache stops being valid, or one earlier where the logits that
+  score its first unscored token are needed again; width None reads the whole history from 0. Every row of the batch is read (rows that did not ask
   merely get valid K/V a little further); the read's cost is charged to `rows`.
 
   Returns:
@@ -414,7 +426,7 @@ def _read(spec, k, params, costs, history: _History, view: _View, rows,
   if width is None:
     start, width = jnp.zeros_like(num_generated), spec.max_rounds + 1
   else:
-    start = jnp.minimum(view.synced, num_generated)
+    start = read_start(view, num_generated)
   charge = 0.0 if width == 2 else read_costs[k] * width / spec.read_width  # 2: in a draft step
   sequence = history.sequence
   last = sequence.shape[1] - 1
@@ -556,7 +568,8 @@ def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, turn_of
       rows = running & (choice != k + 1) & (
           (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
       views[k] = _prepared(spec, k, drafters, views[k], jnp.any(rows))
-      far = jnp.any(rows & (history.num_generated - views[k].synced >= spec.read_width))
+      start = read_start(views[k], history.num_generated)
+      far = jnp.any(rows & (history.num_generated - start >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):
         views[k] = _when(jnp.any(rows) & wanted, lambda v, width=width, k=k, rows=rows: _read(
             spec, k, drafters.params[k], costs, history, v, rows, width)[0], views[k])
