@@ -276,3 +276,34 @@ def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_m
   np.testing.assert_allclose(out.achieved, out.lengths / cost, rtol=1e-5)
   np.testing.assert_allclose(out.regret, np.nanmax(hindsight, axis=1) - out.lengths / cost,
                              rtol=1e-4, atol=1e-6)
+
+
+def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_path):
+  """Autoregressive in every round (one token a round), every drafter read after every round:
+  each drafter's hindsight acceptance is its teacher-forced greedy agreement with the emitted
+  tokens (all but the last round's, which no probe follows), computed here from its own logits.
+  A read that resumed after the position it last read would score none of them."""
+  from flax import nnx
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  _llama_torch(VOCAB, eos=None, seed=3).save_pretrained(tmp_path)
+  target = js.load_model(str(tmp_path))
+  drafters = {"exit1": target.early_exit(layers=1), "exit2": target.early_exit(layers=2),
+              "self": target}
+  only_autoregressive = Policy(PolicyNetwork(target.hidden_size, 1, hidden_dim=8,
+                                             rngs=nnx.Rngs(0)), option_names=["autoregressive"])
+  rule = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=False, probe_every=1,
+                                    track_threshold=0.0, prior_floor=1e-6)
+  partial = 0
+  for seed, prompt in enumerate(_prompts(9, 3)):
+    out = adaptive.generate_adaptive(target, [prompt], drafters, only_autoregressive,
+                                     costs=_cheap(drafters, 3), max_gamma=3, max_new_tokens=12,
+                                     rule=rule, seed=seed)
+    assert np.all(out.round_options[out.round_options >= 0] == 0)
+    tokens = out.tokens[0][:out.lengths[0]]
+    sequence = np.concatenate([prompt, tokens])[None]
+    for k, drafter in enumerate(drafters.values()):
+      predicted = drafter.logits(sequence)[0, len(prompt) - 1:-1].argmax(-1)
+      expected = np.mean(predicted[:-1] == tokens[:-1])
+      assert out.acceptance[0, k] == pytest.approx(expected, abs=1e-6), (k, seed)
+      partial += 0 < expected < 1
+  assert partial  # the check can fail: some drafter agrees on some tokens and not others
