@@ -248,8 +248,14 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
                                        spec.cache_length(ids.shape[1]))
   embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
-  sampled = jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits, axis=-1)
-  choice = jnp.where(greedy_policy > 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  # Only the dynamic policy draws: the draw (a fold-in and a Gumbel sample, ~40 small kernels in
+  # two rolled loops on XLA:CPU) sits between the policy and the chosen loop, so the greedy
+  # policy skips it rather than computing it and throwing it away.
+  choice = jax.lax.cond(
+      greedy_policy > 0,
+      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+      lambda: jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits,
+                                     axis=-1).astype(jnp.int32))
   member_of = jnp.asarray(_members(spec))
 
   def decode_with(branch, member, active):  # loop `branch` with its drafter `member`
