@@ -2,6 +2,8 @@
 
   python launch/selection_overhead.py                     # the demo zoo and the demo's policy
   python launch/selection_overhead.py --policy=reports/demo/policy --queries=40 --repeats=5
+  python launch/selection_overhead.py --random_widths=128,512 --gamma=5 --max_new_tokens=30 \
+      --calls=60 --output=reports/selection_overhead_random.json   # random T5s, no zoo needed
 
 Per test query of the embedded world (every domain): the wall time of `generate_selected` (prefill,
 embedding, policy and decode in one program) and of `generate` with the option the policy chose,
@@ -9,15 +11,29 @@ same seed, both timed around the whole public call, each in blocks over all quer
 deployment serves them (the block order alternates between repeats).
 Prints the median ratio fused / plain over queries (the issue's bar: <= 1.05) and the policy's
 share of per-query time per domain, and writes them as JSON to --output.
+
+With --random_widths: random-weight T5s built in-process, shaped as the demo zoo's (target: d_model
+W, W/32 heads, d_ff 4W, 2 encoder + 6 decoder layers; three drafters of d_model 96, 4 heads, d_ff
+384, 2 + 1 layers; a vocabulary of 304; no stop id, so every call makes max_new_tokens tokens), one
+random prompt of --prompt_tokens tokens at batch 1. Per width, per chosen option (--picks) and per
+policy size (1 option: only the chosen one; 4 options: autoregressive and the three drafters), a
+paper-sized policy (3 layers of 512) that always picks the option: the wall time of the whole
+public call `generate_selected` against `generate` with that option, the calls interleaved in a
+shuffled order each round (the machine's load hits all alike), medians over --calls calls each,
+and the median of the per-round ratios. The outputs are checked equal first.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import statistics
+import time
 
+import numpy as np
 from absl import app, flags, logging
 
+import jax_specsel as js
 from jax_specsel import demo as demo_lib, experiment, validation
 from jax_specsel.eval import evaluate
 
@@ -29,18 +45,111 @@ flags.DEFINE_integer("gamma", 5, "Draft tokens per round (as the demo).")
 flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
 flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
+flags.DEFINE_list("random_widths", [], "Target widths (d_model) of random T5s; empty: the demo zoo.")
+flags.DEFINE_list("picks", ["autoregressive", "d0"], "Options the always-one-option policies pick "
+                  "(random models: autoregressive, d0, d1, d2).")
+flags.DEFINE_integer("calls", 60, "Random models: timed calls per variant (medians taken).")
+flags.DEFINE_integer("prompt_tokens", 34, "Random models: tokens of the prompt.")
+
+RANDOM_OPTIONS = ("autoregressive", "d0", "d1", "d2")
+RANDOM_VOCAB = 304
+
+
+def _always(names, pick: str, width: int):
+  """A paper-sized policy (3 layers of 512) over `names` that picks `pick` for every query."""
+  from flax import nnx
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  network = PolicyNetwork(width, len(names), rngs=nnx.Rngs(0))
+  last = network.layers[-1]
+  last.kernel[...] = 0.0
+  last.bias[...] = 10.0 * (np.arange(len(names)) == list(names).index(pick))
+  return Policy(network, option_names=list(names))
+
+
+def _random_rows(width: int) -> list[dict]:
+  """The table rows of one target width (see the module docstring)."""
+  from jax_specsel.eval.random_models import random_prompt_ids, random_t5_model
+  target = random_t5_model(width, width // 32, 4 * width, 2, 6, RANDOM_VOCAB, seed=0, name="target")
+  drafters = {name: random_t5_model(96, 4, 384, 2, 1, RANDOM_VOCAB, seed=i, name=name)
+              for i, name in enumerate(RANDOM_OPTIONS[1:], start=1)}
+  prompt = random_prompt_ids(np.random.default_rng(0), RANDOM_VOCAB, 1, FLAGS.prompt_tokens)
+  settings = dict(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens)
+  calls = {}
+  for pick in FLAGS.picks:
+    drafter = None if pick == "autoregressive" else drafters[pick]
+    calls[(pick, "plain")] = lambda d=drafter: js.generate(target, prompt, drafter=d, **settings)
+    for count, names in ((1, (pick,)), (4, RANDOM_OPTIONS)):
+      policy = _always(names, pick, width)
+      calls[(pick, count)] = lambda p=policy: js.generate_selected(target, prompt, drafters, p,
+                                                                   **settings)
+  outputs = {key: call() for key, call in calls.items()}  # compiles every program
+  for (pick, variant), out in outputs.items():
+    expected = outputs[(pick, "plain")]
+    if variant != "plain" and (out.choices != [pick] or out.tokens.tolist() != expected.tokens.tolist()):
+      raise AssertionError(f"width {width}, {variant} options picking {pick}: generate_selected "
+                           "differs from generate with that option")
+  for call in calls.values():  # every branch once more, untimed
+    call()
+  walls = {key: [] for key in calls}
+  order = list(calls)
+  for _ in range(FLAGS.calls):
+    random.shuffle(order)
+    for key in order:
+      started = time.perf_counter()
+      calls[key]()
+      walls[key].append(time.perf_counter() - started)
+  rows = []
+  for pick in FLAGS.picks:
+    plain = walls[(pick, "plain")]
+    for count in (1, 4):
+      fused = walls[(pick, count)]
+      rows.append({"width": width, "target_params_M": target.num_params / 1e6, "pick": pick,
+                   "options": count, "plain_ms": 1e3 * statistics.median(plain),
+                   "fused_ms": 1e3 * statistics.median(fused),
+                   "ratio": statistics.median(fused) / statistics.median(plain),
+                   "paired_ratio": statistics.median(f / p for f, p in zip(fused, plain)),
+                   "extra_ms": 1e3 * (statistics.median(fused) - statistics.median(plain))})
+  return rows
+
+
+def random_main() -> None:
+  rows = []
+  print("| target d_model (params) | options | pick | plain ms | fused ms | ratio | paired ratio "
+        "| extra ms |\n|---|---|---|---|---|---|---|---|", flush=True)
+  for width in map(int, FLAGS.random_widths):
+    for row in _random_rows(width):
+      rows.append(row)
+      print(f"| {row['width']} ({row['target_params_M']:.1f}M) | {row['options']} | {row['pick']} | "
+            f"{row['plain_ms']:.3f} | {row['fused_ms']:.3f} | {row['ratio']:.4f} | "
+            f"{row['paired_ratio']:.4f} | {row['extra_ms']:+.3f} |", flush=True)
+  with open(FLAGS.output, "w") as handle:
+    json.dump({"gamma": FLAGS.gamma, "max_new_tokens": FLAGS.max_new_tokens,
+               "prompt_tokens": FLAGS.prompt_tokens, "calls": FLAGS.calls, "batch": 1,
+               "jax_specsel": js.__file__, "rows": rows}, handle, indent=1)
+  logging.info("wrote %s", FLAGS.output)
 
 
 def check_flags() -> None:
   """Validates every flag and the output path before the policy, the zoo or any timing."""
-  experiment.integer_flags("queries", "repeats", "gamma", "max_new_tokens")
+  experiment.integer_flags("queries", "repeats", "gamma", "max_new_tokens", "calls",
+                           "prompt_tokens")
   validation.writable_file(FLAGS.output, "--output")
+  unknown = sorted(set(FLAGS.picks) - set(RANDOM_OPTIONS))
+  if FLAGS.random_widths and unknown:
+    raise ValueError(f"--picks={unknown}: choose from {list(RANDOM_OPTIONS)}.")
+  for width in FLAGS.random_widths:
+    if not width.isdigit() or int(width) < 32 or int(width) % 32:
+      raise ValueError(f"--random_widths={width!r}: each a multiple of 32 (heads of 32).")
 
 
 def main(argv):
   del argv
   with experiment.usage_errors():  # one line, before the zoo and the timings
     check_flags()
+  if FLAGS.random_widths:
+    random_main()
+    return
+  with experiment.usage_errors():
     policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy, FLAGS.cache_dir or None)
   config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
                                seeds=tuple(range(FLAGS.repeats)))

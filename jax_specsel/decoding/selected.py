@@ -46,6 +46,9 @@ AUTOREGRESSIVE = "autoregressive"
 _POLICY_STREAM = 0x5E1EC7  # folded into the seed's key for the dynamic policy's draw
 
 
+_SPECS: dict = {}  # SelectionSpec -> itself (see `SelectionSpec.interned`)
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionSpec:
   """Everything static about a selected generation (a jit compile-time constant).
@@ -76,6 +79,23 @@ class SelectionSpec:
   def branch_of(self) -> tuple[int, ...]:
     """Option index -> index of its loop in `branches`."""
     return tuple(self.branches.index(option) for option in self.options)
+
+  @functools.cached_property
+  def branch_sizes(self) -> tuple[int, ...]:
+    """Options (drafters) per loop: a loop of one takes its drafter's weights as they are."""
+    return tuple(self.branch_of.count(branch) for branch in range(len(self.branches)))
+
+  def interned(self) -> "SelectionSpec":
+    """The equal spec built by an earlier call, so `branches` and `branch_of` are computed once
+    per option set, not per call: grouping the options compares drafter graph definitions
+    (`Decoder` equality walks the module graph), ~0.2 ms a call for three drafters on CPU. The
+    lookup itself is cheap: an equal earlier spec holds the very same `Decoder` objects."""
+    found = _SPECS.get(self)
+    if found is None:
+      if len(_SPECS) >= 64:  # a few option sets at a time; keep memory bounded
+        _SPECS.pop(next(iter(_SPECS)))
+      found = _SPECS[self] = self
+    return found
 
   def cache_length(self, prompt_length: int) -> int:
     """The target cache is prepared once for every option: as long as the longest needs."""
@@ -129,7 +149,7 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   spec = SelectionSpec(
       options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
                     for drafter in option_models),
-      policy=policy.program)
+      policy=policy.program).interned()
   packed_prompts = place_prompts(target, ids, mask, seed, flags=(int(bool(greedy_policy)),))
   args, trees = _arguments(spec, target, option_models, policy, packed_prompts)
   fits = lambda: check_caches_fit(target, option_models, ids.shape[0],
@@ -194,7 +214,9 @@ def _arguments(spec: SelectionSpec, target, option_models, policy, packed_prompt
   """(array arguments, static treedefs) of the selected program.
 
   The weights of the drafters that share a loop travel stacked, leaf by leaf ([members, ...]),
-  and the loop indexes the chosen member: no branch per drafter, no copy of weights per call.
+  and the loop indexes the chosen member: no branch per drafter. Picking a member at run time
+  copies its weights once per call (XLA cannot alias part of an argument), so a loop with a
+  single drafter takes that drafter's own leaves, unstacked: no copy.
   """
   target_leaves, target_tree = target.flat_params()
   stacked, trees = [], []
@@ -205,7 +227,8 @@ def _arguments(spec: SelectionSpec, target, option_models, policy, packed_prompt
       trees.append(None)
       continue
     parts = [member.flat_params() for member in members]
-    stacked.append(_stacked_leaves([leaves for leaves, _ in parts]))
+    stacked.append(parts[0][0] if len(parts) == 1 else
+                   _stacked_leaves([leaves for leaves, _ in parts]))
     trees.append(parts[0][1])
   policy_leaves, policy_tree = policy.program_inputs()
   return ((target_leaves, stacked, policy_leaves, packed_prompts),
@@ -243,18 +266,32 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
                                        spec.cache_length(ids.shape[1]))
   embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
-  sampled = jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits, axis=-1)
-  choice = jnp.where(greedy_policy > 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  # Only the dynamic policy draws: the draw (a fold-in and a Gumbel sample, ~40 small kernels in
+  # two rolled loops on XLA:CPU) sits between the policy and the chosen loop, so the greedy
+  # policy skips it rather than computing it and throwing it away.
+  choice = jax.lax.cond(
+      greedy_policy > 0,
+      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+      lambda: jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits,
+                                     axis=-1).astype(jnp.int32))
   member_of = jnp.asarray(_members(spec))
 
   def decode_with(branch, member, active):  # loop `branch` with its drafter `member`
     option, tree = spec.branches[branch], branch_trees[branch]
-    # The barrier keeps XLA from sinking the member's slice into the loop (a copy of the
-    # drafter's weights at every drafter step instead of once per call).
-    params = None if tree is None else jax.tree.unflatten(tree, jax.lax.optimization_barrier(
-        [leaf[member] for leaf in stacked_leaves[branch]]))
-    state = loop.decode_prepared(option, target_params, params, context, cache, ids, mask, key,
-                                 active)
+    if tree is None:
+      params = None
+    elif spec.branch_sizes[branch] == 1:  # the drafter's own leaves: nothing to pick
+      params = jax.tree.unflatten(tree, stacked_leaves[branch])
+    else:
+      # The barrier keeps XLA from sinking the member's slice into the loop (a copy of the
+      # drafter's weights at every drafter step instead of once per call).
+      params = jax.tree.unflatten(tree, jax.lax.optimization_barrier(
+          [leaf[member] for leaf in stacked_leaves[branch]]))
+    # Each loop runs on a cache of its own length, as `generate` would (see `loop.fit_cache`).
+    own_cache = loop.fit_cache(option, target_params, cache, ids.shape[0],
+                               option.cache_length(ids.shape[1]))
+    state = loop.decode_prepared(option, target_params, params, context, own_cache, ids, mask,
+                                 key, active)
     return loop.summarize(option, state, spec.gamma_width)
 
   if ids.shape[0] == 1:

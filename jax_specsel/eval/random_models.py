@@ -76,3 +76,23 @@ def random_prompt_ids(rng: np.random.Generator, vocab_size: int, num_prompts: in
   high = min(high, vocab_size)
   low = min(low, high - 1)
   return rng.integers(low, high, size=(num_prompts, length)).tolist()
+
+
+def random_t5_model(d_model: int, num_heads: int, d_ff: int, encoder_layers: int,
+                    decoder_layers: int, vocab_size: int = 304, seed: int = 0, name: str = "t5",
+                    eos_token_ids: tuple[int, ...] = ()):
+  """A random-weight T5 `Model` built in-process (no torch, no files), shaped as the demo zoo's
+  (original-T5 style, tied and scaled head, d_kv = d_model / num_heads).
+
+  The default stops on no id, so every call generates exactly max_new_tokens and the options of
+  a timing run do equal work.
+  """
+  from flax import nnx
+  from jax_specsel.models import t5
+  from jax_specsel.models.interface import Model
+  config = t5.Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+                     num_heads=num_heads, num_layers=encoder_layers,
+                     num_decoder_layers=decoder_layers, tie_word_embeddings=True,
+                     scale_decoder_outputs=True, pad_token_id=0,
+                     eos_token_ids=tuple(eos_token_ids), decoder_start_token_id=0)
+  return Model(t5.Module(config, rngs=nnx.Rngs(seed)), tokenizer=None, name=name)
