@@ -20,14 +20,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/demo.py
 
+# Two workers, one test file each at a time (module fixtures are built once per file).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PYTEST) -m ''
 
 bench: $(STAMP)
 	$(PY) launch/benchmark.py

@@ -87,7 +87,7 @@ def llama_models(tmp_path_factory):
   return target, {"exit1": target.early_exit(1), "exit2": target.early_exit(2), "self": target}
 
 
-@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
 def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_models,
                                                                  llama_models):
   target, drafters = t5_models if family == "t5" else llama_models
@@ -107,6 +107,7 @@ def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_mod
     assert (batched.lengths < 20).sum() >= 2  # rows stopped early on the frequent stop id
 
 
+@pytest.mark.slow
 def test_counters_agree_with_the_rounds(t5_models):
   target, drafters = t5_models
   out = adaptive.generate_adaptive(target, _prompts(4, 5), drafters, rule=SWITCHING, max_gamma=3,
@@ -130,6 +131,7 @@ def test_counters_agree_with_the_rounds(t5_models):
   np.testing.assert_allclose(out.regret, best - out.lengths / out.cost, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
   target, drafters = t5_models
   costs = adaptive.Costs(step=(0.5, 0.05, 0.3), read=(0.5, 0.05, 0.3),
@@ -144,6 +146,7 @@ def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
   assert np.all(out.round_gammas[out.round_options == self_option] == 4)  # acceptance 1: the max
 
 
+@pytest.mark.slow
 def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
   """A prior that rules every drafter out: none is tracked, so the first probe reads exactly one
   per row, the one in turn, drawn per row, so that over rows every drafter is seen."""
@@ -200,6 +203,7 @@ def test_sampled_output_is_distributed_as_the_target_while_options_switch(tmp_pa
   assert scipy_stats.chisquare(f_obs, s_exp * f_obs.sum() / s_exp.sum()).pvalue < 1e-3
 
 
+@pytest.mark.slow
 def test_new_prompts_of_a_warm_bucket_compile_nothing(t5_models):
   target, drafters = t5_models
   adaptive.generate_adaptive(target, [[5, 6, 7]], drafters, max_gamma=3, max_new_tokens=8)

@@ -82,7 +82,7 @@ def _check_speculative_equals_autoregressive(family, batch, dirs, exhaustive):
     assert _greedy_rows(spec) == _greedy_rows(auto), (option.name, gamma)
 
 
-@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_autoregressive(family, t5_dirs, llama_dirs):
   _check_speculative_equals_autoregressive(family, 4, t5_dirs if family == "t5" else llama_dirs, False)
 

@@ -124,6 +124,7 @@ def test_bad_config_values_are_refused_before_work(override, message, tmp_path):
   assert not output_dir.exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_unfinished_collection_needs_the_explicit_flag(tmp_path):
   _collection(tmp_path, finished=False)
   args = [f"--config={_config_file(tmp_path)}"]
@@ -239,6 +240,7 @@ def tiny_llama(tmp_path_factory):
   return str(directory)
 
 
+@pytest.mark.slow
 def test_round_cost_times_a_target_without_tokenizer_on_random_prompt_ids(tiny_llama, tmp_path):
   output = tmp_path / "round_cost.json"
   args = [f"--target={tiny_llama}", "--gammas=1", "--gamma=1", "--rounds=2", "--calls=1"]
@@ -250,6 +252,7 @@ def test_round_cost_times_a_target_without_tokenizer_on_random_prompt_ids(tiny_l
   assert result["prompt_tokens"] == 16 and [row["gamma"] for row in result["rounds"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_benchmark_and_profile_draw_prompts_from_the_models_vocabulary(tiny_llama, tmp_path):
   bench = _launch("benchmark.py", f"--target={tiny_llama}", "--hf=false", "--num_prompts=1",
                   "--repeats=1", "--max_new_tokens=4", "--prompt_length=8",

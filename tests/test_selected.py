@@ -87,7 +87,7 @@ def _chosen_drafter(drafters, name):
   return None if name == "autoregressive" else drafters[name]
 
 
-@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
 def test_batch_one_emits_what_generate_emits_with_the_chosen_option(family, t5_models, llama_models):
   target, drafters = t5_models if family == "t5" else llama_models
   prompts = _prompts(1, 8)
@@ -105,6 +105,7 @@ def test_batch_one_emits_what_generate_emits_with_the_chosen_option(family, t5_m
     np.testing.assert_allclose(out.embeddings, target.embed(np.asarray([prompt])), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_a_mixed_choice_batch_serves_every_row_with_its_own_option(family, t5_models, llama_models):
   target, drafters = t5_models if family == "t5" else llama_models

@@ -100,6 +100,7 @@ def sharded_run(tmp_path_factory):
   return _result(completed), completed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_sharded_forward_and_greedy_generation_equal_unsharded(sharded_run, family):
   result = sharded_run[0][family]
@@ -110,6 +111,7 @@ def test_sharded_forward_and_greedy_generation_equal_unsharded(sharded_run, fami
   assert result["acceptance"] > 0.1  # drafts were accepted, not only corrected
 
 
+@pytest.mark.slow
 def test_parameters_follow_the_tensor_parallel_rules(sharded_run):
   result, stderr = sharded_run
   assert result["devices"] == 8
@@ -131,6 +133,7 @@ def test_parameters_follow_the_tensor_parallel_rules(sharded_run):
   assert "does not divide the model axis (8)" in stderr
 
 
+@pytest.mark.slow
 def test_caches_are_split_on_batch_and_heads_inside_the_loop(sharded_run):
   t5_result, llama_result = sharded_run[0]["t5"], sharded_run[0]["llama"]
   assert t5_result["target_cache_spec"] == ["data", None, "model"]  # [B, L, N, H]
@@ -140,12 +143,14 @@ def test_caches_are_split_on_batch_and_heads_inside_the_loop(sharded_run):
   assert "keeps its 2 key/value head(s) replicated" in sharded_run[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_memory_estimate_equals_the_placed_arrays(sharded_run, family):
   result = sharded_run[0][family]
   assert result["estimate"] == result["actual"]
 
 
+@pytest.mark.slow
 def test_worker_reports_clear_mesh_errors(sharded_run):
   errors = sharded_run[0]["errors"]
   assert "needs data * model = 6 devices but 8 are available" in errors["mesh_3x2"]
@@ -159,6 +164,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_collection_equals_one_process(tmp_path):
   port, shared = _free_port(), tmp_path / "two"
   workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "sharding_worker.py"), "collect",
@@ -242,6 +248,7 @@ def test_mesh_errors_on_this_process():
     sharding.axis_sizes({"data": 1, "tensor": 8})
 
 
+@pytest.mark.slow
 def test_single_device_drafter_is_replicated_onto_the_target_mesh(sharded_run):
   """8 devices: target on data 2 x model 4, drafter loaded on one device."""
   result, stderr = sharded_run

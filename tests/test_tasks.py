@@ -159,6 +159,6 @@ def test_offline_uncached_hub_dataset_says_how_to_use_a_local_file(tmp_path, mon
     load_examples("xsum", split="validation")
   message = str(error.value)
   assert "not in the local cache" in message and "EdinburghNLP/xsum" in message
-  assert "data_file=" in message and "--config.data_file=" in message
+  assert "data_file=" in message and "--config.data_dir=" in message
   with pytest.raises(ValueError, match="splits"):
     load_examples("alpaca", split="test")

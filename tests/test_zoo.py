@@ -66,6 +66,7 @@ def count_training(monkeypatch):
   return calls
 
 
+@pytest.mark.slow
 def test_tiny_build_returns_models_that_decode(built, world):
   zoo, root, _ = built
   assert not zoo.from_cache
@@ -90,6 +91,7 @@ def test_tiny_build_returns_models_that_decode(built, world):
   assert zoo.info["models"]["drafter_general"]["distilled_on"] == ["summarize", "translate"]
 
 
+@pytest.mark.slow
 def test_the_target_is_the_trained_one_grown_without_changing_its_function(built, world):
   zoo, _, _ = built
   factor = zoo_lib.ZooConfig.tiny().target_growth
@@ -115,6 +117,7 @@ def test_bad_growth_factor_is_refused_before_any_work():
       zoo_lib.ZooConfig(target_growth=bad)
 
 
+@pytest.mark.slow
 def test_second_build_loads_from_cache_without_training(built, world, count_training):
   zoo, root, build_seconds = built
   started = time.perf_counter()
@@ -136,6 +139,7 @@ def _copy_cache(built, tmp_path) -> tuple[str, str]:
   return root, directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["missing_weights", "garbage_json", "no_json", "truncated"])
 def test_corrupt_cache_is_rebuilt(built, world, tmp_path, count_training, damage):
   root, directory = _copy_cache(built, tmp_path)
@@ -161,6 +165,7 @@ def test_corrupt_cache_is_rebuilt(built, world, tmp_path, count_training, damage
   assert zoo_lib.load_zoo(directory, world).from_cache  # the rebuilt cache is complete
 
 
+@pytest.mark.slow
 def test_partial_build_is_never_taken_for_complete(built, world, tmp_path, count_training):
   root, directory = _copy_cache(built, tmp_path)
   # What a build killed before its final rename leaves behind: a full-looking temporary folder.
@@ -172,6 +177,7 @@ def test_partial_build_is_never_taken_for_complete(built, world, tmp_path, count
   assert sorted(os.listdir(root)) == [os.path.basename(directory)]
 
 
+@pytest.mark.slow
 def test_cache_of_another_world_gives_a_clear_error(built):
   zoo, _, _ = built
   with pytest.raises(zoo_lib.ZooCacheError, match="another world"):
