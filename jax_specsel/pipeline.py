@@ -278,7 +278,7 @@ def regime_stage(target: Model, drafters: dict[str, Model], test: datasets.Datas
   enough for speculation to pay? Stated in the report's header."""
   prompt = target.tokenizer([test["prompt"][0]])["input_ids"]
   measured = speed.regime(target, drafters, prompt, config.gamma)
-  log.info("regime: target step %.0f us, a gamma-%d round costs %.2f target steps",
+  log.info("regime: target step %.0f us, a gamma-%d round costs %s target steps",
            measured["target_step_us"], config.gamma, measured["round_target_steps"])
   return measured
 
@@ -528,7 +528,7 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
 
 def _regime_markdown(regime: dict | None) -> str:
   """The measured step costs: whether this machine is in the regime where speculation pays."""
-  if not regime:
+  if not regime or regime.get("round_target_steps") is None:
     return ""
   steps = ", ".join(f"{name} {us:.1f} us (ratio {regime['step_ratio'][name]:.0f})"
                     for name, us in regime["drafter_step_us"].items())

@@ -61,6 +61,10 @@ def test_pipeline_writes_the_report(tmp_path):
   assert set(report["policy_cost"]) == {"all", "fake_a", "fake_b"}
   assert "share" in report["checks"]["policy_share_of_query_time"]
   assert "## What choosing costs" in (tmp_path / "report.md").read_text()
+  regime = report["models"]["regime"]  # the step costs measured on this machine, in the header
+  assert regime["target_step_us"] > 0 and regime["round_target_steps"] > 0
+  assert set(regime["drafter_step_us"]) == {"same", "other"}
+  assert "a gamma-3 round with same costs" in (tmp_path / "report.md").read_text()
 
 
 def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_option():

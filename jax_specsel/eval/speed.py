@@ -220,15 +220,18 @@ def regime(target: Model, drafters: Mapping[str, Model], prompt_ids: np.ndarray,
 
   Returns:
     {"target_step_us", "drafter_step_us": {name: us}, "step_ratio": {name: target / drafter},
-     "gamma", "round_target_steps": a gamma round's cost in target steps (first drafter)}.
+     "gamma", "round_drafter", "round_target_steps": a gamma round's cost in target steps with
+     the first drafter (None without drafters)}.
   """
   ids = np.asarray(prompt_ids, np.int32)
   step = time_rounds(target, ids, rounds=rounds)
   drafter_steps = {name: time_rounds(model, ids, rounds=rounds) for name, model in drafters.items()}
-  first = next(iter(drafters.values()))
-  round_seconds = time_rounds(target, ids, first, gamma, rounds=rounds)
-  return {"target_step_us": 1e6 * step,
-          "drafter_step_us": {name: 1e6 * s for name, s in drafter_steps.items()},
-          "step_ratio": {name: step / s for name, s in drafter_steps.items()},
-          "gamma": int(gamma), "round_drafter": next(iter(drafters)),
-          "round_target_steps": round_seconds / step}
+  measured = {"target_step_us": 1e6 * step,
+              "drafter_step_us": {name: 1e6 * s for name, s in drafter_steps.items()},
+              "step_ratio": {name: step / s for name, s in drafter_steps.items()},
+              "gamma": int(gamma), "round_drafter": None, "round_target_steps": None}
+  if drafters:
+    name, first = next(iter(drafters.items()))
+    measured["round_drafter"] = name
+    measured["round_target_steps"] = time_rounds(target, ids, first, gamma, rounds=rounds) / step
+  return measured
