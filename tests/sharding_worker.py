@@ -121,6 +121,7 @@ def check_family(name: str, directory: str, drafter_of, mesh, decoder_inputs: bo
   sharded_auto = js.generate(sharded, prompts, max_new_tokens=10)
   drafter = drafter_of(sharded)
   speculative = js.generate(sharded, prompts, drafter=drafter, gamma=3, max_new_tokens=10)
+  others = check_other_entry_points(reference, sharded, drafter, prompts, auto)
   states = {0: _loop_state_shardings(sharded, None, prompts),
             3: _loop_state_shardings(sharded, drafter, prompts)}
   bucket = js.decoding.bucket_length(max(len(p) for p in prompts))
@@ -142,7 +143,37 @@ def check_family(name: str, directory: str, drafter_of, mesh, decoder_inputs: bo
       "drafter_cache_spec": _spec(states[3].drafter_cache[0]["k"]),
       "estimate": {k: estimate[k] for k in ("params", "caches")},
       "actual": {"params": _per_device_bytes(sharded.params), "caches": _per_device_bytes(cache)},
+      **others,
   }
+
+
+def check_other_entry_points(reference, sharded, drafter, prompts, auto) -> dict:
+  """Sampling, generate_selected and generate_adaptive on the sharded target: sampled tokens equal
+  the unsharded model's with the same seed; the selected and adaptive greedy outputs equal
+  greedy autoregressive decoding; the embedding the policy read equals the unsharded one."""
+  import numpy as np
+  from flax import nnx
+  import jax_specsel as js
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+  sampled = {"temperature": 0.8, "top_k": 20, "seed": 7, "max_new_tokens": 10}
+  reference_sample = js.generate(reference, prompts, **sampled)
+  sharded_sample = js.generate(sharded, prompts, **sampled)
+  policy = Policy(PolicyNetwork(reference.hidden_size, 2, hidden_dim=8, rngs=nnx.Rngs(0)),
+                  option_names=["autoregressive", "drafter"])
+  selected = js.generate_selected(sharded, prompts, {"drafter": drafter}, policy, gamma=3,
+                                  max_new_tokens=10)
+  adaptive = js.generate_adaptive(sharded, prompts, {"drafter": drafter}, policy,
+                                  max_new_tokens=10)
+  same = lambda out: bool((out.tokens == auto.tokens).all() and (out.lengths == auto.lengths).all())
+  ids = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+  mask = np.zeros_like(ids)
+  for row, prompt in enumerate(prompts):
+    ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, 1
+  return {"sampled_equal": bool((reference_sample.tokens == sharded_sample.tokens).all()),
+          "selected_equal": same(selected), "adaptive_equal": same(adaptive),
+          "selected_choices": sorted(set(selected.choices)),
+          "selected_embedding_diff": float(np.abs(
+              selected.embeddings - reference.embed(ids, attention_mask=mask)).max())}
 
 
 def _flat(params):

@@ -112,6 +112,16 @@ def test_sharded_forward_and_greedy_generation_equal_unsharded(sharded_run, fami
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_sampling_selected_and_adaptive_on_a_sharded_target(sharded_run, family):
+  result = sharded_run[0][family]
+  assert result["sampled_equal"], "sharded sampling differs from unsharded with the same seed"
+  assert result["selected_equal"], "generate_selected on a sharded target is not greedy decoding"
+  assert result["adaptive_equal"], "generate_adaptive on a sharded target is not greedy decoding"
+  assert result["selected_embedding_diff"] <= 1e-4, result["selected_embedding_diff"]
+
+
+@pytest.mark.slow
 def test_parameters_follow_the_tensor_parallel_rules(sharded_run):
   result, stderr = sharded_run
   assert result["devices"] == 8
