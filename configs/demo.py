@@ -35,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptive = ml_collections.ConfigDict()
   config.adaptive.max_gamma = 5  # rounds choose gamma in 1..5 from measured costs
   # Every round, each drafter the Hedge weights still track (weight >= track_threshold) and one
-  # more in turn read the verified tokens and are scored on them (full information, HedgeSpec);
-  # a read costs ~2% of the grown target's step on this CPU.
+  # more in turn read the verified tokens and are scored on them (full information, HedgeSpec):
+  # a read is a small drafter pass, cheap beside a memory-bound target step (BUILD_NOTES).
   config.adaptive.probe_every = 1
   config.adaptive.track_threshold = 0.05
   config.adaptive.hedge_learning_rate = 8.0  # the rule's default (RuleSettings)
