@@ -24,7 +24,7 @@ from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
 from jax_specsel.bandit.online import default_online_config
 from jax_specsel.decoding import adaptive_rule
-from jax_specsel.decoding.generate import MIN_SAMPLING_TEMPERATURE
+from jax_specsel.decoding import MIN_SAMPLING_TEMPERATURE
 from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.eval import experiments, online_shift, report, speed
 from jax_specsel.models.interface import Model

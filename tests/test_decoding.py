@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import jax
@@ -12,8 +11,9 @@ import pytest
 from scipy import stats as scipy_stats
 
 import jax_specsel.decoding as dec
-from jax_specsel.decoding import loop, sampling
-from jax_specsel.decoding.generate import VocabularyWarning, loop_spec, pad_prompts
+from jax_specsel.decoding import loop, request, sampling
+from jax_specsel.decoding.generate import loop_spec
+from jax_specsel.decoding.request import VocabularyWarning, pad_prompts
 from fake_models import (exact_joint, fake_model, fake_model_with_tokenizer, reference_greedy,
                          transformers_probabilities)
 
@@ -429,7 +429,7 @@ def test_a_drafter_vocabulary_that_nothing_can_check_warns_until_the_assumption_
   for call in (lambda **k: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2, **k),
                lambda **k: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
                                                  max_new_tokens=2, **k)):
-    importlib.import_module("jax_specsel.decoding.generate")._VOCABULARY_WARNED.clear()
+    request.VOCABULARY_WARNED.clear()
     with warnings.catch_warnings():
       warnings.simplefilter("error", VocabularyWarning)
       call(assume_shared_vocabulary=True)  # stated: no warning

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from jax_specsel import token_batches
 from jax_specsel.bandit import rewards as rewards_lib
 from jax_specsel.decoding import generate
-from jax_specsel.decoding.generate import pad_prompts
+from jax_specsel.decoding.request import pad_prompts
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
