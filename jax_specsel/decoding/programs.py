@@ -9,10 +9,9 @@ the count does not grow with the number of queries once their buckets are warm.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -105,8 +104,7 @@ def compiled_program(function, static: tuple, args: tuple, description: str,
   return compiled, seconds
 
 
-@dataclasses.dataclass(frozen=True)
-class Program:
+class Program(NamedTuple):
   """What one entry point's program adds to the shared path.
 
   Attributes:
@@ -126,8 +124,7 @@ class Program:
   description: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompts:
+class Prompts(NamedTuple):
   """A call's prompts as given, with its seed and the run-time flags packed next to them."""
 
   ids: Any
@@ -165,9 +162,15 @@ def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_n
                                   program.cache_length(ids.shape[1]), max_new_tokens, together)
   compiled, compile_seconds = compiled_program(program.function, (program.spec, program.trees),
                                                args, program.description, before_compile=fits)
-  result = jax.device_get(compiled(*args))
+  result = _fetched(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return unpack(program, result, seconds, compile_seconds)
+
+
+def _fetched(result):
+  """The program's result on the host: `np.asarray` for one array (cheaper per call than
+  `jax.device_get`, which a pytree of arrays takes)."""
+  return np.asarray(result) if isinstance(result, jax.Array) else jax.device_get(result)
 
 
 def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max_new_tokens: int,
