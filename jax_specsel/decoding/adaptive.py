@@ -152,8 +152,8 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     return programs.Program(_run_flat, spec, trees, weights, spec.base.cache_length,
                             f"adaptive over {options}, gamma <= {max_gamma}")
 
-  def unpack(program, packed, seconds, compile_seconds) -> AdaptiveOutput:
-    return _output(program.spec, options, packed, seconds, compile_seconds)
+  def unpack(spec, packed, seconds, compile_seconds) -> AdaptiveOutput:
+    return _output(spec, options, packed, seconds, compile_seconds)
 
   return programs.run(target, programs.Prompts(prompt_ids, attention_mask, seed), models,
                       max_new_tokens, build, unpack, started)

@@ -162,10 +162,9 @@ def run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
-def _output(program: programs.Program, packed: np.ndarray, seconds: float,
+def _output(spec: loop.LoopSpec, packed: np.ndarray, seconds: float,
             compile_seconds: float) -> GenerateOutput:
-  """The host's output from the program's fetched summary."""
-  summary = loop.Summary.from_array(packed, program.spec.max_new_tokens)
+  """The fetched summary as the call's output."""
+  summary = loop.Summary.from_array(packed, spec.max_new_tokens)
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
-                        stats=Stats.from_summary(summary, program.spec.gamma, seconds,
-                                                 compile_seconds))
+                        stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))

@@ -134,7 +134,7 @@ class Prompts(NamedTuple):
 
 
 def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_new_tokens: int,
-        build: Callable[[], Program], unpack: Callable[[Program, Any, float, float], Any],
+        build: Callable[[], Program], unpack: Callable[[Any, Any, float, float], Any],
         started: float, together: bool = True):
   """Pads and checks the prompts, compiles (once per key), runs and unpacks one generation.
 
@@ -146,7 +146,7 @@ def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_n
     max_new_tokens: the checked setting.
     build: the program for these drafters; called after the prompt checks, so no weight is
       stacked or flattened for a call that is refused.
-    unpack: (program, fetched result, seconds, compile seconds) -> the entry point's output.
+    unpack: (spec, fetched result, seconds, compile seconds) -> the entry point's output.
     started: `time.perf_counter()` at the entry point's start (its host work counts as time).
     together: as for `check_caches_fit`.
 
@@ -164,7 +164,7 @@ def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_n
                                                args, program.description, before_compile=fits)
   result = _fetched(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
-  return unpack(program, result, seconds, compile_seconds)
+  return unpack(program.spec, result, seconds, compile_seconds)
 
 
 def _fetched(result):

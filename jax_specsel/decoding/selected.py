@@ -145,8 +145,8 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     return programs.Program(_run_selected, spec, trees, weights, spec.cache_length,
                             _program_name(spec, policy))
 
-  def unpack(program, packed, seconds, compile_seconds) -> SelectedOutput:
-    return _output(program.spec, policy, packed, seconds, compile_seconds)
+  def unpack(spec, packed, seconds, compile_seconds) -> SelectedOutput:
+    return _output(spec, policy, packed, seconds, compile_seconds)
 
   prompts = programs.Prompts(prompt_ids, attention_mask, seed, flags=(int(bool(greedy_policy)),))
   return programs.run(target, prompts, option_models, max_new_tokens, build, unpack, started,
