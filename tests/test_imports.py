@@ -22,7 +22,7 @@ PACKAGE = "jax_specsel"
 
 # Bottom to top. A module may import modules of its own layer or of layers below, never above.
 LAYERS = (
-    ("foundations", ("jax_specsel._versions", "jax_specsel.validation", "jax_specsel.flat_params",
+    ("foundations", ("jax_specsel.versions", "jax_specsel.validation", "jax_specsel.flat_params",
                      "jax_specsel.token_batches", "jax_specsel.models", "jax_specsel.models.registry",
                      "jax_specsel.models.attention", "jax_specsel.models.activations",
                      "jax_specsel.models.checkpoint", "jax_specsel.decoding.sampling",
