@@ -28,8 +28,9 @@ import ml_collections
 from absl import flags
 
 from jax_specsel import validation
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectionMismatchError, IncompleteCollectionError
+from jax_specsel.bandit.collection_store import CollectionMismatchError, IncompleteCollectionError
 from jax_specsel.data import loaders, tasks
+from jax_specsel.decoding.selected import AUTOREGRESSIVE
 from jax_specsel.models.checkpoint import DTYPES
 from jax_specsel.models.interface import Model, shard_model
 from jax_specsel.models.loading import load_model

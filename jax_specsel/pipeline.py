@@ -19,12 +19,13 @@ import numpy as np
 
 from jax_specsel import validation
 from jax_specsel.bandit import collect as collect_lib
-from jax_specsel.bandit import distributed
+from jax_specsel.bandit import collection_store, distributed
 from jax_specsel.bandit import reinforce
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectConfig
+from jax_specsel.bandit.collect import CollectConfig
 from jax_specsel.bandit.online import default_online_config
 from jax_specsel.decoding import adaptive_rule
 from jax_specsel.decoding.generate import MIN_SAMPLING_TEMPERATURE
+from jax_specsel.decoding.selected import AUTOREGRESSIVE
 from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.eval import experiments, online_shift, report, speed
 from jax_specsel.models.interface import Model
@@ -143,7 +144,7 @@ def collect_stage(target: Model, drafters: dict[str, Model], train: datasets.Dat
   # One process: collect.collect. Several (after jax.distributed.initialize): each takes its shards.
   dataset = distributed.collect(target, drafters, train, os.path.join(output_dir, "collection"),
                                 collect_config)
-  return dataset, collect_lib.load_collection(os.path.join(output_dir, "collection"))[1]
+  return dataset, collection_store.load_collection(os.path.join(output_dir, "collection"))[1]
 
 
 def policy_options(meta: dict, config) -> list[str]:

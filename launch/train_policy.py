@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jax_specsel import experiment, pipeline, validation
-from jax_specsel.bandit import collect
+from jax_specsel.bandit import collection_store
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
@@ -33,7 +33,8 @@ def main(argv):
     experiment.check_config(config)
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
-    dataset, meta = collect.load_collection(directory, allow_partial=FLAGS.allow_partial_collection)
+    dataset, meta = collection_store.load_collection(
+        directory, allow_partial=FLAGS.allow_partial_collection)
     experiment.check_collection(meta, config, directory)
   policy = pipeline.train_stage(dataset, meta, config, config.output_dir)
   print(f"policy over {policy.option_names} saved to {config.output_dir}/policy")

@@ -81,7 +81,7 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
 def test_round_work_averages_achieved_and_hindsight_over_the_domain_rows():
   run = lambda achieved, best: evaluate_lib.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
   runs = [run(1.0, 2.0), run(3.0, 2.0), run(9.0, 9.0)]
-  assert evaluate_lib._round_work(runs, [0, 1]) == pytest.approx(
+  assert evaluate_lib.round_work(runs, [0, 1]) == pytest.approx(
       {"achieved": 2.0, "best_fixed_hindsight": 2.0, "ratio": 1.0})
 
 
@@ -255,7 +255,7 @@ def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
   import importlib
   import os
   from jax_specsel import bandit, demo
-  from jax_specsel.bandit import collect as collect_lib
+  from jax_specsel.bandit import collection_store
   monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config = importlib.import_module("configs.demo").get_config()
   config.zoo, config.cache_dir, config.output_dir = "tiny", str(tmp_path / "zoo"), str(tmp_path / "out")
@@ -269,7 +269,7 @@ def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
                "sample_efficiency.json", "figure2_alpha_sweep.png", "figure_shifted_domain.png"):
     assert (out / name).exists(), name
   report = json.loads((out / "report.json").read_text())
-  dataset, meta = collect_lib.load_collection(str(out / "collection"))
+  dataset, meta = collection_store.load_collection(str(out / "collection"))
   domains = sorted(set(dataset["task"]))
   assert sorted(report["domains"]) == domains and len(dataset) == 8 * len(domains)
   policy = bandit.load_policy(out / "policy")
