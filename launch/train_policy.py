@@ -14,7 +14,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import experiment, pipeline, validation
+from jax_specsel import config_checks, experiment, pipeline, validation
 from jax_specsel.bandit import collection_store
 
 FLAGS = flags.FLAGS
@@ -29,8 +29,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config = FLAGS.config
   with experiment.usage_errors():
-    pipeline.check_config(config)
-    experiment.check_config(config)
+    config_checks.check_config(config)
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
     dataset, meta = collection_store.load_collection(

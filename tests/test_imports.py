@@ -37,7 +37,8 @@ LAYERS = (
     ("decoding", ("jax_specsel.decoding", "jax_specsel.decoding.*")),
     ("the bandit", ("jax_specsel.bandit", "jax_specsel.bandit.*")),
     ("data products and evaluation", ("jax_specsel.data.*", "jax_specsel.eval.*")),
-    ("orchestration", ("jax_specsel.experiment", "jax_specsel.pipeline", "jax_specsel.demo")),
+    ("orchestration", ("jax_specsel.experiment", "jax_specsel.config_checks",
+                       "jax_specsel.pipeline", "jax_specsel.demo")),
     ("public API", ("jax_specsel",)),
 )
 
