@@ -168,4 +168,3 @@ def _early_exit_layers(name: str, source: str) -> int:
   except ValueError:
     raise ValueError(f"config.drafters[{name!r}]={source!r}: write early_exit:K with K >= 1 "
                      "layers of the target.") from None
-

@@ -380,4 +380,3 @@ def _check_shard(path: str, shard: int, part: datasets.Dataset, meta: dict) -> N
         f"{path} holds other queries (ids or prompts) than collection.json records for shard "
         f"{shard}: it comes from another collection. Delete it and rerun the collection to "
         "redo that shard.")
-
