@@ -10,8 +10,9 @@ import datasets
 import ml_collections
 import numpy as np
 
-from jax_specsel import pipeline, validation
+from jax_specsel import config_checks, pipeline, validation
 from jax_specsel.data import tasks, world as world_lib
+from jax_specsel.eval import checks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def check_demo_config(config: ml_collections.ConfigDict) -> str:
   Runs before the zoo, the collection and the evaluation, so a bad value never leaves a stale
   report beside new files.
   """
-  pipeline.check_config(config)
+  config_checks.check_config(config, models=False)
   if config.get("zoo") not in ("default", "tiny"):
     raise ValueError(f"config.zoo={config.get('zoo')!r}: choose 'default' or 'tiny'.")
   for field in ("collect_per_domain", "test_per_domain"):
@@ -73,7 +74,7 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   register_world_tasks()
   train = world_examples(world, "train", config.collect_per_domain)
   test = world_examples(world, "test", config.test_per_domain)
-  expectations = pipeline.Expectations(
+  expectations = checks.Expectations(
       drafter_domains={zoo_lib.drafter_name(d): d for d in zoo_config.drafter_domains},
       autoregressive_domains=tuple(d for d in world.domains
                                    if d not in zoo_config.drafter_domains + (world_lib.MIXED,)),

@@ -29,13 +29,13 @@ from typing import Any, Sequence
 import datasets
 import numpy as np
 
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text
 from jax_specsel.bandit.online import OnlinePolicyUpdater
 from jax_specsel.data.tasks import get_task
 from jax_specsel.decoding import adaptive, adaptive_rule, bucket_length, generate, generate_selected
+from jax_specsel.decoding.selected import AUTOREGRESSIVE
 from jax_specsel.eval import metrics
 from jax_specsel.eval.speed import spread
-from jax_specsel.models.interface import Model
+from jax_specsel.models.interface import Model, decode_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +327,7 @@ def _summarize(examples, runs, choices) -> dict:
     by_task = _rows_by_task(tasks)
     result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
                                for task, rows in by_task.items()}
-    result["round_work"] = {task: _round_work(runs["policy_adaptive"][0], rows)
+    result["round_work"] = {task: round_work(runs["policy_adaptive"][0], rows)
                             for task, rows in by_task.items()}
   return result
 
@@ -336,7 +336,7 @@ def _rows_by_task(tasks: list[str]) -> dict[str, list[int]]:
   return {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
 
 
-def _round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
+def round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
   """Mean tokens per target step of work (policy_adaptive, first repeat): what the rounds got,
   the best fixed option's in hindsight, and their ratio: the rule's choices apart from the
   per-round overhead in wall time (both count the reads that scored drafters as work)."""

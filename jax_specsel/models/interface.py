@@ -340,6 +340,13 @@ class Model:
             f"dtype={self.config.dtype}{where})")
 
 
+def decode_text(model: Model, out) -> list[str]:
+  """Generated ids (an output with `tokens` [B, T] and `lengths` [B]) -> text through the model's
+  tokenizer (special tokens dropped)."""
+  return model.tokenizer.batch_decode([row[:n] for row, n in zip(out.tokens.tolist(), out.lengths)],
+                                      skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------- placement
 def _flat_path(keypath) -> tuple:
   return tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
