@@ -28,7 +28,8 @@ LAYERS = (
                      "jax_specsel.models.attention", "jax_specsel.models.activations",
                      "jax_specsel.models.checkpoint", "jax_specsel.decoding.sampling",
                      "jax_specsel.bandit.rewards", "jax_specsel.data", "jax_specsel.data.tasks",
-                     "jax_specsel.data.world", "jax_specsel.eval")),
+                     "jax_specsel.data.world", "jax_specsel.data.world_language",
+                     "jax_specsel.models.checkpoint_tensors", "jax_specsel.eval")),
     # Every other module of models/ is an architecture: a new one needs no line here.
     ("architectures", ("jax_specsel.models.t5", "jax_specsel.models.llama", "jax_specsel.models.*")),
     ("meshes and sharding rules", ("jax_specsel.sharding",)),

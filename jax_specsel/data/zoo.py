@@ -257,7 +257,7 @@ def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
   zoo_store.remove_abandoned_partials(directory)
   partial = f"{directory}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
-    target, drafters, info = _train_zoo(world, config, progress)
+    target, drafters, info = train_zoo(world, config, progress)
     _save(partial, target, drafters, world, config, info)
     try:
       os.rename(partial, directory)
@@ -346,7 +346,7 @@ def load_zoo(directory: str, world: world_lib.World) -> Zoo:
 # ----------------------------------------------------------------------------- training
 
 
-def _train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
+def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
   """Trains the target, labels training prompts with its greedy outputs, distills drafters."""
   tokenizer = world.tokenizer()
   vocab_size = seq2seq.round_up(len(tokenizer), 8)

@@ -84,7 +84,7 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
                                  f"({type(err).__name__}: {err}): a field is missing or malformed; "
                                  "restore config.json from the checkpoint's source.") from err
   config = dataclasses.replace(config, matmul_precision=matmul_precision)
-  module = _build_module(arch, config, directory, mesh)
+  module = build_module(arch, config, directory, mesh)
   label = name or os.path.basename(os.path.normpath(path_or_id))
   placement = None if mesh is None else sharding.Placement(mesh)
   return Model(module, tokenizer=_load_tokenizer(directory), name=label, placement=placement)
@@ -101,7 +101,7 @@ def _checkpoint_config(arch, hf_config: dict, dtype: str, directory: str):
   return arch.config_for_checkpoint(config, checkpoint_tensors.CheckpointTensors(directory))
 
 
-def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
+def build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
   abstract = nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
