@@ -33,7 +33,7 @@ test-all: $(STAMP)
 	$(PYTEST) -m ''
 
 bench: $(STAMP)
-	$(PY) launch/benchmark.py
+	$(PY) benchmarks/benchmark.py
 
 clean:
 	rm -rf $(VENV)

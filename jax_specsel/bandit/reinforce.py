@@ -9,7 +9,7 @@ the offline table holds every option's reward).
 
 Configs are ml_collections.ConfigDict (like every config of this project: `--config.x=`
 overrides work on them): `default_train_config()` (the library default, chosen by
-launch/experiment_estimators.py) and `paper_train_config()` (plain REINFORCE, paper settings).
+benchmarks/experiment_estimators.py) and `paper_train_config()` (plain REINFORCE, paper settings).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   """The library default: the paper's network and optimizer, the exact expected gradient and
   standardized inputs.
 
-  Chosen by launch/experiment_estimators.py: a synthetic contextual bandit (4 overlapping
+  Chosen by benchmarks/experiment_estimators.py: a synthetic contextual bandit (4 overlapping
   Gaussian clusters in D=64, K=3 options with a different best option per cluster, mean reward
   0.6 for the best against 0.45-0.5, reward noise std 0.15), greedy best-arm accuracy on 4096
   held-out queries, mean over 3 seeds, paper hyperparameters (3 epochs, batch 64):

@@ -135,7 +135,7 @@ class ZooConfig:
   dtype: str = "float32"
   # The trained target widened this many times (function-preserving; 1: used as trained). 4 is the
   # smallest factor at which a gamma-3 round costs at most ~1.6 target steps on the 2-core CPU
-  # (launch/round_cost.py; BUILD_NOTES "The embedded default"). Not part of the training
+  # (benchmarks/round_cost.py; BUILD_NOTES "The embedded default"). Not part of the training
   # fingerprint: every factor grows the same trained zoo.
   target_growth: int = 4
 
