@@ -43,6 +43,7 @@ flags.DEFINE_integer("max_new_tokens", DEMO.max_new_tokens,
                      "Tokens generated at most per query (default: the demo's).")
 flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
 common.define_zoo_flags()
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 
 def check_flags() -> None:

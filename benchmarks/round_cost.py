@@ -50,6 +50,7 @@ flags.DEFINE_integer("rounds", 200, "Rounds per timed program.")
 flags.DEFINE_integer("calls", 40, "Timed 1-token calls per entry point (median taken).")
 flags.DEFINE_string("output", "reports/round_cost.json", "Where the JSON tables go.")
 common.define_zoo_flags()  # the demo zoo's, when --target is empty
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 
 def check_flags() -> list[int]:

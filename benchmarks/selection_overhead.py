@@ -57,6 +57,7 @@ flags.DEFINE_list("picks", ["autoregressive", "d0"], "Options the always-one-opt
 flags.DEFINE_integer("calls", 60, "Random models: timed calls per variant (medians taken).")
 flags.DEFINE_integer("prompt_tokens", 34, "Random models: tokens of the prompt.")
 common.define_zoo_flags()
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 RANDOM_OPTIONS = ("autoregressive", "d0", "d1", "d2")
 RANDOM_VOCAB = 304
