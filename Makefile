@@ -42,7 +42,7 @@ format: $(STAMP)
 	$(PY) -m pyink $(SOURCES)
 
 bench: $(STAMP)
-	$(PY) launch/benchmark.py
+	$(PY) benchmarks/benchmark.py
 
 clean:
 	rm -rf $(VENV)

@@ -128,7 +128,7 @@ class ZooConfig:
   seed: int = 0
   dtype: str = "float32"
   # The trained target widened this many times (function-preserving; 1: used as trained): the
-  # smallest factor at which a speculative round costs few target steps on a CPU (round_cost.py
+  # smallest factor at which a speculative round costs few target steps on a CPU (benchmarks/round_cost.py
   # measures it). Not part of the training fingerprint: every factor grows the same zoo.
   target_growth: int = 4
 
