@@ -123,18 +123,3 @@ def growth_provenance(zoo, examples: datasets.Dataset, count: int = 8) -> str:
           f"by at most {difference:.1e} (logit scale {scale:.0f}), while each decode step moves "
           f"{grown['factor'] ** 2}x the weights, as a memory-bound target does.")
 
-
-def saved_policy_and_zoo(policy_path: str, cache_dir: str | None = None):
-  """(policy, world, zoo) of a finished demo run, for the launches that measure on its models.
-
-  Raises:
-    ValueError: `policy_path` is not a saved policy directory (checked before the zoo loads).
-  """
-  from jax_specsel.bandit.policy import load_policy
-  from jax_specsel.data import zoo as zoo_lib
-  if not os.path.isdir(policy_path):
-    raise ValueError(f"--policy={policy_path} is not a saved policy directory: run `make demo` "
-                     "first (it saves reports/demo/policy) or point --policy at one.")
-  policy = load_policy(policy_path)
-  world = world_lib.World()
-  return policy, world, zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=cache_dir)
