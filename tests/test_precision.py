@@ -57,8 +57,8 @@ def dot_precisions(hlo_text: str) -> set[str]:
 def forward_hlo(model) -> str:
   ids = np.ones((2, 8), np.int32)
   decoder_ids = np.zeros((2, 4), np.int32) if model.is_encoder_decoder else None
-  return interface._full_logits.lower(model.decoder, model.params, ids, np.ones_like(ids),
-                                      decoder_ids).as_text()
+  return interface.full_logits.lower(model.decoder, model.params, ids, np.ones_like(ids),
+                                     decoder_ids).as_text()
 
 
 def generation_hlo(target, drafter=None) -> str:

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel import validation
