@@ -3,7 +3,8 @@ its online updates across queries."""
 
 from jax_specsel.bandit.online import (OnlinePolicyUpdater, default_online_config,
                                        load_online_updater, validate_online_config)
-from jax_specsel.bandit.policy import Policy, PolicyLoadError, PolicyNetwork, load_policy
+from jax_specsel.bandit.policy import Policy, PolicyLoadError, load_policy
+from jax_specsel.bandit.policy_network import PolicyNetwork
 from jax_specsel.bandit.reinforce import (default_train_config, paper_train_config, train_policy,
                                           validate_train_config)
 from jax_specsel.bandit.rewards import mix_rewards, rouge_l, size_costs

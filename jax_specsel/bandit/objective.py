@@ -25,7 +25,7 @@ import ml_collections
 import optax
 
 from jax_specsel import validation
-from jax_specsel.bandit.policy import standardized_logits
+from jax_specsel.bandit.policy_network import standardized_logits
 
 ESTIMATORS = ("reinforce", "expected")
 BASELINES = ("none", "mean")
