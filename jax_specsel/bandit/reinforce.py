@@ -268,6 +268,35 @@ def _open_checkpoints(checkpoint_dir, config, seed: int, embeddings,
   return _Checkpoints(os.fspath(checkpoint_dir), run_facts)
 
 
+def _train(network, embeddings, rewards, input_mean, input_scale, config, seed: int,
+           checkpoint_dir) -> tuple[PolicyNetwork, dict[str, Any]]:
+  """Trains `network` from the run's latest checkpoint (or from the start) to the end of
+  config.epochs: (the trained network, the training facts a Policy keeps)."""
+  graphdef, params = nnx.split(network, nnx.Param)
+  optimizer = objective.make_optimizer(config)
+  optimizer_state = optimizer.init(params)
+  checkpoints = _open_checkpoints(checkpoint_dir, config, seed, embeddings, rewards)
+  start_step = 0
+  if checkpoints is not None:
+    params, optimizer_state, start_step = checkpoints.restore(params, optimizer_state)
+  try:
+    train_step = _make_train_step(graphdef, optimizer, config.estimator, config.baseline)
+    params, epoch_rewards = _run_epochs(
+        train_step, params, optimizer_state, embeddings, rewards,
+        (jnp.asarray(input_mean), jnp.asarray(input_scale)), config, seed, start_step,
+        checkpoints)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+  num_examples = embeddings.shape[0]
+  total_steps = config.epochs * math.ceil(num_examples / config.batch_size)
+  _refuse_diverged(params, config, total_steps)
+  training_info = {"steps": max(total_steps, start_step), "resumed_from_step": start_step,
+                   "num_examples": num_examples, "seed": seed,
+                   "epoch_mean_reward": epoch_rewards}
+  return nnx.merge(graphdef, params), training_info
+
+
 def train_policy(embeddings, rewards, seed: int | None = None,
                  config: ml_collections.ConfigDict | None = None, *,
                  option_names: Sequence[str] | None = None,
@@ -300,30 +329,11 @@ def train_policy(embeddings, rewards, seed: int | None = None,
   embeddings, rewards = _check_dataset(embeddings, rewards)
   option_names = check_option_names(option_names, rewards.shape[1])  # before any training
   embeddings, rewards = _select_examples(embeddings, rewards, config.max_examples, seed)
-  (num_examples, input_dim), num_options = embeddings.shape, rewards.shape[1]
+  input_dim, num_options = embeddings.shape[1], rewards.shape[1]
   input_mean, input_scale = _standardization(embeddings, config.standardize_inputs)
   network = PolicyNetwork(input_dim, num_options, config.hidden_dim, config.num_layers,
                           rngs=nnx.Rngs(params=seed))
-  graphdef, params = nnx.split(network, nnx.Param)
-  optimizer = objective.make_optimizer(config)
-  optimizer_state = optimizer.init(params)
-  checkpoints = _open_checkpoints(checkpoint_dir, config, seed, embeddings, rewards)
-  start_step = 0
-  if checkpoints is not None:
-    params, optimizer_state, start_step = checkpoints.restore(params, optimizer_state)
-  try:
-    train_step = _make_train_step(graphdef, optimizer, config.estimator, config.baseline)
-    params, epoch_rewards = _run_epochs(
-        train_step, params, optimizer_state, embeddings, rewards,
-        (jnp.asarray(input_mean), jnp.asarray(input_scale)), config, seed, start_step,
-        checkpoints)
-  finally:
-    if checkpoints is not None:
-      checkpoints.close()
-  total_steps = config.epochs * math.ceil(num_examples / config.batch_size)
-  _refuse_diverged(params, config, total_steps)
-  training_info = {"steps": max(total_steps, start_step), "resumed_from_step": start_step,
-                   "num_examples": num_examples, "seed": seed,
-                   "epoch_mean_reward": epoch_rewards}
-  return Policy(nnx.merge(graphdef, params), input_mean=input_mean, input_scale=input_scale,
+  network, training_info = _train(network, embeddings, rewards, input_mean, input_scale, config,
+                                  seed, checkpoint_dir)
+  return Policy(network, input_mean=input_mean, input_scale=input_scale,
                 option_names=option_names, config=config, training_info=training_info)
