@@ -93,15 +93,20 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
   size = lambda shards: sum(len(_shard_range(k, config, len(examples))) for k in shards)
   bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="query", disable=not progress,
              desc="collect" if process_count == 1 else f"collect {process_index}/{process_count}")
-  # First the shards no other writer holds, then wait for the held ones (or take them over).
+  _collect_shards(target, drafters, examples, output_dir, todo, config, bar)
+  bar.close()
+  return store.load_collection(output_dir, allow_partial=process_count > 1)[0]
+
+
+def _collect_shards(target, drafters, examples, output_dir, shards, config, bar) -> None:
+  """Collects `shards`: first those no other writer holds, then waits for the held ones (or takes
+  them over)."""
   held = []
-  for shard in todo:
+  for shard in shards:
     if not _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait=False):
       held.append(shard)
   for shard in held:
     _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait=True)
-  bar.close()
-  return store.load_collection(output_dir, allow_partial=process_count > 1)[0]
 
 
 def _collect_shard(target, drafters, examples, output_dir, shard, config, bar, wait: bool) -> bool:
