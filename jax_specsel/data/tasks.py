@@ -175,7 +175,8 @@ SPEC_BENCH_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _register_builtin_tasks() -> None:
+def _register_hub_tasks() -> None:
+  """The tasks read from hub datasets: the paper's T5 tasks and the decoder-only targets' ones."""
   register_task(Task("iwslt2017-en-de", T5_TRANSLATE_EN_DE, "translation.en", "translation.de",
                      "bleu", HubSource("iwslt2017", "iwslt2017-en-de")))
   register_task(Task("xsum", T5_SUMMARIZE, "document", "summary", "rouge_l",
@@ -189,6 +190,10 @@ def _register_builtin_tasks() -> None:
   register_task(Task("triviaqa", LLAMA2_CHAT, "question", "answer.value", "rouge_l",
                      HubSource("mandarjoshi/trivia_qa", "rc.nocontext"),
                      id_field="question_id"))
+
+
+def _register_spec_bench_tasks() -> None:
+  """Spec-Bench from its local question.jsonl: all questions, then one task per category group."""
   register_task(Task("spec-bench", VICUNA_CHAT, "turns.0", None, None, None,
                      id_field="question_id"))
   for group, categories in SPEC_BENCH_GROUPS.items():
@@ -196,4 +201,5 @@ def _register_builtin_tasks() -> None:
                        id_field="question_id", categories=categories))
 
 
-_register_builtin_tasks()
+_register_hub_tasks()
+_register_spec_bench_tasks()
