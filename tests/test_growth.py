@@ -23,7 +23,7 @@ import transformers
 from flax import nnx
 
 import jax_specsel as js
-from jax_specsel.data import zoo
+from jax_specsel.data import zoo_config
 from jax_specsel.models import growth, hf_export, t5
 from jax_specsel.models.interface import Model
 
@@ -116,8 +116,8 @@ def zoo_target():
 
   The weights are drawn in numpy into the module's abstract state: no per-shape jax program.
   """
-  spec = zoo.ModelSpec(d_model=32, num_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2,
-                       train_steps=1)
+  spec = zoo_config.ModelSpec(d_model=32, num_heads=4, d_ff=64, encoder_layers=2,
+                              decoder_layers=2, train_steps=1)
   config = spec.t5_config(vocab_size=80)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: t5.Module(config, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(3)

@@ -30,9 +30,9 @@ Cache: `<cache root>/zoo-<hash of world + zoo config>/` holds zoo.json (configs,
 records), tokenizer/ (save_pretrained) and models/<name>/ (orbax). It is written to a temporary
 sibling and renamed into place, so a build killed half-way never looks complete.
 
-This module holds the zoo's configs and builds or loads it; the jobs live beside it:
-data/zoo_store.py (the cache directory on disk), data/zoo_training.py (T5 training, the target's
-greedy outputs for distillation), data/seq2seq.py (tokenized pairs as padded arrays).
+This module builds or loads the zoo; the jobs live beside it: data/zoo_config.py (sizes and
+budgets), data/zoo_store.py (the cache directory on disk), data/zoo_training.py (T5 training, the
+target's greedy outputs for distillation), data/seq2seq.py (tokenized pairs as padded arrays).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import uuid
 from typing import Any
 
 from jax_specsel.data import seq2seq, world as world_lib, zoo_store
+from jax_specsel.data.zoo_config import GENERAL, TARGET, ZooConfig, drafter_name
 from jax_specsel.data.zoo_store import ZooCacheError
 from jax_specsel.data.zoo_training import greedy_generate, train_t5
 from jax_specsel.models import growth, t5
@@ -57,119 +58,6 @@ from jax_specsel.models.loading import load_model
 log = logging.getLogger(__name__)
 
 ZOO_VERSION = 1  # bump when training changes so old caches are not reused
-TARGET = "target"
-GENERAL = "general"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """Architecture and training recipe of one zoo member."""
-
-  d_model: int
-  num_heads: int
-  d_ff: int
-  encoder_layers: int
-  decoder_layers: int
-  train_steps: int
-  batch_size: int = 64
-  learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
-  warmup_steps: int = 100
-  weight_decay: float = 0.01  # AdamW, on matrices only (not norm scales)
-  position_bias_lr_multiplier: float = 30.0  # see `_optimizer`
-
-  def t5_config(self, vocab_size: int, dtype: str = "float32") -> t5.Config:
-    """The T5 architecture: original-T5 style (tied, scaled LM head, ReLU feed-forward)."""
-    return t5.Config(vocab_size=vocab_size, d_model=self.d_model,
-                     d_kv=self.d_model // self.num_heads,
-                     d_ff=self.d_ff, num_heads=self.num_heads, num_layers=self.encoder_layers,
-                     num_decoder_layers=self.decoder_layers, tie_word_embeddings=True,
-                     scale_decoder_outputs=True, pad_token_id=0, eos_token_ids=(1,),
-                     decoder_start_token_id=0, dtype=dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class ZooConfig:
-  """Sizes and training budgets of the whole zoo (the default trains in minutes on a 2-core CPU)."""
-
-  # Depth is what makes a batch-1 decode step expensive on a CPU (per-layer op overhead), and
-  # training cost grows with parameters: hence a narrow, deep target decoder. A drafter's encoder
-  # runs once per query on the whole prompt (a per-call cost of speculation): one layer.
-  target: ModelSpec = ModelSpec(d_model=128, num_heads=4, d_ff=512, encoder_layers=2,
-                                decoder_layers=6, train_steps=2400, batch_size=32,
-                                learning_rate=1.5e-3, warmup_steps=200)
-  # Two encoder layers: a one-layer encoder left the translate drafter markedly less accurate.
-  domain_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
-                                        decoder_layers=1, train_steps=1400, batch_size=32,
-                                        learning_rate=1.5e-3, warmup_steps=100)
-  general_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
-                                         decoder_layers=1, train_steps=1600, batch_size=32,
-                                         learning_rate=1.5e-3, warmup_steps=100)
-  # Per-domain drafter budgets: summaries are learned within a few hundred steps, translation
-  # needs the longest budget.
-  drafter_steps: tuple[tuple[str, int], ...] = ((world_lib.TRANSLATE, 2400),
-                                                (world_lib.SUMMARIZE, 500))
-  # Share of the target's training batches per domain (missing domains: weight 1 / #domains).
-  # Each skill is learned abruptly after enough batches of it, arithmetic needing the most.
-  # The mixed domain's batches train both of its halves' skills too (translate 0.3 + 0.2 mixed).
-  target_domain_weights: tuple[tuple[str, float], ...] = (
-      (world_lib.TRANSLATE, 0.3), (world_lib.SUMMARIZE, 0.08), (world_lib.ARITHMETIC, 0.42),
-      (world_lib.MIXED, 0.2))
-  drafter_domains: tuple[str, ...] = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
-  # Domains the general drafter is distilled on (None: every domain of the world). The world's
-  # arithmetic is the domain only the target learns (the paper's GSM8K case), so it is left out:
-  # distilled on it too, the generalist would align with the target there.
-  general_domains: tuple[str, ...] | None = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
-  distill_per_domain: int = 3000  # training prompts per domain the target labels greedily
-  max_new_tokens: int = 48  # greedy generation budget (longest reference: 41 tokens, EOS included)
-  generate_batch_size: int = 128
-  # One padded batch shape for every domain: one compile per model instead of one per domain,
-  # at the price of padding (worth it only when compiling dominates, as in the tiny zoo).
-  shared_batch_shape: bool = False
-  seed: int = 0
-  dtype: str = "float32"
-  # The trained target widened this many times (function-preserving; 1: used as trained): the
-  # smallest factor at which a speculative round costs few target steps on a CPU (benchmarks/round_cost.py
-  # measures it). Not part of the training fingerprint: every factor grows the same zoo.
-  target_growth: int = 4
-
-  def __post_init__(self):
-    if (isinstance(self.target_growth, bool) or not isinstance(self.target_growth, int)
-        or self.target_growth < 1):
-      raise ValueError(f"ZooConfig.target_growth={self.target_growth!r}: must be an integer >= 1 "
-                       "(1 keeps the trained target).")
-
-  @classmethod
-  def tiny(cls) -> "ZooConfig":
-    """A zoo that trains in seconds: for tests, not for speedups."""
-    small = ModelSpec(d_model=32, num_heads=2, d_ff=64, encoder_layers=1, decoder_layers=1,
-                      train_steps=20, batch_size=16, learning_rate=3e-3, warmup_steps=5)
-    return cls(target=dataclasses.replace(small, d_model=48, decoder_layers=2),
-               domain_drafter=small, general_drafter=small, drafter_steps=(), distill_per_domain=32,
-               max_new_tokens=12, generate_batch_size=32, shared_batch_shape=True,
-               target_growth=2)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict) -> "ZooConfig":
-    values = dict(values)
-    for key in ("target", "domain_drafter", "general_drafter"):
-      values[key] = ModelSpec(**values[key])
-    values["drafter_domains"] = tuple(values["drafter_domains"])
-    values["drafter_steps"] = tuple(tuple(p) for p in values.get("drafter_steps", ()))
-    if values.get("general_domains") is not None:
-      values["general_domains"] = tuple(values["general_domains"])
-    values["target_domain_weights"] = tuple(tuple(p) for p in values["target_domain_weights"])
-    return cls(**values)
-
-  def drafter_names(self) -> tuple[str, ...]:
-    return tuple(drafter_name(d) for d in self.drafter_domains) + (drafter_name(GENERAL),)
-
-
-def drafter_name(domain: str) -> str:
-  """"drafter_translate", "drafter_summarize", "drafter_general"."""
-  return f"drafter_{domain}"
 
 
 @dataclasses.dataclass
@@ -361,9 +249,21 @@ def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
                                    config.dtype, progress, dict(config.target_domain_weights))
   target = Model(module, tokenizer=tokenizer, name=TARGET)
   info = {TARGET: target_record}
-
-  # Sequence-level distillation data: the target's own greedy outputs, not the references.
   started = time.perf_counter()
+  distill = _distillation_data(target, train, world, config)
+  info["distill_generate_seconds"] = round(time.perf_counter() - started, 2)
+  if config.shared_batch_shape:
+    distill = seq2seq.pad_to_common_shape(distill)
+  drafters, records = _distill_drafters(distill, tokenizer, world, config, vocab_size, progress)
+  info.update(records)
+  return target, drafters, info
+
+
+def _distillation_data(target: Model, train: dict, world: world_lib.World,
+                       config: ZooConfig) -> dict:
+  """Sequence-level distillation data per domain: the target's own greedy outputs for that
+  domain's training prompts, not the references."""
+  tokenizer = target.tokenizer
   distill = {}
   needed = set(config.drafter_domains) | set(config.general_domains or world.domains)
   for domain in (d for d in world.domains if d in needed):
@@ -371,11 +271,14 @@ def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
     outputs = greedy_generate(target, tokenizer(prompts)["input_ids"], config.max_new_tokens,
                               config.generate_batch_size)
     distill[domain] = seq2seq.encode_pairs(tokenizer, prompts, outputs)
-  info["distill_generate_seconds"] = round(time.perf_counter() - started, 2)
-  if config.shared_batch_shape:
-    distill = seq2seq.pad_to_common_shape(distill)
+  return distill
 
-  drafters = {}
+
+def _distill_drafters(distill: dict, tokenizer, world: world_lib.World, config: ZooConfig,
+                      vocab_size: int, progress: bool) -> tuple[dict[str, Model], dict[str, dict]]:
+  """Trains each domain drafter and the general drafter on the distillation data: (name -> drafter,
+  name -> its training record)."""
+  drafters, records = {}, {}
   steps = dict(config.drafter_steps)
   plan = [(drafter_name(d), dataclasses.replace(config.domain_drafter,
                                                 train_steps=steps.get(d, config.domain_drafter.train_steps)),
@@ -386,5 +289,5 @@ def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
     module, record = train_t5(spec, data, vocab_size, config.seed + index, name, config.dtype,
                               progress)
     record["distilled_on"] = sorted(data)
-    drafters[name], info[name] = Model(module, tokenizer=tokenizer, name=name), record
-  return target, drafters, info
+    drafters[name], records[name] = Model(module, tokenizer=tokenizer, name=name), record
+  return drafters, records
