@@ -75,7 +75,7 @@ def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
   """Trains a T5 from scratch on one or more domains' pairs.
 
   Args:
-    spec: architecture and recipe (a `zoo.ModelSpec`: its `t5_config` and training fields).
+    spec: architecture and recipe (a `zoo_config.ModelSpec`: its `t5_config` and training fields).
     data: domain -> tokenized pairs; each step draws one batch from one domain.
     vocab_size: the model's vocabulary size.
     seed: initialization and batch-order seed.
@@ -87,8 +87,6 @@ def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
   Returns:
     (trained module, record with params, steps, seconds, final loss and token accuracy).
   """
-  from tqdm.auto import tqdm
-
   module = t5.Module(spec.t5_config(vocab_size, dtype), rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(module)
   optimizer = _optimizer(spec)
@@ -101,11 +99,29 @@ def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
+  started = time.perf_counter()
+  params, recent = _run_steps(train_step, params, opt_state, data, spec, seed, domain_weights,
+                              name, progress)
+  seconds = time.perf_counter() - started
+  nnx.update(module, params)
+  record = {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+            "train_steps": spec.train_steps, "train_seconds": round(seconds, 2),
+            "final_loss": round(float(np.mean([r[0] for r in recent])), 4),
+            "final_token_accuracy": round(float(np.mean([r[1] for r in recent])), 4)}
+  log.info("trained %s: %s", name, record)
+  return module, record
+
+
+def _run_steps(train_step, params, opt_state, data: dict[str, Seq2SeqArrays], spec, seed: int,
+               domain_weights: dict[str, float] | None, name: str, progress: bool):
+  """Runs spec.train_steps steps, each on a batch of one domain drawn by `domain_weights`: (the
+  trained params, the last few (loss, token accuracy) readings)."""
+  from tqdm.auto import tqdm
+
   rng = np.random.default_rng(seed)
   domains = sorted(data)
   weights = np.array([(domain_weights or {}).get(d, 1.0 / len(domains)) for d in domains])
   weights = weights / weights.sum()
-  started = time.perf_counter()
   recent = []
   bar = tqdm(range(spec.train_steps), desc=f"train {name}", disable=not progress, leave=False)
   for step in bar:
@@ -117,14 +133,7 @@ def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
       bar.set_postfix(loss=f"{np.mean([r[0] for r in recent]):.3f}",
                       acc=f"{np.mean([r[1] for r in recent]):.3f}")
   bar.close()
-  seconds = time.perf_counter() - started
-  nnx.update(module, params)
-  record = {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-            "train_steps": spec.train_steps, "train_seconds": round(seconds, 2),
-            "final_loss": round(float(np.mean([r[0] for r in recent])), 4),
-            "final_token_accuracy": round(float(np.mean([r[1] for r in recent])), 4)}
-  log.info("trained %s: %s", name, record)
-  return module, record
+  return params, recent
 
 
 def greedy_generate(model: Model, prompt_rows: list[list[int]], max_new_tokens: int,
