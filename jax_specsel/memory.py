@@ -63,16 +63,12 @@ def estimate_memory(config, mesh_shape=(1, 1), batch: int = 1, cache_length: int
   """
   config = _as_config(config, dtype)
   sizes = sharding.axis_sizes(mesh_shape)
-  if batch < 1 or cache_length < 1 or block_tokens < 1:
-    raise ValueError(f"batch={batch}, cache_length={cache_length}, block_tokens={block_tokens}: "
-                     "all must be >= 1.")
+  _check_sizes(batch, cache_length, block_tokens)
   source_length = cache_length if source_length is None else int(source_length)
   module = sharding.abstract_module(config)
   params, unsharded, count = _param_bytes(nnx.state(module), config, sizes, tensor_parallel)
   cache = jax.eval_shape(lambda: module.init_cache(batch, cache_length, config.dtype))
-  caches = sum(sharding.bytes_per_device(x.shape, x.dtype.itemsize,
-                                         sharding.cache_spec(x.shape, sizes, tensor_parallel), sizes)
-               for x in jax.tree.leaves(cache))
+  caches = _cache_tree_bytes(cache, sizes, tensor_parallel)
   context = _context_bytes(config, sizes, batch, source_length, tensor_parallel)
   activations = _activation_bytes(config, sizes, batch, cache_length, source_length, block_tokens,
                                   tensor_parallel)
@@ -80,6 +76,12 @@ def estimate_memory(config, mesh_shape=(1, 1), batch: int = 1, cache_length: int
           "total": params + caches + context + activations, "params_unsharded": unsharded,
           "num_params": count, "mesh": sizes, "dtype": config.dtype, "batch": batch,
           "cache_length": cache_length, "source_length": source_length}
+
+
+def _check_sizes(batch: int, cache_length: int, block_tokens: int) -> None:
+  if batch < 1 or cache_length < 1 or block_tokens < 1:
+    raise ValueError(f"batch={batch}, cache_length={cache_length}, block_tokens={block_tokens}: "
+                     "all must be >= 1.")
 
 
 def _as_config(config, dtype: str | None):
@@ -174,6 +176,11 @@ def cache_bytes_per_device(model, batch: int, cache_length: int) -> int:
   placement = model.decoder.placement
   sizes = sharding.axis_sizes((1, 1) if placement is None else placement.mesh)
   tensor_parallel = placement is not None and placement.tensor_parallel
+  return _cache_tree_bytes(cache, sizes, tensor_parallel)
+
+
+def _cache_tree_bytes(cache, sizes, tensor_parallel: bool) -> int:
+  """Bytes per device of a cache pytree (of arrays or shapes) split by the cache rules."""
   return sum(sharding.bytes_per_device(x.shape, x.dtype.itemsize,
                                        sharding.cache_spec(x.shape, sizes, tensor_parallel), sizes)
              for x in jax.tree.leaves(cache))
