@@ -161,16 +161,7 @@ def generation_ids(hf_config: dict, generation_config: dict | None,
     fields, source = generation_config, GENERATION_CONFIG
   else:
     fields, source = _model_config_ids(hf_config), "config.json"
-  eos = fields.get("eos_token_id")
-  eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
-  eos_ids = () if eos is None else tuple(
-      config_integer({"eos_token_id": e}, "eos_token_id", None, None, source) for e in eos_list)
-  outside = [e for e in eos_ids if not 0 <= e < vocab_size]
-  if outside:
-    raise InvalidConfigError(
-        f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
-        f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
-        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
+  eos_ids = _stop_ids(fields, source, vocab_size)
   pad = config_integer(fields, "pad_token_id", None, None, source)
   if pad is not None and not 0 <= pad < vocab_size:
     log.info("%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset", source, pad,
@@ -181,6 +172,22 @@ def generation_ids(hf_config: dict, generation_config: dict | None,
   start = config_integer(fields, "decoder_start_token_id", None, 0, source)
   start = config_integer(fields, "bos_token_id", None, 0, source) if start is None else start
   return GenerationIds(eos_ids, pad, start, source)
+
+
+def _stop_ids(fields: dict, source: str, vocab_size: int) -> tuple[int, ...]:
+  """The stop ids of `eos_token_id` (one id, a list, or null), each checked to be in the
+  vocabulary."""
+  eos = fields.get("eos_token_id")
+  eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
+  eos_ids = () if eos is None else tuple(
+      config_integer({"eos_token_id": e}, "eos_token_id", None, None, source) for e in eos_list)
+  outside = [e for e in eos_ids if not 0 <= e < vocab_size]
+  if outside:
+    raise InvalidConfigError(
+        f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
+        f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
+        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
+  return eos_ids
 
 
 def _model_config_ids(hf_config: dict) -> dict:
