@@ -39,7 +39,7 @@ from absl import flags, logging
 
 import jax_specsel as js
 from jax_specsel import experiment, validation
-from jax_specsel.eval import evaluate
+from jax_specsel.eval import evaluate, run_tables
 
 DEMO = common.DEMO
 FLAGS = flags.FLAGS
@@ -194,10 +194,10 @@ def zoo_main() -> None:
   prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
   runs = timed_runs(zoo, policy, prompts, config)
   domains = [domain for domain, _ in queries]
-  result = {"all": evaluate.policy_cost(runs)["policy_greedy"]}
+  result = {"all": run_tables.policy_cost(runs)["policy_greedy"]}
   for domain in world.domains:
     rows = [i for i, d in enumerate(domains) if d == domain]
-    result[domain] = evaluate.policy_cost(runs, rows)["policy_greedy"]
+    result[domain] = run_tables.policy_cost(runs, rows)["policy_greedy"]
   print("| domain | median fused / plain | policy share | ms per query |\n|---|---|---|---|")
   for domain, cost in result.items():
     print(f"| {domain} | {cost['median_ratio']:.3f} | {100 * cost['share']:.2f}% | "

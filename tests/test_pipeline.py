@@ -12,7 +12,7 @@ import pytest
 from jax_specsel import config_checks, pipeline
 from jax_specsel.data import tasks
 from jax_specsel.eval import checks as checks_lib
-from jax_specsel.eval import evaluate as evaluate_lib
+from jax_specsel.eval import run_tables
 from fake_models import fake_model_with_tokenizer
 
 
@@ -69,27 +69,27 @@ def test_pipeline_writes_the_report(tmp_path):
 
 
 def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_option():
-  run = lambda seconds, choice=None: evaluate_lib.QueryRun(seconds, 10, 0, 0, "", choice)
+  run = lambda seconds, choice=None: run_tables.QueryRun(seconds, 10, 0, 0, "", choice)
   runs = {"autoregressive": [[run(1.0), run(2.0)]], "drafter": [[run(0.5), run(0.8)]],
           "policy_greedy": [[run(0.51, "drafter"), run(2.02, "autoregressive")]]}
-  cost = evaluate_lib.policy_cost(runs)["policy_greedy"]
+  cost = run_tables.policy_cost(runs)["policy_greedy"]
   assert cost["share"] == pytest.approx((0.01 + 0.02) / (0.51 + 2.02))
   assert cost["ms_per_query"] == pytest.approx(1e3 * 0.03 / 2)
   assert cost["median_ratio"] == pytest.approx((0.51 / 0.5 + 2.02 / 2.0) / 2)
-  assert evaluate_lib.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(0.01 / 0.51)
+  assert run_tables.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(0.01 / 0.51)
 
 
 def test_round_work_averages_achieved_and_hindsight_over_the_domain_rows():
-  run = lambda achieved, best: evaluate_lib.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
+  run = lambda achieved, best: run_tables.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
   runs = [run(1.0, 2.0), run(3.0, 2.0), run(9.0, 9.0)]
-  assert evaluate_lib.round_work(runs, [0, 1]) == pytest.approx(
+  assert run_tables.round_work(runs, [0, 1]) == pytest.approx(
       {"achieved": 2.0, "best_fixed_hindsight": 2.0, "ratio": 1.0})
 
 
 def test_price_choices_uses_the_cost_table():
   per_query = {"a": [[0.1, 10], [0.2, 10]], "b": [[0.05, 10], [0.4, 10]]}
-  assert evaluate_lib.price_choices(per_query, ["b", "a"]) == pytest.approx(1e3 * 0.25 / 20)
-  assert evaluate_lib.price_choices(per_query, ["a", "a"], policy_seconds=0.1) == pytest.approx(1e3 * 0.4 / 20)
+  assert run_tables.price_choices(per_query, ["b", "a"]) == pytest.approx(1e3 * 0.25 / 20)
+  assert run_tables.price_choices(per_query, ["a", "a"], policy_seconds=0.1) == pytest.approx(1e3 * 0.4 / 20)
 
 
 def _row(speedup):

@@ -16,13 +16,12 @@ learning waits for the update too. Each repeat starts again from the offline pol
 
 Each single option is measured on every query too, which gives the baselines and a per-query cost
 table from which policy sweeps (alpha, number of training examples) are priced without re-decoding.
+The tables themselves are made from the runs in eval/run_tables.py.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import statistics
 import time
 from typing import Any, Sequence
 
@@ -30,11 +29,9 @@ import datasets
 import numpy as np
 
 from jax_specsel.bandit.online import OnlinePolicyUpdater
-from jax_specsel.data.tasks import get_task
 from jax_specsel.decoding import adaptive, adaptive_rule, bucket_length, generate, generate_selected
 from jax_specsel.decoding import AUTOREGRESSIVE
-from jax_specsel.eval import metrics
-from jax_specsel.eval.speed import spread
+from jax_specsel.eval.run_tables import FUSED_VARIANTS, QueryRun, summarize
 from jax_specsel.models.interface import Model, decode_text
 
 
@@ -82,23 +79,6 @@ class OnlineLearner:
       embeddings, rewards, observed = (np.concatenate(part) for part in zip(*self._pending))
       self._pending.clear()
       self.updater.update(embeddings, rewards, observed)
-
-
-FUSED_VARIANTS = ("policy_greedy", "policy_dynamic")  # one choice per query: policy_cost applies
-
-
-@dataclasses.dataclass
-class QueryRun:
-  seconds: float  # wall clock around the public call
-  tokens: int
-  accepted: int
-  drafted: int
-  text: str
-  choice: str | None = None  # the option a policy row chose
-  rounds_by_option: dict[str, int] | None = None  # policy_adaptive: rounds each option drafted
-  # policy_adaptive: (tokens per target step of work achieved, the best fixed option's in
-  # hindsight among the options scored on the query), in the measured costs' units.
-  work: tuple[float, float] | None = None
 
 
 def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
@@ -206,7 +186,7 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
         runs[name][repeat][i] = decoders[name](prompt, query_seed(seed, i))
   chosen = {variant: [run.choice for run in runs[variant][0]] for variant in variants
             if variant in FUSED_VARIANTS}
-  return _summarize(examples, runs, chosen)
+  return summarize(examples, runs, chosen)
 
 
 def _row_decoder(name, target, options, drafters, policy, variants, config):
@@ -272,112 +252,3 @@ def _check_policy_options(policy, options):
   if unknown or not policy.option_names:
     raise ValueError(f"the policy chooses among {policy.option_names} but options "
                      f"{sorted(unknown)} are not given.")
-
-
-def policy_cost(runs: dict, rows: Sequence[int] | None = None) -> dict:
-  """What choosing costs per query, measured: the fused call minus the plain call with the option
-  it chose, on the same queries and seeds (paper Table 1: ~1% over the option mostly picked).
-
-  Args:
-    runs: option or variant name -> [seed][query] QueryRun (policy runs carry `.choice`).
-    rows: the queries to count (default all).
-
-  Returns:
-    {variant: {"share": sum(fused - plain) / sum(fused), "ms_per_query": mean difference,
-               "median_ratio": median over queries of fused / plain}}.
-  """
-  out = {}
-  for variant in (v for v in runs if v in FUSED_VARIANTS):
-    extra, total, ratios = 0.0, 0.0, []
-    for seed_index, seed_runs in enumerate(runs[variant]):
-      for i in (range(len(seed_runs)) if rows is None else rows):
-        fused = seed_runs[i]
-        plain = runs[fused.choice][seed_index][i].seconds
-        extra += fused.seconds - plain
-        total += fused.seconds
-        ratios.append(fused.seconds / plain)
-    out[variant] = {"share": extra / total if total else float("nan"),
-                    "ms_per_query": 1e3 * extra / max(len(ratios), 1),
-                    "median_ratio": statistics.median(ratios) if ratios else float("nan")}
-  return out
-
-
-def _summarize(examples, runs, choices) -> dict:
-  tasks = list(examples["task"])
-  references = list(examples["reference"])
-  domains, shares = {}, {}
-  for task in dict.fromkeys(tasks):
-    rows = [i for i, t in enumerate(tasks) if t == task]
-    domains[task] = {name: _option_row(task, option_runs, rows, references)
-                     for name, option_runs in runs.items()}
-    base = domains[task][AUTOREGRESSIVE]["ms_per_token"]
-    for row in domains[task].values():
-      row["speedup"] = base / row["ms_per_token"]
-    for variant, chosen in choices.items():
-      counts = collections.Counter(chosen[i] for i in rows)
-      shares.setdefault(task, {})[variant] = {k: v / len(rows) for k, v in sorted(counts.items())}
-  per_query = {name: [[r.seconds, r.tokens] for r in option_runs[0]] for name, option_runs in runs.items()}
-  cost = {"all": policy_cost(runs)}
-  for task in dict.fromkeys(tasks):
-    cost[task] = policy_cost(runs, [i for i, t in enumerate(tasks) if t == task])
-  result = {"domains": domains,
-            "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
-            "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
-  if "policy_adaptive" in runs:
-    by_task = _rows_by_task(tasks)
-    result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
-                               for task, rows in by_task.items()}
-    result["round_work"] = {task: round_work(runs["policy_adaptive"][0], rows)
-                            for task, rows in by_task.items()}
-  return result
-
-
-def _rows_by_task(tasks: list[str]) -> dict[str, list[int]]:
-  return {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
-
-
-def round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
-  """Mean tokens per target step of work (policy_adaptive, first repeat): what the rounds got,
-  the best fixed option's in hindsight, and their ratio: the rule's choices apart from the
-  per-round overhead in wall time (both count the reads that scored drafters as work)."""
-  achieved = [adaptive_runs[i].work[0] for i in rows]
-  best = [adaptive_runs[i].work[1] for i in rows]
-  return {"achieved": float(np.mean(achieved)), "best_fixed_hindsight": float(np.mean(best)),
-          "ratio": float(np.mean(achieved) / np.mean(best))}
-
-
-def _round_shares(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
-  """Share of the rounds each option drafted (policy_adaptive, first repeat)."""
-  totals = collections.Counter()
-  for i in rows:
-    totals.update(adaptive_runs[i].rounds_by_option)
-  count = sum(totals.values())
-  return {name: value / count for name, value in sorted(totals.items())} if count else {}
-
-
-def _option_row(task, option_runs, rows, references) -> dict:
-  ms = [1e3 * sum(runs[i].seconds for i in rows) / max(sum(runs[i].tokens for i in rows), 1)
-        for runs in option_runs]
-  first = option_runs[0]
-  drafted = sum(first[i].drafted for i in rows)
-  metric = _metric_for(task)
-  quality = (None if metric is None else  # reference-free tasks (Spec-Bench): speed only
-             metrics.quality(metric, [first[i].text for i in rows], [references[i] for i in rows]))
-  return {"quality": quality, "metric": metric, "ms_per_token": statistics.mean(ms),
-          "ms_per_token_spread": spread(ms),
-          "acceptance_rate": sum(first[i].accepted for i in rows) / drafted if drafted else None}
-
-
-def _metric_for(task: str) -> str | None:
-  try:
-    return get_task(task).metric
-  except KeyError:  # an unregistered task label: ROUGE-L against its references
-    return "rouge_l"
-
-
-def price_choices(per_query: dict, chosen: Sequence[str], policy_seconds: float = 0.0) -> float:
-  """ms/token of a policy from the per-query cost table of the single options (no re-decoding);
-  policy_seconds: what choosing added over all these queries (see `policy_cost`)."""
-  seconds = sum(per_query[name][i][0] for i, name in enumerate(chosen)) + policy_seconds
-  tokens = sum(per_query[name][i][1] for i, name in enumerate(chosen))
-  return 1e3 * seconds / max(tokens, 1)

@@ -3,10 +3,10 @@
 Figure 2 (alpha sweep): share of choices per option and ms/token versus alpha.
 Figure 3 (sample efficiency): ms/token versus the number of training examples.
 Both train a policy per point on the offline collection and price its choices on the test queries
-with `evaluate.price_choices` (every option was decoded on every test query once), so a sweep costs
-policy training only. Choices come from the dynamic policy (it samples), as in the paper's figures;
-each query is charged the policy's measured per-query cost (`evaluate.policy_cost`: the fused call
-minus the plain call with the same option), the same for every point.
+with `run_tables.price_choices` (every option was decoded on every test query once), so a sweep
+costs policy training only. Choices come from the dynamic policy (it samples), as in the paper's
+figures; each query is charged the policy's measured per-query cost (`run_tables.policy_cost`: the
+fused call minus the plain call with the same option), the same for every point.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import reinforce
-from jax_specsel.eval.evaluate import price_choices
+from jax_specsel.eval.run_tables import price_choices
 from jax_specsel.eval.speed import spread
 
 

@@ -48,8 +48,27 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
      "prior_choices": {option: share}} where variants are "online", "frozen" and every single
     option.
   """
-  sequence = [prompts[i % len(prompts)] for i in range(queries)]
   options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
+  runs = _serve(target, drafters, options, policy, prompts, setup, config, queries)
+  ms = {name: [1e3 * r.seconds / max(r.tokens, 1) for r in rows] for name, rows in runs.items()}
+  tail = slice(max(queries - window, 0), queries)
+  final = {name: 1e3 * sum(r.seconds for r in rows[tail]) / max(sum(r.tokens for r in rows[tail]), 1)
+           for name, rows in runs.items()}
+  best = min(options, key=lambda name: final[name])
+  embeddings = np.concatenate([target.embed(np.asarray([p])) for p in prompts])
+  chosen = [policy.option_name(i) for i in policy.choose(embeddings)]
+  return {"queries": queries, "window": window, "ms_per_token": ms,
+          "running": {name: _running_mean(values, window) for name, values in ms.items()},
+          "final": final, "best_fixed": best,
+          "online_vs_best_fixed": final["online"] / final[best],
+          "frozen_vs_best_fixed": final["frozen"] / final[best],
+          "prior_choices": {name: chosen.count(name) / len(chosen) for name in sorted(set(chosen))}}
+
+
+def _serve(target, drafters, options, policy, prompts, setup, config, queries: int) -> dict:
+  """Variant -> [QueryRun per query]: `queries` queries (the prompts in turn) served online, frozen
+  and with every single option, each after its untimed warm-up."""
+  sequence = [prompts[i % len(prompts)] for i in range(queries)]
   runs = {}
   for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
     evaluate_lib.run_adaptive(target, drafters, policy, prompt, config,
@@ -67,19 +86,7 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
     runs[name] = [evaluate_lib.run_option(target, drafter, prompt, config,
                                           evaluate_lib.query_seed(0, i))
                   for i, prompt in enumerate(sequence)]
-  ms = {name: [1e3 * r.seconds / max(r.tokens, 1) for r in rows] for name, rows in runs.items()}
-  tail = slice(max(queries - window, 0), queries)
-  final = {name: 1e3 * sum(r.seconds for r in rows[tail]) / max(sum(r.tokens for r in rows[tail]), 1)
-           for name, rows in runs.items()}
-  best = min(options, key=lambda name: final[name])
-  embeddings = np.concatenate([target.embed(np.asarray([p])) for p in prompts])
-  chosen = [policy.option_name(i) for i in policy.choose(embeddings)]
-  return {"queries": queries, "window": window, "ms_per_token": ms,
-          "running": {name: _running_mean(values, window) for name, values in ms.items()},
-          "final": final, "best_fixed": best,
-          "online_vs_best_fixed": final["online"] / final[best],
-          "frozen_vs_best_fixed": final["frozen"] / final[best],
-          "prior_choices": {name: chosen.count(name) / len(chosen) for name in sorted(set(chosen))}}
+  return runs
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
