@@ -57,31 +57,10 @@ def default_train_config() -> ml_collections.ConfigDict:
   """The library default: the paper's network and optimizer, the exact expected gradient and
   standardized inputs.
 
-<<<<<<< HEAD
-  Chosen by launch/experiment_estimators.py (a synthetic contextual bandit, greedy best-arm
+  Chosen by benchmarks/experiment_estimators.py (a synthetic contextual bandit, greedy best-arm
   accuracy on held-out queries): the expected estimator learns best
   at every training-set size, and standardization matters once the embeddings carry a shared
   offset and uneven per-dimension scales, as pooled transformer states do.
-=======
-  Chosen by benchmarks/experiment_estimators.py: a synthetic contextual bandit (4 overlapping
-  Gaussian clusters in D=64, K=3 options with a different best option per cluster, mean reward
-  0.6 for the best against 0.45-0.5, reward noise std 0.15), greedy best-arm accuracy on 4096
-  held-out queries, mean over 3 seeds, paper hyperparameters (3 epochs, batch 64):
-
-    N train                        256     1024    4096    16384
-    reinforce, no baseline (paper) 59.8%   57.8%   89.2%   92.0%
-    reinforce, mean baseline       71.0%   93.4%   95.1%   95.9%
-    expected                       85.0%   94.0%   96.1%   96.4%
-    expected + standardize         83.8%   92.9%   95.6%   96.5%
-    Bayes-optimal (true centres)   98.8%   98.9%   98.9%   99.0%
-
-  The expected estimator learns best at every size. Standardization is neutral on these
-  unit-scale clusters (within seed noise) but decisive once the same embeddings get a shared
-  offset and uneven per-dimension scales, as pooled transformer states have (expected, raw
-  inputs: 54.5 / 61.8 / 62.9 / 88.5%; standardized: 83.8 / 92.9 / 95.6 / 96.6%).
-  The remaining gap to Bayes is optimization, not overfitting (train and held-out accuracy
-  agree): 10 epochs instead of 3 reached 98.4% at N=16384 (one seed, raw inputs).
->>>>>>> bench
   """
   config = paper_train_config()
   config.estimator = "expected"
