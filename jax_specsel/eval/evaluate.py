@@ -53,7 +53,7 @@ class AdaptiveSetup:
     rule: the per-round rule's settings.
     online: an online-update config (`bandit.default_online_config()`), or None: frozen policy.
     update_every: queries whose feedback one online update takes (1: after every query; more
-      amortize the update's fixed cost, ~1 ms on the demo's CPU, over several queries).
+      amortize the update's fixed cost over several queries).
   """
 
   costs: adaptive.Costs
@@ -216,9 +216,8 @@ def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_s
   """Runs every path a timed call will take once, untimed. Each (option, prompt bucket) compiles
   once. The policy variants and the adaptive row also run every query once, with the first
   repeat's seed: the first execution of a branch of a compiled program is itself slow on XLA:CPU
-  (30-200 ms measured for the adaptive program's drafter paths; the kernels' runtimes are set up
-  on first use), and which branches a call takes depends on the query (its chosen option, its
-  rounds' choices and probes)."""
+  (the kernels' runtimes are set up on first use), and which branches a call takes depends on the
+  query (its chosen option, its rounds' choices and probes)."""
   seen = set()
   for i, prompt in enumerate(prompts):
     bucket = bucket_length(len(prompt))
@@ -240,7 +239,7 @@ def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup
   """Compiles the adaptive program for this prompt's bucket and, on a throwaway copy of the
   policy, the online update of `update_every` queries: no timed call compiles. Two updates: the
   second one's inputs (the optimizer state and params the first returned, committed to the
-  device) compile a second executable (0.6 s here), which a timed query once paid."""
+  device) compile a second executable, which no timed query should pay."""
   own = policy.copy()
   learner = None if setup.online is None else OnlineLearner(own, setup.online, setup.update_every)
   for _ in range(1 if learner is None else 2 * setup.update_every):
