@@ -20,12 +20,6 @@ on the trained target's outputs stay exactly as aligned, while each step moves k
 weights. The grown target is an ordinary HuggingFace checkpoint in the zoo's directory
 (`target-grown-x<k>/`), made once from the trained one.
 
-Training: optax AdamW with linear warmup and cosine decay (30x the step on T5's relative position
-bias tables, see `_optimizer`), one jitted step over the `nnx.split` state, teacher forcing
-through the decoder protocol itself (`prepare`, `init_cache`, one `decode` over the whole shifted
-label sequence). Each batch holds one domain, so its padded shapes fit that domain (one compile
-per domain instead of one padding-heavy shape for all).
-
 Cache: `<cache root>/zoo-<hash of world + zoo config>/` holds zoo.json (configs, sizes, training
 records), tokenizer/ (save_pretrained) and models/<name>/ (orbax). It is written to a temporary
 sibling and renamed into place, so a build killed half-way never looks complete.
