@@ -83,7 +83,7 @@ class Stats:
   @classmethod
   def from_summary(cls, summary: loop.Summary, gamma: int, seconds: float,
                    compile_seconds: float) -> "Stats":
-    """Counters of one loop (a `loop.Summary`); target_calls: the loop's, read from row 0."""
+    """Counters of one loop (a fetched `loop.Summary`); target_calls: the loop's, from row 0."""
     return cls(drafted=summary.rounds * gamma, accepted=summary.accepted, rounds=summary.rounds,
                per_position=summary.accepted_at[:, :gamma].sum(axis=0),
                target_calls=int(summary.target_calls[0]), seconds=seconds,
@@ -182,8 +182,14 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
                                   max_new_tokens)
   compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
                                                args, _program_name(spec), before_compile=fits)
-  summary = loop.Summary.from_array(np.asarray(compiled(*args)), spec.max_new_tokens)
+  summary = jax.device_get(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
+  return _output(spec, summary, seconds, compile_seconds)
+
+
+def _output(spec: loop.LoopSpec, summary: loop.Summary, seconds: float,
+            compile_seconds: float) -> GenerateOutput:
+  """The fetched `loop.Summary` (numpy leaves) as the call's output."""
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
                         stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))
 
@@ -433,7 +439,7 @@ def _same_vocabulary(tokenizer, other) -> bool:
 
 
 def _run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
-  """`loop.run` on flat weight lists (trees: the static treedefs), returning `loop.summarize`."""
+  """`loop.run` on flat weight lists (trees: the static treedefs): the final `loop.Summary`."""
   target_params = jax.tree.unflatten(trees[0], target_leaves)
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
   ids, mask, key, _ = unpack_prompts(packed_prompts)
