@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel import validation
-from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop
+from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop, transfer
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
                                            _warn_past_position_limit, check_caches_fit,
                                            check_compatible,
@@ -156,9 +156,9 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   fits = lambda: check_caches_fit(target, models, ids.shape[0],
                                   spec.base.cache_length(ids.shape[1]), max_new_tokens)
   compiled, compile_seconds = compiled_program(
-      _run_flat, (spec, trees), args,
+      _PROGRAM, (spec, trees), args,
       f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}", before_compile=fits)
-  summary = jax.device_get(compiled(*args))
+  summary = _PROGRAM.unpack((spec, trees, *args), compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, [AUTOREGRESSIVE, *names], summary, seconds, compile_seconds)
 
@@ -233,9 +233,12 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, policy_leaves, costs, 
                            key)
 
 
+_PROGRAM = transfer.Packed(_run_flat, num_static=2)  # its `AdaptiveSummary` as one array
+
+
 def _output(spec, names: list[str], summary: adaptive_loop.AdaptiveSummary, seconds: float,
             compile_seconds: float) -> AdaptiveOutput:
-  """The fetched `AdaptiveSummary` (numpy leaves) as the call's output."""
+  """The fetched `AdaptiveSummary` (numpy arrays) as the call's output."""
   base = summary.base
   achieved = base.lengths / np.maximum(summary.cost, 1e-9)
   stats = Stats(drafted=summary.drafted_by.sum(axis=1), accepted=summary.accepted_by.sum(axis=1),

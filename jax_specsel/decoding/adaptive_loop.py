@@ -112,7 +112,8 @@ class AdaptiveState:
 class AdaptiveSummary:
   """What the host reads of a finished adaptive generation (see `AdaptiveOutput` for meanings).
 
-  A pytree of arrays: `summarize` builds it on the device, one `jax.device_get` brings it back.
+  A pytree of arrays: `summarize` builds it on the device; it crosses to the host packed into one
+  array (`transfer.Packed`).
   """
 
   base: loop.Summary  # accepted_at as wide as max_gamma

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel import memory, sharding, token_batches, validation
-from jax_specsel.decoding import loop, sampling
+from jax_specsel.decoding import loop, sampling, transfer
 from jax_specsel.models import interface
 from jax_specsel.models.interface import Model
 
@@ -180,16 +180,17 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
   fits = lambda: check_caches_fit(target, [drafter], ids.shape[0], spec.cache_length(ids.shape[1]),
                                   max_new_tokens)
-  compiled, compile_seconds = compiled_program(_run_flat, (spec, (target_tree, drafter_tree)),
-                                               args, _program_name(spec), before_compile=fits)
-  summary = jax.device_get(compiled(*args))
+  static = (spec, (target_tree, drafter_tree))
+  compiled, compile_seconds = compiled_program(_PROGRAM, static, args, _program_name(spec),
+                                               before_compile=fits)
+  summary = _PROGRAM.unpack((*static, *args), compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, summary, seconds, compile_seconds)
 
 
 def _output(spec: loop.LoopSpec, summary: loop.Summary, seconds: float,
             compile_seconds: float) -> GenerateOutput:
-  """The fetched `loop.Summary` (numpy leaves) as the call's output."""
+  """The fetched `loop.Summary` (numpy arrays) as the call's output."""
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
                         stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))
 
@@ -444,6 +445,9 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
   ids, mask, key, _ = unpack_prompts(packed_prompts)
   return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
+
+
+_PROGRAM = transfer.Packed(_run_flat, num_static=2)  # its `loop.Summary` fetched as one array
 
 
 def _program_name(spec: loop.LoopSpec) -> str:

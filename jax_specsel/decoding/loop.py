@@ -213,7 +213,8 @@ def start(spec: LoopSpec, drafter_params, target_cache, prompt_ids, prompt_mask,
 class Summary:
   """What the host reads of a finished generation, one row per batch row (caches stay behind).
 
-  A pytree of arrays: `summarize` builds it on the device, one `jax.device_get` brings it back.
+  A pytree of arrays: `summarize` builds it on the device; it crosses to the host packed into one
+  array (`transfer.Packed`).
   """
 
   tokens: jax.Array  # int32 [B, max_new_tokens], pad after each row's length

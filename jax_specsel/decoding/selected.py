@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_specsel.decoding import loop
+from jax_specsel.decoding import loop, transfer
 from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
                                            _warn_past_position_limit, check_caches_fit,
                                            check_compatible,
@@ -155,9 +155,9 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   args, trees = _arguments(spec, target, option_models, policy, packed_prompts)
   fits = lambda: check_caches_fit(target, option_models, ids.shape[0],
                                   spec.cache_length(ids.shape[1]), max_new_tokens, together=False)
-  compiled, compile_seconds = compiled_program(_run_selected, (spec, trees), args,
+  compiled, compile_seconds = compiled_program(_PROGRAM, (spec, trees), args,
                                                _program_name(spec, policy), before_compile=fits)
-  summary = jax.device_get(compiled(*args))
+  summary = _PROGRAM.unpack((spec, trees, *args), compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return _output(spec, policy, summary, seconds, compile_seconds)
 
@@ -304,6 +304,9 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
   return SelectedSummary(base=summary, choice=choice, embeddings=embeddings)
 
 
+_PROGRAM = transfer.Packed(_run_selected, num_static=2)  # its `SelectedSummary` as one array
+
+
 def _members(spec: SelectionSpec) -> list[int]:
   """Option index -> its position among the options sharing its loop."""
   return [spec.branch_of[:i].count(b) for i, b in enumerate(spec.branch_of)]
@@ -336,7 +339,7 @@ def _where_rows(rows, new, old):
 
 @struct.dataclass
 class SelectedSummary:
-  """What the host reads of a selected generation: a pytree fetched with one `jax.device_get`."""
+  """What the host reads of a selected generation (a pytree, fetched packed: `transfer`)."""
 
   base: loop.Summary  # accepted_at as wide as the largest gamma
   choice: jax.Array  # int32 [B] the option index each row chose
@@ -345,7 +348,7 @@ class SelectedSummary:
 
 def _output(spec: SelectionSpec, policy, summary: SelectedSummary, seconds: float,
             compile_seconds: float) -> SelectedOutput:
-  """The fetched `SelectedSummary` (numpy leaves) as the call's output."""
+  """The fetched `SelectedSummary` (numpy arrays) as the call's output."""
   base, choice_ids = summary.base, summary.choice
   gammas = np.fromiter((option.gamma for option in spec.options), np.int32, len(spec.options))
   # target_calls: each option that ran counts its own loop's calls once.
