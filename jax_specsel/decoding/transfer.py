@@ -41,7 +41,7 @@ class Packed:
   def __init__(self, function, num_static: int):
     self.function = function
     self.num_static = num_static
-    self._layouts: dict = {}  # static arguments -> (treedef, [(shape past the batch, dtype)])
+    self._layouts: dict = {}  # static arguments -> (treedef, [(columns, shape, dtype)])
     functools.update_wrapper(self, function)
 
   def __call__(self, *args) -> jax.Array:
@@ -50,28 +50,38 @@ class Packed:
     return pack(tree)
 
   def _remember(self, static: tuple, tree) -> None:
+    """Records the layout of `tree` (a result, or its shapes): per leaf, its columns, its shape
+    past the batch axis and its dtype."""
     leaves, treedef = jax.tree.flatten(tree)
+    layout, start = [], 0
+    for leaf in leaves:
+      width = int(np.prod(leaf.shape[1:], dtype=np.int64))
+      layout.append((slice(start, start + width), tuple(leaf.shape[1:]), np.dtype(leaf.dtype)))
+      start += width
     if len(self._layouts) >= MAX_LAYOUTS:
       self._layouts.pop(next(iter(self._layouts)))
-    self._layouts[static] = (treedef, [(leaf.shape[1:], np.dtype(leaf.dtype)) for leaf in leaves])
+    self._layouts[static] = (treedef, layout)
 
   def unpack(self, args: tuple, packed):
     """The result's tree of numpy arrays from the fetched `packed`, for the call `args` (static
     arguments first, as the program was traced with)."""
     packed = np.asarray(packed)
     static = tuple(args[:self.num_static])
-    if static not in self._layouts:  # traced before its layout was dropped: trace it again
+    found = self._layouts.get(static)
+    if found is None:  # traced before its layout was dropped: trace it again
       self._remember(static, jax.eval_shape(functools.partial(self.function, *static),
                                             *args[self.num_static:]))
-    treedef, layout = self._layouts[static]
-    leaves, start = [], 0
-    for shape, dtype in layout:
-      width = int(np.prod(shape, dtype=np.int64))
-      column = packed[:, start:start + width]
-      start += width
-      if dtype.kind == "f":
-        column = column.view(np.float32).astype(dtype, copy=False)
-      elif dtype != np.int32:
-        column = column.astype(dtype)
-      leaves.append(column.reshape((packed.shape[0], *shape)))
-    return jax.tree.unflatten(treedef, leaves)
+      found = self._layouts[static]
+    treedef, layout = found
+    batch = packed.shape[0]
+    return jax.tree.unflatten(treedef, [_column(packed[:, columns], dtype).reshape(batch, *shape)
+                                        for columns, shape, dtype in layout])
+
+
+def _column(columns: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """int32 columns as `dtype`: float32 bits viewed, other dtypes converted."""
+  if dtype == np.int32:
+    return columns
+  if dtype.kind == "f":
+    return columns.view(np.float32).astype(dtype, copy=False)
+  return columns.astype(dtype)
