@@ -180,12 +180,10 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
   args = (target_leaves, drafter_leaves, place_prompts(target, ids, mask, seed))
   fits = lambda: check_caches_fit(target, [drafter], ids.shape[0], spec.cache_length(ids.shape[1]),
                                   max_new_tokens)
-  static = (spec, (target_tree, drafter_tree))
-  compiled, compile_seconds = compiled_program(_PROGRAM, static, args, _program_name(spec),
-                                               before_compile=fits)
-  summary = _PROGRAM.unpack((*static, *args), compiled(*args))
-  seconds = time.perf_counter() - started - compile_seconds
-  return _output(spec, summary, seconds, compile_seconds)
+  compiled, compile_seconds = compiled_program(_PROGRAM, (spec, (target_tree, drafter_tree)),
+                                               args, _program_name(spec), before_compile=fits)
+  summary = _PROGRAM.unpack((spec, (target_tree, drafter_tree), *args), compiled(*args))
+  return _output(spec, summary, time.perf_counter() - started - compile_seconds, compile_seconds)
 
 
 def _output(spec: loop.LoopSpec, summary: loop.Summary, seconds: float,
