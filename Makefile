@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: demo test test-slow test-all bench venv clean
+.PHONY: demo test test-slow test-all lint format bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,17 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) -m ''
 
+SOURCES := jax_specsel tests launch benchmarks configs
+
+lint: $(STAMP)
+	$(PY) -m pyink --check $(SOURCES)
+	$(PY) -m ruff check $(SOURCES)
+
+format: $(STAMP)
+	$(PY) -m pyink $(SOURCES)
+
 bench: $(STAMP)
-	$(PY) launch/benchmark.py
+	$(PY) benchmarks/benchmark.py
 
 clean:
 	rm -rf $(VENV)

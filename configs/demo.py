@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoregressive_option = True
   config.trainer = "default"  # policy training: "default" (library) or "paper" (plain REINFORCE)
   # Decoding (evaluation): greedy, so every option yields the target's own text.
-  config.gamma = 5  # launch/round_cost.py on the grown demo target: gamma 5 pays most in-domain
+  config.gamma = 5  # benchmarks/round_cost.py on the grown demo target: gamma 5 pays most in-domain
   config.temperature = 0.0
   config.eval_seeds = (0, 1)  # two repeats: the report's ± spread shows the measurement noise
   # Figure 2 and 3 experiments, priced from the per-query cost table.

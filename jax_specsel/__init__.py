@@ -17,7 +17,7 @@ Public API:
   cache_length, dtype) -> bytes per device   (jax_specsel.sharding, .models.interface, .memory)
 """
 
-from jax_specsel._versions import check_versions
+from jax_specsel.versions import check_versions
 
 check_versions()  # before flax is imported: an old flax under a new jax fails inside flax
 

@@ -10,8 +10,9 @@ import datasets
 import ml_collections
 import numpy as np
 
-from jax_specsel import pipeline, validation
+from jax_specsel import config_checks, pipeline, validation
 from jax_specsel.data import tasks, world as world_lib
+from jax_specsel.eval import checks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def check_demo_config(config: ml_collections.ConfigDict) -> str:
   Runs before the zoo, the collection and the evaluation, so a bad value never leaves a stale
   report beside new files.
   """
-  pipeline.check_config(config)
+  config_checks.check_config(config, models=False)
   if config.get("zoo") not in ("default", "tiny"):
     raise ValueError(f"config.zoo={config.get('zoo')!r}: choose 'default' or 'tiny'.")
   for field in ("collect_per_domain", "test_per_domain"):
@@ -73,7 +74,7 @@ def run_demo(config: ml_collections.ConfigDict) -> str:
   register_world_tasks()
   train = world_examples(world, "train", config.collect_per_domain)
   test = world_examples(world, "test", config.test_per_domain)
-  expectations = pipeline.Expectations(
+  expectations = checks.Expectations(
       drafter_domains={zoo_lib.drafter_name(d): d for d in zoo_config.drafter_domains},
       autoregressive_domains=tuple(d for d in world.domains
                                    if d not in zoo_config.drafter_domains + (world_lib.MIXED,)),
@@ -122,18 +123,3 @@ def growth_provenance(zoo, examples: datasets.Dataset, count: int = 8) -> str:
           f"by at most {difference:.1e} (logit scale {scale:.0f}), while each decode step moves "
           f"{grown['factor'] ** 2}x the weights, as a memory-bound target does.")
 
-
-def saved_policy_and_zoo(policy_path: str, cache_dir: str | None = None):
-  """(policy, world, zoo) of a finished demo run, for the launches that measure on its models.
-
-  Raises:
-    ValueError: `policy_path` is not a saved policy directory (checked before the zoo loads).
-  """
-  from jax_specsel.bandit.policy import load_policy
-  from jax_specsel.data import zoo as zoo_lib
-  if not os.path.isdir(policy_path):
-    raise ValueError(f"--policy={policy_path} is not a saved policy directory: run `make demo` "
-                     "first (it saves reports/demo/policy) or point --policy at one.")
-  policy = load_policy(policy_path)
-  world = world_lib.World()
-  return policy, world, zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=cache_dir)

@@ -13,7 +13,8 @@ Config fields read here (see configs/paper_t5_table1.py for a documented example
 Launch helpers: `require_config_flag` and `parse_flags` (for `app.run(main, flags_parser=...)`)
 turn a bad flag, a missing or unloadable --config file or an unknown --config.x override into one
 clear line; `usage_errors` does the same for the ValueErrors of the checks a launch runs before
-any work; `integer_flags` and `integer_list_flag` are such checks.
+any work (`config_checks.check_config` checks a config); `integer_flags` and `integer_list_flag`
+check integer flags.
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ import ml_collections
 from absl import flags
 
 from jax_specsel import validation
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, CollectionMismatchError, IncompleteCollectionError
-from jax_specsel.data import loaders, tasks
-from jax_specsel.models.checkpoint import DTYPES
+from jax_specsel.bandit.collection_store import CollectionMismatchError, IncompleteCollectionError
+from jax_specsel.data import loaders
+from jax_specsel.decoding import AUTOREGRESSIVE
 from jax_specsel.models.interface import Model, shard_model
 from jax_specsel.models.loading import load_model
 
-EARLY_EXIT = "early_exit:"
-_MODEL_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task")
-
+EARLY_EXIT = "early_exit:"  # a drafter source "early_exit:K": the first K layers of the target
 
 _CONFIG_EXAMPLES = {}  # config flag name -> an example file, for the messages
 
@@ -127,44 +126,7 @@ def usage_errors():
     exit_with_usage_error(str(err))
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad model or data field (the pipeline's fields:
-  `pipeline.check_config`).
-
-  Args:
-    config: an experiment config (configs/paper_*.py).
-  """
-  missing = [field for field in _MODEL_FIELDS if field not in config]
-  if missing:
-    raise ValueError(f"config lacks field(s) {missing}: see configs/paper_t5_table1.py.")
-  if not isinstance(config.target, str) or not config.target:
-    raise ValueError(f"config.target={config.target!r}: must be a checkpoint directory or hub id.")
-  if config.dtype not in DTYPES:
-    raise ValueError(f"config.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.")
-  if not config.drafters:
-    raise ValueError("config.drafters is empty: name at least one drafter {name: checkpoint}.")
-  for name, source in config.drafters.items():
-    if not isinstance(source, str) or not source:
-      raise ValueError(f"config.drafters[{name!r}]={source!r}: must be a checkpoint or 'early_exit:K'.")
-    if source.startswith(EARLY_EXIT):
-      _early_exit_layers(name, source)
-  if isinstance(config.tasks, str) or not config.tasks:
-    raise ValueError(f"config.tasks={config.tasks!r}: must be a non-empty list of task names.")
-  for task in config.tasks:
-    try:
-      tasks.get_task(task)
-    except KeyError as err:
-      raise ValueError(f"config.tasks: {err.args[0]}") from None
-  for field in ("train_per_task", "test_per_task"):
-    try:
-      validation.integer(f"config.{field}", config[field], minimum=1)
-    except TypeError as err:
-      raise ValueError(str(err)) from None
-  _data_files(config)
-  mesh_shape(config)
-
-
-def _data_files(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+def data_files(config: ml_collections.ConfigDict) -> dict[str, str | None]:
   """{task: local file or None (the hub)} from config.data_files and config.data_dir.
 
   Raises:
@@ -211,15 +173,6 @@ def check_collection(meta: dict, config: ml_collections.ConfigDict, directory: s
         "with, or collect again into another config.output_dir.")
 
 
-def _early_exit_layers(name: str, source: str) -> int:
-  try:
-    return validation.integer(f"config.drafters[{name!r}] layers",
-                              int(source[len(EARLY_EXIT):]), minimum=1)
-  except ValueError:
-    raise ValueError(f"config.drafters[{name!r}]={source!r}: write early_exit:K with K >= 1 "
-                     "layers of the target.") from None
-
-
 def mesh_shape(config: ml_collections.ConfigDict, override: str | None = None) -> tuple[int, int] | None:
   """(data, model) from `override` or the config's optional `mesh` field ("2x4"); None: one device.
 
@@ -257,7 +210,7 @@ def load_models(config: ml_collections.ConfigDict, mesh=None) -> tuple[Model, di
 
 def load_split(config: ml_collections.ConfigDict, split: str, per_task: int) -> datasets.Dataset:
   """Every configured task's examples of one split, `per_task` each (seeded subset), concatenated."""
-  files = _data_files(config)
+  files = data_files(config)
   parts = []
   for task in config.tasks:
     file = files[task]

@@ -1,12 +1,12 @@
 """Weights as (leaves, treedef) for compiled per-query calls, current after in-place updates.
 
 A compiled function called with a flat list of arrays skips flattening an `nnx.State` in Python on
-every call (~0.3 ms for a 190-tensor T5 on CPU), which the per-query paths (generate, the policy's
-choice) would otherwise pay. A State is mutable in place, though: `params["lm_head"]["kernel"][...]
-= x`, a Variable's `set_value`, or `nnx.update` on the module the State was split from (they share
-their Variables) changes a leaf while the State stays the same object. So the structure (treedef
-and Variables) is cached per object, and the values are read again from the Variables on every
-call (~0.1 us a tensor). Imports nothing from the package.
+every call, which the per-query paths (generate, the policy's choice) would otherwise pay. A State
+is mutable in place, though: `params["lm_head"]["kernel"][...] = x`, a Variable's `set_value`, or
+`nnx.update` on the module the State was split from (they share their Variables) changes a leaf
+while the State stays the same object. So the structure (treedef and Variables) is cached per
+object, and the values are read again from the Variables on every call (cheap next to
+flattening). Imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def _config_and_shapes(model_or_config) -> tuple[Any, dict[tuple, tuple[int, ...
 def abstract_module(config):
   """The architecture's nnx module for `config` with abstract (shape-only) weights: nothing allocated.
 
-  Cached per config (tracing an 11B model's initializers takes seconds); treat it as read-only.
+  Cached per config (tracing a large model's initializers is slow); treat it as read-only.
 
   Raises:
     ValueError: the config belongs to no supported architecture.

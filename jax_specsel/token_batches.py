@@ -2,7 +2,7 @@
 form to [B, S] ids and a 0/1 mask, right padding of ragged rows, right alignment (and moving
 per-position results back), batch filling.
 
-`decoding.generate.pad_prompts` (prompts -> their bucket, checked against a model) and
+`decoding.request.pad_prompts` (prompts -> their bucket, checked against a model) and
 `Model.logits` / `Model.embed` build their batches here. Imports nothing from the package.
 """
 

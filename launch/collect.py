@@ -13,13 +13,13 @@ process collects its share of the shards into the same (shared) output directory
 --estimate_memory prints bytes per device for the target and the drafters from their
 config.json alone (local directory or hub cache) and exits before anything is loaded.
 The config and the output directory are checked before any model is loaded. Two collections
-started on one directory split its shards (per-shard locks); see BUILD_NOTES "Failure behaviour".
+started on one directory split its shards (per-shard locks).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import experiment, memory, pipeline, sharding, validation
+from jax_specsel import config_checks, experiment, memory, pipeline, sharding, validation
 from jax_specsel.bandit import distributed
 from jax_specsel.models import checkpoint, registry
 
@@ -63,8 +63,7 @@ def main(argv):
       for field in ("max_new_tokens", "gamma", "collect_batch_size"):
         validation.integer(f"config.{field}", config[field], minimum=1)
     else:
-      pipeline.check_config(config)
-      experiment.check_config(config)
+      config_checks.check_config(config)
   if FLAGS.estimate_memory:
     print_memory_estimates(config, shape)
     return

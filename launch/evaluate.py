@@ -15,8 +15,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import experiment, pipeline, sharding, validation
-from jax_specsel.bandit import collect, load_policy
+from jax_specsel import config_checks, experiment, pipeline, sharding, validation
+from jax_specsel.bandit import collection_store, load_policy
 from jax_specsel.eval import report
 
 FLAGS = flags.FLAGS
@@ -46,12 +46,12 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config = FLAGS.config
   with experiment.usage_errors():
-    pipeline.check_config(config)
-    experiment.check_config(config)
+    config_checks.check_config(config)
     shape = experiment.mesh_shape(config, FLAGS.mesh)
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
-    dataset, meta = collect.load_collection(directory, allow_partial=FLAGS.allow_partial_collection)
+    dataset, meta = collection_store.load_collection(
+        directory, allow_partial=FLAGS.allow_partial_collection)
     experiment.check_collection(meta, config, directory)
     test = test_queries(config, dataset)
     policy = load_policy(os.path.join(config.output_dir, "policy"))

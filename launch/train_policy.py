@@ -14,8 +14,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_specsel import experiment, pipeline, validation
-from jax_specsel.bandit import collect
+from jax_specsel import config_checks, experiment, pipeline, validation
+from jax_specsel.bandit import collection_store
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
@@ -29,11 +29,11 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config = FLAGS.config
   with experiment.usage_errors():
-    pipeline.check_config(config)
-    experiment.check_config(config)
+    config_checks.check_config(config)
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
-    dataset, meta = collect.load_collection(directory, allow_partial=FLAGS.allow_partial_collection)
+    dataset, meta = collection_store.load_collection(
+        directory, allow_partial=FLAGS.allow_partial_collection)
     experiment.check_collection(meta, config, directory)
   policy = pipeline.train_stage(dataset, meta, config, config.output_dir)
   print(f"policy over {policy.option_names} saved to {config.output_dir}/policy")

@@ -53,12 +53,13 @@ def config():
 def run(output_dir: str, report_path: str, barrier) -> None:
   """One writer: collect into output_dir; write {"written": [...], "ids": [...]} to report_path."""
   from jax_specsel.bandit import collect as collect_lib
+  from jax_specsel.bandit import collection_store
   target, drafters = models()
   config_ = config()
   data = examples()
   collect_lib.collect(target, drafters, data.select(range(2)), report_path + ".warm", config_,
                       progress=False)  # compile first: both writers then race on equal terms
-  written, real_write, real_rows = [], collect_lib._write_shard, collect_lib._collect_rows
+  written, real_write, real_rows = [], collection_store.write_shard, collect_lib.collect_rows
 
   def slow_rows(*args):
     time.sleep(0.3)  # a shard takes a while, as on real models: the writers overlap for sure
@@ -68,7 +69,7 @@ def run(output_dir: str, report_path: str, barrier) -> None:
     real_write(directory, shard, rows)
     written.append(shard)
 
-  collect_lib._collect_rows, collect_lib._write_shard = slow_rows, recording_write
+  collect_lib.collect_rows, collection_store.write_shard = slow_rows, recording_write
   barrier.wait(timeout=300)
   table = collect_lib.collect(target, drafters, data, output_dir, config_, progress=False)
   with open(report_path, "w") as f:

@@ -82,7 +82,8 @@ def _loop_state_shardings(target, drafter, prompts):
   """
   import jax
   from jax_specsel.decoding import loop
-  from jax_specsel.decoding.generate import loop_spec, pad_prompts
+  from jax_specsel.decoding.generate import loop_spec
+  from jax_specsel.decoding.request import pad_prompts
   spec = loop_spec(target, drafter, 3, max_new_tokens=10)
   ids, mask = pad_prompts(prompts, None, target)
   place = lambda x: sharding_module().place_batch(x, target.mesh)

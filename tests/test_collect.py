@@ -16,6 +16,7 @@ import pytest
 
 import collect_worker
 from jax_specsel.bandit import collect as collect_lib
+from jax_specsel.bandit import collection_store as store
 from fake_models import fake_model_with_tokenizer
 
 CONFIG = collect_lib.CollectConfig(max_new_tokens=6, batch_size=4, shard_size=5)
@@ -45,7 +46,7 @@ def test_collect_writes_every_query_with_scores(models, tmp_path):
   assert 0.0 <= min(data["score/other"]) and max(data["score/other"]) <= 1.0
   assert np.mean(data["score/other"]) < 0.9
   assert np.asarray(data["embedding"]).shape == (12, target.hidden_size)
-  _, meta = collect_lib.load_collection(str(tmp_path))
+  _, meta = store.load_collection(str(tmp_path))
   assert meta["options"] == ["same", "other", "autoregressive"]
   assert meta["param_counts"]["autoregressive"] == target.num_params
 
@@ -54,7 +55,7 @@ def test_interrupted_collection_resumes_each_query_exactly_once(models, tmp_path
   target, drafters = models
   reference = collect_lib.collect(target, drafters, _examples(), str(tmp_path / "ref"), CONFIG,
                                   progress=False)
-  real_write, calls = collect_lib._write_shard, []
+  real_write, calls = store.write_shard, []
 
   def crash_on_second_shard(output_dir, shard, rows):
     calls.append(shard)
@@ -62,10 +63,10 @@ def test_interrupted_collection_resumes_each_query_exactly_once(models, tmp_path
       raise KeyboardInterrupt("killed")
     real_write(output_dir, shard, rows)
 
-  monkeypatch.setattr(collect_lib, "_write_shard", crash_on_second_shard)
+  monkeypatch.setattr(store, "write_shard", crash_on_second_shard)
   with pytest.raises(KeyboardInterrupt):
     collect_lib.collect(target, drafters, _examples(), str(tmp_path / "run"), CONFIG, progress=False)
-  monkeypatch.setattr(collect_lib, "_write_shard", real_write)
+  monkeypatch.setattr(store, "write_shard", real_write)
   assert len(list((tmp_path / "run").glob("shard-*.parquet"))) == 1
   resumed = collect_lib.collect(target, drafters, _examples(), str(tmp_path / "run"), CONFIG,
                                 progress=False)
@@ -89,13 +90,13 @@ def test_bad_input(models, tmp_path):
   with pytest.raises(ValueError, match="at least one drafter"):
     collect_lib.collect(target, {}, _examples(), str(tmp_path), CONFIG, progress=False)
   with pytest.raises(FileNotFoundError, match="not a collection"):
-    collect_lib.load_collection(str(tmp_path / "nothing"))
+    store.load_collection(str(tmp_path / "nothing"))
 
 
 def test_reward_table_mixes_alignment_and_cost(models, tmp_path):
   target, drafters = models
   data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
-  _, meta = collect_lib.load_collection(str(tmp_path))
+  _, meta = store.load_collection(str(tmp_path))
   embeddings, rewards, names = collect_lib.reward_table(data, meta, alpha=1.0,
                                                         options=["same", "other"])
   assert names == ["same", "other"] and rewards.shape == (12, 2) and embeddings.shape[0] == 12
@@ -109,7 +110,7 @@ def test_reward_table_mixes_alignment_and_cost(models, tmp_path):
 def _interrupted(models, examples, output_dir, monkeypatch, crash_at=2):
   """A collection killed while writing its `crash_at`-th shard (the earlier ones are on disk)."""
   target, drafters = models
-  real_write, calls = collect_lib._write_shard, []
+  real_write, calls = store.write_shard, []
 
   def crash(directory, shard, rows):
     calls.append(shard)
@@ -117,23 +118,23 @@ def _interrupted(models, examples, output_dir, monkeypatch, crash_at=2):
       raise KeyboardInterrupt("killed")
     real_write(directory, shard, rows)
 
-  monkeypatch.setattr(collect_lib, "_write_shard", crash)
+  monkeypatch.setattr(store, "write_shard", crash)
   with pytest.raises(KeyboardInterrupt):
     collect_lib.collect(target, drafters, examples, str(output_dir), CONFIG, progress=False)
-  monkeypatch.setattr(collect_lib, "_write_shard", real_write)
+  monkeypatch.setattr(store, "write_shard", real_write)
 
 
 def test_resume_with_other_queries_of_the_same_count_is_refused(models, tmp_path, monkeypatch):
   target, drafters = models
   _interrupted(models, _examples(12, seed=0), tmp_path / "run", monkeypatch)
   other = _examples(12, seed=1)  # same ids and count, other prompts
-  with pytest.raises(collect_lib.CollectionMismatchError,
+  with pytest.raises(store.CollectionMismatchError,
                      match=r"holds a collection of other queries \(the same count, 12, but other ids or "
                            r"prompts, first in shard\(s\) \[0, 1, 2\]\): resuming would mix two datasets"):
     collect_lib.collect(target, drafters, other, str(tmp_path / "run"), CONFIG, progress=False)
   # A finished collection is protected the same way (it used to return the old table silently).
   collect_lib.collect(target, drafters, _examples(12), str(tmp_path / "done"), CONFIG, progress=False)
-  with pytest.raises(collect_lib.CollectionMismatchError, match="other queries"):
+  with pytest.raises(store.CollectionMismatchError, match="other queries"):
     collect_lib.collect(target, drafters, other, str(tmp_path / "done"), CONFIG, progress=False)
   meta = json.loads((tmp_path / "done" / "collection.json").read_text())
   assert len(meta["shard_fingerprints"]) == 3 and len(meta["queries_fingerprint"]) == 64
@@ -145,10 +146,10 @@ def test_shard_of_another_collection_is_refused_on_load(models, tmp_path):
     collect_lib.collect(target, drafters, _examples(12, seed), str(tmp_path / name), CONFIG,
                         progress=False)
   (tmp_path / "a" / "shard-00001.parquet").write_bytes((tmp_path / "b" / "shard-00001.parquet").read_bytes())
-  with pytest.raises(collect_lib.CollectionMismatchError,
+  with pytest.raises(store.CollectionMismatchError,
                      match=r"shard-00001.parquet holds other queries \(ids or prompts\) than collection.json "
                            r"records for shard 1: .*Delete it and rerun the collection"):
-    collect_lib.load_collection(str(tmp_path / "a"))
+    store.load_collection(str(tmp_path / "a"))
 
 
 def test_collection_without_fingerprints_resumes_and_gains_them(models, tmp_path, monkeypatch):
@@ -161,7 +162,7 @@ def test_collection_without_fingerprints_resumes_and_gains_them(models, tmp_path
   for key in ("queries_fingerprint", "shard_fingerprints"):
     del meta[key]  # as written before fingerprints existed
   meta_path.write_text(json.dumps(meta))
-  with pytest.raises(collect_lib.CollectionMismatchError, match=r"shard-00000.parquet holds other queries"):
+  with pytest.raises(store.CollectionMismatchError, match=r"shard-00000.parquet holds other queries"):
     collect_lib.collect(target, drafters, _examples(12, seed=1), str(tmp_path / "old"), CONFIG,
                         progress=False)
   resumed = collect_lib.collect(target, drafters, _examples(), str(tmp_path / "old"), CONFIG,
@@ -172,11 +173,11 @@ def test_collection_without_fingerprints_resumes_and_gains_them(models, tmp_path
 
 def test_unfinished_collection_is_refused_unless_allowed(models, tmp_path, monkeypatch):
   _interrupted(models, _examples(), tmp_path, monkeypatch)  # shard 0 of 3 written
-  with pytest.raises(collect_lib.IncompleteCollectionError,
+  with pytest.raises(store.IncompleteCollectionError,
                      match=r"unfinished collection: 2 of 3 shards are missing \(shard-00001.parquet, "
                            r"shard-00002.parquet\). Rerun the collection"):
-    collect_lib.load_collection(str(tmp_path))
-  data, meta = collect_lib.load_collection(str(tmp_path), allow_partial=True)
+    store.load_collection(str(tmp_path))
+  data, meta = store.load_collection(str(tmp_path), allow_partial=True)
   assert data["id"] == [f"q{i}" for i in range(5)]
   assert (meta["complete"], meta["collected_queries"], meta["num_queries"]) == (False, 5, 12)
   assert meta["missing_shards"] == ["shard-00001.parquet", "shard-00002.parquet"]
@@ -199,7 +200,7 @@ def test_two_writers_on_one_directory_split_the_work(tmp_path):
   written = results[0]["written"] + results[1]["written"]
   # Every shard written exactly once over both writers: no work done twice, no rename collision.
   assert sorted(written) == list(range(collect_worker.NUM_QUERIES // collect_worker.SHARD_SIZE))
-  assert collect_lib.load_collection(str(tmp_path / "shared"))[0]["id"] == every_id
+  assert store.load_collection(str(tmp_path / "shared"))[0]["id"] == every_id
   leftovers = [p.name for p in (tmp_path / "shared").iterdir()
                if not p.name.endswith(".parquet") and p.name != "collection.json"]
   assert leftovers == []
@@ -234,14 +235,14 @@ def test_shard_held_by_a_writer_that_dies_is_taken_over(models, tmp_path, monkey
   import socket
   stale = tmp_path / f"shard-00001.parquet.tmp-{socket.gethostname()}-{dead}-0123abcd"
   stale.write_text("half a shard")
-  real_write, holder_state = collect_lib._write_shard, {}
+  real_write, holder_state = store.write_shard, {}
 
   def recording_write(directory, shard, rows):
     holder_state[shard] = holder.poll()  # None while the holder lives
     real_write(directory, shard, rows)
 
-  monkeypatch.setattr(collect_lib, "_write_shard", recording_write)
-  monkeypatch.setattr(collect_lib, "fcntl", _KillOnWait(holder))
+  monkeypatch.setattr(store, "write_shard", recording_write)
+  monkeypatch.setattr(store, "fcntl", _KillOnWait(holder))
   data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
   holder.wait()
   assert data["id"] == [f"q{i}" for i in range(12)]
@@ -291,8 +292,8 @@ def test_a_damaged_shard_is_named_with_the_fix_on_load(models, tmp_path, damage,
   assert target.hidden_size == 4  # the inf row above is of the recorded width
   collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
   damage(tmp_path / "shard-00001.parquet")
-  with pytest.raises(collect_lib.DamagedCollectionError, match=message):
-    collect_lib.load_collection(str(tmp_path))
+  with pytest.raises(store.DamagedCollectionError, match=message):
+    store.load_collection(str(tmp_path))
   if "cannot be read" in message:  # the fix the message gives: delete the shard and resume
     (tmp_path / "shard-00001.parquet").unlink()
     data = collect_lib.collect(target, drafters, _examples(), str(tmp_path), CONFIG, progress=False)
@@ -314,8 +315,8 @@ def test_an_inconsistent_collection_json_is_refused_on_load(models, tmp_path, fi
   meta = json.loads(meta_path.read_text())
   meta[field] = value
   meta_path.write_text(json.dumps(meta))
-  with pytest.raises(collect_lib.DamagedCollectionError, match=message):
-    collect_lib.load_collection(str(tmp_path))
+  with pytest.raises(store.DamagedCollectionError, match=message):
+    store.load_collection(str(tmp_path))
 
 
 @pytest.mark.parametrize("point", ["shard", "meta"])
@@ -340,7 +341,7 @@ def test_a_collector_killed_while_writing_resumes_each_query_exactly_once(point,
                                 collect_worker.config(), progress=False)
   every_id = [f"q{i}" for i in range(collect_worker.NUM_QUERIES)]
   assert resumed["id"] == every_id
-  assert collect_lib.load_collection(str(output_dir))[0]["id"] == every_id
+  assert store.load_collection(str(output_dir))[0]["id"] == every_id
   leftovers = [p.name for p in output_dir.iterdir()
                if not p.name.endswith(".parquet") and p.name != "collection.json"]
   assert leftovers == []

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
 
 import jax_specsel.decoding as dec
-from jax_specsel.decoding import loop, sampling
-from jax_specsel.decoding.generate import VocabularyWarning, loop_spec, pad_prompts
+from jax_specsel.decoding import loop, request, sampling
+from jax_specsel.decoding.generate import loop_spec
+from jax_specsel.decoding.request import VocabularyWarning, pad_prompts
+from distribution_checks import chi_square_pvalue, perturbed_samples
 from fake_models import (exact_joint, fake_model, fake_model_with_tokenizer, reference_greedy,
                          transformers_probabilities)
 
@@ -202,29 +202,6 @@ def test_prompts_in_one_bucket_reuse_the_compiled_program():
 
 
 # ---------------------------------------------------------------- sampling preserves the distribution
-def _chi_square_pvalue(samples, joint, vocab):
-  """Chi-square p-value of sampled sequences [N, n] against their joint distribution [V] * n."""
-  counts = np.bincount(np.ravel_multi_index(tuple(samples.T), joint.shape), minlength=joint.size)
-  expected = joint.reshape(-1) / joint.sum() * len(samples)
-  cells = expected > 0
-  assert counts[~cells].sum() == 0, "sampled a sequence the target gives probability 0"
-  big = expected[cells] >= 5  # pool the rare cells: the test's approximation needs >= 5 expected
-  observed, expected = counts[cells][big], expected[cells][big]
-  if not big.all():
-    observed = np.append(observed, counts[cells][~big].sum())
-    expected = np.append(expected, (joint.reshape(-1)[cells][~big] / joint.sum() * len(samples)).sum())
-  return scipy_stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue
-
-
-def _perturbed_samples(joint, count, mixture=0.02, seed=0):
-  """Samples of a `mixture` blend of `joint` with uniform over its support: what a subtly wrong
-  sampler would emit (the power check: the chi-square test must reject these)."""
-  support = (joint > 0) / (joint > 0).sum()
-  perturbed = ((1 - mixture) * joint / joint.sum() + mixture * support).reshape(-1)
-  flat = np.random.default_rng(seed).choice(joint.size, size=count, p=perturbed / perturbed.sum())
-  return np.stack(np.unravel_index(flat, joint.shape), axis=1)
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p):
   vocab, num_samples, prompt = 6, 40000, [2, 3]
@@ -234,9 +211,9 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
   out = dec.generate(target, [prompt] * num_samples, drafter=drafter, gamma=3, temperature=temperature,
                      top_k=top_k, top_p=top_p, max_new_tokens=2, seed=11)
   assert 0.05 < out.stats.acceptance_rate < 0.95  # both branches (accept, residual) are exercised
-  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
   # Power check: the same test on samples from a 2%-perturbed distribution must fail.
-  assert _chi_square_pvalue(_perturbed_samples(joint, num_samples), joint, vocab) < 1e-3
+  assert chi_square_pvalue(perturbed_samples(joint, num_samples), joint, vocab) < 1e-3
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 4, 0.85), (1.3, 0, 0.6), (0.5, 3, 1.0),
@@ -264,8 +241,8 @@ def test_sampling_after_rejections_matches_the_target_over_four_tokens():
   out = dec.generate(target, [prompt] * count, drafter=poor, gamma=2, max_new_tokens=4, seed=5,
                      **settings)
   assert _rounds_after_a_rejection(out) > 0.3 and out.stats.acceptance_rate > 0.1
-  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
-  assert _chi_square_pvalue(_perturbed_samples(joint, count), joint, vocab) < 1e-3
+  assert chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert chi_square_pvalue(perturbed_samples(joint, count), joint, vocab) < 1e-3
 
 
 def test_adaptive_sampling_after_rejections_and_switches_matches_the_target_over_four_tokens():
@@ -281,8 +258,8 @@ def test_adaptive_sampling_after_rejections_and_switches_matches_the_target_over
   switched = [len(set(row[row >= 0].tolist())) > 1 for row in out.round_options]
   assert np.mean(switched) > 0.3 and _rounds_after_a_rejection(out) > 0.3
   joint = exact_joint(target, prompt, 4, **settings)
-  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
-  assert _chi_square_pvalue(_perturbed_samples(joint, count), joint, vocab) < 1e-3
+  assert chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert chi_square_pvalue(perturbed_samples(joint, count), joint, vocab) < 1e-3
 
 
 def test_seed_changes_samples_and_is_reproducible():
@@ -429,7 +406,7 @@ def test_a_drafter_vocabulary_that_nothing_can_check_warns_until_the_assumption_
   for call in (lambda **k: dec.generate(target, [[2, 3]], drafter=drafter, gamma=2, max_new_tokens=2, **k),
                lambda **k: dec.generate_adaptive(target, [[2, 3]], {"d": drafter}, max_gamma=2,
                                                  max_new_tokens=2, **k)):
-    importlib.import_module("jax_specsel.decoding.generate")._VOCABULARY_WARNED.clear()
+    request.VOCABULARY_WARNED.clear()
     with warnings.catch_warnings():
       warnings.simplefilter("error", VocabularyWarning)
       call(assume_shared_vocabulary=True)  # stated: no warning

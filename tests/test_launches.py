@@ -10,37 +10,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import datasets
 import pytest
 
+import script_runs
 from jax_specsel.bandit import collect as collect_lib
 from fake_models import fake_model_with_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 PAPER_CONFIG = "configs/paper_t5_table1.py"
 QUERIES = 12
 CONFIG = collect_lib.CollectConfig(max_new_tokens=4, batch_size=4, shard_size=5)
 
 
 def _launch(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return script_runs.run_script(os.path.join("launch", script), *args, timeout=timeout)
 
 
-def _fails_with(completed: subprocess.CompletedProcess, message: str) -> None:
-  """Exit status 1 and the message on ONE line: no traceback, no usage text, no flag help."""
-  output = completed.stdout + completed.stderr
-  assert completed.returncode == 1, output[-3000:]
-  fatal = [line for line in output.splitlines() if line.startswith("FATAL")]
-  assert len(fatal) == 1 and message in fatal[0], output[-3000:]
-  assert "Traceback" not in output and "--helpshort or --helpfull" not in output, output[-3000:]
-  assert "\nflags:\n" not in output, output[-3000:]
+_fails_with = script_runs.fails_with
 
 
 def _examples(n: int = QUERIES) -> datasets.Dataset:
@@ -87,9 +74,6 @@ def test_a_config_file_that_does_not_exist_is_one_line():
               "--config=configs/paper_t5_table1.py")
 
 
-def test_a_flag_of_the_wrong_type_is_one_line():
-  _fails_with(_launch("benchmark.py", "--gamma=abc"),
-              "Flags parsing error: flag --gamma=abc: invalid literal for int() with base 10: 'abc'")
 
 
 def test_the_paper_configs_fix_for_a_missing_dataset_is_a_config_field(tmp_path):
@@ -180,37 +164,6 @@ def test_demo_config_error_comes_before_the_zoo(tmp_path):
   assert not output_dir.exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("benchmark.py", ["--output_dir=/proc/jax_specsel/out"],
-     "--output_dir=/proc/jax_specsel/out: cannot write there"),
-    ("benchmark.py", ["--gamma=0"], "--gamma=0: must be >= 1."),
-    ("benchmark.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
-    ("profile_decoding.py", ["--trace_dir=/proc/jax_specsel/trace"],
-     "--trace_dir=/proc/jax_specsel/trace: cannot write there"),
-    ("round_cost.py", ["--target=/no/such/target", "--output=/proc/jax_specsel/round_cost.json"],
-     "--output=/proc/jax_specsel/round_cost.json: cannot write its directory"),
-    ("adaptive_overhead.py", ["--output=/proc/jax_specsel/adaptive.json"],
-     "--output=/proc/jax_specsel/adaptive.json: cannot write its directory"),
-    ("adaptive_overhead.py", ["--policy=/no/such/policy", "--output=/tmp/adaptive_overhead.json"],
-     "--policy=/no/such/policy is not a saved policy directory"),
-    ("adaptive_overhead.py", ["--probe_every=-1"], "--probe_every=-1: must be >= 0."),
-    ("selection_overhead.py", ["--repeats=0"], "--repeats=0: must be >= 1."),
-    ("compare_backends.py", ["--backends=cpu,quantum"],
-     "--backends=cpu,quantum: choose from ['cpu', 'gpu', 'tpu']."),
-    ("step_latency.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
-    ("conditional_copies.py", ["--iterations=0"], "--iterations=0: must be >= 1."),
-    ("experiment_estimators.py", ["--sizes=256,many"],
-     "--sizes=256,many: 'many' is not an integer; give a comma-separated list of integers"),
-    ("round_cost.py", ["--gammas=a,b"], "--gammas=a,b: 'a' is not an integer"),
-    ("round_cost.py", ["--gammas=2,0"], "--gammas entry=0: must be >= 1."),
-    ("round_cost.py", ["--drafter=drafter_nowhere"],
-     "--drafter='drafter_nowhere': without --target, name a drafter of the demo zoo")])
-def test_measurement_launches_check_flags_and_outputs_first(script, args, message, tmp_path):
-  cache = tmp_path / "zoo"  # where round_cost would build the demo zoo: never reached
-  extra = [f"--cache_dir={cache}"] if script == "round_cost.py" else []
-  _fails_with(_launch(script, *args, *extra, timeout=120), message)
-  assert not cache.exists()
-
 
 def test_random_prompts_stay_inside_the_vocabulary():
   import numpy as np
@@ -223,44 +176,3 @@ def test_random_prompts_stay_inside_the_vocabulary():
   assert large.min() >= 5 and large.max() < 1000  # as before for real vocabularies
   with pytest.raises(ValueError, match="vocab_size=0"):
     random_models.random_prompt_ids(rng, 0, 1, 1)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-  """A random LLaMA with a 96-token vocabulary: prompt ids up to 1000 would not exist in it."""
-  import torch
-  import transformers
-  config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=128, eos_token_id=95, bos_token_id=1,
-                                    pad_token_id=0)
-  torch.manual_seed(0)
-  directory = tmp_path_factory.mktemp("tiny_llama")
-  transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
-  return str(directory)
-
-
-@pytest.mark.slow
-def test_round_cost_times_a_target_without_tokenizer_on_random_prompt_ids(tiny_llama, tmp_path):
-  output = tmp_path / "round_cost.json"
-  args = [f"--target={tiny_llama}", "--gammas=1", "--gamma=1", "--rounds=2", "--calls=1"]
-  _fails_with(_launch("round_cost.py", *args, "--prompt=hello", f"--output={output}"),
-              f"--prompt needs a tokenizer, and --target={tiny_llama} has none")
-  completed = _launch("round_cost.py", *args, f"--output={output}")
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  result = json.loads(output.read_text())
-  assert result["prompt_tokens"] == 16 and [row["gamma"] for row in result["rounds"]] == [0, 1]
-
-
-@pytest.mark.slow
-def test_benchmark_and_profile_draw_prompts_from_the_models_vocabulary(tiny_llama, tmp_path):
-  bench = _launch("benchmark.py", f"--target={tiny_llama}", "--hf=false", "--num_prompts=1",
-                  "--repeats=1", "--max_new_tokens=4", "--prompt_length=8",
-                  f"--output_dir={tmp_path / 'bench'}")
-  assert bench.returncode == 0, bench.stderr[-3000:]
-  result = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["results"][0]
-  assert set(result["options"]) == {"autoregressive", "self"}
-  profile = _launch("profile_decoding.py", f"--target={tiny_llama}", "--steps=1", "--max_new_tokens=4",
-                    f"--trace_dir={tmp_path / 'trace'}")
-  assert profile.returncode == 0, profile.stderr[-3000:]
-  assert "| generate[speculative] |" in profile.stdout

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import jax_specsel as js
-from jax_specsel.models import llama
+from jax_specsel.models import llama, llama_modules
 
 VOCAB = 160
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
@@ -139,7 +139,7 @@ def test_config_reads_both_rope_layouts_and_token_ids(checkpoints):
 def test_rope_frequencies_match_transformers(checkpoints):
   for variant in ("theta_500k", "llama3", "head_dim_16"):
     _, hf, model = checkpoints(variant)
-    np.testing.assert_allclose(llama.rope_inverse_frequencies(model.config),
+    np.testing.assert_allclose(llama_modules.rope_inverse_frequencies(model.config),
                                hf.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
 
 

@@ -388,7 +388,7 @@ BAD_T5_FIELDS = [("num_heads", "4", r"must be an integer"), ("d_model", 32.5, r"
 def _expect_invalid_config(monkeypatch, directory, field, value, reason):
   """load_model raises InvalidConfigError naming the file, field, value and fix, before any module
   is built (building one fails the test)."""
-  monkeypatch.setattr(js.models.loading, "_build_module",
+  monkeypatch.setattr(js.models.loading, "build_module",
                       lambda *a, **k: pytest.fail("a module was built from an invalid config"))
   pattern = (re.escape(f"{directory}: config.json: {field}={value!r}") + rf".*{reason}.* Fix {field} in "
              r"config.json: it must be .*restore the value")

@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jax_specsel import pipeline
+from jax_specsel import config_checks, pipeline
 from jax_specsel.data import tasks
+from jax_specsel.eval import checks as checks_lib
 from jax_specsel.eval import evaluate as evaluate_lib
 from fake_models import fake_model_with_tokenizer
 
@@ -81,7 +82,7 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
 def test_round_work_averages_achieved_and_hindsight_over_the_domain_rows():
   run = lambda achieved, best: evaluate_lib.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
   runs = [run(1.0, 2.0), run(3.0, 2.0), run(9.0, 9.0)]
-  assert evaluate_lib._round_work(runs, [0, 1]) == pytest.approx(
+  assert evaluate_lib.round_work(runs, [0, 1]) == pytest.approx(
       {"achieved": 2.0, "best_fixed_hindsight": 2.0, "ratio": 1.0})
 
 
@@ -107,16 +108,16 @@ def _result(translate_drafter_speedup, arithmetic_ar_share, policy_translate_spe
 
 
 def test_effect_checks_name_what_holds_and_what_falls_short():
-  expectations = pipeline.Expectations(drafter_domains={"drafter_translate": "translate"},
+  expectations = checks_lib.Expectations(drafter_domains={"drafter_translate": "translate"},
                                        autoregressive_domains=("arithmetic",))
-  holds = pipeline.effect_checks(_result(1.6, 0.9, 1.6), expectations)
+  holds = checks_lib.effect_checks(_result(1.6, 0.9, 1.6), expectations)
   assert holds["drafter_translate_in_domain"]["at_least_min_speedup"]
   assert holds["drafter_translate_in_domain"]["slower_than_autoregressive_outside"]
   assert holds["arithmetic_policy_chooses_autoregressive"]["for_most_queries"]
-  assert pipeline.shortfalls(holds) == []
+  assert checks_lib.shortfalls(holds) == []
 
-  falls = pipeline.effect_checks(_result(1.1, 0.3, 1.0), expectations)
-  notes = pipeline.shortfalls(falls)
+  falls = checks_lib.effect_checks(_result(1.1, 0.3, 1.0), expectations)
+  notes = checks_lib.shortfalls(falls)
   assert any("drafter_translate reaches 1.10x in its own domain translate" in n for n in notes)
   assert any("autoregressive for only 30%" in n for n in notes)
   assert any("not faster on average" in n for n in notes)  # 1.0 on average, as autoregressive
@@ -127,29 +128,29 @@ def test_mixed_domain_checks_per_round_choice_against_every_other_option():
   result = _result(1.6, 0.9, 1.6)
   options = ("autoregressive", "drafter_translate", "policy_greedy", "policy_adaptive")
   result["domains"]["mixed"] = {o: _row(v) for o, v in zip(options, (1.0, 1.3, 1.25, 1.5))}
-  expectations = pipeline.Expectations(drafter_domains={"drafter_translate": "translate"},
+  expectations = checks_lib.Expectations(drafter_domains={"drafter_translate": "translate"},
                                        mixed_domains=("mixed",))
-  checks = pipeline.effect_checks(result, expectations)
+  checks = checks_lib.effect_checks(result, expectations)
   mixed = checks["mixed_adaptive_vs_best"]
   assert mixed["best_rival"] == "drafter_translate" and mixed["gain"] == pytest.approx(1.5 / 1.3)
   assert mixed["adaptive_reaches_gain"] is False and "mixed_adaptive_vs_policy" not in checks
   # a mixed domain is no drafter's "outside": 1.3x there is not a shortfall of drafter_translate
   assert checks["drafter_translate_in_domain"]["slower_than_autoregressive_outside"]
   assert any("mixed: per-round choice reaches 1.50x, 1.15x the best other option "
-             "drafter_translate (1.30x), short of 1.2x" in n for n in pipeline.shortfalls(checks))
+             "drafter_translate (1.30x), short of 1.2x" in n for n in checks_lib.shortfalls(checks))
   result["domains"]["mixed"]["policy_adaptive"] = _row(1.6)
-  assert pipeline.effect_checks(result, expectations)["mixed_adaptive_vs_best"][
+  assert checks_lib.effect_checks(result, expectations)["mixed_adaptive_vs_best"][
       "adaptive_reaches_gain"]
 
 
 def test_policy_share_above_the_limit_is_a_shortfall():
   result = _result(1.6, 0.9, 1.6)
   result["policy_cost"] = {"all": {"policy_greedy": {"share": 0.03, "ms_per_query": 0.2}}}
-  checks = pipeline.effect_checks(result, pipeline.Expectations())
+  checks = checks_lib.effect_checks(result, checks_lib.Expectations())
   assert checks["policy_share_of_query_time"]["below_limit"] is False
-  assert any("choosing costs 3.0% of per-query time" in n for n in pipeline.shortfalls(checks))
+  assert any("choosing costs 3.0% of per-query time" in n for n in checks_lib.shortfalls(checks))
   result["policy_cost"]["all"]["policy_greedy"]["share"] = 0.004
-  assert pipeline.effect_checks(result)["policy_share_of_query_time"]["below_limit"] is True
+  assert checks_lib.effect_checks(result)["policy_share_of_query_time"]["below_limit"] is True
 
 
 def test_bad_config_and_empty_splits_are_refused_before_any_work(tmp_path):
@@ -171,7 +172,7 @@ def test_bad_config_and_empty_splits_are_refused_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r"config lacks field\(s\) \['gamma'\]"):
     config = _config()
     del config["gamma"]
-    pipeline.check_config(config)
+    config_checks.check_config(config, models=False)
   assert not output_dir.exists()  # nothing collected, trained or written
 
 
@@ -199,21 +200,21 @@ def test_the_old_estimator_field_is_read_with_a_deprecation_warning():
   del old["trainer"]
   old.estimator = "paper"
   with pytest.warns(FutureWarning, match="rename the field to config.trainer"):
-    pipeline.check_config(old)
+    config_checks.check_config(old, models=False)
   with pytest.warns(FutureWarning):
-    assert pipeline.trainer_config(old) == reinforce.paper_train_config()
+    assert config_checks.trainer_config(old) == reinforce.paper_train_config()
   old.estimator = "reinforce"  # the training config's own word: refused, with what to write
   with pytest.raises(ValueError, match=r"config.estimator='reinforce': this experiment field is now "
                                        r"called `trainer`"):
-    pipeline.check_config(old)
+    config_checks.check_config(old, models=False)
   both = _config()
   both.estimator = "default"
   with pytest.raises(ValueError, match="`estimator` is the old name of `trainer`; remove it"):
-    pipeline.check_config(both)
+    config_checks.check_config(both, models=False)
   neither = _config()
   del neither["trainer"]
   with pytest.raises(ValueError, match=r"config lacks field\(s\) \['trainer'\]"):
-    pipeline.check_config(neither)
+    config_checks.check_config(neither, models=False)
 
 
 def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(tmp_path):
@@ -244,10 +245,10 @@ def test_the_adaptive_section_adds_its_row_round_choices_and_the_shifted_domain(
   assert "| policy_adaptive |" in markdown and "## Shifted domain: fake_a" in markdown
   config.adaptive = ml_collections.ConfigDict({**config.adaptive.to_dict(), "frozen": "no"})
   with pytest.raises(ValueError, match="config.adaptive.frozen"):
-    pipeline.check_config(config)
+    config_checks.check_config(config, models=False)
 
 
-@pytest.mark.slow  # ~4 min of CPU: the tiny zoo is trained, then every stage runs
+@pytest.mark.slow  # the tiny zoo is trained, then every stage runs
 def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
   """`demo.run_demo` as `make demo` runs it, on the tiny zoo and a handful of queries: every stage
   writes its files, greedy decoding gives every option the target's own text, and the saved
@@ -255,7 +256,7 @@ def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
   import importlib
   import os
   from jax_specsel import bandit, demo
-  from jax_specsel.bandit import collect as collect_lib
+  from jax_specsel.bandit import collection_store
   monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config = importlib.import_module("configs.demo").get_config()
   config.zoo, config.cache_dir, config.output_dir = "tiny", str(tmp_path / "zoo"), str(tmp_path / "out")
@@ -269,7 +270,7 @@ def test_the_demo_runs_end_to_end_on_the_tiny_zoo(tmp_path, monkeypatch):
                "sample_efficiency.json", "figure2_alpha_sweep.png", "figure_shifted_domain.png"):
     assert (out / name).exists(), name
   report = json.loads((out / "report.json").read_text())
-  dataset, meta = collect_lib.load_collection(str(out / "collection"))
+  dataset, meta = collection_store.load_collection(str(out / "collection"))
   domains = sorted(set(dataset["task"]))
   assert sorted(report["domains"]) == domains and len(dataset) == 8 * len(domains)
   policy = bandit.load_policy(out / "policy")

@@ -312,7 +312,7 @@ def test_duplicate_option_names_are_refused_at_construction_training_and_load(tm
 
 def test_option_names_that_do_not_match_the_reward_columns_fail_before_training(monkeypatch):
   from jax_specsel.bandit import reinforce
-  monkeypatch.setattr(reinforce, "_run_epochs", lambda *args: pytest.fail("trained"))
+  monkeypatch.setattr(reinforce, "PolicyNetwork", lambda *args, **kwargs: pytest.fail("trained"))
   with pytest.raises(ValueError, match=r"2 option names for 3 options \(reward columns\): "
                                        r"\['a', 'b'\]; pass one name per column"):
     bandit.train_policy(TRAIN[0][:10], TRAIN[1][:10], option_names=["a", "b"])

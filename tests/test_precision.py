@@ -25,6 +25,7 @@ from jax_specsel.models import interface
 
 # The module, not the function that jax_specsel.decoding re-exports under the same name.
 generate_lib = importlib.import_module("jax_specsel.decoding.generate")
+request_lib = importlib.import_module("jax_specsel.decoding.request")
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +57,18 @@ def dot_precisions(hlo_text: str) -> set[str]:
 def forward_hlo(model) -> str:
   ids = np.ones((2, 8), np.int32)
   decoder_ids = np.zeros((2, 4), np.int32) if model.is_encoder_decoder else None
-  return interface._full_logits.lower(model.decoder, model.params, ids, np.ones_like(ids),
-                                      decoder_ids).as_text()
+  return interface.full_logits.lower(model.decoder, model.params, ids, np.ones_like(ids),
+                                     decoder_ids).as_text()
 
 
 def generation_hlo(target, drafter=None) -> str:
   """The lowered program `generate` compiles (the whole while_loop) for this pair."""
   spec = generate_lib.loop_spec(target, drafter, gamma=2, max_new_tokens=4)
-  ids, mask = generate_lib.pad_prompts([[3, 4, 5]], None, target)
+  ids, mask = request_lib.pad_prompts([[3, 4, 5]], None, target)
   trees = (target.flat_params()[1], None if drafter is None else drafter.flat_params()[1])
   args = (target.flat_params()[0], [] if drafter is None else drafter.flat_params()[0],
-          generate_lib.place_prompts(target, ids, mask, 0))  # ids, lengths and seed: one array
-  return jax.jit(generate_lib._run_flat, static_argnums=(0, 1)).lower(spec, trees, *args).as_text()
+          request_lib.place_prompts(target, ids, mask, 0))  # ids, lengths and seed: one array
+  return jax.jit(generate_lib.run_flat, static_argnums=(0, 1)).lower(spec, trees, *args).as_text()
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

@@ -28,6 +28,7 @@ import sharding_worker
 from fake_models import fake_model
 from jax_specsel import memory, sharding
 from jax_specsel.bandit import collect as collect_lib
+from jax_specsel.bandit import collection_store
 from jax_specsel.bandit import distributed
 from jax_specsel.models import llama, t5
 
@@ -186,7 +187,7 @@ def test_two_process_collection_equals_one_process(tmp_path):
     results.append(_result(subprocess.CompletedProcess(worker.args, worker.returncode, stdout, stderr)))
   target, drafters, examples, config = sharding_worker.collection_inputs()
   single = collect_lib.collect(target, drafters, examples, str(tmp_path / "one"), config, progress=False)
-  merged, meta = collect_lib.load_collection(str(shared))
+  merged, meta = collection_store.load_collection(str(shared))
   assert [r["shards"] for r in results] == [[0, 2], [1]]  # 12 queries, 5 per shard, 2 processes
   assert all(r["count"] == 2 and r["rows"] == len(examples) for r in results)
   assert merged["id"] == single["id"] == [f"q{i}" for i in range(len(examples))]
@@ -195,7 +196,7 @@ def test_two_process_collection_equals_one_process(tmp_path):
       np.testing.assert_allclose(merged[column], single[column], rtol=1e-6)
     else:
       assert merged[column] == single[column], column
-  assert meta == collect_lib.load_collection(str(tmp_path / "one"))[1]
+  assert meta == collection_store.load_collection(str(tmp_path / "one"))[1]
   assert sorted(p.name for p in shared.iterdir()) == [
       "collection.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
 

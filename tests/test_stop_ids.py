@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import jax_specsel as js
-from test_decoding import _chi_square_pvalue
+from distribution_checks import chi_square_pvalue
 
 VOCAB = 16
 NEW_TOKENS = 20
@@ -201,12 +201,12 @@ def test_sampling_without_stop_id_matches_target_distribution(speculative, tmp_p
   out = js.generate(model, [prompt] * num_samples, drafter=drafter, gamma=2, temperature=1.0,
                     max_new_tokens=2, seed=5)
   assert (out.lengths == 2).all()
-  assert _chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
+  assert chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
   # Power: samples from a 2%-perturbed law fail the same test.
   rng = np.random.default_rng(0)
   perturbed = 0.98 * joint + 0.02 * (joint > 0) / (joint > 0).sum()
   flat = rng.choice(vocab * vocab, size=num_samples, p=perturbed.reshape(-1) / perturbed.sum())
-  assert _chi_square_pvalue(np.stack([flat // vocab, flat % vocab], 1), joint, vocab) < 1e-3
+  assert chi_square_pvalue(np.stack([flat // vocab, flat % vocab], 1), joint, vocab) < 1e-3
 
 
 # ---------------------------------------------------------------- bad stop ids

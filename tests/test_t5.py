@@ -23,7 +23,7 @@ import transformers
 from flax import nnx
 
 import jax_specsel as js
-from jax_specsel.models import t5
+from jax_specsel.models import t5, t5_modules
 
 SOURCE_LEN, TARGET_LEN = 30, 25
 
@@ -138,8 +138,9 @@ def test_relative_position_bucket_matches_transformers(bidirectional):
   for buckets, max_distance in ((8, 12), (16, 10), (32, 128)):
     ref = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
         relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=max_distance)
-    ours = t5.relative_position_bucket(jnp.asarray(relative.numpy()), bidirectional=bidirectional,
-                                       num_buckets=buckets, max_distance=max_distance)
+    ours = t5_modules.relative_position_bucket(jnp.asarray(relative.numpy()),
+                                               bidirectional=bidirectional, num_buckets=buckets,
+                                               max_distance=max_distance)
     np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
 

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from jax_specsel import _versions
+from jax_specsel import versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_version_guard(jax_version, flax_version, refused):
   if refused:
     with pytest.raises(ImportError, match=r"needs flax >= 0.12.10.*pip install 'flax>=0.12.10'"):
-      _versions.check_versions(jax_version, flax_version)
+      versions.check_versions(jax_version, flax_version)
   else:
-    _versions.check_versions(jax_version, flax_version)
+    versions.check_versions(jax_version, flax_version)
 
 
 def test_installed_versions_pass_the_guard():
-  _versions.check_versions()
+  versions.check_versions()
 
 
 def test_accelerator_extras_require_a_flax_that_imports_with_new_jax():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from jax_specsel.data import world as world_lib
+from jax_specsel.data import world_language as language
 from jax_specsel.data.world import World, WorldConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,50 +35,50 @@ def test_same_seed_same_examples_other_seed_differs(world):
 
 
 def test_splits_are_disjoint_and_sized(world):
-  prompts = {name: [e["prompt"] for e in world.split(name)] for name in world_lib.SPLITS}
+  prompts = {name: [e["prompt"] for e in world.split(name)] for name in language.SPLITS}
   for name, size in (("train", 300), ("validation", 50), ("test", 50)):
     assert len(prompts[name]) == size * len(world.domains)
     assert len(set(prompts[name])) == len(prompts[name]), f"duplicate prompts inside {name}"
   assert not set(prompts["train"]) & set(prompts["test"])
   assert not set(prompts["train"]) & set(prompts["validation"])
   assert not set(prompts["validation"]) & set(prompts["test"])
-  ids = [e["id"] for name in world_lib.SPLITS for e in world.split(name)]
+  ids = [e["id"] for name in language.SPLITS for e in world.split(name)]
   assert len(set(ids)) == len(ids)
 
 
 def test_every_domain_present_with_its_prefix(world):
   assert world.domains == ("translate", "summarize", "arithmetic", "mixed")
-  for name in world_lib.SPLITS:
+  for name in language.SPLITS:
     for domain in world.domains:
       examples = world.split(name, domain)
       assert examples, (name, domain)
       for example in examples:
         assert set(example) == {"id", "domain", "prompt", "reference"}
         assert example["domain"] == domain
-        assert example["prompt"].startswith(world_lib.PROMPT_PREFIX[domain] + " ")
+        assert example["prompt"].startswith(language.PROMPT_PREFIX[domain] + " ")
         assert example["reference"]
 
 
 def test_translation_rules_hold(world):
-  german_to_english = {v: k for k, v in world_lib.LEXICON.items()}
-  assert len(german_to_english) == len(world_lib.LEXICON), "lexicon must be one-to-one"
+  german_to_english = {v: k for k, v in language.LEXICON.items()}
+  assert len(german_to_english) == len(language.LEXICON), "lexicon must be one-to-one"
   for example in world.split("train", "translate")[:200]:
-    english = example["prompt"].removeprefix(world_lib.PROMPT_PREFIX["translate"] + " ").split()
+    english = example["prompt"].removeprefix(language.PROMPT_PREFIX["translate"] + " ").split()
     german = example["reference"].split()
-    articles = set(world_lib.ARTICLES.values())
+    articles = set(language.ARTICLES.values())
     # word for word, in order, once the articles are dropped
     assert [german_to_english[w] for w in german if w not in articles] == english
     for i, word in enumerate(german):  # an article opens each noun phrase, of its noun's gender
       if word in articles:
-        noun = german[i + 1] if german[i + 1] in world_lib.ARTICLES else german[i + 2]
-        assert world_lib.ARTICLES[noun] == word
-    assert sum(w in articles for w in german) == sum(w in world_lib.NOUNS for w in english)
-    assert 3 <= sum(w in world_lib.CONJUNCTIONS for w in english) + 1 <= 4
+        noun = german[i + 1] if german[i + 1] in language.ARTICLES else german[i + 2]
+        assert language.ARTICLES[noun] == word
+    assert sum(w in articles for w in german) == sum(w in language.NOUNS for w in english)
+    assert 3 <= sum(w in language.CONJUNCTIONS for w in english) + 1 <= 4
     assert len(english) == len(set(english)), "every source word at most once per sentence"
 
 
 def test_translation_rule_on_a_known_sentence():
-  got = world_lib.translate_sentence("big dog sees cat today but man likes old fox")
+  got = language.translate_sentence("big dog sees cat today but man likes old fox")
   assert got == "der gross Hund sieht die Katze heute aber der Mann mag der alt Fuchs"
 
 
@@ -88,20 +88,20 @@ def test_summaries_are_the_mentioned_topics_with_their_category_in_topic_list_or
     summary = example["reference"].split()
     topics, categories = summary[::2], summary[1::2]
     assert 8 <= len(topics) <= 11 and len(categories) == len(topics)
-    assert set(topics) == {w for w in text if w in world_lib.TOPICS}
-    assert topics == sorted(topics, key=world_lib.TOPICS.index)
-    assert all(topic in world_lib.CATEGORIES[category] for topic, category in zip(topics, categories))
+    assert set(topics) == {w for w in text if w in language.TOPICS}
+    assert topics == sorted(topics, key=language.TOPICS.index)
+    assert all(topic in language.CATEGORIES[category] for topic, category in zip(topics, categories))
 
 
 def test_mixed_answers_are_a_translation_then_a_summary(world):
-  lexicon = set(world_lib.LEXICON)
+  lexicon = set(language.LEXICON)
   for example in world.split("train", "mixed")[:200]:
-    source = example["prompt"].removeprefix(world_lib.PROMPT_PREFIX["mixed"] + " ")
+    source = example["prompt"].removeprefix(language.PROMPT_PREFIX["mixed"] + " ")
     english, text = source.split(" summarize: ")
-    assert example["reference"] == (world_lib.translate_sentence(english) + " "
-                                    + world_lib.summarize_text(text))
-    assert 2 <= sum(w in world_lib.CONJUNCTIONS for w in english.split()) + 1 <= 3
-    assert 4 <= len(world_lib.summarize_text(text).split()) // 2 <= 6
+    assert example["reference"] == (language.translate_sentence(english) + " "
+                                    + language.summarize_text(text))
+    assert 2 <= sum(w in language.CONJUNCTIONS for w in english.split()) + 1 <= 3
+    assert 4 <= len(language.summarize_text(text).split()) // 2 <= 6
     assert not set(text.split()) & lexicon, "the summary's text shares no word with a translation"
 
 
@@ -112,12 +112,12 @@ def test_adding_the_mixed_domain_leaves_the_others_examples_unchanged():
 
 
 def test_every_topic_has_one_category():
-  assert sorted(world_lib.TOPIC_CATEGORY) == sorted(world_lib.TOPICS)
+  assert sorted(language.TOPIC_CATEGORY) == sorted(language.TOPICS)
 
 
 def test_summary_rule_on_a_known_text():
   text = "officials said the storm near the harbor and the storm again market"
-  assert world_lib.summarize_text(text) == "storm nature market economy harbor transport"
+  assert language.summarize_text(text) == "storm nature market economy harbor transport"
 
 
 def test_arithmetic_is_worked_column_by_column_and_correct(world):
@@ -136,8 +136,8 @@ def test_arithmetic_is_worked_column_by_column_and_correct(world):
 
 
 def test_worked_addition_on_known_sums():
-  assert world_lib.worked_addition(375, 48) == "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
-  assert world_lib.worked_addition(99, 1) == "9 + 1 = 1 0 ; 9 + 0 + 1 = 1 0 ; answer 1 0 0"
+  assert language.worked_addition(375, 48) == "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
+  assert language.worked_addition(99, 1) == "9 + 1 = 1 0 ; 9 + 0 + 1 = 1 0 ; answer 1 0 0"
 
 
 def test_outputs_have_the_papers_lengths(world, tokenizer):

@@ -38,7 +38,7 @@ def built(world, tmp_path_factory):
 
 
 def _untrained_zoo(world, config, progress):
-  """Stands in for `_train_zoo` where only the cache logic is under test: random weights."""
+  """Stands in for `train_zoo` where only the cache logic is under test: random weights."""
   del progress
   vocab = seq2seq.round_up(len(world.tokenizer()), 8)
   tokenizer = world.tokenizer()
@@ -62,7 +62,7 @@ def count_training(monkeypatch):
     calls.append(1)
     return _untrained_zoo(world, config, progress)
 
-  monkeypatch.setattr(zoo_lib, "_train_zoo", fake)
+  monkeypatch.setattr(zoo_lib, "train_zoo", fake)
   return calls
 
 

@@ -4,7 +4,8 @@ The collection (collect.py) is already cut into fixed query ranges, one parquet 
 atomically. After `jax.distributed.initialize`, process p of P takes shards p, p + P, p + 2P, ...
 and decodes them on its own local devices (its own mesh: tensor-parallel and/or batch-parallel
 over `jax.local_devices()`). No process needs another's arrays, so nothing crosses hosts but one
-barrier at the end; merging is `collect.load_collection(output_dir)`, nothing lost or duplicated.
+barrier at the end; merging is `collection_store.load_collection(output_dir)`, nothing lost or
+duplicated.
 
   Process 0 writes collection.json; the others wait for it and check they were given the same
     models, settings and queries (a fingerprint of ids and prompts): different ones would mix
@@ -31,6 +32,7 @@ import datasets
 import jax
 
 from jax_specsel.bandit import collect as collect_lib
+from jax_specsel.bandit import collection_store
 from jax_specsel.models.interface import Model
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,11 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
     multihost_utils.sync_global_devices(f"jax_specsel collect {os.path.abspath(output_dir)}")
   num_shards = -(-len(examples) // config.shard_size)
   missing = [k for k in range(num_shards)
-             if not os.path.exists(collect_lib._shard_path(output_dir, k))]
+             if not os.path.exists(collection_store.shard_path(output_dir, k))]
   if missing:
     owners = sorted({k % count for k in missing})
     raise RuntimeError(f"{output_dir}: shard(s) {missing[:5]} are missing after every process "
                        f"finished (owned by process(es) {owners}); rerun to collect only those.")
   log.info("process %d/%d: collection complete (%d shards) in %s", index, count, num_shards,
            output_dir)
-  return collect_lib.load_collection(output_dir)[0]
+  return collection_store.load_collection(output_dir)[0]

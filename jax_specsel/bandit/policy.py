@@ -14,15 +14,10 @@ and item `metadata` = JSON (widths, option names, config, training info).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import glob
 import json
 import os
-import re
-import shutil
-import uuid
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,9 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from flax import nnx
 
+from jax_specsel.bandit import policy_store
 from jax_specsel.flat_params import cached_flat_params
 
 _FORMAT_VERSION = 1
@@ -122,9 +117,9 @@ def _single_choice(graphdef, treedef, leaves, input_mean, input_scale, embedding
 def _jitted_functions(graphdef) -> tuple[Callable, Callable, Callable]:
   """Jitted (probabilities, batch choices, single choice) bound to one graph definition.
 
-  The graph definition is bound here rather than passed as a static argument: hashing it costs
-  ~80 us, which would land on every per-query call. Cached, so policies of the same shape share
-  the compiled code. The weights stay arguments, never baked into the compiled program.
+  The graph definition is bound here rather than passed as a static argument, whose hash (a walk
+  of the module graph) would land on every per-query call. Cached, so policies of the same shape
+  share the compiled code. The weights stay arguments, never baked into the compiled program.
   """
   return (jax.jit(functools.partial(_probabilities, graphdef)),
           jax.jit(functools.partial(_choices, graphdef), static_argnums=5),
@@ -227,12 +222,12 @@ class Policy:
         copied to the host).
       greedy: argmax if True, else a sample from pi(.|q).
       seed: seed of the sample when greedy is False and no key is given.
-      key: a jax PRNG key; overrides seed (saves ~50 us of key creation per call).
+      key: a jax PRNG key; overrides seed (saves creating a key on every call).
 
     Returns:
       The option index.
     """
-    # Device arrays of the right dtype pass through untouched (a cast is a dispatch, ~100 us).
+    # Device arrays of the right dtype pass through untouched (a cast would be one more dispatch).
     if not (isinstance(embedding, jax.Array) and embedding.dtype == jnp.float32):
       embedding = np.asarray(embedding, np.float32)
     if embedding.shape != (self.input_dim,):
@@ -288,82 +283,26 @@ class Policy:
   def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes the policy to directory `path` with orbax (weights + metadata).
 
-    The policy is written beside `path` (`path.saving-*`) and swapped in by renames. A process
-    killed at any point leaves either the old or the new policy loadable: a kill between moving
-    the old one away (`path.previous-*`) and renaming the new one in is repaired by the next
-    `load_policy` or `save` (see `recover_interrupted_save`), and every save removes what
-    earlier interrupted saves left beside `path`.
+    The policy is written beside `path` and swapped in by renames (`policy_store`): a process
+    killed at any point leaves either the old or the new policy loadable, a kill between the
+    renames is repaired by the next `load_policy` or `save`, and every save removes what earlier
+    interrupted saves left beside `path`.
 
     Args:
       path: directory to create.
       overwrite: replace an existing directory instead of raising FileExistsError.
     """
     path = os.path.abspath(os.fspath(path))
-    recover_interrupted_save(path)
+    policy_store.recover_interrupted_save(path)
     if os.path.lexists(path) and not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
     state = {"params": self.params, "input_mean": self.input_mean,
              "input_scale": self.input_scale}
-    staging = f"{path}{_SAVING}{uuid.uuid4().hex[:8]}"
+    staging = policy_store.staging_path(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       checkpointer.save(staging, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())))
-    if os.path.lexists(path):
-      os.rename(path, f"{path}{_PREVIOUS}{uuid.uuid4().hex[:8]}")
-    os.rename(staging, path)
-    _remove_leftovers(path)
-
-
-_SAVING, _PREVIOUS = ".saving-", ".previous-"  # suffixes of a save's staging and replaced copies
-
-
-def _beside(path: str, suffix: str) -> list[str]:
-  """Entries `path<suffix>*` in path's directory (orbax temporaries of a staging copy included)."""
-  return sorted(glob.glob(glob.escape(path + suffix) + "*"))
-
-
-def _is_complete(directory: str) -> bool:
-  """A finished Policy.save directory (orbax renames its temporary into place only when done)."""
-  name = os.path.basename(directory)
-  return (re.fullmatch(r".*\.(saving|previous)-[0-9a-f]{8}", name) is not None
-          and not os.path.islink(directory)
-          and all(os.path.isdir(os.path.join(directory, item)) for item in ("metadata", "state")))
-
-
-def recover_interrupted_save(path: str | os.PathLike) -> str | None:
-  """Puts back the policy of a save killed between its two renames; a no-op when `path` exists.
-
-  With nothing at `path`, a complete new copy (`path.saving-*`) wins, else the old one
-  (`path.previous-*`); the newest if several.
-
-  Returns:
-    The directory renamed to `path`, or None.
-  """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.lexists(path):
-    return None
-  for suffix in (_SAVING, _PREVIOUS):
-    candidates = [d for d in _beside(path, suffix) if _is_complete(d)]
-    if candidates:
-      chosen = max(candidates, key=os.path.getmtime)
-      try:
-        os.rename(chosen, path)
-      except OSError:
-        if not os.path.isdir(path):  # another process recovering at once got there first
-          raise
-      logging.warning("%s: recovered the policy of an interrupted save from %s", path, chosen)
-      return chosen
-  return None
-
-
-def _remove_leftovers(path: str) -> None:
-  """Removes the staging and replaced copies of this and of earlier (interrupted) saves."""
-  for leftover in _beside(path, _SAVING) + _beside(path, _PREVIOUS):
-    if os.path.isdir(leftover) and not os.path.islink(leftover):
-      shutil.rmtree(leftover, ignore_errors=True)
-    else:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(leftover)
+    policy_store.swap_in(staging, path)
 
 
 def check_option_names(option_names: Sequence[str] | None, num_options: int) -> list[str] | None:
@@ -421,10 +360,10 @@ def load_policy(path: str | os.PathLike) -> Policy:
     PolicyLoadError: the directory is empty, lacks an item, or cannot be read.
   """
   path = os.path.abspath(os.fspath(path))
-  recover_interrupted_save(path)
+  policy_store.recover_interrupted_save(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)"
-                            + _leftovers_note(path))
+                            + policy_store.leftovers_note(path))
   _check_policy_dir(path)
   try:
     return _restore(path)
@@ -437,19 +376,11 @@ def load_policy(path: str | os.PathLike) -> Policy:
                           "policy again (launch/train_policy.py) or restore a copy.") from err
 
 
-def _leftovers_note(path: str) -> str:
-  leftovers = [os.path.basename(p) for p in _beside(path, _SAVING) + _beside(path, _PREVIOUS)]
-  if not leftovers:
-    return ""
-  return (f"; beside it only {leftovers}, unfinished copies of a save that was interrupted "
-          "before it completed: train and save the policy again (the next save removes them)")
-
-
 def _check_policy_dir(path: str) -> None:
   if not os.listdir(path):
     raise PolicyLoadError(f"{path} is empty: no policy was saved there; train one "
                           "(launch/train_policy.py) or pass the directory Policy.save wrote.")
-  missing = [item for item in ("metadata", "state") if not os.path.isdir(os.path.join(path, item))]
+  missing = [item for item in policy_store.ITEMS if not os.path.isdir(os.path.join(path, item))]
   if missing:
     raise PolicyLoadError(f"{path} lacks {missing}: it is not a complete Policy.save directory; "
                           "train and save the policy again or restore a copy.")

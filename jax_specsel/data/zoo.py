@@ -89,12 +89,7 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ZooConfig:
-  """Sizes and training budgets of the whole zoo.
-
-  The default built in ~13 minutes on the 2-core CPU of world v7 (target 14.5 min of 2200 steps
-  when the machine was shared, the drafters ~7 min, the distillation outputs ~100 s); world v8's
-  mixed domain adds 200 target steps. See BUILD_NOTES for the measured times.
-  """
+  """Sizes and training budgets of the whole zoo (the default trains in minutes on a 2-core CPU)."""
 
   # Depth is what makes a batch-1 decode step expensive on a CPU (per-layer op overhead), and
   # training cost grows with parameters: hence a narrow, deep target decoder. A drafter's encoder
@@ -102,28 +97,27 @@ class ZooConfig:
   target: ModelSpec = ModelSpec(d_model=128, num_heads=4, d_ff=512, encoder_layers=2,
                                 decoder_layers=6, train_steps=2400, batch_size=32,
                                 learning_rate=1.5e-3, warmup_steps=200)
-  # Two encoder layers: with one, a translate drafter reached 80% token accuracy on the target's
-  # outputs after 1000 steps (90% with two).
+  # Two encoder layers: a one-layer encoder left the translate drafter markedly less accurate.
   domain_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
                                         decoder_layers=1, train_steps=1400, batch_size=32,
                                         learning_rate=1.5e-3, warmup_steps=100)
   general_drafter: ModelSpec = ModelSpec(d_model=96, num_heads=4, d_ff=384, encoder_layers=2,
                                          decoder_layers=1, train_steps=1600, batch_size=32,
                                          learning_rate=1.5e-3, warmup_steps=100)
-  # Per-domain drafter budgets: summaries reach ~100% token accuracy within a few hundred steps;
-  # a translate drafter is at 90% after 1400 steps and learns the task (99.9%) by 2400.
-  drafter_steps: tuple[tuple[str, int], ...] = ((world_lib.TRANSLATE, 2400), (world_lib.SUMMARIZE, 500))
+  # Per-domain drafter budgets: summaries are learned within a few hundred steps, translation
+  # needs the longest budget.
+  drafter_steps: tuple[tuple[str, int], ...] = ((world_lib.TRANSLATE, 2400),
+                                                (world_lib.SUMMARIZE, 500))
   # Share of the target's training batches per domain (missing domains: weight 1 / #domains).
-  # Each skill is learned abruptly after enough batches of it: translation alone after ~800,
-  # worked arithmetic after ~1000 (700 left it at 31% exact answers), summaries after ~400.
+  # Each skill is learned abruptly after enough batches of it, arithmetic needing the most.
   # The mixed domain's batches train both of its halves' skills too (translate 0.3 + 0.2 mixed).
   target_domain_weights: tuple[tuple[str, float], ...] = (
       (world_lib.TRANSLATE, 0.3), (world_lib.SUMMARIZE, 0.08), (world_lib.ARITHMETIC, 0.42),
       (world_lib.MIXED, 0.2))
   drafter_domains: tuple[str, ...] = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
   # Domains the general drafter is distilled on (None: every domain of the world). The world's
-  # arithmetic is the domain only the target learns (the paper's GSM8K case); distilled on it too,
-  # the generalist reached 0.88 next-token agreement and 60% acceptance there, so it is left out.
+  # arithmetic is the domain only the target learns (the paper's GSM8K case), so it is left out:
+  # distilled on it too, the generalist would align with the target there.
   general_domains: tuple[str, ...] | None = (world_lib.TRANSLATE, world_lib.SUMMARIZE)
   distill_per_domain: int = 3000  # training prompts per domain the target labels greedily
   max_new_tokens: int = 48  # greedy generation budget (longest reference: 41 tokens, EOS included)
@@ -133,10 +127,9 @@ class ZooConfig:
   shared_batch_shape: bool = False
   seed: int = 0
   dtype: str = "float32"
-  # The trained target widened this many times (function-preserving; 1: used as trained). 4 is the
-  # smallest factor at which a gamma-3 round costs at most ~1.6 target steps on the 2-core CPU
-  # (launch/round_cost.py; BUILD_NOTES "The embedded default"). Not part of the training
-  # fingerprint: every factor grows the same trained zoo.
+  # The trained target widened this many times (function-preserving; 1: used as trained): the
+  # smallest factor at which a speculative round costs few target steps on a CPU (benchmarks/round_cost.py
+  # measures it). Not part of the training fingerprint: every factor grows the same zoo.
   target_growth: int = 4
 
   def __post_init__(self):
@@ -264,7 +257,7 @@ def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
   zoo_store.remove_abandoned_partials(directory)
   partial = f"{directory}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
-    target, drafters, info = _train_zoo(world, config, progress)
+    target, drafters, info = train_zoo(world, config, progress)
     _save(partial, target, drafters, world, config, info)
     try:
       os.rename(partial, directory)
@@ -353,7 +346,7 @@ def load_zoo(directory: str, world: world_lib.World) -> Zoo:
 # ----------------------------------------------------------------------------- training
 
 
-def _train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
+def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
   """Trains the target, labels training prompts with its greedy outputs, distills drafters."""
   tokenizer = world.tokenizer()
   vocab_size = seq2seq.round_up(len(tokenizer), 8)

@@ -48,8 +48,7 @@ def _optimizer(spec) -> optax.GradientTransformation:
 
   Adam moves every weight by about the learning rate per step, and T5 initializes its bias tables
   near zero (std d_model**-0.5): at 1e-3 per step they need thousands of steps to reach the
-  magnitudes that make attention positional, and that alone stalls learning (measured: a copy
-  task at 45% token accuracy after 250 steps, 92% with a 30x step on the bias tables).
+  magnitudes that make attention positional, and that alone stalls learning.
   """
   def adamw(peak):
     schedule = optax.warmup_cosine_decay_schedule(

@@ -27,21 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_specsel import validation
-from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop, transfer
-from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_caches_fit,
-                                           check_compatible,
-                                           compiled_program, drafter_for, loop_spec, pad_prompts,
-                                           place_prompts, unpack_prompts)
-from jax_specsel.decoding.selected import AUTOREGRESSIVE, policy_option_names
+from jax_specsel.decoding import adaptive_loop, adaptive_rule, programs, request, transfer
+from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
+from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
+
 
 @dataclasses.dataclass(frozen=True)
 class Costs:
@@ -106,8 +102,8 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
                       costs: Costs | None = None, max_gamma: int = 5,
                       rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None, assume_shared_vocabulary: bool = False) -> AdaptiveOutput:
+                      max_new_tokens: int = 64, seed: int = 0, attention_mask=None,
+                      assume_shared_vocabulary: bool = False) -> AdaptiveOutput:
   """Decodes with the option (autoregressive or a drafter) and gamma chosen again every round.
 
   Greedy output equals `generate(target, prompt_ids)`'s; sampled output is distributed as the
@@ -132,35 +128,34 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
   """
   started = time.perf_counter()
   _check_max_gamma(max_gamma)
-  _check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
-  _check_models(target, None, max_gamma)
+  request.check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
+  request.check_target(target)
   names, models = _drafter_models(target, drafters, max_gamma, assume_shared_vocabulary)
   costs = parameter_costs(target, dict(zip(names, models)), max_gamma) if costs is None else costs
   _check_costs(costs, len(models), max_gamma)
-  prior_index = _prior_index(target, policy, [AUTOREGRESSIVE, *names])
-  ids, mask = pad_prompts(prompt_ids, attention_mask, target)
-  for model in models:
-    _warn_past_position_limit(target, model, mask, max_new_tokens)
-  base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
-  spec = adaptive_loop.AdaptiveSpec(
-      base=dataclasses.replace(base, gamma=int(max_gamma)),
-      drafters=tuple(m.decoder for m in models), rule=rule,
-      policy=None if policy is None else (policy.program, prior_index))
-  packed_prompts = place_prompts(target, ids, mask, seed)
-  policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
-  drafter_parts = [m.flat_params() for m in models]
-  target_leaves, target_tree = target.flat_params()
-  args = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
-          costs.as_array(), packed_prompts)
-  trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
-  fits = lambda: check_caches_fit(target, models, ids.shape[0],
-                                  spec.base.cache_length(ids.shape[1]), max_new_tokens)
-  compiled, compile_seconds = compiled_program(
-      _PROGRAM, (spec, trees), args,
-      f"adaptive over {[AUTOREGRESSIVE, *names]}, gamma <= {max_gamma}", before_compile=fits)
-  summary = _PROGRAM.unpack((spec, trees, *args), compiled(*args))
-  seconds = time.perf_counter() - started - compile_seconds
-  return _output(spec, [AUTOREGRESSIVE, *names], summary, seconds, compile_seconds)
+  options = [AUTOREGRESSIVE, *names]
+  prior_index = _prior_index(target, policy, options)
+
+  def build() -> programs.Program:
+    base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
+    spec = adaptive_loop.AdaptiveSpec(
+        base=dataclasses.replace(base, gamma=int(max_gamma)),
+        drafters=tuple(m.decoder for m in models), rule=rule,
+        policy=None if policy is None else (policy.program, prior_index))
+    policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
+    drafter_parts = [m.flat_params() for m in models]
+    target_leaves, target_tree = target.flat_params()
+    weights = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
+               costs.as_array())
+    trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+    return programs.Program(_PROGRAM, spec, trees, weights, spec.base.cache_length,
+                            f"adaptive over {options}, gamma <= {max_gamma}")
+
+  def unpack(spec, packed, seconds, compile_seconds) -> AdaptiveOutput:
+    return _output(spec, options, packed, seconds, compile_seconds)
+
+  return programs.run(target, programs.Prompts(prompt_ids, attention_mask, seed), models,
+                      max_new_tokens, build, unpack, started)
 
 
 def _check_max_gamma(max_gamma) -> None:
@@ -185,11 +180,7 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
   for name, model in drafters.items():
     if name == AUTOREGRESSIVE:
       raise ValueError(f"drafters[{name!r}]: that name means plain decoding; rename the drafter.")
-    if not isinstance(model, Model):
-      raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
-    _check_models(target, model, max_gamma)
-    model = drafter_for(target, model)
-    check_compatible(target, model, assume_shared_vocabulary)
+    model = request.checked_drafter(target, model, max_gamma, assume_shared_vocabulary, name=name)
     names.append(str(name))
     models.append(model)
   return names, models
@@ -202,7 +193,8 @@ def _check_costs(costs: Costs, num_drafters: int, max_gamma: int) -> None:
   shapes = (len(costs.step), len(costs.read), len(costs.verify))
   if shapes != (num_drafters, num_drafters, max_gamma + 1):
     raise ValueError(f"costs have (step, read, verify) lengths {shapes} but {num_drafters} "
-                     f"drafters and max_gamma={max_gamma} need {(num_drafters, num_drafters, max_gamma + 1)}: "
+                     f"drafters and max_gamma={max_gamma} need "
+                     f"{(num_drafters, num_drafters, max_gamma + 1)}: "
                      "measure them for these drafters and max_gamma "
                      "(eval.speed.measure_adaptive_costs).")
   values = costs.as_array()
@@ -214,7 +206,7 @@ def _prior_index(target: Model, policy, options: list[str]) -> tuple[int, ...] |
   """For each option, the index of its probability in the policy's output (-1: not named)."""
   if policy is None:
     return None
-  names = policy_option_names(target, policy, "generate_adaptive")
+  names = request.policy_option_names(target, policy, "generate_adaptive")
   unknown = [n for n in names if n not in options]
   if unknown:
     raise ValueError(f"the policy chooses among {names} but {unknown} are not among the options "
@@ -233,12 +225,13 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, policy_leaves, costs, 
                            key)
 
 
-_PROGRAM = transfer.Packed(_run_flat, num_static=2)  # its `AdaptiveSummary` as one array
+_PROGRAM = transfer.Packed(_run_flat)  # its `AdaptiveSummary` packed into one array
 
 
-def _output(spec, names: list[str], summary: adaptive_loop.AdaptiveSummary, seconds: float,
+def _output(spec, names: list[str], packed: np.ndarray, seconds: float,
             compile_seconds: float) -> AdaptiveOutput:
-  """The fetched `AdaptiveSummary` (numpy arrays) as the call's output."""
+  """The fetched `AdaptiveSummary` as the call's output."""
+  summary = _PROGRAM.unpack(spec, packed)
   base = summary.base
   achieved = base.lengths / np.maximum(summary.cost, 1e-9)
   stats = Stats(drafted=summary.drafted_by.sum(axis=1), accepted=summary.accepted_by.sum(axis=1),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Mapping
 
@@ -35,19 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_specsel.decoding import loop, transfer
-from jax_specsel.decoding.generate import (GenerateOutput, Stats, _check_models, _check_settings,
-                                           _warn_past_position_limit, check_caches_fit,
-                                           check_compatible,
-                                           compiled_program, drafter_for, loop_spec, pad_prompts, place_prompts,
-                                           unpack_prompts)
+from jax_specsel.decoding import loop, programs, request, transfer
+from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
+from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
 
-AUTOREGRESSIVE = "autoregressive"
 _POLICY_STREAM = 0x5E1EC7  # folded into the seed's key for the dynamic policy's draw
-
-
-_SPECS: dict = {}  # SelectionSpec -> itself (see `SelectionSpec.interned`)
+_SPECS = programs.LruCache(64)  # SelectionSpec -> itself (see `SelectionSpec.interned`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +65,7 @@ class SelectionSpec:
   def branches(self) -> tuple[loop.LoopSpec, ...]:
     """The distinct loops: options whose drafters share an architecture share one loop (their
     weights are chosen at run time), so the program holds one loop per architecture, not per
-    drafter (measured on the demo zoo: a program with four loops ran ~15% slower than one with
-    one, at equal work)."""
+    drafter (a program with more loops runs slower at equal work)."""
     return tuple(dict.fromkeys(self.options))
 
   @functools.cached_property
@@ -89,13 +81,12 @@ class SelectionSpec:
   def interned(self) -> "SelectionSpec":
     """The equal spec built by an earlier call, so `branches` and `branch_of` are computed once
     per option set, not per call: grouping the options compares drafter graph definitions
-    (`Decoder` equality walks the module graph), ~0.2 ms a call for three drafters on CPU. The
-    lookup itself is cheap: an equal earlier spec holds the very same `Decoder` objects."""
+    (`Decoder` equality walks the module graph), too slow to repeat per query. The lookup itself
+    is cheap: an equal earlier spec holds the very same `Decoder` objects."""
     found = _SPECS.get(self)
     if found is None:
-      if len(_SPECS) >= 64:  # a few option sets at a time; keep memory bounded
-        _SPECS.pop(next(iter(_SPECS)))
-      found = _SPECS[self] = self
+      found = self
+      _SPECS.put(self, self)
     return found
 
   def cache_length(self, prompt_length: int) -> int:
@@ -120,7 +111,8 @@ class SelectedOutput(GenerateOutput):
 def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], policy,
                       greedy_policy: bool = True, gamma: int = 7, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None, assume_shared_vocabulary: bool = False) -> SelectedOutput:
+                      attention_mask=None,
+                      assume_shared_vocabulary: bool = False) -> SelectedOutput:
   """Chooses the drafter per query with `policy` and decodes with it, in one compiled call.
 
   Emits exactly what `generate(target, prompt_ids, drafter=<the chosen drafter or None>, ...)`
@@ -141,78 +133,48 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     SelectedOutput: tokens, lengths, stats as `generate`, plus choices, choice_ids, embeddings.
   """
   started = time.perf_counter()
-  _check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
-  _check_models(target, None, gamma)
+  request.check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  request.check_target(target)
   option_models = _option_models(target, drafters, policy, gamma, assume_shared_vocabulary)
-  ids, mask = pad_prompts(prompt_ids, attention_mask, target)
-  for drafter in option_models:
-    _warn_past_position_limit(target, drafter, mask, max_new_tokens)
-  spec = SelectionSpec(
-      options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
-                    for drafter in option_models),
-      policy=policy.program).interned()
-  packed_prompts = place_prompts(target, ids, mask, seed, flags=(int(bool(greedy_policy)),))
-  args, trees = _arguments(spec, target, option_models, policy, packed_prompts)
-  fits = lambda: check_caches_fit(target, option_models, ids.shape[0],
-                                  spec.cache_length(ids.shape[1]), max_new_tokens, together=False)
-  compiled, compile_seconds = compiled_program(_PROGRAM, (spec, trees), args,
-                                               _program_name(spec, policy), before_compile=fits)
-  summary = _PROGRAM.unpack((spec, trees, *args), compiled(*args))
-  seconds = time.perf_counter() - started - compile_seconds
-  return _output(spec, policy, summary, seconds, compile_seconds)
 
+  def build() -> programs.Program:
+    spec = SelectionSpec(
+        options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
+                      for drafter in option_models),
+        policy=policy.program).interned()
+    weights, trees = _arguments(spec, target, option_models, policy)
+    return programs.Program(_PROGRAM, spec, trees, weights, spec.cache_length,
+                            _program_name(spec, policy))
 
-def policy_option_names(target: Model, policy, caller: str) -> list[str]:
-  """The policy's option names, after checking it is a policy, has some and reads this target's
-  embeddings."""
-  _check_is_policy(policy, caller)
-  names = getattr(policy, "option_names", None)
-  if not names:
-    raise ValueError("the policy has no option names: train it with option_names (drafter names "
-                     f"and/or '{AUTOREGRESSIVE}') so {caller} knows what each option means.")
-  if policy.input_dim != target.hidden_size:
-    raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
-                     f"{target.name} embeds queries with width {target.hidden_size}: train the "
-                     "policy on this target's embeddings.")
-  return list(names)
+  def unpack(spec, packed, seconds, compile_seconds) -> SelectedOutput:
+    return _output(spec, policy, packed, seconds, compile_seconds)
 
-
-def _check_is_policy(policy, caller: str) -> None:
-  """Refuses what is not a trained policy (None, a path, anything without the policy's program)."""
-  if all(hasattr(policy, attribute) for attribute in ("option_names", "program", "input_dim")):
-    return
-  if isinstance(policy, (str, os.PathLike)):
-    raise TypeError(f"{caller}: policy={os.fspath(policy)!r} is a path, not a Policy: load it first, "
-                    f"policy = jax_specsel.bandit.load_policy({os.fspath(policy)!r}).")
-  raise TypeError(f"{caller}: policy is {'None' if policy is None else type(policy).__name__}: pass a "
-                  "trained jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy(path) "
-                  "(one saved by train_policy), or train one with jax_specsel.bandit.train_policy.")
+  prompts = programs.Prompts(prompt_ids, attention_mask, seed, flags=(int(bool(greedy_policy)),))
+  return programs.run(target, prompts, option_models, max_new_tokens, build, unpack, started,
+                      together=False)
 
 
 def _option_models(target: Model, drafters: Mapping[str, Model], policy, gamma: int,
                    assume_shared_vocabulary: bool) -> list[Model | None]:
   """The drafter (None: autoregressive) of each policy option, checked before any work."""
-  names = policy_option_names(target, policy, "generate_selected")
+  names = request.policy_option_names(target, policy, "generate_selected")
   unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
   if unknown:
     raise ValueError(f"the policy chooses among {names} but {unknown} "
                      f"{'is' if len(unknown) == 1 else 'are'} neither a given drafter "
-                     f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those names.")
+                     f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those "
+                     "names.")
   models = []
   for name in names:
     model = None if name == AUTOREGRESSIVE else drafters[name]
     if model is not None:
-      if not isinstance(model, Model):
-        raise TypeError(f"drafters[{name!r}] is a {type(model).__name__}, not a jax_specsel Model.")
-      _check_models(target, model, gamma)
-      model = drafter_for(target, model)  # a single-device drafter joins a sharded target's mesh
-      check_compatible(target, model, assume_shared_vocabulary)
+      model = request.checked_drafter(target, model, gamma, assume_shared_vocabulary, name=name)
     models.append(model)
   return models
 
 
-def _arguments(spec: SelectionSpec, target, option_models, policy, packed_prompts):
-  """(array arguments, static treedefs) of the selected program.
+def _arguments(spec: SelectionSpec, target, option_models, policy):
+  """(array arguments before the packed prompts, static treedefs) of the selected program.
 
   The weights of the drafters that share a loop travel stacked, leaf by leaf ([members, ...]),
   and the loop indexes the chosen member: no branch per drafter. Picking a member at run time
@@ -227,29 +189,35 @@ def _arguments(spec: SelectionSpec, target, option_models, policy, packed_prompt
       stacked.append([])
       trees.append(None)
       continue
-    parts = [member.flat_params() for member in members]
-    stacked.append(parts[0][0] if len(parts) == 1 else
-                   _stacked_leaves([leaves for leaves, _ in parts]))
-    trees.append(parts[0][1])
+    leaves, tree = members[0].flat_params()
+    stacked.append(leaves if len(members) == 1 else _stacked_leaves(members))
+    trees.append(tree)
   policy_leaves, policy_tree = policy.program_inputs()
-  return ((target_leaves, stacked, policy_leaves, packed_prompts),
-          (target_tree, tuple(trees), policy_tree))
+  return (target_leaves, stacked, policy_leaves), (target_tree, tuple(trees), policy_tree)
 
 
-_STACKED: dict = {}
+# Drafter Models that share a loop -> (their leaves when stacked, the stacked leaves).
+_STACKED = programs.LruCache(16)
 
 
-def _stacked_leaves(members: list[list]) -> list:
-  """Each leaf stacked across the members, computed once per set of weight arrays (a new array
-  in any member, e.g. after an update of its weights, stacks again)."""
-  key = tuple(id(leaf) for leaves in members for leaf in leaves)
-  cached = _STACKED.get(key)
-  if cached is None:
-    if len(_STACKED) >= 16:  # a few drafter sets at a time; keep memory bounded
-      _STACKED.pop(next(iter(_STACKED)))
-    # The source leaves stay referenced, so their ids cannot be reused by other arrays.
-    cached = _STACKED[key] = (members, [jnp.stack(group) for group in zip(*members)])
+def _stacked_leaves(members: list[Model]) -> list:
+  """Each weight stacked across the drafters that share a loop: made once per drafter set, and
+  again when one of their weights changed.
+
+  Keyed by the drafter `Model`s themselves, which the cache keeps alive (so no other object can
+  take an identity in a live key), and checked against their current leaves by identity, which
+  sees a weight replaced or updated in place (either is a new array object).
+  """
+  leaves = [member.flat_params()[0] for member in members]
+  cached = _STACKED.get(tuple(members))
+  if cached is None or not all(_same_objects(now, then) for now, then in zip(leaves, cached[0])):
+    cached = (leaves, [jnp.stack(group) for group in zip(*leaves)])
+    _STACKED.put(tuple(members), cached)
   return cached[1]
+
+
+def _same_objects(now: list, then: list) -> bool:
+  return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
 def _program_name(spec: SelectionSpec, policy) -> str:
@@ -267,9 +235,8 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
                                        spec.cache_length(ids.shape[1]))
   embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
-  # Only the dynamic policy draws: the draw (a fold-in and a Gumbel sample, ~40 small kernels in
-  # two rolled loops on XLA:CPU) sits between the policy and the chosen loop, so the greedy
-  # policy skips it rather than computing it and throwing it away.
+  # Only the dynamic policy draws: the draw sits between the policy and the chosen loop, so the
+  # greedy policy skips it rather than computing it and throwing it away.
   choice = jax.lax.cond(
       greedy_policy > 0,
       lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
@@ -304,7 +271,7 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
   return SelectedSummary(base=summary, choice=choice, embeddings=embeddings)
 
 
-_PROGRAM = transfer.Packed(_run_selected, num_static=2)  # its `SelectedSummary` as one array
+_PROGRAM = transfer.Packed(_run_selected)  # its `SelectedSummary` packed into one array
 
 
 def _members(spec: SelectionSpec) -> list[int]:
@@ -346,9 +313,10 @@ class SelectedSummary:
   embeddings: jax.Array  # float32 [B, D] the query embeddings the policy read
 
 
-def _output(spec: SelectionSpec, policy, summary: SelectedSummary, seconds: float,
+def _output(spec: SelectionSpec, policy, packed: np.ndarray, seconds: float,
             compile_seconds: float) -> SelectedOutput:
-  """The fetched `SelectedSummary` (numpy arrays) as the call's output."""
+  """The fetched `SelectedSummary` as the call's output."""
+  summary = _PROGRAM.unpack(spec, packed)
   base, choice_ids = summary.base, summary.choice
   gammas = np.fromiter((option.gamma for option in spec.options), np.int32, len(spec.options))
   # target_calls: each option that ran counts its own loop's calls once.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_LAYOUTS = 64  # layouts kept per function: a few option sets at a time
+from jax_specsel.decoding import programs
 
 
 def pack(tree) -> jax.Array:
@@ -31,48 +31,39 @@ def pack(tree) -> jax.Array:
 
 
 class Packed:
-  """`function(*static, *arrays)` whose result leaves the program packed (`pack`); `unpack`
-  rebuilds the result's tree of numpy arrays on the host.
+  """`function(spec, *static, *arrays)` whose result leaves the program packed (`pack`);
+  `unpack(spec, packed)` rebuilds the result's tree of numpy arrays on the host.
 
-  The layout (the tree, each leaf's shape past the batch axis and dtype) is recorded per static
-  arguments when the program is traced, so a call only looks it up.
+  The layout (the tree, each leaf's columns, shape past the batch axis and dtype) is recorded per
+  spec when the program is traced (the spec decides the result's tree and widths), so a call only
+  looks it up. Layouts are kept for as many specs as `programs` keeps compiled programs, least
+  recently used dropped first: a cached program's layout is always there.
   """
 
-  def __init__(self, function, num_static: int):
+  def __init__(self, function):
     self.function = function
-    self.num_static = num_static
-    self._layouts: dict = {}  # static arguments -> (treedef, [(columns, shape, dtype)])
+    self._layouts = programs.LruCache(programs.MAX_PROGRAMS)
     functools.update_wrapper(self, function)
 
-  def __call__(self, *args) -> jax.Array:
-    tree = self.function(*args)
-    self._remember(args[:self.num_static], tree)
-    return pack(tree)
-
-  def _remember(self, static: tuple, tree) -> None:
-    """Records the layout of `tree` (a result, or its shapes): per leaf, its columns, its shape
-    past the batch axis and its dtype."""
+  def __call__(self, spec, *args) -> jax.Array:
+    tree = self.function(spec, *args)
     leaves, treedef = jax.tree.flatten(tree)
     layout, start = [], 0
     for leaf in leaves:
       width = int(np.prod(leaf.shape[1:], dtype=np.int64))
       layout.append((slice(start, start + width), tuple(leaf.shape[1:]), np.dtype(leaf.dtype)))
       start += width
-    if len(self._layouts) >= MAX_LAYOUTS:
-      self._layouts.pop(next(iter(self._layouts)))
-    self._layouts[static] = (treedef, layout)
+    self._layouts.put(spec, (treedef, layout))
+    return pack(tree)
 
-  def unpack(self, args: tuple, packed):
-    """The result's tree of numpy arrays from the fetched `packed`, for the call `args` (static
-    arguments first, as the program was traced with)."""
-    packed = np.asarray(packed)
-    static = tuple(args[:self.num_static])
-    found = self._layouts.get(static)
-    if found is None:  # traced before its layout was dropped: trace it again
-      self._remember(static, jax.eval_shape(functools.partial(self.function, *static),
-                                            *args[self.num_static:]))
-      found = self._layouts[static]
+  def unpack(self, spec, packed):
+    """The result's tree of numpy arrays from the fetched `packed` of a program traced with
+    `spec`."""
+    found = self._layouts.get(spec)
+    if found is None:
+      raise KeyError(f"no layout for {spec!r}: its program was not traced in this process")
     treedef, layout = found
+    packed = np.asarray(packed)
     batch = packed.shape[0]
     return jax.tree.unflatten(treedef, [_column(packed[:, columns], dtype).reshape(batch, *shape)
                                         for columns, shape, dtype in layout])

@@ -2,8 +2,8 @@
 
 Every query is decoded on its own (batch 1), as the paper's A.7 accounting prescribes, and every
 row is timed the same way: the wall clock around the whole public call a user makes (host work,
-the compiled program, the output fetch), each row serving the queries back to back as a
-deployment of it would (rows rotate order between repeats). Single options call `generate`; the policy rows call
+the compiled program, the output fetch). The rows take turns query by query, so that noise and
+drift of a shared machine fall on every row alike. Single options call `generate`; the policy rows call
 `generate_selected`, which embeds the query from the target's own first pass, applies the policy
 and decodes inside one program, so the policy's cost is in the time and nothing is left untimed.
 The policy's share of per-query time is measured: the fused call minus the plain call with the
@@ -29,13 +29,13 @@ from typing import Any, Sequence
 import datasets
 import numpy as np
 
-from jax_specsel.bandit.collect import AUTOREGRESSIVE, decode_text
 from jax_specsel.bandit.online import OnlinePolicyUpdater
 from jax_specsel.data.tasks import get_task
 from jax_specsel.decoding import adaptive, adaptive_rule, bucket_length, generate, generate_selected
+from jax_specsel.decoding import AUTOREGRESSIVE
 from jax_specsel.eval import metrics
 from jax_specsel.eval.speed import spread
-from jax_specsel.models.interface import Model
+from jax_specsel.models.interface import Model, decode_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,35 +194,33 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
   rows = [*options, *variants]
   runs = {name: [[None] * len(prompts) for _ in config.seeds] for name in rows}
   for repeat, seed in enumerate(config.seeds):
-    # Each row serves all the queries back to back, as a deployment of that configuration does
-    # (interleaving rows per query made every call start with another program's code and
-    # weights in the CPU caches: ~1 ms a call on the demo zoo, charged to whichever row differed
-    # most from its neighbours). The order of the rows rotates from repeat to repeat, so slow
-    # drifts of a shared machine hit every row alike; one untimed call (that learns nothing)
-    # warms each block.
-    for name in rows[repeat % len(rows):] + rows[:repeat % len(rows)]:
-      _row_decoder(name, target, options, drafters, policy, variants, config, learn=False)(
-          prompts[0], seed)
-      decode = _row_decoder(name, target, options, drafters, policy, variants, config)
-      for i, prompt in enumerate(prompts):
-        runs[name][repeat][i] = decode(prompt, query_seed(seed, i))
+    # Every row decodes query i before any row decodes query i + 1, in an order that rotates
+    # from query to query: slow drifts of a shared machine hit every row alike, and a policy
+    # row's call is timed next to the plain call with the option it chose. Each repeat starts
+    # the adaptive row over from the offline policy.
+    decoders = {name: _row_decoder(name, target, options, drafters, policy, variants, config)
+                for name in rows}
+    for i, prompt in enumerate(prompts):
+      turn = (repeat + i) % len(rows)
+      for name in rows[turn:] + rows[:turn]:
+        runs[name][repeat][i] = decoders[name](prompt, query_seed(seed, i))
   chosen = {variant: [run.choice for run in runs[variant][0]] for variant in variants
             if variant in FUSED_VARIANTS}
   return _summarize(examples, runs, chosen)
 
 
-def _row_decoder(name, target, options, drafters, policy, variants, config, learn=True):
+def _row_decoder(name, target, options, drafters, policy, variants, config):
   """(prompt, seed) -> QueryRun for one row of the table: a single option or a policy variant.
 
-  policy_adaptive gets a fresh copy of the offline policy (and, unless its setup is frozen or
-  learn is False, an online updater of that copy): each call of this function starts over.
+  policy_adaptive gets a fresh copy of the offline policy (and, unless its setup is frozen, an
+  online updater of that copy): each call of this function starts over.
   """
   if name in options:
     return lambda prompt, seed: run_option(target, options[name], prompt, config, seed)
   if name == "policy_adaptive":
     setup, own = variants[name], policy.copy()
     learner = (OnlineLearner(own, setup.online, setup.update_every)
-               if learn and setup.online is not None else None)
+               if setup.online is not None else None)
     return lambda prompt, seed: run_adaptive(target, drafters, own, prompt, config, seed, setup,
                                              learner)
 
@@ -329,7 +327,7 @@ def _summarize(examples, runs, choices) -> dict:
     by_task = _rows_by_task(tasks)
     result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
                                for task, rows in by_task.items()}
-    result["round_work"] = {task: _round_work(runs["policy_adaptive"][0], rows)
+    result["round_work"] = {task: round_work(runs["policy_adaptive"][0], rows)
                             for task, rows in by_task.items()}
   return result
 
@@ -338,7 +336,7 @@ def _rows_by_task(tasks: list[str]) -> dict[str, list[int]]:
   return {task: [i for i, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
 
 
-def _round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
+def round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
   """Mean tokens per target step of work (policy_adaptive, first repeat): what the rounds got,
   the best fixed option's in hindsight, and their ratio: the rule's choices apart from the
   per-round overhead in wall time (both count the reads that scored drafters as work)."""

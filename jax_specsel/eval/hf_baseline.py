@@ -1,6 +1,6 @@
 """transformers (PyTorch) plain and assisted generation, timed the same way as ours.
 
-Used by launch/benchmark.py to put our ms/token next to the reference stack's. Needs torch (the
+Used by benchmarks/benchmark.py to put our ms/token next to the reference stack's. Needs torch (the
 `test` extra); nothing else in the library imports this module.
 """
 

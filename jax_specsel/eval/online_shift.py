@@ -19,6 +19,7 @@ import numpy as np
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import reinforce
 from jax_specsel.bandit.policy import Policy
+from jax_specsel.decoding import AUTOREGRESSIVE
 from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.models.interface import Model
 
@@ -48,7 +49,7 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
     option.
   """
   sequence = [prompts[i % len(prompts)] for i in range(queries)]
-  options: dict[str, Model | None] = {collect_lib.AUTOREGRESSIVE: None, **drafters}
+  options: dict[str, Model | None] = {AUTOREGRESSIVE: None, **drafters}
   runs = {}
   for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
     evaluate_lib.run_adaptive(target, drafters, policy, prompt, config,

@@ -1,11 +1,15 @@
-"""Tables laid out like the paper's (Tables 1, 3, 4), choice histograms, and the Figure 2 / 3 plots."""
+"""The report: tables laid out like the paper's (Tables 1, 3, 4), choice histograms, report.md
+and the Figure 2 / 3 plots."""
 
 from __future__ import annotations
 
 import json
 import os
 
-ORDER_FIRST = ("autoregressive",)
+from jax_specsel.decoding import AUTOREGRESSIVE
+from jax_specsel.models.interface import Model
+
+ORDER_FIRST = (AUTOREGRESSIVE,)
 ORDER_LAST = ("policy_greedy", "policy_dynamic", "policy_adaptive")
 
 
@@ -129,3 +133,103 @@ def plot_shift(shifted: dict, path: str) -> None:
   ax.set_title(f"shifted domain: {shifted.get('domain', '')}")
   ax.legend(fontsize=7)
   _save(fig, path)
+
+
+def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) -> str:
+  """report.md: the header, the tables, the checks and the figures of `write_report`'s payload."""
+  sizes = ", ".join(f"{name} {model.num_params / 1e6:.2f}M" for name, model in drafters.items())
+  models = payload.get("models", {})
+  parts = [f"# Context-aware drafter selection: report\n\nTarget {target.name} "
+           f"({target.num_params / 1e6:.2f}M params); drafters: {sizes}. "
+           f"{models.get('provenance', '')}\n", _regime_markdown(models.get("regime")),
+           _partial_collection_note(payload.get("collection")),
+           "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
+           results_table(payload), "\n## Choices of the policy per domain\n",
+           choices_table(payload), "\n## What choosing costs\n", _policy_cost_markdown(payload),
+           "\n## Per-round choice (policy_adaptive): share of rounds per option\n",
+           _round_choices_markdown(payload), _shifted_markdown(payload),
+           "\n## Checks of the paper's effect\n",
+           _shortfalls_markdown(payload["shortfalls"]),
+           "```json\n" + json.dumps(payload["checks"], indent=2) + "\n```\n",
+           "\n## Figures\n\n![alpha sweep](figure2_alpha_sweep.png)\n\n"
+           "![sample efficiency](figure3_sample_efficiency.png)\n"]
+  return "\n".join(parts)
+
+
+def _regime_markdown(regime: dict | None) -> str:
+  """The measured step costs: whether this machine is in the regime where speculation pays."""
+  if not regime or regime.get("round_target_steps") is None:
+    return ""
+  steps = ", ".join(f"{name} {us:.1f} us (ratio {regime['step_ratio'][name]:.0f})"
+                    for name, us in regime["drafter_step_us"].items())
+  return (f"Measured here, inside compiled loops: a target step {regime['target_step_us']:.0f} us; "
+          f"drafter steps {steps}; a gamma-{regime['gamma']} round with {regime['round_drafter']} "
+          f"costs {regime['round_target_steps']:.2f} target steps (speculation pays where this is "
+          "close to 1: a memory-bound target).\n")
+
+
+def _policy_cost_markdown(payload: dict) -> str:
+  """The policy's measured share of per-query time (fused call minus the plain call with the
+  option it chose, same queries and seeds)."""
+  cost = payload.get("policy_cost", {})
+  if not cost:
+    return "No policy was evaluated.\n"
+  variants = list(cost["all"])
+  lines = ["| domain | " + " | ".join(f"{v}: share / ms per query / median fused:plain"
+                                     for v in variants) + " |",
+           "|---|" + "---|" * len(variants)]
+  for domain, by_variant in cost.items():
+    cells = [f"{100 * by_variant[v]['share']:.2f}% / {by_variant[v]['ms_per_query']:.3f} / "
+             f"{by_variant[v]['median_ratio']:.3f}" for v in variants]
+    lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+  return ("Measured: `generate_selected` (embed from the target's first pass, policy, decode, in one "
+          "program) minus `generate` with the option it chose, same query and seed.\n\n"
+          + "\n".join(lines) + "\n")
+
+
+def _round_choices_markdown(payload: dict) -> str:
+  shares = payload.get("round_choices") or {}
+  if not shares:
+    return "Not run (the config has no `adaptive` section).\n"
+  work = payload.get("round_work") or {}
+  lines = ["| domain | rounds drafted by | tokens per target step: achieved / best fixed in "
+           "hindsight |", "|---|---|---|"]
+  for domain, by_option in shares.items():
+    cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in by_option.items() if share)
+    row = work.get(domain)
+    ratio = (f"{row['achieved']:.2f} / {row['best_fixed_hindsight']:.2f} ({row['ratio']:.2f})"
+             if row else "-")
+    lines.append(f"| {domain} | {cells} | {ratio} |")
+  note = ("\nWork in the measured costs' units (a target step = 1; the reads that scored "
+          "drafters count): what the per-round choices got against the best single option with "
+          "the acceptance it showed on the same query, apart from the loop's wall-time "
+          "overhead.\n")
+  return "\n".join(lines) + "\n" + (note if work else "")
+
+
+def _shifted_markdown(payload: dict) -> str:
+  shifted = payload.get("shifted") or {}
+  if not shifted:
+    return ""
+  finals = ", ".join(f"{name} {value:.3f}" for name, value in shifted["final"].items())
+  return (f"\n## Shifted domain: {shifted['domain']} held out of the policy's training\n\n"
+          f"The held-out policy's greedy choices there: {shifted['prior_choices']}. "
+          f"{shifted['queries']} queries served in turn; ms/token over the last "
+          f"{shifted['window']}: {finals}. Online / best single option ({shifted['best_fixed']}): "
+          f"{shifted['online_vs_best_fixed']:.3f}; frozen: {shifted['frozen_vs_best_fixed']:.3f}."
+          "\n\n![shifted domain](figure_shifted_domain.png)\n")
+
+
+def _partial_collection_note(collection: dict | None) -> str:
+  if not collection or collection["complete"]:
+    return ""
+  return (f"**Partial collection**: the policy and the experiments used "
+          f"{collection['collected_queries']} of {collection['num_queries']} collected queries "
+          f"(missing {', '.join(collection['missing_shards'])}).\n")
+
+
+def _shortfalls_markdown(notes: list[str]) -> str:
+  if not notes:
+    return "Every check below holds.\n"
+  return ("**Falls short** (measured, reported as is):\n\n"
+          + "\n".join(f"- {note}" for note in notes) + "\n")

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jax_specsel.models import checkpoint, hf_export, registry
+from jax_specsel.models import checkpoint, checkpoint_tensors, hf_export, registry
 from jax_specsel.models.interface import Model
 from jax_specsel.models.loading import WeightMismatchError, load_model
 
@@ -125,7 +125,7 @@ def _grow(src_dir: str, dst_dir: str, factor, overwrite: bool, source_label: str
         f"{arch.__name__}); growth supports T5 and LLaMA checkpoints.")
   config = arch.config_for_checkpoint(
       arch.Config.from_hf(hf_config, "float32", checkpoint.read_generation_config(src)),
-      checkpoint.CheckpointTensors(src))
+      checkpoint_tensors.CheckpointTensors(src))
   grown_config = arch.grown_hf_config(hf_config, config, factor) if factor > 1 else dict(hf_config)
   grown_config[GROWTH_FIELD] = _record(hf_config, factor, source_label)
   if factor > 1:
@@ -160,7 +160,7 @@ def _copy_files(src: str, dst: str, with_weights: bool) -> None:
 def _check_stored(arch, config, src: str) -> None:
   """Every parameter stored and every stored tensor known, before anything is written."""
   weight_map = arch.hf_weight_map(config)
-  names = checkpoint.CheckpointTensors(src).names
+  names = checkpoint_tensors.CheckpointTensors(src).names
   unknown = sorted(n for n in names if n not in weight_map and not arch.is_ignorable(n, config))
   stored_paths = {weight_map[n][0] for n in names if n in weight_map}
   missing = sorted(n for n, (path, _) in weight_map.items() if path not in stored_paths)
@@ -183,11 +183,11 @@ def grown_tensors(arch, config, src: str, factor: int) -> Iterator[tuple[str, np
   """
   rules = [(re.compile(pattern), widened, contracted)
            for pattern, widened, contracted in arch.GROWTH_AXES]
-  for name, tensor in checkpoint.iter_tensors(src):
+  for name, tensor in checkpoint_tensors.iter_tensors(src):
     if name != arch.LM_HEAD:  # a stored head (untied, or a tied alias) is written below
       yield name, widen(tensor, *_axes(rules, name, arch), factor)
   weight_map = arch.hf_weight_map(config)
-  stored = checkpoint.CheckpointTensors(src)
+  stored = checkpoint_tensors.CheckpointTensors(src)
   head_path = weight_map[arch.LM_HEAD][0]  # the tied table's parameter when tied
   source = next(n for n, (path, _) in weight_map.items() if path == head_path and n in stored.names)
   head = stored.read(source)

@@ -97,8 +97,8 @@ class Decoder:
   placement: sharding.Placement | None = None  # the mesh the weights live on (None: one device)
 
   def __post_init__(self):
-    # Hashing a GraphDef walks the whole module graph (~2.5 ms for a small T5); every generate()
-    # call looks its compiled loop up by a key holding two decoders, so hash once.
+    # Hashing a GraphDef walks the whole module graph, and every generate() call looks its
+    # compiled loop up by a key holding two decoders: so hash once.
     object.__setattr__(self, "_hash", hash((self.graphdef, self.exit_layers, self.placement)))
 
   def __hash__(self) -> int:
@@ -141,8 +141,22 @@ class Decoder:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _full_logits(decoder: Decoder, params, input_ids, attention_mask, decoder_input_ids):
-  """Uncached forward pass through the protocol: prepare, then one decode call from position 0."""
+def full_logits(decoder: Decoder, params, input_ids, attention_mask, decoder_input_ids):
+  """Uncached forward pass through the protocol: prepare, then one decode call from position 0.
+
+  Jitted with `decoder` static; `Model.logits` is its eager front, and `.lower(...)` gives the
+  program whose products the precision tests read.
+
+  Args:
+    decoder: the model's static `Decoder`.
+    params: its weights.
+    input_ids: int [B, S]; decoder-only rows right-aligned (real tokens first).
+    attention_mask: {0,1} [B, S].
+    decoder_input_ids: int [B, T] for an encoder-decoder model, None for a decoder-only one.
+
+  Returns:
+    float32 [B, T, V] logits (T = S for a decoder-only model).
+  """
   batch = input_ids.shape[0]
   if decoder_input_ids is None:  # decoder-only: the prompt itself is decoded from position 0
     tokens = input_ids
@@ -287,8 +301,8 @@ class Model:
     if decoder_input_ids is not None:
       decoder_input_ids = jnp.asarray(np.asarray(decoder_input_ids, np.int32))
     aligned, aligned_mask = self._aligned(ids, mask)
-    out = np.asarray(_full_logits(self.decoder, self.params, *_on_device(aligned, aligned_mask),
-                                  decoder_input_ids), np.float32)
+    out = np.asarray(full_logits(self.decoder, self.params, *_on_device(aligned, aligned_mask),
+                                 decoder_input_ids), np.float32)
     return out if self.is_encoder_decoder else token_batches.original_layout(out, mask)
 
   def embed(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -324,6 +338,13 @@ class Model:
     where = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
     return (f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, "
             f"dtype={self.config.dtype}{where})")
+
+
+def decode_text(model: Model, out) -> list[str]:
+  """Generated ids (an output with `tokens` [B, T] and `lengths` [B]) -> text through the model's
+  tokenizer (special tokens dropped)."""
+  return model.tokenizer.batch_decode([row[:n] for row, n in zip(out.tokens.tolist(), out.lengths)],
+                                      skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- placement

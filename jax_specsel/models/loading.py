@@ -1,10 +1,10 @@
 """HuggingFace checkpoints -> `Model`: build the architecture's module, fill it tensor by tensor.
 
 The architecture comes from the registry (models/registry.py: config.json's `model_type` -> the
-module); the files are read by models/checkpoint.py. Each architecture module contributes its
-Config (`Config.from_hf`), `config_for_checkpoint` (which tables the stored weights tie), its nnx
-`Module`, `hf_weight_map` (every tensor the module needs) and `is_ignorable` (stored tensors it
-does not need).
+module); the files are read by models/checkpoint.py and models/checkpoint_tensors.py. Each
+architecture module contributes its Config (`Config.from_hf`), `config_for_checkpoint` (which
+tables the stored weights tie), its nnx `Module`, `hf_weight_map` (every tensor the module needs)
+and `is_ignorable` (stored tensors it does not need).
 
 Tensors are converted and cast one at a time, so peak host memory stays near one copy of the
 weights. With a `mesh`, each converted tensor goes straight into its NamedSharding
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_specsel import sharding
-from jax_specsel.models import checkpoint
+from jax_specsel.models import checkpoint, checkpoint_tensors
 # The errors load_model raises, importable from here as well as from where they are defined.
 from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,  # noqa: F401
                                            InvalidConfigError)
@@ -84,7 +84,7 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
                                  f"({type(err).__name__}: {err}): a field is missing or malformed; "
                                  "restore config.json from the checkpoint's source.") from err
   config = dataclasses.replace(config, matmul_precision=matmul_precision)
-  module = _build_module(arch, config, directory, mesh)
+  module = build_module(arch, config, directory, mesh)
   label = name or os.path.basename(os.path.normpath(path_or_id))
   placement = None if mesh is None else sharding.Placement(mesh)
   return Model(module, tokenizer=_load_tokenizer(directory), name=label, placement=placement)
@@ -98,10 +98,10 @@ def _checkpoint_config(arch, hf_config: dict, dtype: str, directory: str):
     config = arch.Config.from_hf(hf_config, dtype, generation_config=generation_config)
   except InvalidConfigError as err:
     raise InvalidConfigError(f"{directory}: {err}") from None
-  return arch.config_for_checkpoint(config, checkpoint.CheckpointTensors(directory))
+  return arch.config_for_checkpoint(config, checkpoint_tensors.CheckpointTensors(directory))
 
 
-def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
+def build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
   abstract = nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
@@ -116,7 +116,7 @@ def _build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
     raise RuntimeError(f"{arch.__name__}.hf_weight_map leaves parameters unfilled: {uncovered[:4]}")
   dtype = checkpoint.DTYPES[config.dtype]
   values, unexpected = {}, []
-  for file, name, tensor in checkpoint.iter_file_tensors(directory):
+  for file, name, tensor in checkpoint_tensors.iter_file_tensors(directory):
     if name not in weight_map:
       if not arch.is_ignorable(name, config):
         unexpected.append(name)

@@ -6,8 +6,7 @@ cluster with its own best option; rewards = the cluster's mean reward of the opt
 noise. Trains `jax_specsel.bandit.train_policy` with each estimator on N training examples and
 measures greedy best-arm accuracy (and expected-reward regret) on held-out queries.
 
-  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/experiment_estimators.py \
-      --output=/tmp/estimators.json
+  python benchmarks/experiment_estimators.py --output=/tmp/estimators.json
 """
 
 from __future__ import annotations
@@ -16,8 +15,11 @@ import itertools
 import json
 import time
 
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
+
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jax_specsel import bandit, experiment, validation
 
@@ -135,8 +137,7 @@ def check_flags() -> list[int]:
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before any training
-    sizes = check_flags()
+  sizes = common.checked(check_flags)  # one line, before any training
   results = []
   for name, overrides in _VARIANTS.items():
     results += run_variant(name, overrides, sizes, FLAGS.seeds)
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

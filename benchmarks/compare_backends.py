@@ -1,9 +1,9 @@
 """Runs the benchmark on every backend present (or those named) and merges one table.
 
-  python launch/compare_backends.py                     # every backend jax finds: cpu, gpu, tpu
-  python launch/compare_backends.py --backends=cpu,gpu --families=llama
+  python benchmarks/compare_backends.py                 # every backend jax finds: cpu, gpu, tpu
+  python benchmarks/compare_backends.py --backends=cpu,gpu --families=llama
 
-Each backend runs launch/benchmark.py in its own process with JAX_PLATFORMS set (a process can
+Each backend runs benchmarks/benchmark.py in its own process with JAX_PLATFORMS set (a process can
 initialize only one accelerator platform cleanly); the merged table has ms/token, speedup, compile
 time, device name and jax version per backend and option.
 """
@@ -13,20 +13,27 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
+
+from absl import flags
 
 from jax_specsel import experiment, validation
 from jax_specsel.eval import random_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backends", [], "Backends to compare (default: every one present).")
-flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs (see launch/benchmark.py).")
+flags.DEFINE_list("families", ["t5", "llama"], "Random model pairs (see benchmark.py).")
 flags.DEFINE_string("output_dir", "reports/backends", "Where per-backend runs and the merge go.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed passes.")
 
 
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
 def present_backends() -> list[str]:
+  """The backends of BACKENDS that jax finds on this machine."""
   import jax
   found = []
   for backend in BACKENDS:
@@ -39,6 +46,7 @@ def present_backends() -> list[str]:
 
 
 def run_backend(backend: str) -> dict:
+  """benchmark.py in its own process on `backend`; returns its benchmark.json."""
   out_dir = os.path.join(FLAGS.output_dir, backend)
   platform = {"gpu": "cuda"}.get(backend, backend)
   env = dict(os.environ, JAX_PLATFORMS=platform)
@@ -51,34 +59,29 @@ def run_backend(backend: str) -> dict:
 
 
 def merged_table(runs: dict) -> str:
+  """Every backend's rows in one markdown table."""
   lines = ["| backend | device | jax | target | option | ms/token | speedup | compile s |",
            "|---|---|---|---|---|---|---|---|"]
   for backend, run in runs.items():
     for result in run["results"]:
       for option, row in result["options"].items():
-        lines.append(f"| {backend} | {run['device']} | {run['jax']} | {result['target']} | {option} | "
-                     f"{row['ms_per_token']:.3f} | {row.get('speedup', 1.0):.2f}x | "
+        lines.append(f"| {backend} | {run['device']} | {run['jax']} | {result['target']} | "
+                     f"{option} | {row['ms_per_token']:.3f} | {row.get('speedup', 1.0):.2f}x | "
                      f"{row.get('compile_seconds', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
 
 
-BACKENDS = ("cpu", "gpu", "tpu")
-
-
 def check_flags() -> None:
   """Validates every flag and the output directory before any backend is started."""
-  for name, known in (("backends", BACKENDS), ("families", tuple(random_models.RANDOM_PAIRS))):
-    unknown = sorted(set(FLAGS[name].value) - set(known))
-    if unknown or (name == "families" and not FLAGS.families):
-      raise ValueError(f"--{name}={','.join(FLAGS[name].value)}: choose from {sorted(known)}.")
+  common.choices_flag("backends", BACKENDS, allow_empty=True)
+  common.choices_flag("families", random_models.RANDOM_PAIRS)
   experiment.integer_flags("max_new_tokens", "repeats")
   validation.writable_directory(FLAGS.output_dir, "--output_dir")
 
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before any benchmark runs
-    check_flags()
+  common.checked(check_flags)  # one line, before any benchmark runs
   backends = FLAGS.backends or present_backends()
   runs = {backend: run_backend(backend) for backend in backends}
   os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -91,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

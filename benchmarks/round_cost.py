@@ -1,7 +1,9 @@
-"""What a speculative round and a whole call cost inside and around the compiled loop, in target steps.
+"""What a speculative round and a whole call cost inside and around the compiled loop, in target
+steps.
 
-  python launch/round_cost.py                                # the demo zoo (built if not cached)
-  python launch/round_cost.py --target=DIR --drafter=DIR --prompt="translate English to German: ..."
+  python benchmarks/round_cost.py                             # the demo zoo (built if not cached)
+  python benchmarks/round_cost.py --target=DIR --drafter=DIR \
+      --prompt="translate English to German: ..."
 
 Every flag is checked before a model is loaded or timed. A --target without tokenizer files is
 timed on random prompt ids within the vocabulary of both models (then --prompt is refused).
@@ -14,20 +16,22 @@ Two tables, both in units of one target decode step measured inside a compiled l
     (the target's first pass, the drafter's first pass when it drafts, one round, all timed inside
     compiled loops); the rest is the call's fixed cost: host work, argument passing, the launch,
     cache allocation, the output fetch and cold caches.
-Writes both tables as JSON to --output.
+Writes both tables as JSON to --output. The speculative calls' gamma and the zoo default to the
+demo's (configs/demo.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
-from absl import app, flags, logging
-from flax import nnx
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
 
 import numpy as np
+from absl import flags, logging
+from flax import nnx
 
 import jax_specsel as js
 from jax_specsel import experiment, validation
@@ -39,11 +43,14 @@ flags.DEFINE_string("target", "", "Target checkpoint (directory or hub id); empt
 flags.DEFINE_string("drafter", "", "Drafter checkpoint; with the demo zoo: a drafter name.")
 flags.DEFINE_string("prompt", "", "Prompt text (default: the first test prompt of the world).")
 flags.DEFINE_list("gammas", ["1", "2", "3", "4", "5", "8"], "Draft tokens per round to time.")
-flags.DEFINE_integer("gamma", 5, "Draft tokens per round of the speculative 1-token calls.")
+flags.DEFINE_integer("gamma", common.DEMO.gamma,
+                     "Draft tokens per round of the speculative 1-token calls (default: the "
+                     "demo's).")
 flags.DEFINE_integer("rounds", 200, "Rounds per timed program.")
 flags.DEFINE_integer("calls", 40, "Timed 1-token calls per entry point (median taken).")
-flags.DEFINE_string("cache_dir", "", "Zoo cache root (demo zoo only).")
 flags.DEFINE_string("output", "reports/round_cost.json", "Where the JSON tables go.")
+common.define_zoo_flags()  # the demo zoo's, when --target is empty
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 
 def check_flags() -> list[int]:
@@ -51,8 +58,7 @@ def check_flags() -> list[int]:
   gammas = experiment.integer_list_flag("gammas")
   experiment.integer_flags("gamma", "rounds", "calls")
   if not FLAGS.target and FLAGS.drafter:
-    from jax_specsel.data import zoo as zoo_lib
-    names = zoo_lib.ZooConfig().drafter_names()
+    names = common.zoo_config(FLAGS.zoo).drafter_names()
     if FLAGS.drafter not in names:
       raise ValueError(f"--drafter={FLAGS.drafter!r}: without --target, name a drafter of the demo "
                        f"zoo, one of {list(names)}, or pass --target and --drafter checkpoints.")
@@ -61,7 +67,7 @@ def check_flags() -> list[int]:
 
 
 def _prompt_ids(target, drafter, prompt: str) -> np.ndarray:
-  """[1, L] ids of `prompt`; random ids within both vocabularies when the target has no tokenizer."""
+  """[1, L] ids of `prompt`; random ids within both vocabularies when the target has none."""
   if target.tokenizer is not None:
     return np.asarray([target.tokenizer(prompt)["input_ids"]])
   if FLAGS.prompt:
@@ -74,13 +80,13 @@ def _prompt_ids(target, drafter, prompt: str) -> np.ndarray:
 
 
 def _models():
+  """(target, drafter, prompt text) from the flags, or from the demo zoo when --target is empty."""
   if FLAGS.target:
     target = js.load_model(FLAGS.target)
     drafter = js.load_model(FLAGS.drafter) if FLAGS.drafter else target
     return target, drafter, FLAGS.prompt or "Hello"
   from jax_specsel.data import world as world_lib, zoo as zoo_lib
-  world = world_lib.World()
-  zoo = zoo_lib.build_zoo(world, zoo_lib.ZooConfig(), cache_dir=FLAGS.cache_dir or None)
+  world, zoo = common.demo_zoo(FLAGS.zoo, FLAGS.cache_dir)
   drafter = zoo.drafters[FLAGS.drafter or zoo_lib.drafter_name(world_lib.TRANSLATE)]
   return zoo.target, drafter, FLAGS.prompt or world.split("test", world_lib.TRANSLATE)[0]["prompt"]
 
@@ -103,7 +109,8 @@ def _call_seconds(calls: dict, count: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def per_call_costs(target, drafter, ids, step: float, round_seconds: float, gamma: int) -> list[dict]:
+def per_call_costs(target, drafter, ids, step: float, round_seconds: float,
+                   gamma: int) -> list[dict]:
   """Wall time of 1-token calls against the work they do, in target steps."""
   prepare_target = speed.time_prepare(target, ids)
   prepare_drafter = speed.time_prepare(drafter, ids)
@@ -131,8 +138,7 @@ def per_call_costs(target, drafter, ids, step: float, round_seconds: float, gamm
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before the zoo and the timings
-    gammas = check_flags()
+  gammas = common.checked(check_flags)  # one line, before the zoo and the timings
   target, drafter, prompt = _models()
   ids = _prompt_ids(target, drafter, prompt)
   step = speed.time_rounds(target, ids, rounds=FLAGS.rounds)
@@ -167,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

@@ -1,16 +1,17 @@
 """What choosing costs per query: `generate_selected` against `generate` with the option it chose.
 
-  python launch/selection_overhead.py                     # the demo zoo and the demo's policy
-  python launch/selection_overhead.py --policy=reports/demo/policy --queries=40 --repeats=5
-  python launch/selection_overhead.py --random_widths=128,512 --gamma=5 --max_new_tokens=30 \
+  python benchmarks/selection_overhead.py                 # the demo zoo and the demo's policy
+  python benchmarks/selection_overhead.py --policy=reports/demo/policy --queries=40 --repeats=5
+  python benchmarks/selection_overhead.py --random_widths=128,512 --gamma=5 --max_new_tokens=30 \
       --calls=60 --output=reports/selection_overhead_random.json   # random T5s, no zoo needed
 
 Per test query of the embedded world (every domain): the wall time of `generate_selected` (prefill,
 embedding, policy and decode in one program) and of `generate` with the option the policy chose,
 same seed, both timed around the whole public call, each in blocks over all queries as a
 deployment serves them (the block order alternates between repeats).
-Prints the median ratio fused / plain over queries (the issue's bar: <= 1.05) and the policy's
-share of per-query time per domain, and writes them as JSON to --output.
+Prints the median ratio fused / plain over queries and the policy's share of per-query time per
+domain, and writes them as JSON to --output. Gamma, the token budget and the zoo default to the
+demo's (configs/demo.py).
 
 With --random_widths: random-weight T5s built in-process, shaped as the demo zoo's (target: d_model
 W, W/32 heads, d_ff 4W, 2 encoder + 6 decoder layers; three drafters of d_model 96, 4 heads, d_ff
@@ -30,26 +31,33 @@ import random
 import statistics
 import time
 
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
+
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import jax_specsel as js
-from jax_specsel import demo as demo_lib, experiment, validation
+from jax_specsel import experiment, validation
 from jax_specsel.eval import evaluate
 
+DEMO = common.DEMO
 FLAGS = flags.FLAGS
-flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
+flags.DEFINE_string("policy", f"{DEMO.output_dir}/policy", "A policy saved by the demo.")
 flags.DEFINE_integer("queries", 40, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the queries.")
-flags.DEFINE_integer("gamma", 5, "Draft tokens per round (as the demo).")
-flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
-flags.DEFINE_string("cache_dir", "", "Zoo cache root.")
+flags.DEFINE_integer("gamma", DEMO.gamma, "Draft tokens per round (default: the demo's).")
+flags.DEFINE_integer("max_new_tokens", DEMO.max_new_tokens,
+                     "Tokens generated at most per query (default: the demo's).")
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
-flags.DEFINE_list("random_widths", [], "Target widths (d_model) of random T5s; empty: the demo zoo.")
+flags.DEFINE_list("random_widths", [],
+                  "Target widths (d_model) of random T5s; empty: the demo zoo.")
 flags.DEFINE_list("picks", ["autoregressive", "d0"], "Options the always-one-option policies pick "
                   "(random models: autoregressive, d0, d1, d2).")
 flags.DEFINE_integer("calls", 60, "Random models: timed calls per variant (medians taken).")
 flags.DEFINE_integer("prompt_tokens", 34, "Random models: tokens of the prompt.")
+common.define_zoo_flags()
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 RANDOM_OPTIONS = ("autoregressive", "d0", "d1", "d2")
 RANDOM_VOCAB = 304
@@ -84,8 +92,10 @@ def _random_rows(width: int) -> list[dict]:
                                                                    **settings)
   outputs = {key: call() for key, call in calls.items()}  # compiles every program
   for (pick, variant), out in outputs.items():
+    if variant == "plain":
+      continue
     expected = outputs[(pick, "plain")]
-    if variant != "plain" and (out.choices != [pick] or out.tokens.tolist() != expected.tokens.tolist()):
+    if out.choices != [pick] or out.tokens.tolist() != expected.tokens.tolist():
       raise AssertionError(f"width {width}, {variant} options picking {pick}: generate_selected "
                            "differs from generate with that option")
   for call in calls.values():  # every branch once more, untimed
@@ -113,14 +123,15 @@ def _random_rows(width: int) -> list[dict]:
 
 
 def random_main() -> None:
+  """The random-model table: every --random_widths width, printed and written to --output."""
   rows = []
   print("| target d_model (params) | options | pick | plain ms | fused ms | ratio | paired ratio "
         "| extra ms |\n|---|---|---|---|---|---|---|---|", flush=True)
   for width in map(int, FLAGS.random_widths):
     for row in _random_rows(width):
       rows.append(row)
-      print(f"| {row['width']} ({row['target_params_M']:.1f}M) | {row['options']} | {row['pick']} | "
-            f"{row['plain_ms']:.3f} | {row['fused_ms']:.3f} | {row['ratio']:.4f} | "
+      print(f"| {row['width']} ({row['target_params_M']:.1f}M) | {row['options']} | "
+            f"{row['pick']} | {row['plain_ms']:.3f} | {row['fused_ms']:.3f} | {row['ratio']:.4f} | "
             f"{row['paired_ratio']:.4f} | {row['extra_ms']:+.3f} |", flush=True)
   with open(FLAGS.output, "w") as handle:
     json.dump({"gamma": FLAGS.gamma, "max_new_tokens": FLAGS.max_new_tokens,
@@ -142,20 +153,9 @@ def check_flags() -> None:
       raise ValueError(f"--random_widths={width!r}: each a multiple of 32 (heads of 32).")
 
 
-def main(argv):
-  del argv
-  with experiment.usage_errors():  # one line, before the zoo and the timings
-    check_flags()
-  if FLAGS.random_widths:
-    random_main()
-    return
-  with experiment.usage_errors():
-    policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy, FLAGS.cache_dir or None)
-  config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
-                               seeds=tuple(range(FLAGS.repeats)))
-  queries = [(domain, example["prompt"]) for domain in world.domains
-             for example in world.split("test", domain)[:FLAGS.queries]]
-  prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
+def timed_runs(zoo, policy, prompts: list, config: evaluate.EvalConfig) -> dict:
+  """{option: [repeat][query] run}: each query through generate_selected (policy_greedy) and
+  through generate with the option the policy chose, in blocks as a deployment serves them."""
   # Untimed: compiles every program and records the greedy policy's choice of each query.
   choices = [evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)[1]
              for prompt in prompts]
@@ -165,8 +165,8 @@ def main(argv):
   names = ("policy_greedy", "autoregressive", *zoo.drafters)
   runs = {name: [[None] * len(prompts) for _ in range(FLAGS.repeats)] for name in names}
   for repeat in range(FLAGS.repeats):
-    # Blocks, as a deployment serves: every query through generate_selected, then every query
-    # through generate with the option it chose; the block order alternates between repeats.
+    # Every query through one call, then every query through the other; the block order
+    # alternates between repeats.
     blocks = ("fused", "plain") if repeat % 2 == 0 else ("plain", "fused")
     for block in blocks:
       for i, prompt in enumerate(prompts):
@@ -180,6 +180,19 @@ def main(argv):
           drafter = None if choices[i] == "autoregressive" else zoo.drafters[choices[i]]
           runs[choices[i]][repeat][i] = evaluate.run_option(zoo.target, drafter, prompt, config,
                                                             seed)
+  return runs
+
+
+def zoo_main() -> None:
+  """The demo zoo's table: the policy's overhead per domain, printed and written to --output."""
+  policy, world, zoo = common.checked(common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo,
+                                      FLAGS.cache_dir)
+  config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
+                               seeds=tuple(range(FLAGS.repeats)))
+  queries = [(domain, example["prompt"]) for domain in world.domains
+             for example in world.split("test", domain)[:FLAGS.queries]]
+  prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
+  runs = timed_runs(zoo, policy, prompts, config)
   domains = [domain for domain, _ in queries]
   result = {"all": evaluate.policy_cost(runs)["policy_greedy"]}
   for domain in world.domains:
@@ -189,13 +202,22 @@ def main(argv):
   for domain, cost in result.items():
     print(f"| {domain} | {cost['median_ratio']:.3f} | {100 * cost['share']:.2f}% | "
           f"{cost['ms_per_query']:.3f} |")
+  median_seconds = statistics.median(r.seconds for r in runs["policy_greedy"][0])
   with open(FLAGS.output, "w") as handle:
     json.dump({"policy": FLAGS.policy, "queries": len(prompts), "repeats": FLAGS.repeats,
-               "gamma": FLAGS.gamma, "cost": result,
-               "median_ms_per_query": statistics.median(r.seconds for r in runs["policy_greedy"][0])
-               * 1e3}, handle, indent=1)
+               "gamma": FLAGS.gamma, "cost": result, "median_ms_per_query": median_seconds * 1e3},
+              handle, indent=1)
   logging.info("wrote %s", FLAGS.output)
 
 
+def main(argv):
+  del argv
+  common.checked(check_flags)  # one line, before the zoo and the timings
+  if FLAGS.random_widths:
+    random_main()
+  else:
+    zoo_main()
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

@@ -1,7 +1,7 @@
 """Per-token decode latency through our cache path vs transformers PyTorch, same weights, one run.
 
-  python launch/step_latency.py                   # 6-layer d_model-512 T5 and LLaMA, random weights
-  python launch/step_latency.py --torch_threads=1 --steps=50
+  python benchmarks/step_latency.py               # 6-layer d_model-512 T5 and LLaMA, random weights
+  python benchmarks/step_latency.py --torch_threads=1 --steps=50
 
 Both sides decode `steps` single tokens after a `prefix`-token prompt (positions prefix to
 prefix+steps-1), each the way its own generation runs them: ours with
@@ -17,9 +17,11 @@ import statistics
 import tempfile
 import time
 
-from absl import app, flags
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
 
 import numpy as np
+from absl import flags
 
 import jax_specsel as js
 from jax_specsel import experiment
@@ -43,24 +45,27 @@ def ours_ms(model, prompt) -> float:
 
 
 def torch_ms(directory, prompt) -> float:
+  """ms per single-token step of transformers from Python through `past_key_values` (the median
+  step over all repeats), after the same prompt."""
   import torch
   from jax_specsel.eval.hf_baseline import load_torch_model
   model = load_torch_model(directory)
+  seq2seq = model.config.is_encoder_decoder
   times = []
   with torch.inference_mode():
     for _ in range(FLAGS.repeats):
       ids = torch.tensor(np.asarray(prompt))
-      if model.config.is_encoder_decoder:
+      if seq2seq:
         encoder = model.get_encoder()(input_ids=ids)
-        out = model(encoder_outputs=encoder, decoder_input_ids=torch.zeros((1, FLAGS.prefix), dtype=torch.long),
-                    use_cache=True)
+        prefix = torch.zeros((1, FLAGS.prefix), dtype=torch.long)
+        out = model(encoder_outputs=encoder, decoder_input_ids=prefix, use_cache=True)
       else:
         out = model(input_ids=ids, use_cache=True)
       past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
       for _ in range(FLAGS.steps):
         began = time.perf_counter()
-        kwargs = {"encoder_outputs": encoder, "decoder_input_ids": token} if model.config.is_encoder_decoder \
-            else {"input_ids": token}
+        kwargs = ({"encoder_outputs": encoder, "decoder_input_ids": token} if seq2seq
+                  else {"input_ids": token})
         out = model(**kwargs, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - began)
@@ -69,23 +74,20 @@ def torch_ms(directory, prompt) -> float:
 
 def check_flags() -> None:
   """Validates every flag before any model is built or timed."""
-  unknown = sorted(set(FLAGS.families) - set(random_models.RANDOM_PAIRS))
-  if unknown or not FLAGS.families:
-    raise ValueError(f"--families={','.join(FLAGS.families)}: choose from "
-                     f"{sorted(random_models.RANDOM_PAIRS)}.")
+  common.choices_flag("families", random_models.RANDOM_PAIRS)
   experiment.integer_flags("prefix", "steps", "repeats", "cache_length")
   experiment.integer_flags("torch_threads", minimum=0)
 
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before any model is built
-    check_flags()
+  common.checked(check_flags)  # one line, before any model is built
   if FLAGS.torch_threads:
     import torch
     torch.set_num_threads(FLAGS.torch_threads)
   rng = np.random.default_rng(0)
-  print("| model | params | ours ms/step | transformers ms/step | ours / transformers |\n|---|---|---|---|---|")
+  print("| model | params | ours ms/step | transformers ms/step | ours / transformers |\n"
+        "|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as scratch:
     for family in FLAGS.families:
       directory = random_models.build_random_checkpoint(
@@ -100,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

@@ -1,13 +1,11 @@
 """What an "if" inside a compiled loop costs on this backend: lax.cond, lax.switch, nesting, and
-the while_loop that runs zero times or once (`decoding.adaptive_loop._when`).
+a while_loop that runs zero times or once (the while-as-if the decoding loop can use instead).
 
-  python launch/conditional_copies.py [--kilobytes=400] [--iterations=1000]
+  python benchmarks/conditional_copies.py [--kilobytes=400] [--iterations=1000]
 
 Each variant updates 8 floats of a carried buffer per iteration of a fori_loop; the printed time
-per iteration shows whether the construct copies the buffer (tens of microseconds for 400 KB on a
-CPU) or updates it in place (well under a microsecond). Measured on the 2-core CPU (BUILD_NOTES,
-"Choosing per round"): lax.cond 0.1 us, lax.switch with 2 branches 1 us, with 3 or 6 branches
-~43 us, two nested lax.conds ~45 us, nested while-as-if 0.04 us.
+per iteration shows whether the construct copies the whole buffer each iteration (a time that
+grows with --kilobytes) or updates it in place.
 """
 
 from __future__ import annotations
@@ -15,9 +13,12 @@ from __future__ import annotations
 import functools
 import time
 
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
+
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from jax_specsel import experiment
 
@@ -27,16 +28,20 @@ flags.DEFINE_integer("iterations", 1000, "Loop iterations per timed run.")
 
 
 def _when(predicate, body, operand):
+  """`body(operand)` if `predicate`, else `operand`, as a while_loop of zero or one iterations."""
   return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), body(c[1])),
                             (jnp.asarray(predicate), operand))[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loop(kind: str, iterations: int, buffer, flag):
+  """`iterations` updates of `buffer`, each behind the conditional construct `kind`."""
   size = buffer.shape[0]
 
   def body(i, buffer):
-    update = lambda b: jax.lax.dynamic_update_slice(b, jnp.ones((8,)) * i, (i * 8 % (size - 8),))
+    def update(b):
+      return jax.lax.dynamic_update_slice(b, jnp.ones((8,)) * i, (i * 8 % (size - 8),))
+
     if kind == "plain":
       return update(buffer)
     if kind == "cond":
@@ -55,22 +60,20 @@ def _loop(kind: str, iterations: int, buffer, flag):
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before anything is compiled
-    experiment.integer_flags("kilobytes", "iterations")
+  common.checked(experiment.integer_flags, "kilobytes", "iterations")  # before any compile
   buffer = jnp.zeros((FLAGS.kilobytes * 256,), jnp.float32)
   flag = jnp.int32(1)
   print(f"| construct ({FLAGS.kilobytes} KB carried) | us per iteration |\n|---|---|")
   for kind in ("plain", "cond", "switch2", "switch3", "switch6", "nested cond",
                "nested while-as-if"):
-    run = lambda: _loop(kind, FLAGS.iterations, buffer, flag).block_until_ready()
-    run()
+    _loop(kind, FLAGS.iterations, buffer, flag).block_until_ready()  # compiles, untimed
     best = float("inf")
     for _ in range(5):
       started = time.perf_counter()
-      run()
+      _loop(kind, FLAGS.iterations, buffer, flag).block_until_ready()
       best = min(best, time.perf_counter() - started)
     print(f"| {kind} | {1e6 * best / FLAGS.iterations:.2f} |")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)

@@ -1,12 +1,13 @@
 """What choosing per round costs against choosing per query: `generate_adaptive` over
 `generate_selected` on the same queries and seeds, interleaved query by query.
 
-  python launch/adaptive_overhead.py --policy=reports/demo/policy [--queries=12 --repeats=5]
+  python benchmarks/adaptive_overhead.py --policy=reports/demo/policy [--queries=12 --repeats=5]
 
 Per test query of the embedded world: the wall time of `generate_adaptive` (the policy as prior,
 costs measured here first) and of `generate_selected` (the policy's one choice), both timed around
 the whole public call, the order alternating from query to query. Prints the median ratio per
-domain and the rounds each option drafted, and writes them as JSON to --output.
+domain and the rounds each option drafted, and writes them as JSON to --output. The decoding and
+rule settings default to the demo's (configs/demo.py).
 """
 
 from __future__ import annotations
@@ -16,24 +17,33 @@ import json
 import statistics
 import time
 
-import numpy as np
-from absl import app, flags
+import common  # first: the hubs' offline defaults come before any Hugging Face import
+# isort: split
 
-from jax_specsel import demo as demo_lib, experiment, validation
+import numpy as np
+from absl import flags
+
+from jax_specsel import experiment, validation
 from jax_specsel.decoding import RuleSettings, generate_adaptive, generate_selected
 from jax_specsel.eval.speed import measure_adaptive_costs
 
+DEMO = common.DEMO
 FLAGS = flags.FLAGS
-flags.DEFINE_string("policy", "reports/demo/policy", "A policy saved by the demo (Policy.save).")
+flags.DEFINE_string("policy", f"{DEMO.output_dir}/policy", "A policy saved by the demo.")
 flags.DEFINE_integer("queries", 12, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 5, "Timed passes over the queries.")
-flags.DEFINE_integer("gamma", 5, "generate_selected's gamma (as the demo).")
-flags.DEFINE_integer("max_gamma", 5, "generate_adaptive's largest gamma (as the demo).")
-flags.DEFINE_integer("probe_every", 1, "Rounds between probes (as the demo).")
-flags.DEFINE_float("track_threshold", 0.0, "Hedge weight from which a drafter is read at every "
-                   "probe (as the demo: 0, every drafter every round).")
-flags.DEFINE_integer("max_new_tokens", 48, "Tokens generated at most per query (as the demo).")
+flags.DEFINE_integer("gamma", DEMO.gamma, "generate_selected's gamma (default: the demo's).")
+flags.DEFINE_integer("max_gamma", DEMO.adaptive.max_gamma,
+                     "generate_adaptive's largest gamma (default: the demo's).")
+flags.DEFINE_integer("probe_every", DEMO.adaptive.probe_every,
+                     "Rounds between probes (default: the demo's).")
+flags.DEFINE_float("track_threshold", DEMO.adaptive.track_threshold, "Hedge weight from which a "
+                   "drafter is read at every probe (default: the demo's).")
+flags.DEFINE_integer("max_new_tokens", DEMO.max_new_tokens,
+                     "Tokens generated at most per query (default: the demo's).")
 flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
+common.define_zoo_flags()
+flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
 
 
 def check_flags() -> None:
@@ -45,13 +55,14 @@ def check_flags() -> None:
 
 def main(argv):
   del argv
-  with experiment.usage_errors():  # one line, before the zoo and the timings
-    check_flags()
-    policy, world, zoo = demo_lib.saved_policy_and_zoo(FLAGS.policy)
+  common.checked(check_flags)  # one line, before the zoo and the timings
+  policy, world, zoo = common.checked(common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo,
+                                      FLAGS.cache_dir)
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
-  rule = RuleSettings(probe_every=FLAGS.probe_every, track_threshold=FLAGS.track_threshold)
+  rule = RuleSettings(learning_rate=DEMO.adaptive.hedge_learning_rate,
+                      probe_every=FLAGS.probe_every, track_threshold=FLAGS.track_threshold)
 
   def selected(prompt, seed):
     started = time.perf_counter()
@@ -95,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=experiment.parse_flags)
+  common.run(main)
