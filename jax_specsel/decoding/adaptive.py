@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from jax_specsel import validation
-from jax_specsel.decoding import adaptive_loop, adaptive_rule, loop, programs, request
+from jax_specsel.decoding import adaptive_loop, adaptive_rule, programs, request, transfer
 from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
 from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
@@ -148,7 +148,7 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     weights = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
                costs.as_array())
     trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
-    return programs.Program(_run_flat, spec, trees, weights, spec.base.cache_length,
+    return programs.Program(_PROGRAM, spec, trees, weights, spec.base.cache_length,
                             f"adaptive over {options}, gamma <= {max_gamma}")
 
   def unpack(spec, packed, seconds, compile_seconds) -> AdaptiveOutput:
@@ -225,28 +225,24 @@ def _run_flat(spec, trees, target_leaves, drafter_leaves, policy_leaves, costs, 
                            key)
 
 
+_PROGRAM = transfer.Packed(_run_flat)  # its `AdaptiveSummary` packed into one array
+
+
 def _output(spec, names: list[str], packed: np.ndarray, seconds: float,
             compile_seconds: float) -> AdaptiveOutput:
-  max_new, rounds, options = spec.base.max_new_tokens, spec.max_rounds, spec.num_drafters + 1
-  width = loop.Summary.width(max_new, spec.max_gamma)
-  summary = loop.Summary.from_array(packed[:, :width], max_new)
-  columns = np.cumsum([width, rounds, rounds, options, options])
-  round_options, round_gammas, drafted_by, accepted_by = (
-      packed[:, a:b] for a, b in zip(columns[:-1], columns[1:]))
-  floats = packed[:, columns[-1]:].view(np.float32)
-  cost = floats[:, 0]
-  acceptance = floats[:, 1:options]
-  hindsight = floats[:, options:2 * options]
-  prior = floats[:, 2 * options:3 * options]
-  achieved = summary.lengths / np.maximum(cost, 1e-9)
-  stats = Stats(drafted=drafted_by.sum(axis=1), accepted=accepted_by.sum(axis=1),
-                rounds=summary.rounds, per_position=summary.accepted_at.sum(axis=0),
-                target_calls=int(summary.target_calls[0]), seconds=seconds,
-                compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
+  """The fetched `AdaptiveSummary` as the call's output."""
+  summary = _PROGRAM.unpack(spec, packed)
+  base = summary.base
+  achieved = base.lengths / np.maximum(summary.cost, 1e-9)
+  stats = Stats(drafted=summary.drafted_by.sum(axis=1), accepted=summary.accepted_by.sum(axis=1),
+                rounds=base.rounds, per_position=base.accepted_at.sum(axis=0),
+                target_calls=int(base.target_calls[0]), seconds=seconds,
+                compile_seconds=compile_seconds, new_tokens=int(base.lengths.sum()))
   return AdaptiveOutput(
-      tokens=summary.tokens, lengths=summary.lengths, stats=stats, option_names=names,
-      round_options=round_options, round_gammas=round_gammas, drafted_by=drafted_by,
-      accepted_by=accepted_by, acceptance=acceptance, hindsight_values=hindsight,
+      tokens=base.tokens, lengths=base.lengths, stats=stats, option_names=names,
+      round_options=summary.round_options, round_gammas=summary.round_gammas,
+      drafted_by=summary.drafted_by, accepted_by=summary.accepted_by,
+      acceptance=summary.acceptance, hindsight_values=summary.hindsight_values,
       achieved=achieved.astype(np.float32),
-      regret=(np.nanmax(hindsight, axis=1) - achieved).astype(np.float32), cost=cost, prior=prior,
-      embeddings=floats[:, 3 * options:])
+      regret=(np.nanmax(summary.hindsight_values, axis=1) - achieved).astype(np.float32),
+      cost=summary.cost, prior=summary.prior, embeddings=summary.embeddings)

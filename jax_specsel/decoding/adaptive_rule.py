@@ -60,13 +60,13 @@ class RuleSettings:
     first_probe: the round (counted from 1) of the first probe (0: none before probe_every).
       Like every probe it reads the tracked drafters and one more in turn, the first in turn
       drawn per query: without it a drafter the prior rules out is never seen on a short query,
-      and online updates never learn about it. (Reading every drafter there instead cost the
-      demo's queries ~15% of their time on the CPU: BUILD_NOTES.)
+      and online updates never learn about it (reading every drafter there costs a short query
+      a large share of its time).
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
-  # Tuned on the demo's grown target (BUILD_NOTES, "Choosing per round"): the mixed domain's
-  # switch at the summary within ~2 rounds, short pure-domain answers drafted at full gamma early.
+  # Tuned on the demo's grown target: follow a domain switch within a few rounds, and draft short
+  # single-domain answers at full gamma early.
   learning_rate: float = 8.0
   forget: float = 0.5
   prior_strength: float = 1.0

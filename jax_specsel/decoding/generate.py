@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from jax_specsel.decoding import loop, programs, request, sampling
+from jax_specsel.decoding import loop, programs, request, sampling, transfer
 from jax_specsel.models.interface import Model
 
 
@@ -56,7 +56,7 @@ class Stats:
   @classmethod
   def from_summary(cls, summary: loop.Summary, gamma: int, seconds: float,
                    compile_seconds: float) -> "Stats":
-    """Counters of one loop (a `loop.Summary`); target_calls: the loop's, read from row 0."""
+    """Counters of one loop (a fetched `loop.Summary`); target_calls: the loop's, from row 0."""
     return cls(drafted=summary.rounds * gamma, accepted=summary.accepted, rounds=summary.rounds,
                per_position=summary.accepted_at[:, :gamma].sum(axis=0),
                target_calls=int(summary.target_calls[0]), seconds=seconds,
@@ -133,7 +133,7 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
     target_leaves, target_tree = target.flat_params()
     drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
     kind = "greedy" if spec.settings.greedy else "sampled"
-    return programs.Program(run_flat, spec, (target_tree, drafter_tree),
+    return programs.Program(PROGRAM, spec, (target_tree, drafter_tree),
                             (target_leaves, drafter_leaves), spec.cache_length,
                             f"gamma {spec.gamma}, {kind}")
 
@@ -155,16 +155,19 @@ def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: flo
 
 def run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   """The program `generate` compiles: `loop.run` on flat weight lists (trees: the static
-  treedefs), returning `loop.summarize`."""
+  treedefs): the final `loop.Summary`."""
   target_params = jax.tree.unflatten(trees[0], target_leaves)
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
   ids, mask, key, _ = request.unpack_prompts(packed_prompts)
   return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
+PROGRAM = transfer.Packed(run_flat)  # `run_flat` with its `loop.Summary` packed into one array
+
+
 def _output(spec: loop.LoopSpec, packed: np.ndarray, seconds: float,
             compile_seconds: float) -> GenerateOutput:
   """The fetched summary as the call's output."""
-  summary = loop.Summary.from_array(packed, spec.max_new_tokens)
+  summary = PROGRAM.unpack(spec, packed)
   return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
                         stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))

@@ -9,6 +9,10 @@ One round, per batch row:
 With no drafter (gamma = 0) step 2 scores [pending] alone and step 3 draws the next token: plain
 autoregressive decoding through the same machinery. Caches are indexed by absolute position, so
 rejected drafts need no rollback: the next round overwrites them.
+
+The steps are public so that every loop is built from them (`decode_round` here, the adaptive
+loop's rounds): `round_keys`, `draft` (catch-up and `propose`), `verify`, `accept`,
+`emitted_block` and `advance`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jax_specsel.decoding import sampling
@@ -126,8 +129,7 @@ def fit_cache(spec: LoopSpec, target_params, cache, batch: int, length: int):
 
   A loop's per-step attention and position-bias work grows with its cache's length, so a loop
   handed a longer cache than it needs (the selected program prepares one cache for every option,
-  as long as the longest needs) pays for positions it never reads: ~5% a step for an
-  autoregressive loop next to a gamma-5 option on a 2M-parameter T5 on CPU. Caches hold K/V by
+  as long as the longest needs) pays for positions it never reads. Caches hold K/V by
   absolute position (the decoder protocol, models/interface.py), so the first `length` positions
   are the shorter cache, entry for entry. Each leaf is cut to the shape `init_cache` gives it at
   `length` (no layout assumed beyond "a prefix"); a T5 cache, zeros the encoder pass left
@@ -155,11 +157,12 @@ def decode_prepared(spec: LoopSpec, target_params, drafter_params, target_contex
   Returns:
     The final LoopState.
   """
-  state, drafter_context = _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask,
-                                  key, active)
+  state, drafter_context = start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key,
+                                 active)
 
   def body(state):
-    return _round(spec, target_params, drafter_params, target_context, drafter_context, state)
+    return decode_round(spec, target_params, drafter_params, target_context, drafter_context,
+                        state)
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
@@ -171,18 +174,29 @@ def repeat_rounds(spec: LoopSpec, count: int, target_params, drafter_params, pro
   `count` is the pure cost of one round; the tokens it leaves are meaningless."""
   target_context, target_cache = prepare_target(spec, target_params, prompt_ids, prompt_mask,
                                                 spec.cache_length(prompt_ids.shape[1]))
-  state, drafter_context = _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key)
+  state, drafter_context = start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key)
 
   def body(_, current):
-    after = _round(spec, target_params, drafter_params, target_context, drafter_context, current)
+    after = decode_round(spec, target_params, drafter_params, target_context, drafter_context,
+                         current)
     return after.replace(position=state.position, previous=state.previous,
                          num_generated=state.num_generated, done=state.done)
 
   return jax.lax.fori_loop(0, count, body, state)
 
 
-def _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key, active=None):
-  """The drafter's first pass and the initial LoopState: (state, drafter context)."""
+def start(spec: LoopSpec, drafter_params, target_cache, prompt_ids, prompt_mask, key,
+          active=None) -> tuple[LoopState, Any]:
+  """The drafter's first pass and the state before the first round.
+
+  Args:
+    spec, drafter_params, prompt_ids, prompt_mask, key: as for `run`.
+    target_cache: the target's cache from `prepare_target`.
+    active: optional bool [B]: the rows to decode; the others start done.
+
+  Returns:
+    (LoopState, the drafter's context: None without a drafter).
+  """
   drafter_context = drafter_cache = None
   if spec.drafter is not None:
     drafter_cache = spec.drafter.init_cache(drafter_params, prompt_ids.shape[0],
@@ -195,45 +209,32 @@ def _start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key, act
   return state, drafter_context
 
 
-def summarize(spec: LoopSpec, state: LoopState, gamma_width: int | None = None) -> jax.Array:
-  """The final state as one small int32 [B, W] array: the host fetches it in one transfer.
+@struct.dataclass
+class Summary:
+  """What the host reads of a finished generation, one row per batch row (caches stay behind).
 
-  Columns: tokens [max_new_tokens] (pad from each row's length on), num_generated, rounds,
-  accepted, target_calls (the loop's, on every row), accepted_at [gamma_width] (zeros past
-  spec.gamma). Caches never leave the device. `Summary.from_array` reads it back.
+  A pytree of arrays: `summarize` builds it on the device; it crosses to the host packed into one
+  array (`transfer.Packed`).
   """
+
+  tokens: jax.Array  # int32 [B, max_new_tokens], pad after each row's length
+  lengths: jax.Array  # int32 [B] tokens generated (EOS included when emitted)
+  rounds: jax.Array  # int32 [B]
+  accepted: jax.Array  # int32 [B]
+  target_calls: jax.Array  # int32 [B] target calls of the loop that decoded the row
+  accepted_at: jax.Array  # int32 [B, gamma_width], zeros past the loop's gamma
+
+
+def summarize(spec: LoopSpec, state: LoopState, gamma_width: int | None = None) -> Summary:
+  """The final state's `Summary`; accepted_at is widened to `gamma_width` (default spec.gamma)."""
   gamma_width = spec.gamma if gamma_width is None else gamma_width
   batch = state.tokens.shape[0]
   emitted = jnp.arange(spec.max_new_tokens)[None, :] < state.num_generated[:, None]
-  tokens = jnp.where(emitted, state.tokens[:, :spec.max_new_tokens], spec.pad_id)
-  counters = jnp.stack([state.num_generated, state.rounds, state.accepted,
-                        jnp.broadcast_to(state.target_calls, (batch,))], axis=1)
-  accepted_at = jnp.pad(state.accepted_at, ((0, 0), (0, gamma_width - spec.gamma)))
-  return jnp.concatenate([tokens, counters, accepted_at], axis=1).astype(jnp.int32)
-
-
-@dataclasses.dataclass
-class Summary:
-  """The host's view of `summarize`'s array (numpy views, one row per batch row)."""
-
-  tokens: np.ndarray  # int32 [B, max_new_tokens], pad after each row's length
-  lengths: np.ndarray  # int32 [B] tokens generated (EOS included when emitted)
-  rounds: np.ndarray  # int32 [B]
-  accepted: np.ndarray  # int32 [B]
-  target_calls: np.ndarray  # int32 [B] target calls of the loop that decoded the row
-  accepted_at: np.ndarray  # int32 [B, gamma_width]
-
-  @classmethod
-  def from_array(cls, packed: np.ndarray, max_new_tokens: int) -> "Summary":
-    counters = packed[:, max_new_tokens:max_new_tokens + 4]
-    return cls(tokens=packed[:, :max_new_tokens], lengths=counters[:, 0], rounds=counters[:, 1],
-               accepted=counters[:, 2], target_calls=counters[:, 3],
-               accepted_at=packed[:, max_new_tokens + 4:])
-
-  @staticmethod
-  def width(max_new_tokens: int, gamma_width: int) -> int:
-    """Columns of `summarize`'s array."""
-    return max_new_tokens + 4 + gamma_width
+  return Summary(
+      tokens=jnp.where(emitted, state.tokens[:, :spec.max_new_tokens], spec.pad_id),
+      lengths=state.num_generated, rounds=state.rounds, accepted=state.accepted,
+      target_calls=jnp.broadcast_to(state.target_calls, (batch,)),
+      accepted_at=jnp.pad(state.accepted_at, ((0, 0), (0, gamma_width - spec.gamma))))
 
 
 def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key) -> LoopState:
@@ -242,7 +243,7 @@ def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, k
   if spec.is_encoder_decoder:
     pending = jnp.full((batch,), spec.start_id, jnp.int32)
     position, previous = zeros, jnp.full((batch,), spec.pad_id, jnp.int32)
-  else:  # the last prompt token is re-fed by the first round (it is then in the cache twice-written)
+  else:  # the first round re-feeds the last prompt token (its K/V is written twice)
     last = jnp.sum(prompt_mask, axis=1).astype(jnp.int32) - 1
     pending = jnp.take_along_axis(prompt_ids, last[:, None], axis=1)[:, 0]
     before_last = jnp.take_along_axis(prompt_ids, jnp.maximum(last - 1, 0)[:, None], axis=1)[:, 0]
@@ -255,60 +256,85 @@ def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, k
       accepted_at=jnp.zeros((batch, spec.gamma), jnp.int32), target_calls=jnp.zeros((), jnp.int32))
 
 
-def _round(spec, target_params, drafter_params, target_context, drafter_context, state):
-  if spec.settings.greedy:  # nothing is drawn: no key to advance (a split is ~20 ops a round)
-    key = draft_key = accept_key = state.key
-  else:
-    key, draft_key, accept_key = jax.random.split(state.key, 3)
+def decode_round(spec: LoopSpec, target_params, drafter_params, target_context, drafter_context,
+                 state: LoopState) -> LoopState:
+  """One round: draft (with a drafter), verify, accept, advance."""
+  key, draft_key, accept_key = round_keys(spec.settings, state.key)
+  draft_tokens = draft_logprobs = None
   drafter_cache = state.drafter_cache
   if spec.gamma:
-    draft_tokens, draft_logprobs, drafter_cache = _draft(spec, drafter_params, drafter_context,
-                                                         state, draft_key)
-    block = jnp.concatenate([state.pending[:, None], draft_tokens], axis=1)
-  else:
-    draft_tokens = draft_logprobs = None
-    block = state.pending[:, None]
-  target_logits, target_cache = spec.target.decode(target_params, block, state.position,
-                                                   state.target_cache, target_context)
-  num_accepted, next_token = _verify(spec, draft_tokens, draft_logprobs, target_logits, accept_key)
-  return _advance(spec, state, draft_tokens, num_accepted, next_token, target_cache,
-                  drafter_cache, key)
+    draft_tokens, draft_logprobs, drafter_cache = draft(spec, drafter_params, drafter_context,
+                                                        state, draft_key)
+  target_logits, target_cache = verify(spec, target_params, target_context, state, draft_tokens)
+  num_accepted, next_token, _ = accept(spec.settings, draft_tokens, draft_logprobs, target_logits,
+                                       accept_key)
+  return advance(spec, state, draft_tokens, num_accepted, next_token, target_cache,
+                 drafter_cache, key)
 
 
-def _draft(spec, drafter_params, drafter_context, state, key):
-  """Catch up on [previous, pending], then propose gamma tokens. Returns tokens [B,G], log q or None."""
-  keys = (jnp.broadcast_to(key, (spec.gamma, *key.shape)) if spec.settings.greedy
-          else jax.random.split(key, spec.gamma))
+def round_keys(settings: sampling.SamplingSettings, key: jax.Array):
+  """(next round's key, drafting key, acceptance key); greedy rounds draw nothing, so the key is
+  passed on unsplit (a split is a few dozen ops a round)."""
+  if settings.greedy:
+    return key, key, key
+  return tuple(jax.random.split(key, 3))
+
+
+def draft(spec: LoopSpec, drafter_params, drafter_context, state: LoopState, key):
+  """The drafter catches up on [previous, pending], then proposes spec.gamma tokens.
+
+  Returns:
+    (tokens int32 [B, gamma], log q float32 [B, gamma, V] or None when greedy, drafter cache).
+  """
   catch_up = jnp.stack([state.previous, state.pending], axis=1)
   logits, cache = spec.drafter.decode(drafter_params, catch_up, state.position - 1,
                                       state.drafter_cache, drafter_context)
-  first, first_logprobs = sampling.sample_token(_to_target_vocab(spec, logits[:, -1]), spec.settings,
-                                                keys[0])
+  return propose(spec.settings, spec.drafter, drafter_params, drafter_context, cache,
+                 on_target_vocab(logits[:, -1], spec.target_vocab), state.position, key,
+                 spec.gamma, spec.gamma)
 
-  def step(carry, step_key):
-    cache, token, position = carry
-    logits, cache = spec.drafter.decode(drafter_params, token[:, None], position, cache,
-                                        drafter_context)
-    token, logprobs = sampling.sample_token(_to_target_vocab(spec, logits[:, 0]), spec.settings,
-                                            step_key)
-    return (cache, token, position + 1), (token, logprobs)
 
-  (cache, _, _), (rest, rest_logprobs) = jax.lax.scan(step, (cache, first, state.position + 1),
-                                                      keys[1:])
-  tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-  if spec.settings.greedy:
-    return tokens, None, cache
-  logprobs = jnp.concatenate([first_logprobs[:, None], jnp.swapaxes(rest_logprobs, 0, 1)], axis=1)
+def propose(settings: sampling.SamplingSettings, drafter: Decoder, params, context, cache,
+            first_logits, position, key, count, width: int):
+  """`count` draft tokens (a Python int, or traced and <= width): the first drawn from
+  `first_logits` (the drafter's logits at `pending`), each further one from a decode step.
+
+  Args:
+    first_logits: float [B, V] on the target's ids (`on_target_vocab`).
+    position: int32 [B] the position of `pending`; draft i is fed back at position + i.
+    key: the drafting key, split into `width` keys: draft i draws with key i.
+    width: the static number of draft slots; slots past `count` stay zero.
+
+  Returns:
+    (tokens int32 [B, width], log q float32 [B, width, V] or None when greedy, drafter cache).
+  """
+  keys = (jnp.broadcast_to(key, (width, *key.shape)) if settings.greedy
+          else jax.random.split(key, width))
+  batch, vocab = first_logits.shape
+  first, first_logprobs = sampling.sample_token(first_logits, settings, keys[0])
+  tokens = jnp.zeros((batch, width), jnp.int32).at[:, 0].set(first)
+  logprobs = None
+  if not settings.greedy:
+    logprobs = jnp.zeros((batch, width, vocab), jnp.float32).at[:, 0].set(first_logprobs)
+
+  def step(i, carry):
+    cache, tokens, logprobs = carry
+    logits, cache = drafter.decode(params, tokens[:, i - 1][:, None], position + i, cache,
+                                   context)
+    token, token_logprobs = sampling.sample_token(on_target_vocab(logits[:, 0], vocab), settings,
+                                                  keys[i])
+    tokens = tokens.at[:, i].set(token)
+    if logprobs is not None:
+      logprobs = logprobs.at[:, i].set(token_logprobs)
+    return cache, tokens, logprobs
+
+  cache, tokens, logprobs = jax.lax.fori_loop(1, count, step, (cache, tokens, logprobs))
   return tokens, logprobs, cache
 
 
-def _to_target_vocab(spec, logits):
-  """Drafter logits [B, Vd] on the target's ids [B, Vt]."""
-  return on_target_vocab(logits, spec.target_vocab)
-
-
 def on_target_vocab(logits: jax.Array, vocab: int) -> jax.Array:
-  """Drafter logits [..., Vd] on the target's ids [..., V]: padding rows differ (T5 32100 vs 32128)."""
+  """Drafter logits [..., Vd] on the target's ids [..., V]: vocabularies may differ by padding
+  rows (T5: 32100 vs 32128)."""
   width = logits.shape[-1]
   if width >= vocab:
     return logits[..., :vocab]
@@ -316,27 +342,52 @@ def on_target_vocab(logits: jax.Array, vocab: int) -> jax.Array:
   return jnp.concatenate([logits, fill], axis=-1)
 
 
-def _verify(spec, draft_tokens, draft_logprobs, target_logits, key):
-  """(num_accepted [B], next_token [B]) for one round."""
-  batch = target_logits.shape[0]
-  if not spec.gamma:  # autoregressive: just draw the next token
-    token, _ = sampling.sample_token(target_logits[:, 0], spec.settings, key)
-    return jnp.zeros((batch,), jnp.int32), token
-  if spec.settings.greedy:
-    return sampling.greedy_accept(draft_tokens, target_logits)
-  target_logprobs = sampling.process_logits(target_logits, spec.settings)
-  return sampling.speculative_accept(draft_tokens, draft_logprobs, target_logprobs, key)
+def verify(spec: LoopSpec, target_params, target_context, state: LoopState, draft_tokens):
+  """The target over the block [pending, draft_tokens] (draft_tokens None: [pending] alone) at
+  `state.position`: (logits [B, 1 + drafts, V], target cache)."""
+  block = state.pending[:, None]
+  if draft_tokens is not None:
+    block = jnp.concatenate([block, draft_tokens], axis=1)
+  return spec.target.decode(target_params, block, state.position, state.target_cache,
+                            target_context)
 
 
-def _advance(spec, state, draft_tokens, num_accepted, next_token, target_cache, drafter_cache, key):
-  """Emits x_1..x_n + next_token per row, handles EOS and max_new_tokens, updates counters."""
+def accept(settings: sampling.SamplingSettings, draft_tokens, draft_logprobs, target_logits, key,
+           num_drafted=None):
+  """The round's acceptance: (num_accepted int32 [B], next_token int32 [B], the target's
+  processed log p [B, G + 1, V], or None when greedy or without drafts).
+
+  Without drafts (draft_tokens None) the next token is drawn from the target alone; with them,
+  `sampling.greedy_accept` or `sampling.speculative_accept` (see there for `num_drafted`).
+  """
+  if draft_tokens is None:
+    token, _ = sampling.sample_token(target_logits[:, 0], settings, key)
+    return jnp.zeros((target_logits.shape[0],), jnp.int32), token, None
+  if settings.greedy:
+    return (*sampling.greedy_accept(draft_tokens, target_logits, num_drafted), None)
+  target_logprobs = sampling.process_logits(target_logits, settings)
+  num_accepted, next_token = sampling.speculative_accept(draft_tokens, draft_logprobs,
+                                                         target_logprobs, key, num_drafted)
+  return num_accepted, next_token, target_logprobs
+
+
+def emitted_block(draft_tokens, num_accepted, next_token) -> jax.Array:
+  """int32 [B, G + 1]: the round's tokens, x_1..x_n then next_token in the slots after (only the
+  first num_accepted + 1 are emitted); [B, 1] without drafts."""
+  if draft_tokens is None:
+    return next_token[:, None]
+  slots = jnp.arange(draft_tokens.shape[1] + 1)[None, :]
+  drafted = jnp.concatenate([draft_tokens, next_token[:, None]], axis=1)
+  return jnp.where(slots < num_accepted[:, None], drafted, next_token[:, None])
+
+
+def advance(spec: LoopSpec, state: LoopState, draft_tokens, num_accepted, next_token,
+            target_cache, drafter_cache, key) -> LoopState:
+  """Emits x_1..x_n + next_token per active row, stops rows at a stop id or max_new_tokens, and
+  updates the counters (done rows keep everything)."""
   gamma, active = spec.gamma, ~state.done
   slots = jnp.arange(gamma + 1)[None, :]  # [1, G+1]
-  if gamma:
-    drafted = jnp.concatenate([draft_tokens, next_token[:, None]], axis=1)
-    emitted = jnp.where(slots < num_accepted[:, None], drafted, next_token[:, None])
-  else:
-    emitted = next_token[:, None]
+  emitted = emitted_block(draft_tokens, num_accepted, next_token)
   is_stop = jnp.zeros(emitted.shape, bool)
   for stop_id in spec.eos_ids:  # static: usually one id, several for chat models, none for some
     is_stop = is_stop | (emitted == stop_id)

@@ -1,10 +1,11 @@
 """The sampling math of speculative decoding, as pure functions on logits.
 
-Leviathan et al. 2023 / Chen et al. 2023: accept draft token x_i while u_i < min(1, p_i(x_i) / q_i(x_i));
-at the first rejection n sample from normalize(max(0, p_n - q_n)); when all gamma drafts are accepted,
-sample the bonus token from p_(gamma+1). Greedy mode accepts while the target's argmax equals the draft.
-The drafter must sample from q processed exactly as p is (temperature, top-k, top-p), or the output
-distribution is wrong (HF PR #28166).
+Leviathan et al. 2023 / Chen et al. 2023: accept draft token x_i while
+u_i < min(1, p_i(x_i) / q_i(x_i)); at the first rejection n sample from
+normalize(max(0, p_n - q_n)); when all gamma drafts are accepted, sample the bonus token from
+p_(gamma+1). Greedy mode accepts while the target's argmax equals the draft. The drafter must
+sample from q processed exactly as p is (temperature, top-k, top-p), or the output distribution
+is wrong (HF PR #28166).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def greedy_accept(draft_tokens: jax.Array, target_logits: jax.Array,
   return num_accepted, next_token
 
 
-def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, target_logprobs: jax.Array,
-                       key: jax.Array, num_drafted: jax.Array | None = None
-                       ) -> tuple[jax.Array, jax.Array]:
+def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array,
+                       target_logprobs: jax.Array, key: jax.Array,
+                       num_drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Speculative-sampling verification (distribution-preserving).
 
   Args:
@@ -108,8 +109,9 @@ def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, targe
   """
   batch, gamma = draft_tokens.shape
   uniform_key, residual_key = jax.random.split(key)
-  p_draft = jnp.exp(jnp.take_along_axis(target_logprobs[:, :gamma], draft_tokens[..., None], -1)[..., 0])
-  q_draft = jnp.exp(jnp.take_along_axis(draft_logprobs, draft_tokens[..., None], -1)[..., 0])
+  pick = lambda logprobs: jnp.take_along_axis(logprobs, draft_tokens[..., None], -1)[..., 0]
+  p_draft = jnp.exp(pick(target_logprobs[:, :gamma]))
+  q_draft = jnp.exp(pick(draft_logprobs))
   uniforms = jax.random.uniform(uniform_key, (batch, gamma))
   # u < p/q written without the division: q(x) > 0 for every drafted x.
   num_accepted = accept_prefix_length((uniforms * q_draft < p_draft) & _drafted(gamma, num_drafted))
@@ -126,7 +128,8 @@ def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array, targe
 
 
 def sample_token(logits: jax.Array, settings: SamplingSettings, key: jax.Array):
-  """One draw from processed logits [B, V]: (token int32 [B], log-probs [B, V] or None when greedy)."""
+  """One draw from processed logits [B, V]: (token int32 [B], log-probs [B, V] or None when
+  greedy)."""
   if settings.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
   logprobs = process_logits(logits, settings)

@@ -32,8 +32,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from jax_specsel.decoding import loop, programs, request
+from jax_specsel.decoding import loop, programs, request, transfer
 from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
 from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
@@ -142,7 +143,7 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
                       for drafter in option_models),
         policy=policy.program).interned()
     weights, trees = _arguments(spec, target, option_models, policy)
-    return programs.Program(_run_selected, spec, trees, weights, spec.cache_length,
+    return programs.Program(_PROGRAM, spec, trees, weights, spec.cache_length,
                             _program_name(spec, policy))
 
   def unpack(spec, packed, seconds, compile_seconds) -> SelectedOutput:
@@ -225,7 +226,7 @@ def _program_name(spec: SelectionSpec, policy) -> str:
 
 def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, policy_leaves,
                   packed_prompts):
-  """The whole selected generation; returns int32 [B, W]: summary, choice, embedding bits."""
+  """The whole selected generation: its `SelectedSummary`."""
   target_tree, branch_trees, policy_tree = trees
   target_params = jax.tree.unflatten(target_tree, target_leaves)
   ids, mask, key, (greedy_policy,) = unpack_prompts(packed_prompts, num_flags=1)
@@ -267,8 +268,10 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
                                       for b in range(len(spec.branches))])
   else:
     summary = _decode_rows(spec, decode_with, choice, ids.shape[0])
-  embedding_bits = jax.lax.bitcast_convert_type(embeddings, jnp.int32)
-  return jnp.concatenate([summary, choice[:, None], embedding_bits], axis=1)
+  return SelectedSummary(base=summary, choice=choice, embeddings=embeddings)
+
+
+_PROGRAM = transfer.Packed(_run_selected)  # its `SelectedSummary` packed into one array
 
 
 def _members(spec: SelectionSpec) -> list[int]:
@@ -276,32 +279,52 @@ def _members(spec: SelectionSpec) -> list[int]:
   return [spec.branch_of[:i].count(b) for i, b in enumerate(spec.branch_of)]
 
 
-def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int):
+def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int) -> loop.Summary:
   """A batch: one loop per chosen option over the whole batch, the other rows marked done."""
-  width = loop.Summary.width(spec.options[0].max_new_tokens, spec.gamma_width)
-  summary = jnp.zeros((batch, width), jnp.int32)
+  summary = _empty_summary(batch, spec.options[0].max_new_tokens, spec.gamma_width)
   members = _members(spec)
   for index in range(len(spec.options)):
     rows = choice == index
-    run = lambda current, i=index, r=rows: jnp.where(
-        r[:, None], decode_with(spec.branch_of[i], members[i], r), current)
+    run = lambda current, i=index, r=rows: _where_rows(
+        r, decode_with(spec.branch_of[i], members[i], r), current)
     summary = jax.lax.cond(jnp.any(rows), run, lambda current: current, summary)
   return summary
 
 
+def _empty_summary(batch: int, max_new_tokens: int, gamma_width: int) -> loop.Summary:
+  rows = jnp.zeros((batch,), jnp.int32)
+  return loop.Summary(tokens=jnp.zeros((batch, max_new_tokens), jnp.int32), lengths=rows,
+                      rounds=rows, accepted=rows, target_calls=rows,
+                      accepted_at=jnp.zeros((batch, gamma_width), jnp.int32))
+
+
+def _where_rows(rows, new, old):
+  """Each leaf of `new` on `rows` (bool [B]), of `old` elsewhere."""
+  return jax.tree.map(lambda n, o: jnp.where(rows.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                      new, old)
+
+
+@struct.dataclass
+class SelectedSummary:
+  """What the host reads of a selected generation (a pytree, fetched packed: `transfer`)."""
+
+  base: loop.Summary  # accepted_at as wide as the largest gamma
+  choice: jax.Array  # int32 [B] the option index each row chose
+  embeddings: jax.Array  # float32 [B, D] the query embeddings the policy read
+
+
 def _output(spec: SelectionSpec, policy, packed: np.ndarray, seconds: float,
             compile_seconds: float) -> SelectedOutput:
-  max_new = spec.options[0].max_new_tokens
-  width = loop.Summary.width(max_new, spec.gamma_width)
-  summary = loop.Summary.from_array(packed[:, :width], max_new)
-  choice_ids = packed[:, width]
+  """The fetched `SelectedSummary` as the call's output."""
+  summary = _PROGRAM.unpack(spec, packed)
+  base, choice_ids = summary.base, summary.choice
   gammas = np.fromiter((option.gamma for option in spec.options), np.int32, len(spec.options))
   # target_calls: each option that ran counts its own loop's calls once.
   _, first_rows = np.unique(choice_ids, return_index=True)
-  stats = Stats(drafted=summary.rounds * gammas[choice_ids], accepted=summary.accepted,
-                rounds=summary.rounds, per_position=summary.accepted_at.sum(axis=0),
-                target_calls=int(summary.target_calls[first_rows].sum()), seconds=seconds,
-                compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
-  return SelectedOutput(tokens=summary.tokens, lengths=summary.lengths, stats=stats,
+  stats = Stats(drafted=base.rounds * gammas[choice_ids], accepted=base.accepted,
+                rounds=base.rounds, per_position=base.accepted_at.sum(axis=0),
+                target_calls=int(base.target_calls[first_rows].sum()), seconds=seconds,
+                compile_seconds=compile_seconds, new_tokens=int(base.lengths.sum()))
+  return SelectedOutput(tokens=base.tokens, lengths=base.lengths, stats=stats,
                         choices=[policy.option_names[c] for c in choice_ids.tolist()],
-                        choice_ids=choice_ids, embeddings=packed[:, width + 1:].view(np.float32))
+                        choice_ids=choice_ids, embeddings=summary.embeddings)
