@@ -65,19 +65,20 @@ class RuleSettings:
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
-  # Tuned on the demo's grown target: follow a domain switch within a few rounds, and draft short
-  # single-domain answers at full gamma early.
+  # The defaults start where the per-query policy would (its argmax, drafted at full gamma, since
+  # a drafter not yet scored counts as good), follow a domain switch within a few rounds, and
+  # score the drafters that sit out every other round.
   learning_rate: float = 8.0
   forget: float = 0.5
   prior_strength: float = 1.0
   prior_floor: float = 0.01
-  prior_acceptance: float = 0.6
+  prior_acceptance: float = 0.9
   prior_count: float = 1.0
   decay: float = 0.8
   track_threshold: float = 0.05
-  probe_every: int = 1
+  probe_every: int = 2
   first_probe: int = 2
-  randomized: bool = True
+  randomized: bool = False
 
   def __post_init__(self):
     checks = {
