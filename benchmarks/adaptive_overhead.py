@@ -18,6 +18,7 @@ import statistics
 import time
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 import numpy as np
@@ -33,14 +34,22 @@ flags.DEFINE_string("policy", f"{DEMO.output_dir}/policy", "A policy saved by th
 flags.DEFINE_integer("queries", 12, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 5, "Timed passes over the queries.")
 flags.DEFINE_integer("gamma", DEMO.gamma, "generate_selected's gamma (default: the demo's).")
-flags.DEFINE_integer("max_gamma", DEMO.adaptive.max_gamma,
-                     "generate_adaptive's largest gamma (default: the demo's).")
-flags.DEFINE_integer("probe_every", DEMO.adaptive.probe_every,
-                     "Rounds between probes (default: the demo's).")
-flags.DEFINE_float("track_threshold", DEMO.adaptive.track_threshold, "Hedge weight from which a "
-                   "drafter is read at every probe (default: the demo's).")
-flags.DEFINE_integer("max_new_tokens", DEMO.max_new_tokens,
-                     "Tokens generated at most per query (default: the demo's).")
+flags.DEFINE_integer(
+    "max_gamma", DEMO.adaptive.max_gamma, "generate_adaptive's largest gamma (default: the demo's)."
+)
+flags.DEFINE_integer(
+    "probe_every", DEMO.adaptive.probe_every, "Rounds between probes (default: the demo's)."
+)
+flags.DEFINE_float(
+    "track_threshold",
+    DEMO.adaptive.track_threshold,
+    "Hedge weight from which a " "drafter is read at every probe (default: the demo's).",
+)
+flags.DEFINE_integer(
+    "max_new_tokens",
+    DEMO.max_new_tokens,
+    "Tokens generated at most per query (default: the demo's).",
+)
 flags.DEFINE_string("output", "reports/adaptive_overhead.json", "Where the JSON goes.")
 common.define_zoo_flags()
 flags.adopt_module_key_flags(common)  # --zoo and --cache_dir in --helpshort
@@ -56,32 +65,53 @@ def check_flags() -> None:
 def main(argv):
   del argv
   common.checked(check_flags)  # one line, before the zoo and the timings
-  policy, world, zoo = common.checked(common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo,
-                                      FLAGS.cache_dir)
+  policy, world, zoo = common.checked(
+      common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo, FLAGS.cache_dir
+  )
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
-  rule = RuleSettings(learning_rate=DEMO.adaptive.hedge_learning_rate,
-                      probe_every=FLAGS.probe_every, track_threshold=FLAGS.track_threshold)
+  rule = RuleSettings(
+      learning_rate=DEMO.adaptive.hedge_learning_rate,
+      probe_every=FLAGS.probe_every,
+      track_threshold=FLAGS.track_threshold,
+  )
 
   def selected(prompt, seed):
     started = time.perf_counter()
-    generate_selected(target, [prompt], drafters, policy, gamma=FLAGS.gamma,
-                      max_new_tokens=FLAGS.max_new_tokens, seed=seed)
+    generate_selected(
+        target,
+        [prompt],
+        drafters,
+        policy,
+        gamma=FLAGS.gamma,
+        max_new_tokens=FLAGS.max_new_tokens,
+        seed=seed,
+    )
     return time.perf_counter() - started, None
 
   def adaptive(prompt, seed):
     started = time.perf_counter()
-    out = generate_adaptive(target, [prompt], drafters, policy, costs=costs,
-                            max_gamma=FLAGS.max_gamma, rule=rule,
-                            max_new_tokens=FLAGS.max_new_tokens, seed=seed)
+    out = generate_adaptive(
+        target,
+        [prompt],
+        drafters,
+        policy,
+        costs=costs,
+        max_gamma=FLAGS.max_gamma,
+        rule=rule,
+        max_new_tokens=FLAGS.max_new_tokens,
+        seed=seed,
+    )
     return time.perf_counter() - started, out
 
   result = {}
   print("| domain | median adaptive / selected | rounds drafted by |\n|---|---|---|")
   for domain in world.domains:
-    prompts = [zoo.tokenizer(e["prompt"])["input_ids"]
-               for e in world.split("test", domain)[:FLAGS.queries]]
+    prompts = [
+        zoo.tokenizer(e["prompt"])["input_ids"]
+        for e in world.split("test", domain)[: FLAGS.queries]
+    ]
     for prompt in prompts:  # compiles every bucket, untimed
       selected(prompt, 0)
       adaptive(prompt, 0)
@@ -100,9 +130,17 @@ def main(argv):
     cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
     print(f"| {domain} | {result[domain]['median_ratio']:.3f} | {cells} |")
   with open(FLAGS.output, "w") as handle:
-    json.dump({"policy": FLAGS.policy, "queries": FLAGS.queries, "repeats": FLAGS.repeats,
-               "costs": [float(c) for c in np.asarray(costs.as_array())], "result": result},
-              handle, indent=1)
+    json.dump(
+        {
+            "policy": FLAGS.policy,
+            "queries": FLAGS.queries,
+            "repeats": FLAGS.repeats,
+            "costs": [float(c) for c in np.asarray(costs.as_array())],
+            "result": result,
+        },
+        handle,
+        indent=1,
+    )
 
 
 if __name__ == "__main__":

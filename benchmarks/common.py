@@ -58,19 +58,24 @@ def choices_flag(name: str, known, allow_empty: bool = False) -> list[str]:
 def define_zoo_flags() -> None:
   """--zoo and --cache_dir, defaulting to the demo's zoo and its cache."""
   flags.DEFINE_enum("zoo", DEMO.zoo, ZOOS, "Which demo zoo (default: configs/demo.py's).")
-  flags.DEFINE_string("cache_dir", DEMO.cache_dir, "Zoo cache root (default: configs/demo.py's; "
-                      "empty: under the user cache).")
+  flags.DEFINE_string(
+      "cache_dir",
+      DEMO.cache_dir,
+      "Zoo cache root (default: configs/demo.py's; " "empty: under the user cache).",
+  )
 
 
 def zoo_config(zoo: str):
   """The `ZooConfig` the demo builds for `zoo` ("default" or "tiny")."""
   from jax_specsel.data import zoo as zoo_lib
+
   return zoo_lib.ZooConfig.tiny() if zoo == "tiny" else zoo_lib.ZooConfig()
 
 
 def demo_zoo(zoo: str, cache_dir: str):
   """(world, zoo) as the demo builds them (loaded from the cache when it is there)."""
   from jax_specsel.data import world as world_lib, zoo as zoo_lib
+
   world = world_lib.World(seed=DEMO.seed)
   return world, zoo_lib.build_zoo(world, zoo_config(zoo), cache_dir=cache_dir or None)
 
@@ -82,8 +87,11 @@ def saved_policy_and_zoo(policy_path: str, zoo: str, cache_dir: str):
     ValueError: `policy_path` is not a saved policy directory (checked before the zoo loads).
   """
   from jax_specsel.bandit.policy import load_policy
+
   if not os.path.isdir(policy_path):
-    raise ValueError(f"--policy={policy_path} is not a saved policy directory: run `make demo` "
-                     "first (it saves reports/demo/policy) or point --policy at one.")
+    raise ValueError(
+        f"--policy={policy_path} is not a saved policy directory: run `make demo` "
+        "first (it saves reports/demo/policy) or point --policy at one."
+    )
   policy = load_policy(policy_path)
   return (policy, *demo_zoo(zoo, cache_dir))

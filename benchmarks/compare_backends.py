@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 from absl import flags
@@ -35,6 +36,7 @@ BACKENDS = ("cpu", "gpu", "tpu")
 def present_backends() -> list[str]:
   """The backends of BACKENDS that jax finds on this machine."""
   import jax
+
   found = []
   for backend in BACKENDS:
     try:
@@ -50,9 +52,15 @@ def run_backend(backend: str) -> dict:
   out_dir = os.path.join(FLAGS.output_dir, backend)
   platform = {"gpu": "cuda"}.get(backend, backend)
   env = dict(os.environ, JAX_PLATFORMS=platform)
-  command = [sys.executable, os.path.join(os.path.dirname(__file__), "benchmark.py"), "--hf=false",
-             f"--families={','.join(FLAGS.families)}", f"--output_dir={out_dir}",
-             f"--max_new_tokens={FLAGS.max_new_tokens}", f"--repeats={FLAGS.repeats}"]
+  command = [
+      sys.executable,
+      os.path.join(os.path.dirname(__file__), "benchmark.py"),
+      "--hf=false",
+      f"--families={','.join(FLAGS.families)}",
+      f"--output_dir={out_dir}",
+      f"--max_new_tokens={FLAGS.max_new_tokens}",
+      f"--repeats={FLAGS.repeats}",
+  ]
   subprocess.run(command, env=env, check=True)
   with open(os.path.join(out_dir, "benchmark.json")) as f:
     return json.load(f)
@@ -60,14 +68,18 @@ def run_backend(backend: str) -> dict:
 
 def merged_table(runs: dict) -> str:
   """Every backend's rows in one markdown table."""
-  lines = ["| backend | device | jax | target | option | ms/token | speedup | compile s |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+      "| backend | device | jax | target | option | ms/token | speedup | compile s |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
   for backend, run in runs.items():
     for result in run["results"]:
       for option, row in result["options"].items():
-        lines.append(f"| {backend} | {run['device']} | {run['jax']} | {result['target']} | "
-                     f"{option} | {row['ms_per_token']:.3f} | {row.get('speedup', 1.0):.2f}x | "
-                     f"{row.get('compile_seconds', float('nan')):.1f} |")
+        lines.append(
+            f"| {backend} | {run['device']} | {run['jax']} | {result['target']} | "
+            f"{option} | {row['ms_per_token']:.3f} | {row.get('speedup', 1.0):.2f}x | "
+            f"{row.get('compile_seconds', float('nan')):.1f} |"
+        )
   return "\n".join(lines) + "\n"
 
 

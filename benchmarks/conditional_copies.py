@@ -14,6 +14,7 @@ import functools
 import time
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 import jax
@@ -29,8 +30,9 @@ flags.DEFINE_integer("iterations", 1000, "Loop iterations per timed run.")
 
 def _when(predicate, body, operand):
   """`body(operand)` if `predicate`, else `operand`, as a while_loop of zero or one iterations."""
-  return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), body(c[1])),
-                            (jnp.asarray(predicate), operand))[1]
+  return jax.lax.while_loop(
+      lambda c: c[0], lambda c: (jnp.zeros((), bool), body(c[1])), (jnp.asarray(predicate), operand)
+  )[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -49,8 +51,9 @@ def _loop(kind: str, iterations: int, buffer, flag):
     if kind.startswith("switch"):
       return jax.lax.switch(flag % int(kind[6:]), [update] * int(kind[6:]), buffer)
     if kind == "nested cond":
-      return jax.lax.cond(flag > 0, update,
-                          lambda b: jax.lax.cond(flag > 1, update, lambda c: c, b), buffer)
+      return jax.lax.cond(
+          flag > 0, update, lambda b: jax.lax.cond(flag > 1, update, lambda c: c, b), buffer
+      )
     if kind == "nested while-as-if":
       return _when(flag > 0, lambda b: _when(flag > 0, update, b), buffer)
     raise ValueError(kind)
@@ -64,8 +67,15 @@ def main(argv):
   buffer = jnp.zeros((FLAGS.kilobytes * 256,), jnp.float32)
   flag = jnp.int32(1)
   print(f"| construct ({FLAGS.kilobytes} KB carried) | us per iteration |\n|---|---|")
-  for kind in ("plain", "cond", "switch2", "switch3", "switch6", "nested cond",
-               "nested while-as-if"):
+  for kind in (
+      "plain",
+      "cond",
+      "switch2",
+      "switch3",
+      "switch6",
+      "nested cond",
+      "nested while-as-if",
+  ):
     _loop(kind, FLAGS.iterations, buffer, flag).block_until_ready()  # compiles, untimed
     best = float("inf")
     for _ in range(5):

@@ -16,6 +16,7 @@ import json
 import time
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 import numpy as np
@@ -30,34 +31,42 @@ flags.DEFINE_integer("seeds", 3, "seeds per (estimator, size)")
 flags.DEFINE_integer("test_size", 4096, "held-out queries")
 flags.DEFINE_integer("dim", 64, "embedding width D")
 flags.DEFINE_float(
-    "cluster_spread", 0.5,
+    "cluster_spread",
+    0.5,
     "std of cluster centres per dimension (embedding noise std is 1; 0.5 leaves a Bayes-optimal\n"
-    "    best-arm accuracy of ~99%: the clusters overlap)")
+    "    best-arm accuracy of ~99%: the clusters overlap)",
+)
 flags.DEFINE_float("reward_noise", 0.15, "std of the reward noise")
-flags.DEFINE_bool("standardize_variant", True,
-                  "also run the default estimator with standardized inputs on "
-                  "shifted, anisotropic embeddings")
+flags.DEFINE_bool(
+    "standardize_variant",
+    True,
+    "also run the default estimator with standardized inputs on " "shifted, anisotropic embeddings",
+)
 
 # Mean reward of each option (column) in each cluster (row): a different best option per
 # cluster (clusters 0 and 3 share option 0), best 0.6 against 0.45-0.5.
-_MEAN_REWARDS = np.array([[0.60, 0.50, 0.45],
-                          [0.45, 0.60, 0.50],
-                          [0.50, 0.45, 0.60],
-                          [0.60, 0.45, 0.50]])
+_MEAN_REWARDS = np.array(
+    [[0.60, 0.50, 0.45], [0.45, 0.60, 0.50], [0.50, 0.45, 0.60], [0.60, 0.45, 0.50]]
+)
 
 # Raw inputs as in the paper, then the library default (expected + standardized inputs).
 _VARIANTS = {
-    "reinforce/none (paper)": dict(estimator="reinforce", baseline="none",
-                                   standardize_inputs=False),
+    "reinforce/none (paper)": dict(
+        estimator="reinforce", baseline="none", standardize_inputs=False
+    ),
     "reinforce/mean": dict(estimator="reinforce", baseline="mean", standardize_inputs=False),
     "expected": dict(estimator="expected", baseline="none", standardize_inputs=False),
-    "expected + standardize": dict(estimator="expected", baseline="none",
-                                   standardize_inputs=True),
+    "expected + standardize": dict(estimator="expected", baseline="none", standardize_inputs=True),
 }
 
 
-def make_bandit(num_examples: int, centres: np.ndarray, rng: np.random.Generator,
-                reward_noise: float, warp: tuple[np.ndarray, np.ndarray] | None = None):
+def make_bandit(
+    num_examples: int,
+    centres: np.ndarray,
+    rng: np.random.Generator,
+    reward_noise: float,
+    warp: tuple[np.ndarray, np.ndarray] | None = None,
+):
   """Samples (embeddings [N, D], noisy rewards [N, K], best option [N], mean rewards [N, K])."""
   clusters = rng.integers(0, len(centres), num_examples)
   embeddings = centres[clusters] + rng.normal(size=(num_examples, centres.shape[1]))
@@ -67,8 +76,12 @@ def make_bandit(num_examples: int, centres: np.ndarray, rng: np.random.Generator
     embeddings = offset + embeddings * scales
   mean_rewards = _MEAN_REWARDS[clusters]
   rewards = mean_rewards + reward_noise * rng.normal(size=mean_rewards.shape)
-  return (embeddings.astype(np.float32), rewards.astype(np.float32),
-          mean_rewards.argmax(axis=1), mean_rewards)
+  return (
+      embeddings.astype(np.float32),
+      rewards.astype(np.float32),
+      mean_rewards.argmax(axis=1),
+      mean_rewards,
+  )
 
 
 def evaluate(policy: bandit.Policy, embeddings, best_options, mean_rewards) -> dict[str, float]:
@@ -102,13 +115,23 @@ def run_variant(name: str, overrides: dict, sizes, seeds: int, warp=None) -> lis
     policy = bandit.train_policy(train[0], train[1], seed=seed, config=config)
     seconds = time.perf_counter() - start
     metrics = evaluate(policy, *test[0:1], test[2], test[3])
-    results.append({"variant": name, "size": size, "seed": seed, "train_seconds": seconds,
-                    **metrics})
+    results.append(
+        {"variant": name, "size": size, "seed": seed, "train_seconds": seconds, **metrics}
+    )
     if warp is None and name == next(iter(_VARIANTS)):
-      results.append({"variant": "bayes-optimal (true centres)", "size": size, "seed": seed,
-                      "accuracy": bayes_optimal_accuracy(centres, test[0], test[2])})
-    print(f"{name:28s} N={size:6d} seed={seed} acc={metrics['accuracy']:.3f} "
-          f"regret={metrics['regret']:.4f} ({seconds:.1f}s)", flush=True)
+      results.append(
+          {
+              "variant": "bayes-optimal (true centres)",
+              "size": size,
+              "seed": seed,
+              "accuracy": bayes_optimal_accuracy(centres, test[0], test[2]),
+          }
+      )
+    print(
+        f"{name:28s} N={size:6d} seed={seed} acc={metrics['accuracy']:.3f} "
+        f"regret={metrics['regret']:.4f} ({seconds:.1f}s)",
+        flush=True,
+    )
   return results
 
 
@@ -143,19 +166,33 @@ def main(argv):
     results += run_variant(name, overrides, sizes, FLAGS.seeds)
   if FLAGS.standardize_variant:
     rng = np.random.default_rng(7)
-    warp = (rng.normal(scale=5.0, size=FLAGS.dim), np.exp(rng.normal(scale=1.0,
-                                                                      size=FLAGS.dim)))
+    warp = (rng.normal(scale=5.0, size=FLAGS.dim), np.exp(rng.normal(scale=1.0, size=FLAGS.dim)))
     for standardize in (False, True):
       name = f"expected, warped, std={standardize}"
-      results += run_variant(name, dict(estimator="expected", baseline="none",
-                                        standardize_inputs=standardize), sizes, FLAGS.seeds, warp)
+      results += run_variant(
+          name,
+          dict(estimator="expected", baseline="none", standardize_inputs=standardize),
+          sizes,
+          FLAGS.seeds,
+          warp,
+      )
   table = summary_table(results, sizes)
   print("\nGreedy best-arm accuracy on held-out queries, mean (min-max) over seeds\n" + table)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
-      json.dump({"mean_rewards": _MEAN_REWARDS.tolist(), "dim": FLAGS.dim,
-                 "cluster_spread": FLAGS.cluster_spread, "reward_noise": FLAGS.reward_noise,
-                 "test_size": FLAGS.test_size, "results": results, "table": table}, f, indent=1)
+      json.dump(
+          {
+              "mean_rewards": _MEAN_REWARDS.tolist(),
+              "dim": FLAGS.dim,
+              "cluster_spread": FLAGS.cluster_spread,
+              "reward_noise": FLAGS.reward_noise,
+              "test_size": FLAGS.test_size,
+              "results": results,
+              "table": table,
+          },
+          f,
+          indent=1,
+      )
 
 
 if __name__ == "__main__":

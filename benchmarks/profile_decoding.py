@@ -19,6 +19,7 @@ for _arg in sys.argv:  # XLA reads XLA_FLAGS once, at backend initialization
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _dump).strip()
 
 import common  # noqa: E402 (the hubs' offline defaults come before any Hugging Face import)
+
 # isort: split
 
 import jax  # noqa: E402
@@ -31,8 +32,9 @@ from jax_specsel.eval import random_models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", None, "Target checkpoint (default: a random LLaMA of ~40M params).")
-flags.DEFINE_string("drafter", None,
-                    "Drafter checkpoint, 'self', or 'early_exit:K' (default: random).")
+flags.DEFINE_string(
+    "drafter", None, "Drafter checkpoint, 'self', or 'early_exit:K' (default: random)."
+)
 flags.DEFINE_string("family", "llama", "Random pair family when --target is unset: t5 or llama.")
 flags.DEFINE_string("trace_dir", "reports/profile", "Where the jax.profiler trace goes.")
 flags.DEFINE_string("xla_dump_to", None, "Dump the HLO of every compiled program here.")
@@ -60,8 +62,9 @@ def check_flags() -> None:
   """Validates the flags and output paths before any model is built, compiled or profiled."""
   experiment.integer_flags("gamma", "max_new_tokens", "steps")
   if not FLAGS.target and FLAGS.family not in random_models.RANDOM_PAIRS:
-    raise ValueError(f"--family={FLAGS.family!r}: choose from "
-                     f"{sorted(random_models.RANDOM_PAIRS)}.")
+    raise ValueError(
+        f"--family={FLAGS.family!r}: choose from " f"{sorted(random_models.RANDOM_PAIRS)}."
+    )
   if FLAGS.drafter and FLAGS.drafter.startswith("early_exit:"):
     validation.integer("--drafter early_exit layers", int(FLAGS.drafter.split(":")[1]), minimum=1)
   validation.writable_directory(FLAGS.trace_dir, "--trace_dir")
@@ -78,17 +81,25 @@ def main(argv):
     prompt = random_models.random_prompt_ids(np.random.default_rng(0), vocab, 1, 24)
     rows = []
     for name, option in (("autoregressive", None), ("speculative", drafter)):
-      first = js.generate(target, prompt, drafter=option, gamma=FLAGS.gamma,
-                          max_new_tokens=FLAGS.max_new_tokens)
+      first = js.generate(
+          target, prompt, drafter=option, gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens
+      )
       run_seconds = []
       with jax.profiler.trace(FLAGS.trace_dir):
         for step in range(FLAGS.steps):
           with jax.profiler.StepTraceAnnotation(name, step_num=step):
-            out = js.generate(target, prompt, drafter=option, gamma=FLAGS.gamma,
-                              max_new_tokens=FLAGS.max_new_tokens, seed=step)
+            out = js.generate(
+                target,
+                prompt,
+                drafter=option,
+                gamma=FLAGS.gamma,
+                max_new_tokens=FLAGS.max_new_tokens,
+                seed=step,
+            )
           run_seconds.append(out.stats.seconds)
-      rows.append((name, first.stats.compile_seconds, float(np.median(run_seconds)),
-                   out.stats.ms_per_token))
+      rows.append(
+          (name, first.stats.compile_seconds, float(np.median(run_seconds)), out.stats.ms_per_token)
+      )
   print("| compiled function | compile s | run s (median) | ms/token |\n|---|---|---|---|")
   for name, compile_s, run_s, ms in rows:
     print(f"| generate[{name}] | {compile_s:.2f} | {run_s:.4f} | {ms:.3f} |")

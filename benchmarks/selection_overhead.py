@@ -32,6 +32,7 @@ import statistics
 import time
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 import numpy as np
@@ -47,13 +48,20 @@ flags.DEFINE_string("policy", f"{DEMO.output_dir}/policy", "A policy saved by th
 flags.DEFINE_integer("queries", 40, "Test queries per domain.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the queries.")
 flags.DEFINE_integer("gamma", DEMO.gamma, "Draft tokens per round (default: the demo's).")
-flags.DEFINE_integer("max_new_tokens", DEMO.max_new_tokens,
-                     "Tokens generated at most per query (default: the demo's).")
+flags.DEFINE_integer(
+    "max_new_tokens",
+    DEMO.max_new_tokens,
+    "Tokens generated at most per query (default: the demo's).",
+)
 flags.DEFINE_string("output", "reports/selection_overhead.json", "Where the JSON goes.")
-flags.DEFINE_list("random_widths", [],
-                  "Target widths (d_model) of random T5s; empty: the demo zoo.")
-flags.DEFINE_list("picks", ["autoregressive", "d0"], "Options the always-one-option policies pick "
-                  "(random models: autoregressive, d0, d1, d2).")
+flags.DEFINE_list(
+    "random_widths", [], "Target widths (d_model) of random T5s; empty: the demo zoo."
+)
+flags.DEFINE_list(
+    "picks",
+    ["autoregressive", "d0"],
+    "Options the always-one-option policies pick " "(random models: autoregressive, d0, d1, d2).",
+)
 flags.DEFINE_integer("calls", 60, "Random models: timed calls per variant (medians taken).")
 flags.DEFINE_integer("prompt_tokens", 34, "Random models: tokens of the prompt.")
 common.define_zoo_flags()
@@ -67,6 +75,7 @@ def _always(names, pick: str, width: int):
   """A paper-sized policy (3 layers of 512) over `names` that picks `pick` for every query."""
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
   network = PolicyNetwork(width, len(names), rngs=nnx.Rngs(0))
   last = network.layers[-1]
   last.kernel[...] = 0.0
@@ -77,9 +86,12 @@ def _always(names, pick: str, width: int):
 def _random_rows(width: int) -> list[dict]:
   """The table rows of one target width (see the module docstring)."""
   from jax_specsel.eval.random_models import random_prompt_ids, random_t5_model
+
   target = random_t5_model(width, width // 32, 4 * width, 2, 6, RANDOM_VOCAB, seed=0, name="target")
-  drafters = {name: random_t5_model(96, 4, 384, 2, 1, RANDOM_VOCAB, seed=i, name=name)
-              for i, name in enumerate(RANDOM_OPTIONS[1:], start=1)}
+  drafters = {
+      name: random_t5_model(96, 4, 384, 2, 1, RANDOM_VOCAB, seed=i, name=name)
+      for i, name in enumerate(RANDOM_OPTIONS[1:], start=1)
+  }
   prompt = random_prompt_ids(np.random.default_rng(0), RANDOM_VOCAB, 1, FLAGS.prompt_tokens)
   settings = dict(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens)
   calls = {}
@@ -88,16 +100,19 @@ def _random_rows(width: int) -> list[dict]:
     calls[(pick, "plain")] = lambda d=drafter: js.generate(target, prompt, drafter=d, **settings)
     for count, names in ((1, (pick,)), (4, RANDOM_OPTIONS)):
       policy = _always(names, pick, width)
-      calls[(pick, count)] = lambda p=policy: js.generate_selected(target, prompt, drafters, p,
-                                                                   **settings)
+      calls[(pick, count)] = lambda p=policy: js.generate_selected(
+          target, prompt, drafters, p, **settings
+      )
   outputs = {key: call() for key, call in calls.items()}  # compiles every program
   for (pick, variant), out in outputs.items():
     if variant == "plain":
       continue
     expected = outputs[(pick, "plain")]
     if out.choices != [pick] or out.tokens.tolist() != expected.tokens.tolist():
-      raise AssertionError(f"width {width}, {variant} options picking {pick}: generate_selected "
-                           "differs from generate with that option")
+      raise AssertionError(
+          f"width {width}, {variant} options picking {pick}: generate_selected "
+          "differs from generate with that option"
+      )
   for call in calls.values():  # every branch once more, untimed
     call()
   walls = {key: [] for key in calls}
@@ -113,37 +128,61 @@ def _random_rows(width: int) -> list[dict]:
     plain = walls[(pick, "plain")]
     for count in (1, 4):
       fused = walls[(pick, count)]
-      rows.append({"width": width, "target_params_M": target.num_params / 1e6, "pick": pick,
-                   "options": count, "plain_ms": 1e3 * statistics.median(plain),
-                   "fused_ms": 1e3 * statistics.median(fused),
-                   "ratio": statistics.median(fused) / statistics.median(plain),
-                   "paired_ratio": statistics.median(f / p for f, p in zip(fused, plain)),
-                   "extra_ms": 1e3 * (statistics.median(fused) - statistics.median(plain))})
+      rows.append(
+          {
+              "width": width,
+              "target_params_M": target.num_params / 1e6,
+              "pick": pick,
+              "options": count,
+              "plain_ms": 1e3 * statistics.median(plain),
+              "fused_ms": 1e3 * statistics.median(fused),
+              "ratio": statistics.median(fused) / statistics.median(plain),
+              "paired_ratio": statistics.median(f / p for f, p in zip(fused, plain)),
+              "extra_ms": 1e3 * (statistics.median(fused) - statistics.median(plain)),
+          }
+      )
   return rows
 
 
 def random_main() -> None:
   """The random-model table: every --random_widths width, printed and written to --output."""
   rows = []
-  print("| target d_model (params) | options | pick | plain ms | fused ms | ratio | paired ratio "
-        "| extra ms |\n|---|---|---|---|---|---|---|---|", flush=True)
+  print(
+      "| target d_model (params) | options | pick | plain ms | fused ms | ratio | paired ratio "
+      "| extra ms |\n|---|---|---|---|---|---|---|---|",
+      flush=True,
+  )
   for width in map(int, FLAGS.random_widths):
     for row in _random_rows(width):
       rows.append(row)
-      print(f"| {row['width']} ({row['target_params_M']:.1f}M) | {row['options']} | "
-            f"{row['pick']} | {row['plain_ms']:.3f} | {row['fused_ms']:.3f} | {row['ratio']:.4f} | "
-            f"{row['paired_ratio']:.4f} | {row['extra_ms']:+.3f} |", flush=True)
+      print(
+          f"| {row['width']} ({row['target_params_M']:.1f}M) | {row['options']} | "
+          f"{row['pick']} | {row['plain_ms']:.3f} | {row['fused_ms']:.3f} | {row['ratio']:.4f} | "
+          f"{row['paired_ratio']:.4f} | {row['extra_ms']:+.3f} |",
+          flush=True,
+      )
   with open(FLAGS.output, "w") as handle:
-    json.dump({"gamma": FLAGS.gamma, "max_new_tokens": FLAGS.max_new_tokens,
-               "prompt_tokens": FLAGS.prompt_tokens, "calls": FLAGS.calls, "batch": 1,
-               "jax_specsel": js.__file__, "rows": rows}, handle, indent=1)
+    json.dump(
+        {
+            "gamma": FLAGS.gamma,
+            "max_new_tokens": FLAGS.max_new_tokens,
+            "prompt_tokens": FLAGS.prompt_tokens,
+            "calls": FLAGS.calls,
+            "batch": 1,
+            "jax_specsel": js.__file__,
+            "rows": rows,
+        },
+        handle,
+        indent=1,
+    )
   logging.info("wrote %s", FLAGS.output)
 
 
 def check_flags() -> None:
   """Validates every flag and the output path before the policy, the zoo or any timing."""
-  experiment.integer_flags("queries", "repeats", "gamma", "max_new_tokens", "calls",
-                           "prompt_tokens")
+  experiment.integer_flags(
+      "queries", "repeats", "gamma", "max_new_tokens", "calls", "prompt_tokens"
+  )
   validation.writable_file(FLAGS.output, "--output")
   unknown = sorted(set(FLAGS.picks) - set(RANDOM_OPTIONS))
   if FLAGS.random_widths and unknown:
@@ -157,9 +196,11 @@ def timed_runs(zoo, policy, prompts: list, config: evaluate.EvalConfig) -> dict:
   """{option: [repeat][query] run}: each query through generate_selected (policy_greedy) and
   through generate with the option the policy chose, in blocks as a deployment serves them."""
   # Untimed: compiles every program and records the greedy policy's choice of each query.
-  choices = [evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)[1]
-             for prompt in prompts]
-  for prompt in prompts[::FLAGS.queries]:
+  choices = [
+      evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config, 0)[1]
+      for prompt in prompts
+  ]
+  for prompt in prompts[:: FLAGS.queries]:
     for drafter in (None, *zoo.drafters.values()):
       evaluate.run_option(zoo.target, drafter, prompt, config, 0)
   names = ("policy_greedy", "autoregressive", *zoo.drafters)
@@ -172,25 +213,32 @@ def timed_runs(zoo, policy, prompts: list, config: evaluate.EvalConfig) -> dict:
       for i, prompt in enumerate(prompts):
         seed = evaluate.query_seed(repeat, i)
         if block == "fused":
-          run, choice = evaluate.run_policy(zoo.target, zoo.drafters, policy, prompt, True, config,
-                                            seed)
+          run, choice = evaluate.run_policy(
+              zoo.target, zoo.drafters, policy, prompt, True, config, seed
+          )
           run.choice = choice
           runs["policy_greedy"][repeat][i] = run
         else:
           drafter = None if choices[i] == "autoregressive" else zoo.drafters[choices[i]]
-          runs[choices[i]][repeat][i] = evaluate.run_option(zoo.target, drafter, prompt, config,
-                                                            seed)
+          runs[choices[i]][repeat][i] = evaluate.run_option(
+              zoo.target, drafter, prompt, config, seed
+          )
   return runs
 
 
 def zoo_main() -> None:
   """The demo zoo's table: the policy's overhead per domain, printed and written to --output."""
-  policy, world, zoo = common.checked(common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo,
-                                      FLAGS.cache_dir)
-  config = evaluate.EvalConfig(gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens,
-                               seeds=tuple(range(FLAGS.repeats)))
-  queries = [(domain, example["prompt"]) for domain in world.domains
-             for example in world.split("test", domain)[:FLAGS.queries]]
+  policy, world, zoo = common.checked(
+      common.saved_policy_and_zoo, FLAGS.policy, FLAGS.zoo, FLAGS.cache_dir
+  )
+  config = evaluate.EvalConfig(
+      gamma=FLAGS.gamma, max_new_tokens=FLAGS.max_new_tokens, seeds=tuple(range(FLAGS.repeats))
+  )
+  queries = [
+      (domain, example["prompt"])
+      for domain in world.domains
+      for example in world.split("test", domain)[: FLAGS.queries]
+  ]
   prompts = [zoo.tokenizer(prompt)["input_ids"] for _, prompt in queries]
   runs = timed_runs(zoo, policy, prompts, config)
   domains = [domain for domain, _ in queries]
@@ -200,13 +248,24 @@ def zoo_main() -> None:
     result[domain] = run_tables.policy_cost(runs, rows)["policy_greedy"]
   print("| domain | median fused / plain | policy share | ms per query |\n|---|---|---|---|")
   for domain, cost in result.items():
-    print(f"| {domain} | {cost['median_ratio']:.3f} | {100 * cost['share']:.2f}% | "
-          f"{cost['ms_per_query']:.3f} |")
+    print(
+        f"| {domain} | {cost['median_ratio']:.3f} | {100 * cost['share']:.2f}% | "
+        f"{cost['ms_per_query']:.3f} |"
+    )
   median_seconds = statistics.median(r.seconds for r in runs["policy_greedy"][0])
   with open(FLAGS.output, "w") as handle:
-    json.dump({"policy": FLAGS.policy, "queries": len(prompts), "repeats": FLAGS.repeats,
-               "gamma": FLAGS.gamma, "cost": result, "median_ms_per_query": median_seconds * 1e3},
-              handle, indent=1)
+    json.dump(
+        {
+            "policy": FLAGS.policy,
+            "queries": len(prompts),
+            "repeats": FLAGS.repeats,
+            "gamma": FLAGS.gamma,
+            "cost": result,
+            "median_ms_per_query": median_seconds * 1e3,
+        },
+        handle,
+        indent=1,
+    )
   logging.info("wrote %s", FLAGS.output)
 
 

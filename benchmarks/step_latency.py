@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import common  # first: the hubs' offline defaults come before any Hugging Face import
+
 # isort: split
 
 import numpy as np
@@ -39,9 +40,15 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's defa
 def ours_ms(model, prompt) -> float:
   """ms per single-token step as our loop runs it (`speed.time_decode_step`: in one compiled
   loop, cache carried, no dispatch per step), at positions prefix..prefix+steps-1."""
-  return 1e3 * speed.time_decode_step(model, prompt, block=1, position=FLAGS.prefix,
-                                      cache_length=FLAGS.cache_length, steps=FLAGS.steps,
-                                      repeats=FLAGS.repeats)
+  return 1e3 * speed.time_decode_step(
+      model,
+      prompt,
+      block=1,
+      position=FLAGS.prefix,
+      cache_length=FLAGS.cache_length,
+      steps=FLAGS.steps,
+      repeats=FLAGS.repeats,
+  )
 
 
 def torch_ms(directory, prompt) -> float:
@@ -49,6 +56,7 @@ def torch_ms(directory, prompt) -> float:
   step over all repeats), after the same prompt."""
   import torch
   from jax_specsel.eval.hf_baseline import load_torch_model
+
   model = load_torch_model(directory)
   seq2seq = model.config.is_encoder_decoder
   times = []
@@ -64,8 +72,11 @@ def torch_ms(directory, prompt) -> float:
       past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
       for _ in range(FLAGS.steps):
         began = time.perf_counter()
-        kwargs = ({"encoder_outputs": encoder, "decoder_input_ids": token} if seq2seq
-                  else {"input_ids": token})
+        kwargs = (
+            {"encoder_outputs": encoder, "decoder_input_ids": token}
+            if seq2seq
+            else {"input_ids": token}
+        )
         out = model(**kwargs, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - began)
@@ -84,21 +95,28 @@ def main(argv):
   common.checked(check_flags)  # one line, before any model is built
   if FLAGS.torch_threads:
     import torch
+
     torch.set_num_threads(FLAGS.torch_threads)
   rng = np.random.default_rng(0)
-  print("| model | params | ours ms/step | transformers ms/step | ours / transformers |\n"
-        "|---|---|---|---|---|")
+  print(
+      "| model | params | ours ms/step | transformers ms/step | ours / transformers |\n"
+      "|---|---|---|---|---|"
+  )
   with tempfile.TemporaryDirectory() as scratch:
     for family in FLAGS.families:
       directory = random_models.build_random_checkpoint(
-          family, random_models.RANDOM_PAIRS[family][0], f"{scratch}/{family}", seed=0)
+          family, random_models.RANDOM_PAIRS[family][0], f"{scratch}/{family}", seed=0
+      )
       model = js.load_model(directory)
       # T5: the prompt is the encoder input; the decoder prefix is written by `prepare` + steps.
       prompt = rng.integers(5, 1000, size=(1, FLAGS.prefix)).astype(np.int32)
       ours = ours_ms(model, prompt)
       theirs = torch_ms(directory, prompt)
-      print(f"| {family} 6L d512 | {model.num_params / 1e6:.1f}M | {ours:.2f} | {theirs:.2f} | "
-            f"{ours / theirs:.2f} |", flush=True)
+      print(
+          f"| {family} 6L d512 | {model.num_params / 1e6:.1f}M | {ours:.2f} | {theirs:.2f} | "
+          f"{ours / theirs:.2f} |",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

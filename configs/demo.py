@@ -1,6 +1,6 @@
 """The embedded default: synthetic world, models trained here, the whole pipeline on a CPU.
 
-  python launch/demo.py --config=configs/demo.py [--config.output_dir=reports/demo ...]
+python launch/demo.py --config=configs/demo.py [--config.output_dir=reports/demo ...]
 """
 
 import ml_collections

@@ -8,8 +8,12 @@ from configs import paper_t5_table1
 
 def get_config():
   config = paper_t5_table1.get_config()
-  config.drafters = {"t5-small": "google-t5/t5-small", "t5-small-xsum": "jaeheekim/t5-small-xsum",
-                     "flan-t5-small": "google/flan-t5-small", "flan-t5-base": "google/flan-t5-base"}
+  config.drafters = {
+      "t5-small": "google-t5/t5-small",
+      "t5-small-xsum": "jaeheekim/t5-small-xsum",
+      "flan-t5-small": "google/flan-t5-small",
+      "flan-t5-base": "google/flan-t5-base",
+  }
   config.tasks = ("xsum",)
   config.train_per_task = 200_000
   config.alpha = 0.5  # Figure 2 sweeps it: config.alphas

@@ -14,10 +14,19 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.target = "lmsys/vicuna-33b-v1.3"
   config.dtype = "bfloat16"
-  config.drafters = {"vicuna-68m": "double7/vicuna-68m", "vicuna-160m": "double7/vicuna-160m",
-                     "llama-68m": "JackFram/llama-68m"}
-  config.tasks = ("spec-bench-mt_bench", "spec-bench-translation", "spec-bench-summarization",
-                  "spec-bench-qa", "spec-bench-math_reasoning", "spec-bench-rag")
+  config.drafters = {
+      "vicuna-68m": "double7/vicuna-68m",
+      "vicuna-160m": "double7/vicuna-160m",
+      "llama-68m": "JackFram/llama-68m",
+  }
+  config.tasks = (
+      "spec-bench-mt_bench",
+      "spec-bench-translation",
+      "spec-bench-summarization",
+      "spec-bench-qa",
+      "spec-bench-math_reasoning",
+      "spec-bench-rag",
+  )
   config.data_files = {task: "data/spec_bench/question.jsonl" for task in config.tasks}
   config.data_dir = ""  # or a directory of <task>.jsonl files (--config.data_dir=DIR)
   config.train_split, config.test_split = "train", "test"

@@ -21,22 +21,50 @@ from jax_specsel.versions import check_versions
 
 check_versions()  # before flax is imported: an old flax under a new jax fails inside flax
 
-from jax_specsel.decoding import (AdaptiveOutput, GenerateOutput, SelectedOutput,  # noqa: E402
-                                  compilation_count, generate, generate_adaptive,
-                                  generate_selected)
+from jax_specsel.decoding import (
+    AdaptiveOutput,
+    GenerateOutput,
+    SelectedOutput,  # noqa: E402
+    compilation_count,
+    generate,
+    generate_adaptive,
+    generate_selected,
+)
 from jax_specsel.memory import estimate_memory
 from jax_specsel.models.growth import grow_checkpoint, grow_model
 from jax_specsel.models.hf_export import save_hf_checkpoint
-from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
-                                           InvalidConfigError)
+from jax_specsel.models.checkpoint import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidConfigError,
+)
 from jax_specsel.models.interface import Decoder, Model, shard_model
 from jax_specsel.models.loading import WeightMismatchError, load_model
 from jax_specsel.models.registry import UnsupportedModelError
 from jax_specsel.sharding import make_mesh
 from jax_specsel import bandit  # noqa: E402  (js.bandit.train_policy / load_policy)
 
-__all__ = ["Decoder", "Model", "load_model", "generate", "generate_adaptive", "generate_selected",
-           "AdaptiveOutput", "GenerateOutput", "SelectedOutput", "compilation_count", "CheckpointNotFoundError", "CorruptCheckpointError",
-           "InvalidConfigError", "UnsupportedModelError", "WeightMismatchError", "make_mesh",
-           "shard_model", "estimate_memory", "bandit", "grow_checkpoint", "grow_model",
-           "save_hf_checkpoint"]
+__all__ = [
+    "Decoder",
+    "Model",
+    "load_model",
+    "generate",
+    "generate_adaptive",
+    "generate_selected",
+    "AdaptiveOutput",
+    "GenerateOutput",
+    "SelectedOutput",
+    "compilation_count",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "InvalidConfigError",
+    "UnsupportedModelError",
+    "WeightMismatchError",
+    "make_mesh",
+    "shard_model",
+    "estimate_memory",
+    "bandit",
+    "grow_checkpoint",
+    "grow_model",
+    "save_hf_checkpoint",
+]

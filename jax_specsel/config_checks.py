@@ -25,12 +25,32 @@ log = logging.getLogger(__name__)
 # config.trainer -> the policy-training config it selects (whose own `estimator` field is the
 # gradient estimator: "reinforce" or "expected").
 TRAINERS = {"paper": reinforce.paper_train_config, "default": reinforce.default_train_config}
-PIPELINE_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha",
-                   "cost_unit", "autoregressive_option", "trainer", "gamma", "temperature",
-                   "eval_seeds", "alphas", "sample_sizes")
+PIPELINE_FIELDS = (
+    "seed",
+    "max_new_tokens",
+    "collect_batch_size",
+    "shard_size",
+    "alpha",
+    "cost_unit",
+    "autoregressive_option",
+    "trainer",
+    "gamma",
+    "temperature",
+    "eval_seeds",
+    "alphas",
+    "sample_sizes",
+)
 _RENAMED_FIELDS = {"trainer": "estimator"}  # field -> its old name, still read (deprecated)
-ADAPTIVE_FIELDS = ("max_gamma", "probe_every", "hedge_learning_rate", "online_learning_rate",
-                   "update_every", "frozen", "shifted_domain", "shifted_queries")
+ADAPTIVE_FIELDS = (
+    "max_gamma",
+    "probe_every",
+    "hedge_learning_rate",
+    "online_learning_rate",
+    "update_every",
+    "frozen",
+    "shifted_domain",
+    "shifted_queries",
+)
 MODEL_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task")
 
 
@@ -43,8 +63,11 @@ def check_config(config: ml_collections.ConfigDict, *, models: bool = True) -> N
     models: also check the model and data fields; False for a config whose models come from
       elsewhere (the demo builds its zoo).
   """
-  missing = [field for field in PIPELINE_FIELDS
-             if field not in config and _RENAMED_FIELDS.get(field, field) not in config]
+  missing = [
+      field
+      for field in PIPELINE_FIELDS
+      if field not in config and _RENAMED_FIELDS.get(field, field) not in config
+  ]
   if missing:
     raise ValueError(f"config lacks field(s) {missing}: see configs/demo.py for each field.")
   try:
@@ -82,16 +105,24 @@ def _check_pipeline_fields(config) -> None:
     validation.integer(f"config.{field}", config[field], minimum=1)
   validation.real("config.alpha", config.alpha, 0.0, 1.0)
   if validation.real("config.cost_unit", config.cost_unit) <= 0:
-    raise ValueError(f"config.cost_unit={config.cost_unit}: must be > 0 (parameters per cost unit).")
+    raise ValueError(
+        f"config.cost_unit={config.cost_unit}: must be > 0 (parameters per cost unit)."
+    )
   if not isinstance(config.autoregressive_option, bool):
-    raise ValueError(f"config.autoregressive_option={config.autoregressive_option!r}: must be True or False.")
+    raise ValueError(
+        f"config.autoregressive_option={config.autoregressive_option!r}: must be True or False."
+    )
   trainer_config(config)
   temperature = validation.real("config.temperature", config.temperature, 0.0)
   if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
-    raise ValueError(f"config.temperature={temperature}: 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE}.")
-  for field, check in (("eval_seeds", lambda name, v: validation.integer(name, v, minimum=0)),
-                       ("alphas", lambda name, v: validation.real(name, v, 0.0, 1.0)),
-                       ("sample_sizes", lambda name, v: validation.integer(name, v, minimum=1))):
+    raise ValueError(
+        f"config.temperature={temperature}: 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE}."
+    )
+  for field, check in (
+      ("eval_seeds", lambda name, v: validation.integer(name, v, minimum=0)),
+      ("alphas", lambda name, v: validation.real(name, v, 0.0, 1.0)),
+      ("sample_sizes", lambda name, v: validation.integer(name, v, minimum=1)),
+  ):
     values = config[field]
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values):
       raise ValueError(f"config.{field}={values!r}: must be a non-empty list.")
@@ -112,16 +143,22 @@ def trainer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if "estimator" not in config:
     name = config.trainer
   elif "trainer" in config:
-    raise ValueError(f"config has both trainer={config.trainer!r} and estimator={config.estimator!r}: "
-                     "`estimator` is the old name of `trainer`; remove it.")
+    raise ValueError(
+        f"config has both trainer={config.trainer!r} and estimator={config.estimator!r}: "
+        "`estimator` is the old name of `trainer`; remove it."
+    )
   else:
     name = config.estimator
     if name not in TRAINERS:
-      raise ValueError(f"config.estimator={name!r}: this experiment field is now called `trainer` and "
-                       f"names a training config, one of {sorted(TRAINERS)}; the gradient estimator "
-                       "('reinforce' / 'expected') is a field of that training config.")
-    message = (f"config.estimator={name!r} is deprecated: rename the field to config.trainer (it "
-               "selects the policy-training config, whose own `estimator` is the gradient estimator).")
+      raise ValueError(
+          f"config.estimator={name!r}: this experiment field is now called `trainer` and "
+          f"names a training config, one of {sorted(TRAINERS)}; the gradient estimator "
+          "('reinforce' / 'expected') is a field of that training config."
+      )
+    message = (
+        f"config.estimator={name!r} is deprecated: rename the field to config.trainer (it "
+        "selects the policy-training config, whose own `estimator` is the gradient estimator)."
+    )
     warnings.warn(message, FutureWarning, stacklevel=2)
     log.warning(message)
   if name not in TRAINERS:
@@ -142,7 +179,9 @@ def _check_model_fields(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.drafters is empty: name at least one drafter {name: checkpoint}.")
   for name, source in config.drafters.items():
     if not isinstance(source, str) or not source:
-      raise ValueError(f"config.drafters[{name!r}]={source!r}: must be a checkpoint or 'early_exit:K'.")
+      raise ValueError(
+          f"config.drafters[{name!r}]={source!r}: must be a checkpoint or 'early_exit:K'."
+      )
     if source.startswith(experiment.EARLY_EXIT):
       _early_exit_layers(name, source)
   if isinstance(config.tasks, str) or not config.tasks:
@@ -163,8 +202,11 @@ def _check_model_fields(config: ml_collections.ConfigDict) -> None:
 
 def _early_exit_layers(name: str, source: str) -> int:
   try:
-    return validation.integer(f"config.drafters[{name!r}] layers",
-                              int(source[len(experiment.EARLY_EXIT):]), minimum=1)
+    return validation.integer(
+        f"config.drafters[{name!r}] layers", int(source[len(experiment.EARLY_EXIT) :]), minimum=1
+    )
   except ValueError:
-    raise ValueError(f"config.drafters[{name!r}]={source!r}: write early_exit:K with K >= 1 "
-                     "layers of the target.") from None
+    raise ValueError(
+        f"config.drafters[{name!r}]={source!r}: write early_exit:K with K >= 1 "
+        "layers of the target."
+    ) from None

@@ -50,9 +50,11 @@ def exit_with_usage_error(message: str) -> None:
 def require_config_flag(example: str, name: str = "config") -> None:
   """Makes `--config` required with a message naming an example (absl reports it at parse time)."""
   _CONFIG_EXAMPLES[name] = example
-  flags.register_validator(name, lambda value: value is not None,
-                           message=f"--{name} is required: pass an experiment config file, e.g. "
-                                   f"--{name}={example}")
+  flags.register_validator(
+      name,
+      lambda value: value is not None,
+      message=f"--{name} is required: pass an experiment config file, e.g. " f"--{name}={example}",
+  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -68,14 +70,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with_usage_error(f"Flags parsing error: {err} (--helpshort lists the flags)")
   except (AttributeError, KeyError) as err:
     cause = err.__context__ if isinstance(err.__context__, KeyError) else err
-    lines = str(cause.args[0] if cause.args else cause).strip("\"").split("\n")
+    lines = str(cause.args[0] if cause.args else cause).strip('"').split("\n")
     field = lines[0].strip("'\"")
     given = [arg.split("=", 1)[0] for arg in argv[1:] if re.match(r"^--?config\.", arg)]
     named = [arg for arg in given if field in arg.lstrip("-").split(".")[1:]] or given
     hint = " ".join(line.strip() for line in lines[1:])
-    exit_with_usage_error(f"Flags parsing error: {', '.join(named)}: the config has no field "
-                          f"{field!r}. {hint + ' ' if hint else ''}Fix the name, or add the field "
-                          "to the config file.")
+    exit_with_usage_error(
+        f"Flags parsing error: {', '.join(named)}: the config has no field "
+        f"{field!r}. {hint + ' ' if hint else ''}Fix the name, or add the field "
+        "to the config file."
+    )
   _refuse_unloaded_configs()
   return remaining
 
@@ -89,9 +93,11 @@ def _refuse_unloaded_configs() -> None:
     error = object.__getattribute__(value, "_error")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     example = _CONFIG_EXAMPLES.get(name, "configs/paper_t5_table1.py")
-    exit_with_usage_error(f"--{name}={flags.FLAGS[name].serialize().split('=', 1)[-1]}: cannot "
-                          f"load the config file ({lines[-1] if lines else error}); pass an "
-                          f"existing experiment config file, e.g. --{name}={example}")
+    exit_with_usage_error(
+        f"--{name}={flags.FLAGS[name].serialize().split('=', 1)[-1]}: cannot "
+        f"load the config file ({lines[-1] if lines else error}); pass an "
+        f"existing experiment config file, e.g. --{name}={example}"
+    )
 
 
 def integer_flags(*names: str, minimum: int = 1) -> None:
@@ -110,8 +116,10 @@ def integer_list_flag(name: str, minimum: int = 1) -> list[int]:
     try:
       number = int(value)
     except ValueError:
-      raise ValueError(f"--{name}={','.join(values)}: {value!r} is not an integer; give a "
-                       "comma-separated list of integers, e.g. 1,2,4.") from None
+      raise ValueError(
+          f"--{name}={','.join(values)}: {value!r} is not an integer; give a "
+          "comma-separated list of integers, e.g. 1,2,4."
+      ) from None
     result.append(validation.integer(f"--{name} entry", number, minimum=minimum))
   return result
 
@@ -132,20 +140,25 @@ def data_files(config: ml_collections.ConfigDict) -> dict[str, str | None]:
   Raises:
     ValueError: data_dir is not a directory, or lacks a file for a task data_files leaves open.
   """
-  files = {task: (dict(config.get("data_files", {}) or {}).get(task) or None)
-           for task in config.tasks}
+  files = {
+      task: (dict(config.get("data_files", {}) or {}).get(task) or None) for task in config.tasks
+  }
   data_dir = config.get("data_dir", "") or ""
   if not data_dir:
     return files
   if not os.path.isdir(data_dir):
-    raise ValueError(f"config.data_dir={data_dir!r} is not a directory: pass the directory of "
-                     "<task>.jsonl files, or '' to read the tasks from the hub.")
+    raise ValueError(
+        f"config.data_dir={data_dir!r} is not a directory: pass the directory of "
+        "<task>.jsonl files, or '' to read the tasks from the hub."
+    )
   for task in [task for task, file in files.items() if file is None]:
     files[task] = loaders.find_task_file(data_dir, task)
     if files[task] is None:
-      raise ValueError(f"config.data_dir={data_dir!r} has no file for task {task!r}: add "
-                       f"{task}.jsonl (or .json/.csv/.parquet) there, or name it in "
-                       "config.data_files.")
+      raise ValueError(
+          f"config.data_dir={data_dir!r} has no file for task {task!r}: add "
+          f"{task}.jsonl (or .json/.csv/.parquet) there, or name it in "
+          "config.data_files."
+      )
   return files
 
 
@@ -162,18 +175,22 @@ def check_collection(meta: dict, config: ml_collections.ConfigDict, directory: s
   collected = [name for name in meta["options"] if name != AUTOREGRESSIVE]
   problems = []
   if meta.get("target") != target:
-    problems.append(f"target {meta.get('target')!r}, not config.target={config.target!r} "
-                    f"(named {target!r})")
+    problems.append(
+        f"target {meta.get('target')!r}, not config.target={config.target!r} " f"(named {target!r})"
+    )
   if sorted(collected) != sorted(config.drafters):
     problems.append(f"drafters {sorted(collected)}, not config.drafters {sorted(config.drafters)}")
   if problems:
     raise CollectionMismatchError(
         f"{directory} was collected with {' and '.join(problems)}: a policy trained on it would "
         "choose among other models than this config runs. Pass the config the collection was made "
-        "with, or collect again into another config.output_dir.")
+        "with, or collect again into another config.output_dir."
+    )
 
 
-def mesh_shape(config: ml_collections.ConfigDict, override: str | None = None) -> tuple[int, int] | None:
+def mesh_shape(
+    config: ml_collections.ConfigDict, override: str | None = None
+) -> tuple[int, int] | None:
   """(data, model) from `override` or the config's optional `mesh` field ("2x4"); None: one device.
 
   Raises:
@@ -200,7 +217,7 @@ def load_models(config: ml_collections.ConfigDict, mesh=None) -> tuple[Model, di
   drafters = {}
   for name, source in config.drafters.items():
     if source.startswith(EARLY_EXIT):
-      drafters[name] = target.early_exit(layers=int(source[len(EARLY_EXIT):]))
+      drafters[name] = target.early_exit(layers=int(source[len(EARLY_EXIT) :]))
     else:
       drafters[name] = load_model(source, dtype=config.dtype, name=name)
       if mesh is not None:
@@ -215,6 +232,9 @@ def load_split(config: ml_collections.ConfigDict, split: str, per_task: int) -> 
   for task in config.tasks:
     file = files[task]
     split_name = config.get(f"{split}_split", split)
-    parts.append(loaders.load_examples(task, split=split_name, data_file=file, limit=per_task,
-                                       seed=config.seed))
+    parts.append(
+        loaders.load_examples(
+            task, split=split_name, data_file=file, limit=per_task, seed=config.seed
+        )
+    )
   return datasets.concatenate_datasets(parts)

@@ -33,12 +33,20 @@ from jax.sharding import PartitionSpec
 from jax_specsel import sharding
 from jax_specsel.models import checkpoint, registry
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
-def estimate_memory(config, mesh_shape=(1, 1), batch: int = 1, cache_length: int = 128,
-                    dtype: str | None = None, *, source_length: int | None = None,
-                    block_tokens: int = 8, tensor_parallel: bool = True) -> dict:
+def estimate_memory(
+    config,
+    mesh_shape=(1, 1),
+    batch: int = 1,
+    cache_length: int = 128,
+    dtype: str | None = None,
+    *,
+    source_length: int | None = None,
+    block_tokens: int = 8,
+    tensor_parallel: bool = True,
+) -> dict:
   """Bytes per device for one model placed on a mesh.
 
   Args:
@@ -70,18 +78,31 @@ def estimate_memory(config, mesh_shape=(1, 1), batch: int = 1, cache_length: int
   cache = jax.eval_shape(lambda: module.init_cache(batch, cache_length, config.dtype))
   caches = _cache_tree_bytes(cache, sizes, tensor_parallel)
   context = _context_bytes(config, sizes, batch, source_length, tensor_parallel)
-  activations = _activation_bytes(config, sizes, batch, cache_length, source_length, block_tokens,
-                                  tensor_parallel)
-  return {"params": params, "caches": caches, "context": context, "activations": activations,
-          "total": params + caches + context + activations, "params_unsharded": unsharded,
-          "num_params": count, "mesh": sizes, "dtype": config.dtype, "batch": batch,
-          "cache_length": cache_length, "source_length": source_length}
+  activations = _activation_bytes(
+      config, sizes, batch, cache_length, source_length, block_tokens, tensor_parallel
+  )
+  return {
+      "params": params,
+      "caches": caches,
+      "context": context,
+      "activations": activations,
+      "total": params + caches + context + activations,
+      "params_unsharded": unsharded,
+      "num_params": count,
+      "mesh": sizes,
+      "dtype": config.dtype,
+      "batch": batch,
+      "cache_length": cache_length,
+      "source_length": source_length,
+  }
 
 
 def _check_sizes(batch: int, cache_length: int, block_tokens: int) -> None:
   if batch < 1 or cache_length < 1 or block_tokens < 1:
-    raise ValueError(f"batch={batch}, cache_length={cache_length}, block_tokens={block_tokens}: "
-                     "all must be >= 1.")
+    raise ValueError(
+        f"batch={batch}, cache_length={cache_length}, block_tokens={block_tokens}: "
+        "all must be >= 1."
+    )
 
 
 def _as_config(config, dtype: str | None):
@@ -92,8 +113,10 @@ def _as_config(config, dtype: str | None):
     _check_dtype(dtype)
     return registry.architecture(config).Config.from_hf(config, dtype)
   if not dataclasses.is_dataclass(config):
-    raise ValueError(f"config must be a model Config, a config.json dict or a checkpoint path, got "
-                     f"{type(config).__name__}.")
+    raise ValueError(
+        f"config must be a model Config, a config.json dict or a checkpoint path, got "
+        f"{type(config).__name__}."
+    )
   if dtype is not None:
     _check_dtype(dtype)
     config = dataclasses.replace(config, dtype=dtype)
@@ -109,7 +132,9 @@ def _param_bytes(abstract, config, sizes, tensor_parallel) -> tuple[int, int, in
   per_device = unsharded = count = 0
   for path, var in nnx.to_flat_state(abstract):
     value = var.get_value()
-    spec = sharding.spec_for(path, value.shape, config, sizes) if tensor_parallel else PartitionSpec()
+    spec = (
+        sharding.spec_for(path, value.shape, config, sizes) if tensor_parallel else PartitionSpec()
+    )
     per_device += sharding.bytes_per_device(value.shape, value.dtype.itemsize, spec, sizes)
     unsharded += value.size * value.dtype.itemsize
     count += value.size
@@ -120,8 +145,12 @@ def _context_bytes(config, sizes, batch, source_length, tensor_parallel) -> int:
   """What `prepare` returns, per device: the architecture's formula (`context_bytes`)."""
   arch = registry.architecture_of(config)
   heads = arch.dimensions(config)["heads"]
-  return arch.context_bytes(config, _split(batch, sizes[sharding.DATA]), source_length,
-                            _split(heads, sizes[sharding.MODEL] if tensor_parallel else 1))
+  return arch.context_bytes(
+      config,
+      _split(batch, sizes[sharding.DATA]),
+      source_length,
+      _split(heads, sizes[sharding.MODEL] if tensor_parallel else 1),
+  )
 
 
 def _split(count: int, parts: int) -> int:
@@ -129,8 +158,9 @@ def _split(count: int, parts: int) -> int:
   return count // parts if count % parts == 0 else count
 
 
-def _activation_bytes(config, sizes, batch, cache_length, source_length, block_tokens,
-                      tensor_parallel) -> int:
+def _activation_bytes(
+    config, sizes, batch, cache_length, source_length, block_tokens, tensor_parallel
+) -> int:
   """Live temporaries of one layer in the larger of prefill and verify (module docstring)."""
   itemsize = np.dtype(checkpoint.DTYPES[config.dtype]).itemsize
   model = sizes[sharding.MODEL] if tensor_parallel else 1
@@ -155,12 +185,13 @@ def format_estimate(name: str, estimate: dict) -> str:
   """One human-readable line per model: GiB per device and the case it describes."""
   gib = lambda key: f"{estimate[key] / GIB:.2f}"
   mesh = estimate["mesh"]
-  return (f"{name}: {gib('total')} GiB/device on mesh data={mesh['data']} x model={mesh['model']} "
-          f"({estimate['dtype']}, batch {estimate['batch']}, cache {estimate['cache_length']}, "
-          f"source {estimate['source_length']}): params {gib('params')} "
-          f"(of {gib('params_unsharded')} for {estimate['num_params'] / 1e9:.2f}B), caches "
-          f"{gib('caches')}, context {gib('context')}, activations ~{gib('activations')}")
-
+  return (
+      f"{name}: {gib('total')} GiB/device on mesh data={mesh['data']} x model={mesh['model']} "
+      f"({estimate['dtype']}, batch {estimate['batch']}, cache {estimate['cache_length']}, "
+      f"source {estimate['source_length']}): params {gib('params')} "
+      f"(of {gib('params_unsharded')} for {estimate['num_params'] / 1e9:.2f}B), caches "
+      f"{gib('caches')}, context {gib('context')}, activations ~{gib('activations')}"
+  )
 
 
 def cache_bytes_per_device(model, batch: int, cache_length: int) -> int:
@@ -171,8 +202,9 @@ def cache_bytes_per_device(model, batch: int, cache_length: int) -> int:
     model: a loaded `Model` (any architecture speaking the decoder protocol, early exits too).
     batch, cache_length: the cache's rows and positions.
   """
-  cache = jax.eval_shape(lambda params: model.decoder.init_cache(params, batch, cache_length),
-                         model.params)
+  cache = jax.eval_shape(
+      lambda params: model.decoder.init_cache(params, batch, cache_length), model.params
+  )
   placement = model.decoder.placement
   sizes = sharding.axis_sizes((1, 1) if placement is None else placement.mesh)
   tensor_parallel = placement is not None and placement.tensor_parallel
@@ -181,9 +213,12 @@ def cache_bytes_per_device(model, batch: int, cache_length: int) -> int:
 
 def _cache_tree_bytes(cache, sizes, tensor_parallel: bool) -> int:
   """Bytes per device of a cache pytree (of arrays or shapes) split by the cache rules."""
-  return sum(sharding.bytes_per_device(x.shape, x.dtype.itemsize,
-                                       sharding.cache_spec(x.shape, sizes, tensor_parallel), sizes)
-             for x in jax.tree.leaves(cache))
+  return sum(
+      sharding.bytes_per_device(
+          x.shape, x.dtype.itemsize, sharding.cache_spec(x.shape, sizes, tensor_parallel), sizes
+      )
+      for x in jax.tree.leaves(cache)
+  )
 
 
 def free_bytes(mesh=None) -> tuple[int, str] | None:

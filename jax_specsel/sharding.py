@@ -73,8 +73,9 @@ class Placement:
   tensor_parallel: bool = True
 
 
-def make_mesh(data: int = 1, model: int | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, model: int | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, model) device mesh.
 
   Args:
@@ -95,13 +96,17 @@ def make_mesh(data: int = 1, model: int | None = None,
     raise ValueError(f"make_mesh(data={data}, model={model}): axis sizes must be >= 1.")
   if model is None:
     if len(devices) % data:
-      raise ValueError(f"make_mesh(data={data}): {len(devices)} devices do not split into {data} "
-                       "replicas; pass data and model with data * model == the device count.")
+      raise ValueError(
+          f"make_mesh(data={data}): {len(devices)} devices do not split into {data} "
+          "replicas; pass data and model with data * model == the device count."
+      )
     model = len(devices) // data
   if data * model != len(devices):
-    raise ValueError(f"make_mesh(data={data}, model={model}) needs data * model = {data * model} "
-                     f"devices but {len(devices)} are available ({devices[0].platform}); choose "
-                     f"axis sizes whose product is {len(devices)}, or pass devices=[...] explicitly.")
+    raise ValueError(
+        f"make_mesh(data={data}, model={model}) needs data * model = {data * model} "
+        f"devices but {len(devices)} are available ({devices[0].platform}); choose "
+        f"axis sizes whose product is {len(devices)}, or pass devices=[...] explicitly."
+    )
   auto = (jax.sharding.AxisType.Auto,) * 2
   # jax.make_mesh orders devices along the physical topology (ICI rings on TPU, NVLink on GPU).
   return jax.make_mesh((data, model), AXES, axis_types=auto, devices=devices)
@@ -116,8 +121,10 @@ def axis_sizes(mesh_or_shape) -> dict[str, int]:
   if isinstance(mesh_or_shape, Mesh):
     sizes = dict(mesh_or_shape.shape)
     if set(sizes) != set(AXES):
-      raise ValueError(f"the mesh has axes {tuple(sizes)}; this library shards over axes {AXES}: "
-                       "build it with jax_specsel.make_mesh(data=..., model=...).")
+      raise ValueError(
+          f"the mesh has axes {tuple(sizes)}; this library shards over axes {AXES}: "
+          "build it with jax_specsel.make_mesh(data=..., model=...)."
+      )
   elif isinstance(mesh_or_shape, Mapping):
     sizes = {axis: mesh_or_shape.get(axis, 1) for axis in AXES}
     unknown = set(mesh_or_shape) - set(AXES)
@@ -136,8 +143,10 @@ def axis_sizes(mesh_or_shape) -> dict[str, int]:
 def check_mesh(mesh) -> Mesh:
   """Returns `mesh` if it is a Mesh with axes data and model; raises a ValueError saying how to make one."""
   if not isinstance(mesh, Mesh):
-    raise ValueError(f"mesh must be a jax.sharding.Mesh (jax_specsel.make_mesh(data=..., model=...)), "
-                     f"got {type(mesh).__name__}.")
+    raise ValueError(
+        f"mesh must be a jax.sharding.Mesh (jax_specsel.make_mesh(data=..., model=...)), "
+        f"got {type(mesh).__name__}."
+    )
   axis_sizes(mesh)
   return mesh
 
@@ -150,11 +159,15 @@ def _log_once(message: str) -> None:
 def _layout_fits(layout: Layout, shape: tuple[int, ...], units: dict[str, int], model: int) -> bool:
   if len(layout) != len(shape):
     return False
-  return all(name is None or (units[name] % model == 0 and size % model == 0)
-             for name, size in zip(layout, shape))
+  return all(
+      name is None or (units[name] % model == 0 and size % model == 0)
+      for name, size in zip(layout, shape)
+  )
 
 
-def spec_for(path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, int]) -> PartitionSpec:
+def spec_for(
+    path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, int]
+) -> PartitionSpec:
   """The PartitionSpec of one parameter under the rules (see the module docstring).
 
   Args:
@@ -168,13 +181,16 @@ def spec_for(path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, in
   """
   arch = registry.architecture_of(config)
   if arch is None:
-    _log_once(f"no sharding rules for {type(config).__module__}.{type(config).__name__} (no "
-              "architecture in models/registry.py): every parameter is replicated.")
+    _log_once(
+        f"no sharding rules for {type(config).__module__}.{type(config).__name__} (no "
+        "architecture in models/registry.py): every parameter is replicated."
+    )
     return PartitionSpec()
   name = "/".join(str(p) for p in path)
   generic = re.sub(r"/\d+/", "/*/", name)  # one log line per kind of tensor, not per layer
-  layouts = next((layouts for pattern, layouts in arch.SHARDING_RULES if re.search(pattern, name)),
-                 None)
+  layouts = next(
+      (layouts for pattern, layouts in arch.SHARDING_RULES if re.search(pattern, name)), None
+  )
   if layouts is None:
     _log_once(f"sharding: no rule matches parameter {generic}; it is replicated.")
     return PartitionSpec()
@@ -187,8 +203,10 @@ def spec_for(path: tuple, shape: tuple[int, ...], config, sizes: Mapping[str, in
       return PartitionSpec(*(None if n is None else MODEL for n in layout))
   wanted = [n for n in layouts[0] if n is not None]
   counts = ", ".join(f"{n}={units[n]}" for n in wanted)
-  _log_once(f"sharding: {generic} {tuple(shape)} is replicated: its {'/'.join(wanted)} dimension "
-            f"({counts}) does not divide the model axis ({model}).")
+  _log_once(
+      f"sharding: {generic} {tuple(shape)} is replicated: its {'/'.join(wanted)} dimension "
+      f"({counts}) does not divide the model axis ({model})."
+  )
   return PartitionSpec()
 
 
@@ -213,8 +231,9 @@ def _config_and_shapes(model_or_config) -> tuple[Any, dict[tuple, tuple[int, ...
     flat = nnx.to_flat_state(params)
     return model_or_config.config, {path: tuple(var.get_value().shape) for path, var in flat}
   abstract = nnx.state(abstract_module(model_or_config))
-  return model_or_config, {path: tuple(var.get_value().shape)
-                           for path, var in nnx.to_flat_state(abstract)}
+  return model_or_config, {
+      path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract)
+  }
 
 
 @functools.lru_cache(maxsize=8)
@@ -228,8 +247,10 @@ def abstract_module(config):
   """
   arch = registry.architecture_of(config)
   if arch is None:
-    raise ValueError(f"{type(config).__name__} is not a config of a supported architecture "
-                     f"({sorted(registry.ARCHITECTURES)}); pass a loaded Model or a t5/llama Config.")
+    raise ValueError(
+        f"{type(config).__name__} is not a config of a supported architecture "
+        f"({sorted(registry.ARCHITECTURES)}); pass a loaded Model or a t5/llama Config."
+    )
   return nnx.eval_shape(lambda: arch.Module(config, rngs=nnx.Rngs(0)))
 
 
@@ -239,14 +260,17 @@ def batch_spec(shape: tuple[int, ...], sizes: Mapping[str, int]) -> PartitionSpe
   if data == 1 or not shape:
     return PartitionSpec()
   if shape[0] % data:
-    _log_once(f"sharding: batch {shape[0]} does not divide the data axis ({data}); the batch is "
-              "replicated (every replica decodes every row). Use a batch size divisible by data.")
+    _log_once(
+        f"sharding: batch {shape[0]} does not divide the data axis ({data}); the batch is "
+        "replicated (every replica decodes every row). Use a batch size divisible by data."
+    )
     return PartitionSpec()
   return PartitionSpec(DATA, *([None] * (len(shape) - 1)))
 
 
-def cache_spec(shape: tuple[int, ...], sizes: Mapping[str, int],
-               tensor_parallel: bool = True) -> PartitionSpec:
+def cache_spec(
+    shape: tuple[int, ...], sizes: Mapping[str, int], tensor_parallel: bool = True
+) -> PartitionSpec:
   """Sharding of one cache leaf: [B, L, heads, H] K/V buffers split on batch and heads.
 
   Args:
@@ -259,14 +283,16 @@ def cache_spec(shape: tuple[int, ...], sizes: Mapping[str, int],
     The PartitionSpec (heads replicated, with a log line, when they do not divide `model`).
   """
   spec = list(batch_spec(shape, sizes)) + [None] * len(shape)
-  spec = spec[:len(shape)]
+  spec = spec[: len(shape)]
   model = sizes[MODEL]
   if tensor_parallel and model > 1 and len(shape) == 4:
     if shape[2] % model == 0:
       spec[2] = MODEL
     else:
-      _log_once(f"sharding: cache {tuple(shape)} keeps its {shape[2]} key/value head(s) replicated: "
-                f"they do not divide the model axis ({model}).")
+      _log_once(
+          f"sharding: cache {tuple(shape)} keeps its {shape[2]} key/value head(s) replicated: "
+          f"they do not divide the model axis ({model})."
+      )
   return PartitionSpec(*spec)
 
 
@@ -275,8 +301,10 @@ def constrain_cache(cache, placement: Placement):
   sizes = axis_sizes(placement.mesh)
   return jax.tree.map(
       lambda x: jax.lax.with_sharding_constraint(
-          x, NamedSharding(placement.mesh, cache_spec(x.shape, sizes, placement.tensor_parallel))),
-      cache)
+          x, NamedSharding(placement.mesh, cache_spec(x.shape, sizes, placement.tensor_parallel))
+      ),
+      cache,
+  )
 
 
 def place_batch(array, mesh: Mesh) -> jax.Array:
@@ -290,11 +318,16 @@ def replicate(value, mesh: Mesh):
   return jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
 
 
-def bytes_per_device(shape: tuple[int, ...], itemsize: int, spec: PartitionSpec,
-                     sizes: Mapping[str, int]) -> int:
+def bytes_per_device(
+    shape: tuple[int, ...], itemsize: int, spec: PartitionSpec, sizes: Mapping[str, int]
+) -> int:
   """Bytes one device holds of an array of `shape` split by `spec` (the largest shard)."""
   count = 1
   for dim, axis in zip(shape, tuple(spec) + (None,) * len(shape)):
-    split = 1 if axis is None else math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis))
+    split = (
+        1
+        if axis is None
+        else math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis))
+    )
     count *= -(-dim // split)
   return count * itemsize

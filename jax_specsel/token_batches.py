@@ -13,8 +13,9 @@ from typing import Sequence
 import numpy as np
 
 
-def as_id_batch(prompt_ids, attention_mask, pad_id: int,
-                name: str = "prompt_ids") -> tuple[np.ndarray, np.ndarray]:
+def as_id_batch(
+    prompt_ids, attention_mask, pad_id: int, name: str = "prompt_ids"
+) -> tuple[np.ndarray, np.ndarray]:
   """(ids int64 [B, S], mask int64 [B, S]) from any accepted prompt form, checked.
 
   Args:
@@ -41,17 +42,21 @@ def as_id_batch(prompt_ids, attention_mask, pad_id: int,
     if attention_mask is None:
       return right_padded(rows, pad_id)
     if len({len(row) for row in rows}) > 1:
-      raise ValueError("attention_mask given with prompt rows of different lengths: pass either "
-                       "ragged id lists (their lengths mark the real tokens) or a padded [B, S] "
-                       "array with its mask.")
+      raise ValueError(
+          "attention_mask given with prompt rows of different lengths: pass either "
+          "ragged id lists (their lengths mark the real tokens) or a padded [B, S] "
+          "array with its mask."
+      )
     ids = np.stack(rows)
   else:
     ids = _id_array(prompt_ids, name)
   one_prompt = ids.ndim == 1
   ids = ids[None] if one_prompt else ids
   if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-    raise ValueError(f"{name} must be [batch, length] with batch >= 1 and length >= 1, got "
-                     f"shape {ids.shape}.")
+    raise ValueError(
+        f"{name} must be [batch, length] with batch >= 1 and length >= 1, got "
+        f"shape {ids.shape}."
+    )
   return ids, _checked_mask(attention_mask, ids.shape, one_prompt, name)
 
 
@@ -69,21 +74,28 @@ def _id_array(values, name: str) -> np.ndarray:
   try:
     array = np.asarray(values)
   except ValueError:  # numpy refuses inhomogeneous nesting
-    raise ValueError(f"{name} is ragged (nested sequences of different lengths): pass a list of "
-                     "flat id lists, or a padded [B, S] array with an attention_mask.") from None
+    raise ValueError(
+        f"{name} is ragged (nested sequences of different lengths): pass a list of "
+        "flat id lists, or a padded [B, S] array with an attention_mask."
+    ) from None
   if array.size == 0:
     return array.astype(np.int64)
   if array.dtype == object:
-    raise TypeError(f"{name} holds Python objects (dtype object): pass integer token ids, as a "
-                    "list of id lists or an integer array.")
+    raise TypeError(
+        f"{name} holds Python objects (dtype object): pass integer token ids, as a "
+        "list of id lists or an integer array."
+    )
   if array.dtype.kind not in "iu":
-    raise TypeError(f"{name} has dtype {array.dtype}: token ids must be integers (they are not "
-                    "truncated; cast whole-number ids with .astype(np.int32)).")
+    raise TypeError(
+        f"{name} has dtype {array.dtype}: token ids must be integers (they are not "
+        "truncated; cast whole-number ids with .astype(np.int32))."
+    )
   return array.astype(np.int64)
 
 
-def right_padded(rows, pad_id: int = 0, width: int | None = None,
-                 dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+def right_padded(
+    rows, pad_id: int = 0, width: int | None = None, dtype=np.int64
+) -> tuple[np.ndarray, np.ndarray]:
   """Ragged id rows written left-aligned into one array, `pad_id` after each row.
 
   Args:
@@ -99,11 +111,13 @@ def right_padded(rows, pad_id: int = 0, width: int | None = None,
   ids = np.full((len(rows), width), pad_id, dtype)
   mask = np.zeros((len(rows), width), dtype)
   for i, row in enumerate(rows):
-    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    ids[i, : len(row)], mask[i, : len(row)] = row, 1
   return ids, mask
 
 
-def _checked_mask(attention_mask, shape: tuple[int, int], one_prompt: bool, name: str) -> np.ndarray:
+def _checked_mask(
+    attention_mask, shape: tuple[int, int], one_prompt: bool, name: str
+) -> np.ndarray:
   """The mask as int64 of `shape`; refuses other shapes and values other than 0 and 1."""
   if attention_mask is None:
     return np.ones(shape, np.int64)
@@ -111,14 +125,18 @@ def _checked_mask(attention_mask, shape: tuple[int, int], one_prompt: bool, name
   if one_prompt and mask.ndim == 1:
     mask = mask[None]
   if mask.shape != shape:
-    raise ValueError(f"attention_mask has shape {np.shape(attention_mask)} but {name} has "
-                     f"shape {shape if not one_prompt else shape[1:]}: pass one 0/1 value per "
-                     "prompt token.")
+    raise ValueError(
+        f"attention_mask has shape {np.shape(attention_mask)} but {name} has "
+        f"shape {shape if not one_prompt else shape[1:]}: pass one 0/1 value per "
+        "prompt token."
+    )
   binary = mask.dtype.kind in "biuf" and bool(((mask == 0) | (mask == 1)).all())
   if not binary:
     bad = mask[(mask != 0) & (mask != 1)] if mask.dtype.kind in "biuf" else mask.reshape(-1)
-    raise ValueError(f"attention_mask holds values other than 0 and 1 (e.g. {bad[:3].tolist()}): "
-                     "1 marks a real prompt token, 0 padding.")
+    raise ValueError(
+        f"attention_mask holds values other than 0 and 1 (e.g. {bad[:3].tolist()}): "
+        "1 marks a real prompt token, 0 padding."
+    )
   return mask.astype(np.int64)
 
 
@@ -133,9 +151,11 @@ def right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
   last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
   holes = (lengths > 0) & (last - first != lengths)
   if holes.any():
-    raise ValueError(f"attention_mask row(s) {np.flatnonzero(holes)[:5].tolist()} have padding "
-                     "between real tokens: pass left- or right-padded prompts (one contiguous run "
-                     "of 1s per row).")
+    raise ValueError(
+        f"attention_mask row(s) {np.flatnonzero(holes)[:5].tolist()} have padding "
+        "between real tokens: pass left- or right-padded prompts (one contiguous run "
+        "of 1s per row)."
+    )
   if not first.any():
     return ids, mask
   columns = (np.arange(mask.shape[1])[None, :] + first[:, None]) % mask.shape[1]

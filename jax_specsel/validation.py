@@ -36,8 +36,10 @@ def integer(name: str, value, minimum: int | None = None) -> int:
     raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be an integer.")
   if not isinstance(value, numbers.Integral):
     if not (math.isfinite(value) and float(value).is_integer()):
-      raise ValueError(f"{name}={value!r}: must be a whole number (it would be truncated to "
-                       f"{int(value) if math.isfinite(value) else value}).")
+      raise ValueError(
+          f"{name}={value!r}: must be a whole number (it would be truncated to "
+          f"{int(value) if math.isfinite(value) else value})."
+      )
   result = int(value)
   if minimum is not None and result < minimum:
     raise ValueError(f"{name}={result}: must be >= {minimum}.")
@@ -51,8 +53,9 @@ def real(name: str, value, low: float | None = None, high: float | None = None) 
     TypeError: not a number. ValueError: NaN, infinite, or out of range.
   """
   value = _scalar(value)
-  if type(value) not in (float, int) and (isinstance(value, bool)
-                                          or not isinstance(value, numbers.Real)):
+  if type(value) not in (float, int) and (
+      isinstance(value, bool) or not isinstance(value, numbers.Real)
+  ):
     raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be a number.")
   result = float(value)
   if not math.isfinite(result):
@@ -87,8 +90,10 @@ def writable_directory(path: str, name: str) -> str:
   try:
     _write_probe(path)
   except OSError as err:
-    raise ValueError(f"{name}={path}: cannot write there ({type(err).__name__}: "
-                     f"{err.strerror or err}); pass a directory you can write to.") from err
+    raise ValueError(
+        f"{name}={path}: cannot write there ({type(err).__name__}: "
+        f"{err.strerror or err}); pass a directory you can write to."
+    ) from err
   return path
 
 
@@ -107,8 +112,10 @@ def writable_file(path: str, name: str) -> str:
   try:
     _write_probe(os.path.dirname(path))
   except OSError as err:
-    raise ValueError(f"{name}={path}: cannot write its directory ({type(err).__name__}: "
-                     f"{err.strerror or err}); pass a path you can write to.") from err
+    raise ValueError(
+        f"{name}={path}: cannot write its directory ({type(err).__name__}: "
+        f"{err.strerror or err}); pass a path you can write to."
+    ) from err
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise ValueError(f"{name}={path}: the file exists and is not writable; pass another path.")
   return path

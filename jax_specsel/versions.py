@@ -40,8 +40,12 @@ def check_versions(jax_version: str | None = None, flax_version: str | None = No
     flax_version = flax_version or metadata.version("flax")
   except metadata.PackageNotFoundError:
     return
-  if release(jax_version) >= FIRST_JAX_NEEDING_NEW_FLAX and release(flax_version) < FIRST_FLAX_FOR_NEW_JAX:
+  if (
+      release(jax_version) >= FIRST_JAX_NEEDING_NEW_FLAX
+      and release(flax_version) < FIRST_FLAX_FOR_NEW_JAX
+  ):
     raise ImportError(
         f"jax {jax_version} needs flax >= 0.12.10, but flax {flax_version} is installed (it fails to "
         "import with this jax). Fix: pip install 'flax>=0.12.10' (or reinstall with "
-        "pip install -e '.[cuda13]', which requires it).")
+        "pip install -e '.[cuda13]', which requires it)."
+    )

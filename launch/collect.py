@@ -25,8 +25,12 @@ from jax_specsel.models import checkpoint, registry
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
-flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 1x8 or 2x4 (default: the "
-                    "config's `mesh`, else a single device).")
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "DATAxMODEL device mesh, e.g. 1x8 or 2x4 (default: the "
+    "config's `mesh`, else a single device).",
+)
 flags.DEFINE_bool("estimate_memory", False, "Print the memory per device and exit.")
 flags.DEFINE_integer("prompt_length", 512, "Prompt tokens assumed by --estimate_memory.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize first.")
@@ -39,17 +43,24 @@ experiment.require_config_flag("configs/paper_t5_table1.py")
 def print_memory_estimates(config, shape) -> None:
   shape = shape or (1, 1)
   cache_length = config.max_new_tokens + config.gamma + 2  # LoopSpec.cache_length (+ prompt below)
-  common = dict(batch=config.collect_batch_size, source_length=FLAGS.prompt_length,
-                block_tokens=config.gamma + 1, dtype=config.dtype)
+  common = dict(
+      batch=config.collect_batch_size,
+      source_length=FLAGS.prompt_length,
+      block_tokens=config.gamma + 1,
+      dtype=config.dtype,
+  )
   models = [("target", config.target, True)] + [
-      (name, source, False) for name, source in config.drafters.items()
-      if not source.startswith(experiment.EARLY_EXIT)]  # early exits live in the target's shards
+      (name, source, False)
+      for name, source in config.drafters.items()
+      if not source.startswith(experiment.EARLY_EXIT)
+  ]  # early exits live in the target's shards
   for name, source, tensor_parallel in models:
     hf_config = checkpoint.read_hf_config(source)
     decoder_only = not registry.architecture(hf_config, source).Config.is_encoder_decoder
     length = cache_length + (FLAGS.prompt_length if decoder_only else 0)
-    estimate = memory.estimate_memory(hf_config, shape, cache_length=length,
-                                      tensor_parallel=tensor_parallel, **common)
+    estimate = memory.estimate_memory(
+        hf_config, shape, cache_length=length, tensor_parallel=tensor_parallel, **common
+    )
     print(memory.format_estimate(f"{name} ({source})", estimate))
 
 
@@ -72,7 +83,9 @@ def main(argv):
     train = experiment.load_split(config, "train", config.train_per_task)
     pipeline.check_splits(train, None)
   if FLAGS.distributed:
-    index, count = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    index, count = distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     logging.info("process %d of %d", index, count)
   mesh = None if shape is None else sharding.make_mesh(*shape)
   target, drafters = experiment.load_models(config, mesh=mesh)

@@ -21,10 +21,14 @@ from jax_specsel.eval import report
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
-flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 1x8 (default: the config's "
-                    "`mesh`, else a single device).")
-flags.DEFINE_bool("allow_partial_collection", False,
-                  "Use an unfinished collection (the shards that exist).")
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "DATAxMODEL device mesh, e.g. 1x8 (default: the config's " "`mesh`, else a single device).",
+)
+flags.DEFINE_bool(
+    "allow_partial_collection", False, "Use an unfinished collection (the shards that exist)."
+)
 experiment.require_config_flag("configs/paper_t5_table1.py")
 
 
@@ -34,10 +38,12 @@ def test_queries(config, dataset):
   seen = set(dataset["id"])  # never evaluate on a query the policy was trained on
   test = split.filter(lambda e: e["id"] not in seen)
   if len(test) == 0:
-    raise ValueError(f"the test split is empty: {len(split)} test queries of tasks "
-                     f"{list(config.tasks)} (split {config.get('test_split', 'test')!r}), "
-                     f"{len(split) - len(test)} of them also in the collection; raise "
-                     "config.test_per_task or use a test split disjoint from the training queries.")
+    raise ValueError(
+        f"the test split is empty: {len(split)} test queries of tasks "
+        f"{list(config.tasks)} (split {config.get('test_split', 'test')!r}), "
+        f"{len(split) - len(test)} of them also in the collection; raise "
+        "config.test_per_task or use a test split disjoint from the training queries."
+    )
   return test
 
 
@@ -51,7 +57,8 @@ def main(argv):
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
     dataset, meta = collection_store.load_collection(
-        directory, allow_partial=FLAGS.allow_partial_collection)
+        directory, allow_partial=FLAGS.allow_partial_collection
+    )
     experiment.check_collection(meta, config, directory)
     test = test_queries(config, dataset)
     policy = load_policy(os.path.join(config.output_dir, "policy"))
@@ -59,7 +66,9 @@ def main(argv):
   target, drafters = experiment.load_models(config, mesh=mesh)
   result = pipeline.evaluate_stage(target, drafters, test, policy, config, config.output_dir)
   extra = pipeline.experiments_stage(dataset, meta, test, target, result, config, config.output_dir)
-  payload = pipeline.write_report(result, extra, target, drafters, config.output_dir, collection=meta)
+  payload = pipeline.write_report(
+      result, extra, target, drafters, config.output_dir, collection=meta
+  )
   print(report.results_table(payload))
   print(f"report written to {config.output_dir}/report.md")
 

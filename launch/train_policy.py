@@ -19,8 +19,9 @@ from jax_specsel.bandit import collection_store
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration.", lock_config=True)
-flags.DEFINE_bool("allow_partial_collection", False,
-                  "Train on an unfinished collection (the shards that exist).")
+flags.DEFINE_bool(
+    "allow_partial_collection", False, "Train on an unfinished collection (the shards that exist)."
+)
 experiment.require_config_flag("configs/paper_t5_table1.py")
 
 
@@ -33,7 +34,8 @@ def main(argv):
     validation.writable_directory(config.output_dir, "config.output_dir")
     directory = os.path.join(config.output_dir, "collection")
     dataset, meta = collection_store.load_collection(
-        directory, allow_partial=FLAGS.allow_partial_collection)
+        directory, allow_partial=FLAGS.allow_partial_collection
+    )
     experiment.check_collection(meta, config, directory)
   policy = pipeline.train_stage(dataset, meta, config, config.output_dir)
   print(f"policy over {policy.option_names} saved to {config.output_dir}/policy")

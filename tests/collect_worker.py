@@ -30,23 +30,35 @@ SHARD_SIZE = 2
 def examples(n: int = NUM_QUERIES, seed: int = 0):
   import datasets
   import numpy as np
+
   rng = np.random.default_rng(seed)
-  return datasets.Dataset.from_list([
-      {"id": f"q{i}", "task": "a" if i % 2 else "b",
-       "prompt": " ".join(f"w{k}" for k in rng.integers(3, 12, size=1 + i % 4)), "reference": "w3"}
-      for i in range(n)])
+  return datasets.Dataset.from_list(
+      [
+          {
+              "id": f"q{i}",
+              "task": "a" if i % 2 else "b",
+              "prompt": " ".join(f"w{k}" for k in rng.integers(3, 12, size=1 + i % 4)),
+              "reference": "w3",
+          }
+          for i in range(n)
+      ]
+  )
 
 
 def models():
   """(target, drafters) of every collection here: fake models with a word tokenizer."""
   from fake_models import fake_model_with_tokenizer
+
   target = fake_model_with_tokenizer(0, name="target")
-  return target, {"same": fake_model_with_tokenizer(0, name="same"),
-                  "other": fake_model_with_tokenizer(5, name="other")}
+  return target, {
+      "same": fake_model_with_tokenizer(0, name="same"),
+      "other": fake_model_with_tokenizer(5, name="other"),
+  }
 
 
 def config():
   from jax_specsel.bandit import collect as collect_lib
+
   return collect_lib.CollectConfig(max_new_tokens=4, batch_size=2, shard_size=SHARD_SIZE)
 
 
@@ -54,11 +66,13 @@ def run(output_dir: str, report_path: str, barrier) -> None:
   """One writer: collect into output_dir; write {"written": [...], "ids": [...]} to report_path."""
   from jax_specsel.bandit import collect as collect_lib
   from jax_specsel.bandit import collection_store
+
   target, drafters = models()
   config_ = config()
   data = examples()
-  collect_lib.collect(target, drafters, data.select(range(2)), report_path + ".warm", config_,
-                      progress=False)  # compile first: both writers then race on equal terms
+  collect_lib.collect(
+      target, drafters, data.select(range(2)), report_path + ".warm", config_, progress=False
+  )  # compile first: both writers then race on equal terms
   written, real_write, real_rows = [], collection_store.write_shard, collect_lib.collect_rows
 
   def slow_rows(*args):
@@ -86,6 +100,7 @@ def _die_half_written(path: str) -> None:
 def killed_collection(output_dir: str, point: str) -> None:
   """Collects into output_dir and dies at `point` (see the module docstring)."""
   from jax_specsel.bandit import collect as collect_lib
+
   real_replace, real_link = os.replace, os.link
 
   def watched_replace(src, dst, *args, **kwargs):

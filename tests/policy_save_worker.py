@@ -21,6 +21,7 @@ import sys
 def small_policy(option_names, seed):
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
   network = PolicyNetwork(4, 2, hidden_dim=8, num_layers=2, rngs=nnx.Rngs(params=seed))
   return Policy(network, option_names=option_names)
 
@@ -32,8 +33,11 @@ def main(path: str, point: str) -> None:
 
   def watched_rename(src, dst, *args, **kwargs):
     src, dst = os.fspath(src), os.fspath(dst)
-    if ((point == "orbax" and ".orbax-checkpoint-tmp" in src)
-        or (point == "staged" and src == path) or (point == "moved" and dst == path)):
+    if (
+        (point == "orbax" and ".orbax-checkpoint-tmp" in src)
+        or (point == "staged" and src == path)
+        or (point == "moved" and dst == path)
+    ):
       die()
     real_rename(src, dst, *args, **kwargs)
     if point == "swapped" and dst == path:

@@ -13,12 +13,22 @@ ROOT = os.path.dirname(HERE)
 
 def run_script(path: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   """Runs `path` (relative to the repository root) offline, with this tree's package first."""
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+      os.environ,
+      HF_HUB_OFFLINE="1",
+      HF_DATASETS_OFFLINE="1",
+      TOKENIZERS_PARALLELISM="false",
+      PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
+  )
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, path), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, path), *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def fails_with(completed: subprocess.CompletedProcess, message: str) -> None:

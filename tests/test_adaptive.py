@@ -7,7 +7,6 @@ switch options at random every round; the rule's math against numpy references.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -28,17 +27,27 @@ SWITCHING = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=True)
 
 def _cheap(drafters, max_gamma):
   """Costs under which drafting pays even at low acceptance: rounds pick gammas above 1."""
-  return adaptive.Costs(step=(0.02,) * len(drafters), read=(0.02,) * len(drafters),
-                        verify=(1.0,) * (max_gamma + 1))
+  return adaptive.Costs(
+      step=(0.02,) * len(drafters), read=(0.02,) * len(drafters), verify=(1.0,) * (max_gamma + 1)
+  )
 
 
 def _t5(path, seed, d_model, layers, vocab=VOCAB):
   torch.manual_seed(seed)
-  config = transformers.T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=64,
-                                 num_layers=layers, num_decoder_layers=layers, num_heads=3,
-                                 relative_attention_num_buckets=8,
-                                 relative_attention_max_distance=16, eos_token_id=EOS,
-                                 pad_token_id=0, decoder_start_token_id=0)
+  config = transformers.T5Config(
+      vocab_size=vocab,
+      d_model=d_model,
+      d_kv=8,
+      d_ff=64,
+      num_layers=layers,
+      num_decoder_layers=layers,
+      num_heads=3,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+      eos_token_id=EOS,
+      pad_token_id=0,
+      decoder_start_token_id=0,
+  )
   model = transformers.T5ForConditionalGeneration(config)
   with torch.no_grad():
     model.encoder.embed_tokens.weight.copy_(model.shared.weight)
@@ -49,10 +58,18 @@ def _t5(path, seed, d_model, layers, vocab=VOCAB):
 
 def _llama_torch(vocab, eos, seed=0):
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
-                                    num_hidden_layers=3, num_attention_heads=4,
-                                    num_key_value_heads=2, max_position_embeddings=256,
-                                    eos_token_id=eos, bos_token_id=2, pad_token_id=0)
+  config = transformers.LlamaConfig(
+      vocab_size=vocab,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=eos,
+      bos_token_id=2,
+      pad_token_id=0,
+  )
   return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -69,8 +86,11 @@ def _rows(out):
 def t5_models(tmp_path_factory):
   root = tmp_path_factory.mktemp("t5adaptive")
   target = _t5(root / "target", 0, 48, 2)
-  return target, {"small": _t5(root / "small", 1, 32, 1), "self": target,
-                  "tiny": _t5(root / "tiny", 2, 24, 1)}
+  return target, {
+      "small": _t5(root / "small", 1, 32, 1),
+      "self": target,
+      "tiny": _t5(root / "tiny", 2, 24, 1),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +108,32 @@ def llama_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
-def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_models,
-                                                                 llama_models):
+def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_models, llama_models):
   target, drafters = t5_models if family == "t5" else llama_models
   prompts = _prompts(3, 6)
   plain = js.generate(target, prompts, max_new_tokens=20)
   for seed, prompt in enumerate(prompts[:3]):  # batch 1: no row waits for another
-    out = adaptive.generate_adaptive(target, [prompt], drafters, rule=SWITCHING, max_gamma=4,
-                                     costs=_cheap(drafters, 4), max_new_tokens=20, seed=seed)
+    out = adaptive.generate_adaptive(
+        target,
+        [prompt],
+        drafters,
+        rule=SWITCHING,
+        max_gamma=4,
+        costs=_cheap(drafters, 4),
+        max_new_tokens=20,
+        seed=seed,
+    )
     assert _rows(out) == [_rows(plain)[seed]]
-  batched = adaptive.generate_adaptive(target, prompts, drafters, rule=SWITCHING, max_gamma=4,
-                                       costs=_cheap(drafters, 4), max_new_tokens=20, seed=7)
+  batched = adaptive.generate_adaptive(
+      target,
+      prompts,
+      drafters,
+      rule=SWITCHING,
+      max_gamma=4,
+      costs=_cheap(drafters, 4),
+      max_new_tokens=20,
+      seed=7,
+  )
   assert _rows(batched) == _rows(plain)
   played = batched.round_options[batched.round_options >= 0]
   assert len(set(played.tolist())) == len(drafters) + 1  # every option drafted some round
@@ -110,15 +145,17 @@ def test_greedy_output_equals_plain_decoding_while_options_switch(family, t5_mod
 @pytest.mark.slow
 def test_counters_agree_with_the_rounds(t5_models):
   target, drafters = t5_models
-  out = adaptive.generate_adaptive(target, _prompts(4, 5), drafters, rule=SWITCHING, max_gamma=3,
-                                   max_new_tokens=16, seed=3)
+  out = adaptive.generate_adaptive(
+      target, _prompts(4, 5), drafters, rule=SWITCHING, max_gamma=3, max_new_tokens=16, seed=3
+  )
   for row in range(5):
     options, gammas = out.round_options[row], out.round_gammas[row]
     played = options >= 0
     assert played.sum() == out.stats.rounds[row]
     assert np.all(gammas[played][options[played] == 0] == 0)
-    assert np.all((gammas[played][options[played] > 0] >= 1)
-                  & (gammas[played][options[played] > 0] <= 3))
+    assert np.all(
+        (gammas[played][options[played] > 0] >= 1) & (gammas[played][options[played] > 0] <= 3)
+    )
     drafted = np.bincount(options[played], weights=gammas[played], minlength=len(drafters) + 1)
     np.testing.assert_array_equal(out.drafted_by[row], drafted)
     assert np.all(out.accepted_by[row] <= out.drafted_by[row])
@@ -134,15 +171,23 @@ def test_counters_agree_with_the_rounds(t5_models):
 @pytest.mark.slow
 def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
   target, drafters = t5_models
-  costs = adaptive.Costs(step=(0.5, 0.05, 0.3), read=(0.5, 0.05, 0.3),
-                         verify=(1.0, 1.0, 1.0, 1.0, 1.0))
-  out = adaptive.generate_adaptive(target, _prompts(5, 4), drafters, costs=costs, max_gamma=4,
-                                   max_new_tokens=48, seed=0,
-                                   rule=adaptive_rule.RuleSettings(randomized=False))
+  costs = adaptive.Costs(
+      step=(0.5, 0.05, 0.3), read=(0.5, 0.05, 0.3), verify=(1.0, 1.0, 1.0, 1.0, 1.0)
+  )
+  out = adaptive.generate_adaptive(
+      target,
+      _prompts(5, 4),
+      drafters,
+      costs=costs,
+      max_gamma=4,
+      max_new_tokens=48,
+      seed=0,
+      rule=adaptive_rule.RuleSettings(randomized=False),
+  )
   self_option = 1 + list(drafters).index("self")
   for row in range(4):
     played = out.round_options[row][out.round_options[row] >= 0]
-    assert np.mean(played[len(played) // 2:] == self_option) >= 0.9, played
+    assert np.mean(played[len(played) // 2 :] == self_option) >= 0.9, played
   assert np.all(out.round_gammas[out.round_options == self_option] == 4)  # acceptance 1: the max
 
 
@@ -152,16 +197,28 @@ def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
   per row, the one in turn, drawn per row, so that over rows every drafter is seen."""
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
   target, drafters = t5_models
-  only_autoregressive = Policy(PolicyNetwork(target.hidden_size, 1, hidden_dim=8,
-                                             rngs=nnx.Rngs(0)), option_names=["autoregressive"])
-  rule = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=False, probe_every=0,
-                                    first_probe=2)  # the prior alone chooses
+  only_autoregressive = Policy(
+      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
+      option_names=["autoregressive"],
+  )
+  rule = adaptive_rule.RuleSettings(
+      learning_rate=0.0, randomized=False, probe_every=0, first_probe=2
+  )  # the prior alone chooses
   scored = []
   for seed, prompt in enumerate(_prompts(6, 12)):  # batch 1: a read scores every row it spans
-    out = adaptive.generate_adaptive(target, [prompt], drafters, only_autoregressive,
-                                     costs=_cheap(drafters, 3), max_gamma=3, max_new_tokens=8,
-                                     rule=rule, seed=seed)
+    out = adaptive.generate_adaptive(
+        target,
+        [prompt],
+        drafters,
+        only_autoregressive,
+        costs=_cheap(drafters, 3),
+        max_gamma=3,
+        max_new_tokens=8,
+        rule=rule,
+        seed=seed,
+    )
     assert np.all(out.round_options[out.round_options >= 0] == 0)  # never drafted
     scored.append(np.isfinite(out.acceptance[0]))
   scored = np.asarray(scored)
@@ -187,9 +244,16 @@ def test_sampled_output_is_distributed_as_the_target_while_options_switch(tmp_pa
   drafters = {"exit1": target.early_exit(1), "exit2": target.early_exit(2)}
   prompt = [5, 7, 3, 9]
   count = 6000
-  out = adaptive.generate_adaptive(target, [prompt] * count, drafters, rule=SWITCHING,
-                                   max_gamma=3, max_new_tokens=2, temperature=temperature,
-                                   seed=11)
+  out = adaptive.generate_adaptive(
+      target,
+      [prompt] * count,
+      drafters,
+      rule=SWITCHING,
+      max_gamma=3,
+      max_new_tokens=2,
+      temperature=temperature,
+      seed=11,
+  )
   assert len(set(out.round_options[:, 0].tolist())) == 3  # rows started with every option
   assert out.stats.accepted.sum() > 0 and (out.stats.accepted < out.stats.drafted).any()
   expected = _exact_two_token_distribution(reference, prompt, vocab, temperature).ravel()
@@ -209,8 +273,9 @@ def test_new_prompts_of_a_warm_bucket_compile_nothing(t5_models):
   adaptive.generate_adaptive(target, [[5, 6, 7]], drafters, max_gamma=3, max_new_tokens=8)
   before = js.compilation_count()
   for seed, prompt in enumerate(_prompts(6, 5)):
-    adaptive.generate_adaptive(target, [prompt[:8]], drafters, max_gamma=3, max_new_tokens=8,
-                               seed=seed)
+    adaptive.generate_adaptive(
+        target, [prompt[:8]], drafters, max_gamma=3, max_new_tokens=8, seed=seed
+    )
   assert js.compilation_count() == before
 
 
@@ -218,16 +283,20 @@ def test_rule_math_matches_numpy_references():
   rule = adaptive_rule.RuleSettings(decay=0.8, prior_acceptance=0.3, prior_count=2.0)
   scores = np.array([[1.0, 0.0, 1.0, 0.5]], np.float32)
   scored = np.array([[True, False, True, True]])
-  total, count = adaptive_rule.add_scores(np.float32([2.0]), np.float32([3.0]), scores, scored, rule)
-  weights = np.array([0.8 ** 2, 0.8 ** 1, 1.0])  # the three scored positions, latest weighs most
-  np.testing.assert_allclose(total, [2.0 * 0.8 ** 3 + weights @ [1.0, 1.0, 0.5]], rtol=1e-6)
-  np.testing.assert_allclose(count, [3.0 * 0.8 ** 3 + weights.sum()], rtol=1e-6)
+  total, count = adaptive_rule.add_scores(
+      np.float32([2.0]), np.float32([3.0]), scores, scored, rule
+  )
+  weights = np.array([0.8**2, 0.8**1, 1.0])  # the three scored positions, latest weighs most
+  np.testing.assert_allclose(total, [2.0 * 0.8**3 + weights @ [1.0, 1.0, 0.5]], rtol=1e-6)
+  np.testing.assert_allclose(count, [3.0 * 0.8**3 + weights.sum()], rtol=1e-6)
   alpha = np.array([[0.9, 0.4]], np.float32)
   step, verify = np.float32([0.1, 0.05]), np.float32([1.0, 1.2, 1.3, 1.5])
   values, gammas = adaptive_rule.drafter_values(alpha, step, verify)
   for k in range(2):
-    candidates = [speed.expected_tokens_per_round(float(alpha[0, k]), g) / (g * step[k] + verify[g])
-                  for g in (1, 2, 3)]
+    candidates = [
+        speed.expected_tokens_per_round(float(alpha[0, k]), g) / (g * step[k] + verify[g])
+        for g in (1, 2, 3)
+    ]
     np.testing.assert_allclose(values[0, k], max(candidates), rtol=1e-5)
     assert gammas[0, k] == 1 + int(np.argmax(candidates))
 
@@ -248,7 +317,9 @@ def test_bad_inputs_raise_before_any_work(t5_models):
   with pytest.raises(ValueError, match="max_new_tokens"):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, max_new_tokens=0)
   for bad in (0, -1):
-    with pytest.raises(ValueError, match=rf"max_gamma={bad}: must be >= 1 .*use generate without a drafter"):
+    with pytest.raises(
+        ValueError, match=rf"max_gamma={bad}: must be >= 1 .*use generate without a drafter"
+    ):
       adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=bad)
   with pytest.raises(ValueError, match=r"max_gamma=2.5: must be a whole number.*Pass max_gamma"):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=2.5)
@@ -260,11 +331,21 @@ def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_m
   # Reads cost next to nothing, so the cost is the rounds' alone: gamma draft steps + one verify.
   costs = adaptive.Costs(step=tuple(step), read=(1e-7,) * 3, verify=(1.0,) * (max_gamma + 1))
   # The program of test_counters_agree_with_the_rounds (costs are run-time arguments): no compile.
-  out = adaptive.generate_adaptive(target, _prompts(8, 5), drafters, costs=costs, rule=SWITCHING,
-                                   max_gamma=max_gamma, max_new_tokens=16, seed=2)
-  per_round = np.where(out.round_options > 0,
-                       out.round_gammas * step[np.maximum(out.round_options - 1, 0)] + 1.0,
-                       np.where(out.round_options == 0, 1.0, 0.0))  # -1: no round, no cost
+  out = adaptive.generate_adaptive(
+      target,
+      _prompts(8, 5),
+      drafters,
+      costs=costs,
+      rule=SWITCHING,
+      max_gamma=max_gamma,
+      max_new_tokens=16,
+      seed=2,
+  )
+  per_round = np.where(
+      out.round_options > 0,
+      out.round_gammas * step[np.maximum(out.round_options - 1, 0)] + 1.0,
+      np.where(out.round_options == 0, 1.0, 0.0),
+  )  # -1: no round, no cost
   cost = per_round.sum(axis=1)
   np.testing.assert_allclose(out.cost, cost, rtol=1e-5)
   hindsight = np.full((5, len(drafters) + 1), np.nan)
@@ -273,13 +354,15 @@ def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_m
     for k, alpha in enumerate(out.acceptance[row]):
       if np.isfinite(alpha):  # the best fixed gamma: expected tokens of a round over its cost
         a = min(float(alpha), 0.999)
-        hindsight[row, k + 1] = max(sum(a ** i for i in range(g + 1)) / (g * step[k] + 1.0)
-                                    for g in range(1, max_gamma + 1))
+        hindsight[row, k + 1] = max(
+            sum(a**i for i in range(g + 1)) / (g * step[k] + 1.0) for g in range(1, max_gamma + 1)
+        )
   assert np.isfinite(hindsight[:, 1:]).sum() >= 4  # several drafters were scored
   np.testing.assert_allclose(out.hindsight_values, hindsight, rtol=1e-5)
   np.testing.assert_allclose(out.achieved, out.lengths / cost, rtol=1e-5)
-  np.testing.assert_allclose(out.regret, np.nanmax(hindsight, axis=1) - out.lengths / cost,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      out.regret, np.nanmax(hindsight, axis=1) - out.lengths / cost, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_path):
@@ -289,24 +372,39 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
   A read that resumed after the position it last read would score none of them."""
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
   _llama_torch(VOCAB, eos=None, seed=3).save_pretrained(tmp_path)
   target = js.load_model(str(tmp_path))
-  drafters = {"exit1": target.early_exit(layers=1), "exit2": target.early_exit(layers=2),
-              "self": target}
-  only_autoregressive = Policy(PolicyNetwork(target.hidden_size, 1, hidden_dim=8,
-                                             rngs=nnx.Rngs(0)), option_names=["autoregressive"])
-  rule = adaptive_rule.RuleSettings(learning_rate=0.0, randomized=False, probe_every=1,
-                                    track_threshold=0.0, prior_floor=1e-6)
+  drafters = {
+      "exit1": target.early_exit(layers=1),
+      "exit2": target.early_exit(layers=2),
+      "self": target,
+  }
+  only_autoregressive = Policy(
+      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
+      option_names=["autoregressive"],
+  )
+  rule = adaptive_rule.RuleSettings(
+      learning_rate=0.0, randomized=False, probe_every=1, track_threshold=0.0, prior_floor=1e-6
+  )
   partial = 0
   for seed, prompt in enumerate(_prompts(9, 3)):
-    out = adaptive.generate_adaptive(target, [prompt], drafters, only_autoregressive,
-                                     costs=_cheap(drafters, 3), max_gamma=3, max_new_tokens=12,
-                                     rule=rule, seed=seed)
+    out = adaptive.generate_adaptive(
+        target,
+        [prompt],
+        drafters,
+        only_autoregressive,
+        costs=_cheap(drafters, 3),
+        max_gamma=3,
+        max_new_tokens=12,
+        rule=rule,
+        seed=seed,
+    )
     assert np.all(out.round_options[out.round_options >= 0] == 0)
-    tokens = out.tokens[0][:out.lengths[0]]
+    tokens = out.tokens[0][: out.lengths[0]]
     sequence = np.concatenate([prompt, tokens])[None]
     for k, drafter in enumerate(drafters.values()):
-      predicted = drafter.logits(sequence)[0, len(prompt) - 1:-1].argmax(-1)
+      predicted = drafter.logits(sequence)[0, len(prompt) - 1 : -1].argmax(-1)
       expected = np.mean(predicted[:-1] == tokens[:-1])
       assert out.acceptance[0, k] == pytest.approx(expected, abs=1e-6), (k, seed)
       partial += 0 < expected < 1

@@ -11,13 +11,44 @@ import pytest
 from jax_specsel.data import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_FIELDS = ("target", "dtype", "drafters", "tasks", "train_per_task", "test_per_task",
-                "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
-                "autoregressive_option", "trainer", "gamma", "temperature", "eval_seeds", "alphas",
-                "sample_sizes", "output_dir", "seed")
-PIPELINE_FIELDS = ("seed", "max_new_tokens", "collect_batch_size", "shard_size", "alpha", "cost_unit",
-                   "autoregressive_option", "trainer", "gamma", "temperature", "eval_seeds", "alphas",
-                   "sample_sizes", "output_dir")
+PAPER_FIELDS = (
+    "target",
+    "dtype",
+    "drafters",
+    "tasks",
+    "train_per_task",
+    "test_per_task",
+    "max_new_tokens",
+    "collect_batch_size",
+    "shard_size",
+    "alpha",
+    "cost_unit",
+    "autoregressive_option",
+    "trainer",
+    "gamma",
+    "temperature",
+    "eval_seeds",
+    "alphas",
+    "sample_sizes",
+    "output_dir",
+    "seed",
+)
+PIPELINE_FIELDS = (
+    "seed",
+    "max_new_tokens",
+    "collect_batch_size",
+    "shard_size",
+    "alpha",
+    "cost_unit",
+    "autoregressive_option",
+    "trainer",
+    "gamma",
+    "temperature",
+    "eval_seeds",
+    "alphas",
+    "sample_sizes",
+    "output_dir",
+)
 
 
 def _config_modules():
@@ -26,8 +57,14 @@ def _config_modules():
 
 
 def test_there_is_a_config_per_paper_experiment():
-  assert {"demo", "paper_t5_table1", "paper_t5_table2", "paper_t5_table3_4", "paper_vicuna_table5",
-          "paper_llama_table6"} <= set(_config_modules())
+  assert {
+      "demo",
+      "paper_t5_table1",
+      "paper_t5_table2",
+      "paper_t5_table3_4",
+      "paper_vicuna_table5",
+      "paper_llama_table6",
+  } <= set(_config_modules())
 
 
 @pytest.mark.parametrize("name", _config_modules())
@@ -49,6 +86,7 @@ def test_config_is_complete(name, monkeypatch):
 @pytest.mark.parametrize("name", _config_modules())
 def test_shipped_configs_pass_the_launch_checks(name, monkeypatch, tmp_path):
   from jax_specsel import config_checks, demo
+
   monkeypatch.syspath_prepend(ROOT)
   config = importlib.import_module(f"configs.{name}").get_config()
   config_checks.check_config(config, models=name != "demo")
@@ -59,10 +97,13 @@ def test_shipped_configs_pass_the_launch_checks(name, monkeypatch, tmp_path):
 
 def test_demo_config_errors_name_the_field(monkeypatch, tmp_path):
   from jax_specsel import demo
+
   monkeypatch.syspath_prepend(ROOT)
-  for field, value, message in (("zoo", "huge", "config.zoo='huge': choose 'default' or 'tiny'"),
-                                ("test_per_domain", 0, "config.test_per_domain=0: must be >= 1"),
-                                ("alpha", -0.1, r"config.alpha=-0.1: must be in \[0.0, 1.0\]")):
+  for field, value, message in (
+      ("zoo", "huge", "config.zoo='huge': choose 'default' or 'tiny'"),
+      ("test_per_domain", 0, "config.test_per_domain=0: must be >= 1"),
+      ("alpha", -0.1, r"config.alpha=-0.1: must be in \[0.0, 1.0\]"),
+  ):
     config = importlib.import_module("configs.demo").get_config()
     config.output_dir = str(tmp_path / "out")
     config[field] = value
@@ -73,13 +114,18 @@ def test_demo_config_errors_name_the_field(monkeypatch, tmp_path):
 
 def test_experiment_config_errors_name_the_field(monkeypatch):
   from jax_specsel import config_checks
+
   monkeypatch.syspath_prepend(ROOT)
   for field, value, message in (
       ("tasks", ("xsum", "nope"), r"config.tasks: unknown task 'nope'"),
-      ("drafters", {"exit": "early_exit:zero"}, r"config.drafters\['exit'\]='early_exit:zero': write "
-                                                r"early_exit:K with K >= 1"),
+      (
+          "drafters",
+          {"exit": "early_exit:zero"},
+          r"config.drafters\['exit'\]='early_exit:zero': write " r"early_exit:K with K >= 1",
+      ),
       ("dtype", "int8", r"config.dtype='int8': choose one of"),
-      ("test_per_task", 0, r"config.test_per_task=0: must be >= 1")):
+      ("test_per_task", 0, r"config.test_per_task=0: must be >= 1"),
+  ):
     config = importlib.import_module("configs.paper_t5_table1").get_config()
     config[field] = value
     with pytest.raises(ValueError, match=message):

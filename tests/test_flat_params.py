@@ -24,7 +24,7 @@ def _forcing(vocab_size: int, token: int) -> jnp.ndarray:
 
 def _greedy(model, max_new_tokens: int = 4) -> list[int]:
   out = js.generate(model, PROMPT, temperature=0.0, max_new_tokens=max_new_tokens)
-  return out.tokens[0, :out.lengths[0]].tolist()
+  return out.tokens[0, : out.lengths[0]].tolist()
 
 
 def test_model_sees_an_in_place_weight_update():
@@ -35,15 +35,20 @@ def test_model_sees_an_in_place_weight_update():
   new_leaves, new_treedef = model.flat_params()
   assert new_treedef == treedef
   assert any(new is not old for new, old in zip(new_leaves, old_leaves))
-  np.testing.assert_array_equal(np.asarray(jax.tree.unflatten(treedef, new_leaves)["unigram"]),
-                                np.asarray(model.params["unigram"][...]))
+  np.testing.assert_array_equal(
+      np.asarray(jax.tree.unflatten(treedef, new_leaves)["unigram"]),
+      np.asarray(model.params["unigram"][...]),
+  )
   assert _greedy(model) == [6, 6, 6, 6] != before
 
 
 def test_model_sees_an_update_of_the_module_it_was_built_from():
   source = fake_model(1)
-  module = FakeModule(FakeConfig(), np.asarray(source.params["unigram"][...]),
-                      np.asarray(source.params["bigram"][...]))
+  module = FakeModule(
+      FakeConfig(),
+      np.asarray(source.params["unigram"][...]),
+      np.asarray(source.params["bigram"][...]),
+  )
   model = Model(module, name="shared")
   _greedy(model)
   module.unigram[...] = _forcing(8, 5)  # the model's State shares the module's Variables
@@ -53,8 +58,9 @@ def test_model_sees_an_update_of_the_module_it_was_built_from():
 def test_model_sees_a_replaced_state():
   model = fake_model(2)
   _greedy(model)
-  graphdef, state = nnx.split(FakeModule(FakeConfig(), np.asarray(_forcing(8, 7)),
-                                         np.zeros((8, 8), np.float32)))
+  graphdef, state = nnx.split(
+      FakeModule(FakeConfig(), np.asarray(_forcing(8, 7)), np.zeros((8, 8), np.float32))
+  )
   del graphdef
   model.params = state
   assert _greedy(model) == [7, 7, 7, 7]

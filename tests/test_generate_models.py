@@ -30,11 +30,22 @@ def t5_dirs(tmp_path_factory):
   dirs = []
   for seed, (d_model, layers) in enumerate([(48, 2), (32, 1)]):
     torch.manual_seed(seed)
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=16, d_ff=64, num_layers=layers,
-                                   num_decoder_layers=layers, num_heads=3, relative_attention_num_buckets=8,
-                                   relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-                                   eos_token_id=EOS, pad_token_id=0, decoder_start_token_id=0,
-                                   tie_word_embeddings=False)
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=64,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        eos_token_id=EOS,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
     config.tie_word_embeddings = False
     dirs.append(_save(transformers.T5ForConditionalGeneration(config), root / f"m{seed}"))
   return dirs
@@ -46,10 +57,18 @@ def llama_dirs(tmp_path_factory):
   dirs = []
   for seed, (hidden, layers, kv) in enumerate([(48, 3, 1), (32, 1, 2)]):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv,
-                                      max_position_embeddings=256, eos_token_id=EOS, bos_token_id=2,
-                                      pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+        eos_token_id=EOS,
+        bos_token_id=2,
+        pad_token_id=0,
+    )
     dirs.append(_save(transformers.LlamaForCausalLM(config), root / f"m{seed}"))
   return dirs
 
@@ -69,7 +88,9 @@ def _drafter_options(family, target, drafter, exhaustive):
   options = [(drafter, g) for g in gammas]
   if family == "llama":
     exits = [target.early_exit(layers=1), target.early_exit(layers=2)]
-    options += [(e, g) for e in exits for g in gammas] if exhaustive else [(exits[0], 3), (exits[1], 7)]
+    options += (
+        [(e, g) for e in exits for g in gammas] if exhaustive else [(exits[0], 3), (exits[1], 7)]
+    )
   return options
 
 
@@ -84,30 +105,46 @@ def _check_speculative_equals_autoregressive(family, batch, dirs, exhaustive):
 
 @pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_autoregressive(family, t5_dirs, llama_dirs):
-  _check_speculative_equals_autoregressive(family, 4, t5_dirs if family == "t5" else llama_dirs, False)
+  _check_speculative_equals_autoregressive(
+      family, 4, t5_dirs if family == "t5" else llama_dirs, False
+  )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_speculative_equals_autoregressive_every_combination(family, batch, t5_dirs, llama_dirs):
-  _check_speculative_equals_autoregressive(family, batch, t5_dirs if family == "t5" else llama_dirs, True)
+def test_greedy_speculative_equals_autoregressive_every_combination(
+    family, batch, t5_dirs, llama_dirs
+):
+  _check_speculative_equals_autoregressive(
+      family, batch, t5_dirs if family == "t5" else llama_dirs, True
+  )
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_greedy_equals_transformers_generate(family, t5_dirs, llama_dirs):
   target_dir = (t5_dirs if family == "t5" else llama_dirs)[0]
   target = js.load_model(target_dir)
-  reference = (transformers.T5ForConditionalGeneration if family == "t5"
-               else transformers.LlamaForCausalLM).from_pretrained(target_dir).eval()
+  reference = (
+      (transformers.T5ForConditionalGeneration if family == "t5" else transformers.LlamaForCausalLM)
+      .from_pretrained(target_dir)
+      .eval()
+  )
   prompts = _prompts(np.random.default_rng(7), 3)
   ours = _greedy_rows(js.generate(target, prompts, drafter=target, gamma=3, max_new_tokens=20))
   for prompt, row in zip(prompts, ours):
     ids = torch.tensor([prompt])
     with torch.no_grad():
-      out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
-                               num_beams=1, eos_token_id=EOS, pad_token_id=0)
-    new = out[0, 1:] if family == "t5" else out[0, len(prompt):]
+      out = reference.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          do_sample=False,
+          max_new_tokens=20,
+          num_beams=1,
+          eos_token_id=EOS,
+          pad_token_id=0,
+      )
+    new = out[0, 1:] if family == "t5" else out[0, len(prompt) :]
     assert row == new.tolist()
 
 
@@ -119,26 +156,44 @@ def test_assisted_generation_matches_transformers_assisted(llama_dirs):
   prompt = _prompts(np.random.default_rng(3), 1)[0]
   ids = torch.tensor([prompt])
   with torch.no_grad():
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant,
-                             do_sample=False, max_new_tokens=20, eos_token_id=EOS, pad_token_id=0)
+    out = reference.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        assistant_model=assistant,
+        do_sample=False,
+        max_new_tokens=20,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
   ours = js.generate(target, [prompt], drafter=drafter, gamma=5, max_new_tokens=20)
-  assert _greedy_rows(ours)[0] == out[0, len(prompt):].tolist()
+  assert _greedy_rows(ours)[0] == out[0, len(prompt) :].tolist()
 
 
 def test_t5_vocab_padding_rows_are_handled(t5_dirs, tmp_path):
   """A drafter whose vocabulary has fewer (padding) rows drafts for the target unchanged."""
   torch.manual_seed(5)
-  config = transformers.T5Config(vocab_size=VOCAB - 8, d_model=32, d_kv=16, d_ff=64, num_layers=1,
-                                 num_decoder_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
-                                 eos_token_id=EOS, pad_token_id=0, decoder_start_token_id=0,
-                                 tie_word_embeddings=False)
+  config = transformers.T5Config(
+      vocab_size=VOCAB - 8,
+      d_model=32,
+      d_kv=16,
+      d_ff=64,
+      num_layers=1,
+      num_decoder_layers=1,
+      num_heads=2,
+      feed_forward_proj="gated-gelu",
+      eos_token_id=EOS,
+      pad_token_id=0,
+      decoder_start_token_id=0,
+      tie_word_embeddings=False,
+  )
   config.tie_word_embeddings = False
   small = js.load_model(_save(transformers.T5ForConditionalGeneration(config), tmp_path / "small"))
   target = js.load_model(t5_dirs[0])
   prompts = _prompts(np.random.default_rng(11), 2)
   auto = js.generate(target, prompts, max_new_tokens=16)
-  spec = js.generate(target, prompts, drafter=small, gamma=4, max_new_tokens=16,
-                     assume_shared_vocabulary=True)  # no tokenizers: the sizes differ by padding
+  spec = js.generate(
+      target, prompts, drafter=small, gamma=4, max_new_tokens=16, assume_shared_vocabulary=True
+  )  # no tokenizers: the sizes differ by padding
   assert _greedy_rows(spec) == _greedy_rows(auto)
 
 

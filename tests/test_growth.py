@@ -31,17 +31,33 @@ GROWN_TOLERANCE = 1e-4  # max |grown - original| / max |original|, float32
 EXPORT_TOLERANCE = 1e-5  # transformers on an exported checkpoint against ours
 SOURCE_LEN, TARGET_LEN = 14, 9
 T5_SPECS = {  # original T5 (relu, tied and scaled head) and v1.1/Flan (gated-gelu, untied)
-    "t5_original": dict(vocab_size=96, d_model=24, d_kv=8, d_ff=40, num_heads=3,
-                        feed_forward_proj="relu", tie=True),
-    "t5_v1_1": dict(vocab_size=104, d_model=32, d_kv=8, d_ff=48, num_heads=2,
-                    feed_forward_proj="gated-gelu", tie=False),
+    "t5_original": dict(
+        vocab_size=96, d_model=24, d_kv=8, d_ff=40, num_heads=3, feed_forward_proj="relu", tie=True
+    ),
+    "t5_v1_1": dict(
+        vocab_size=104,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        tie=False,
+    ),
 }
 LLAMA_SPECS = {  # grouped-query attention, untied and tied
     "llama_gqa": dict(num_key_value_heads=2),
     "llama_gqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
 }
-LLAMA_BASE = dict(vocab_size=112, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+LLAMA_BASE = dict(
+    vocab_size=112,
+    hidden_size=32,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 SOURCES = [*T5_SPECS, *LLAMA_SPECS]
 FACTORS = (2, 4)
 
@@ -58,10 +74,16 @@ def _redraw_norms_(model: torch.nn.Module, seed: int) -> None:
 def _t5(spec: dict, directory: str):
   spec = dict(spec)
   tie = spec.pop("tie")
-  config = transformers.T5Config(num_layers=2, num_decoder_layers=2, decoder_start_token_id=0,
-                                 relative_attention_num_buckets=8,
-                                 relative_attention_max_distance=10, dropout_rate=0.0,
-                                 tie_word_embeddings=tie, **spec)
+  config = transformers.T5Config(
+      num_layers=2,
+      num_decoder_layers=2,
+      decoder_start_token_id=0,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=10,
+      dropout_rate=0.0,
+      tie_word_embeddings=tie,
+      **spec,
+  )
   config.tie_word_embeddings = tie  # transformers forces True (shared/PITFALLS.md)
   torch.manual_seed(0)
   model = transformers.T5ForConditionalGeneration(config).eval()
@@ -90,7 +112,9 @@ def sources(tmp_path_factory):
   built = {}
   for name in SOURCES:
     directory = str(tmp_path_factory.mktemp(name))
-    hf = _t5(T5_SPECS[name], directory) if name in T5_SPECS else _llama(LLAMA_SPECS[name], directory)
+    hf = (
+        _t5(T5_SPECS[name], directory) if name in T5_SPECS else _llama(LLAMA_SPECS[name], directory)
+    )
     built[name] = (directory, hf, js.load_model(directory))
   return built
 
@@ -116,8 +140,9 @@ def zoo_target():
 
   The weights are drawn in numpy into the module's abstract state: no per-shape jax program.
   """
-  spec = zoo_config.ModelSpec(d_model=32, num_heads=4, d_ff=64, encoder_layers=2,
-                              decoder_layers=2, train_steps=1)
+  spec = zoo_config.ModelSpec(
+      d_model=32, num_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, train_steps=1
+  )
   config = spec.t5_config(vocab_size=80)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: t5.Module(config, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(3)
@@ -170,14 +195,16 @@ def _relative(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def _strict_hf(directory: str, encoder_decoder: bool):
   """transformers' model for `directory`, asserting no missing / unexpected / mismatched tensor."""
-  cls = (transformers.T5ForConditionalGeneration if encoder_decoder
-         else transformers.LlamaForCausalLM)
+  cls = (
+      transformers.T5ForConditionalGeneration if encoder_decoder else transformers.LlamaForCausalLM
+  )
   model, info = cls.from_pretrained(directory, output_loading_info=True)
   assert not any(info.values()), info
   return model.eval()
 
 
 # ----------------------------------------------------------------------------- growth
+
 
 @pytest.mark.parametrize("factor", FACTORS)
 @pytest.mark.parametrize("name", SOURCES)
@@ -189,7 +216,7 @@ def test_grown_logits_equal_original(sources, grown, name, factor):
   print(f"{name} k={factor}: grown vs original {error:.1e}")
   assert error <= GROWN_TOLERANCE
   assert bigger.config.hidden_size == factor * original.config.hidden_size
-  assert bigger.num_params > (factor ** 2 - 1) * original.num_params / 2
+  assert bigger.num_params > (factor**2 - 1) * original.num_params / 2
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -219,8 +246,12 @@ def test_grown_config_records_growth_and_unties_head(sources, grown):
   directory, _ = grown("llama_gqa", 4)
   with open(os.path.join(directory, "config.json")) as f:
     saved = json.load(f)
-  assert (saved["hidden_size"], saved["num_attention_heads"], saved["num_key_value_heads"],
-          saved["head_dim"]) == (128, 16, 8, 8)
+  assert (
+      saved["hidden_size"],
+      saved["num_attention_heads"],
+      saved["num_key_value_heads"],
+      saved["head_dim"],
+  ) == (128, 16, 8, 8)
 
 
 @pytest.mark.parametrize("factor", FACTORS)
@@ -285,6 +316,7 @@ def test_unsupported_model_type_and_existing_destination_refused(sources, tmp_pa
 
 
 # ----------------------------------------------------------------------------- export
+
 
 def test_export_round_trip_zoo_target(zoo_target, tmp_path):
   directory = str(tmp_path / "export")

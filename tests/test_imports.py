@@ -23,25 +23,57 @@ PACKAGE = "jax_specsel"
 
 # Bottom to top. A module may import modules of its own layer or of layers below, never above.
 LAYERS = (
-    ("foundations", ("jax_specsel.versions", "jax_specsel.validation", "jax_specsel.flat_params",
-                     "jax_specsel.token_batches", "jax_specsel.models", "jax_specsel.models.registry",
-                     "jax_specsel.models.attention", "jax_specsel.models.activations",
-                     "jax_specsel.models.checkpoint", "jax_specsel.decoding.sampling",
-                     "jax_specsel.bandit.rewards", "jax_specsel.data", "jax_specsel.data.tasks",
-                     "jax_specsel.data.world", "jax_specsel.data.world_language",
-                     "jax_specsel.models.checkpoint_tensors", "jax_specsel.eval")),
+    (
+        "foundations",
+        (
+            "jax_specsel.versions",
+            "jax_specsel.validation",
+            "jax_specsel.flat_params",
+            "jax_specsel.token_batches",
+            "jax_specsel.models",
+            "jax_specsel.models.registry",
+            "jax_specsel.models.attention",
+            "jax_specsel.models.activations",
+            "jax_specsel.models.checkpoint",
+            "jax_specsel.decoding.sampling",
+            "jax_specsel.bandit.rewards",
+            "jax_specsel.data",
+            "jax_specsel.data.tasks",
+            "jax_specsel.data.world",
+            "jax_specsel.data.world_language",
+            "jax_specsel.models.checkpoint_tensors",
+            "jax_specsel.eval",
+        ),
+    ),
     # Every other module of models/ is an architecture: a new one needs no line here.
-    ("architectures", ("jax_specsel.models.t5", "jax_specsel.models.llama", "jax_specsel.models.*")),
+    (
+        "architectures",
+        ("jax_specsel.models.t5", "jax_specsel.models.llama", "jax_specsel.models.*"),
+    ),
     ("meshes and sharding rules", ("jax_specsel.sharding",)),
     ("the decoder protocol and Model", ("jax_specsel.models.interface",)),
-    ("building models", ("jax_specsel.models.loading", "jax_specsel.memory",
-                        "jax_specsel.models.hf_export", "jax_specsel.models.growth")),
+    (
+        "building models",
+        (
+            "jax_specsel.models.loading",
+            "jax_specsel.memory",
+            "jax_specsel.models.hf_export",
+            "jax_specsel.models.growth",
+        ),
+    ),
     # Every module of decoding/ (loop, request, programs, ...) and of bandit/ is in its layer.
     ("decoding", ("jax_specsel.decoding", "jax_specsel.decoding.*")),
     ("the bandit", ("jax_specsel.bandit", "jax_specsel.bandit.*")),
     ("data products and evaluation", ("jax_specsel.data.*", "jax_specsel.eval.*")),
-    ("orchestration", ("jax_specsel.experiment", "jax_specsel.config_checks",
-                       "jax_specsel.pipeline", "jax_specsel.demo")),
+    (
+        "orchestration",
+        (
+            "jax_specsel.experiment",
+            "jax_specsel.config_checks",
+            "jax_specsel.pipeline",
+            "jax_specsel.demo",
+        ),
+    ),
     ("public API", ("jax_specsel",)),
 )
 
@@ -69,10 +101,11 @@ def _imports(path: str, module: str, modules: dict) -> set[str]:
       base = node.module or ""
       if node.level:  # relative: resolved against the importing module's package
         parts = package.split(".")
-        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
       # `from pkg import sub` imports the submodule when there is one, else a name of pkg.
-      targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                     for a in node.names)
+      targets.update(
+          f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+      )
   return {t for t in targets if t in modules and t != module}
 
 
@@ -88,8 +121,10 @@ def _layer(module: str) -> int:
   for index, (_, patterns) in enumerate(LAYERS):
     if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns):
       return index
-  raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_imports.py and to "
-                       "BUILD_NOTES.md's 'The house'.")
+  raise AssertionError(
+      f"{module} has no layer: add it to LAYERS in tests/test_imports.py and to "
+      "BUILD_NOTES.md's 'The house'."
+  )
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -101,7 +136,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for target in sorted(graph[node]):
       if state.get(target) == "open":
-        return stack[stack.index(target):] + [target]
+        return stack[stack.index(target) :] + [target]
       if target not in state:
         found = visit(target)
         if found:
@@ -131,9 +166,12 @@ def test_no_import_cycle():
 
 
 def test_no_module_imports_one_of_a_layer_above_it():
-  upward = [f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
-            for module, targets in sorted(_graph().items()) for target in sorted(targets)
-            if _layer(target) > _layer(module)]
+  upward = [
+      f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+      for module, targets in sorted(_graph().items())
+      for target in sorted(targets)
+      if _layer(target) > _layer(module)
+  ]
   assert not upward, "\n".join(upward)
 
 
@@ -154,8 +192,9 @@ def test_every_module_imports_on_its_own():
       print(json.dumps(failures))
   """)
   env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)
+  completed = subprocess.run(
+      [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   failures = json.loads(completed.stdout.strip().splitlines()[-1])
   assert not failures, "\n\n".join(f"{name}:\n{trace}" for name, trace in failures.items())
@@ -212,7 +251,7 @@ def _bound_modules(tree: ast.AST, path: str, modules: set[str]) -> tuple[dict, l
       base = node.module or ""
       if node.level:  # relative: resolved against the importing module's package
         parts = package.split(".")
-        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
       if base not in modules:
         continue
       for alias in node.names:
@@ -220,10 +259,16 @@ def _bound_modules(tree: ast.AST, path: str, modules: set[str]) -> tuple[dict, l
           found.append((node.lineno, f"from {base} import {alias.name}"))
         elif f"{base}.{alias.name}" in modules:
           bound[alias.asname or alias.name] = f"{base}.{alias.name}"
-    elif (isinstance(node, ast.Assign) and len(node.targets) == 1
-          and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call)
-          and (_dotted(node.value.func) or [""])[-1] == "import_module" and node.value.args
-          and isinstance(node.value.args[0], ast.Constant) and node.value.args[0].value in modules):
+    elif (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Call)
+        and (_dotted(node.value.func) or [""])[-1] == "import_module"
+        and node.value.args
+        and isinstance(node.value.args[0], ast.Constant)
+        and node.value.args[0].value in modules
+    ):
       bound[node.targets[0].id] = node.value.args[0].value  # m = importlib.import_module("...")
   return bound, found
 
@@ -244,9 +289,14 @@ def _private_uses(path: str, modules: set[str]) -> list[str]:
   for node in ast.walk(tree):
     if isinstance(node, ast.Attribute) and _private(node.attr) and module_of(node.value):
       found.append((node.lineno, f"{module_of(node.value)}.{node.attr}"))
-    elif (isinstance(node, ast.Call) and len(node.args) >= 2 and module_of(node.args[0])
-          and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
-          and _private(node.args[1].value)):
+    elif (
+        isinstance(node, ast.Call)
+        and len(node.args) >= 2
+        and module_of(node.args[0])
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and _private(node.args[1].value)
+    ):
       found.append((node.lineno, f"{module_of(node.args[0])}.{node.args[1].value} (by name)"))
   where = os.path.relpath(path, ROOT)
   return [f"{where}:{line}: {text}" for line, text in sorted(found)]
@@ -269,15 +319,23 @@ def test_the_private_name_reader_sees_every_form(tmp_path):
   """)
   path = tmp_path / "example.py"
   path.write_text(source)
-  modules = {"jax_specsel", "jax_specsel.decoding", "jax_specsel.decoding.loop",
-             "jax_specsel.decoding.generate", "fake_models"}
+  modules = {
+      "jax_specsel",
+      "jax_specsel.decoding",
+      "jax_specsel.decoding.loop",
+      "jax_specsel.decoding.generate",
+      "fake_models",
+  }
   found = [use.split(": ", 1)[1] for use in _private_uses(str(path), modules)]
-  assert found == ["from jax_specsel import _hidden", "from fake_models import _helper",
-                   "jax_specsel.decoding.loop._start",
-                   "jax_specsel.decoding.generate._check_models",
-                   "jax_specsel.decoding.loop._advance",
-                   "jax_specsel.decoding.loop._round (by name)",
-                   "jax_specsel.decoding.generate._run_flat"]
+  assert found == [
+      "from jax_specsel import _hidden",
+      "from fake_models import _helper",
+      "jax_specsel.decoding.loop._start",
+      "jax_specsel.decoding.generate._check_models",
+      "jax_specsel.decoding.loop._advance",
+      "jax_specsel.decoding.loop._round (by name)",
+      "jax_specsel.decoding.generate._run_flat",
+  ]
 
 
 def test_no_module_takes_another_modules_private_name():
@@ -285,5 +343,6 @@ def test_no_module_takes_another_modules_private_name():
   without notice, so no module imports, reaches into or patches another module's."""
   files, modules = _scope()
   uses = [use for path in files for use in _private_uses(path, modules)]
-  assert not uses, ("private names of other modules (make them public, or move them):\n"
-                    + "\n".join(uses))
+  assert not uses, "private names of other modules (make them public, or move them):\n" + "\n".join(
+      uses
+  )

@@ -24,9 +24,17 @@ import jax_specsel as js
 from jax_specsel.models import llama, llama_modules
 
 VOCAB = 160
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-            bos_token_id=1, eos_token_id=2)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 VARIANTS = {
     "mha": {},
     "gqa_kv1": dict(num_key_value_heads=1),
@@ -35,9 +43,17 @@ VARIANTS = {
     "theta_500k": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
     # original_max_position_embeddings=16 puts the four frequencies of head_dim 8 in all three
     # llama3 bands (kept, interpolated, divided by factor).
-    "llama3": dict(num_key_value_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3": dict(
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "head_dim_16": dict(head_dim=16, num_key_value_heads=1),
     "biases_wide": dict(hidden_size=64, intermediate_size=96, attention_bias=True, mlp_bias=True),
 }
@@ -91,8 +107,11 @@ def padded_batch(lengths, total, seed=0):
 
 def hf_forward(hf, ids, mask=None, hidden=False):
   with torch.no_grad():
-    out = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
-             output_hidden_states=hidden)
+    out = hf(
+        torch.tensor(ids),
+        attention_mask=None if mask is None else torch.tensor(mask),
+        output_hidden_states=hidden,
+    )
   return out
 
 
@@ -104,6 +123,7 @@ def assert_close(ours, ref, tolerance=TOLERANCE, what=""):
 
 
 # ----- 1. full forward parity -----
+
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_forward_matches_transformers(checkpoints, variant):
@@ -124,8 +144,10 @@ def test_config_reads_both_rope_layouts_and_token_ids(checkpoints):
   assert "rope_parameters" in v5  # what transformers 5 writes
   legacy = {k: v for k, v in v5.items() if k != "rope_parameters"}
   legacy["rope_theta"] = v5["rope_parameters"]["rope_theta"]
-  legacy["rope_scaling"] = {"type": "llama3", **{k: v for k, v in v5["rope_parameters"].items()
-                                                 if k not in ("rope_type", "rope_theta")}}
+  legacy["rope_scaling"] = {
+      "type": "llama3",
+      **{k: v for k, v in v5["rope_parameters"].items() if k not in ("rope_type", "rope_theta")},
+  }
   assert llama.Config.from_hf(legacy, "float32") == model.config
   assert model.config.rope_type == "llama3" and model.config.rope_factor == 8.0
   hash(model.config)  # part of the jit-static graphdef
@@ -139,8 +161,11 @@ def test_config_reads_both_rope_layouts_and_token_ids(checkpoints):
 def test_rope_frequencies_match_transformers(checkpoints):
   for variant in ("theta_500k", "llama3", "head_dim_16"):
     _, hf, model = checkpoints(variant)
-    np.testing.assert_allclose(llama_modules.rope_inverse_frequencies(model.config),
-                               hf.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        llama_modules.rope_inverse_frequencies(model.config),
+        hf.model.rotary_emb.inv_freq.numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_num_params_counts_every_weight(checkpoints):
@@ -152,6 +177,7 @@ def test_num_params_counts_every_weight(checkpoints):
 
 
 # ----- 2. incremental decoding through the cache -----
+
 
 # Module-level jits with the (hashable) decoder static: tests that reuse a block length reuse
 # the compiled program instead of compiling a fresh closure.
@@ -172,7 +198,9 @@ def _step(model, tokens, start, cache):
 
 
 def _prepare(model, ids, mask, cache):
-  return _prefill(model.decoder, model.params, jnp.asarray(ids), jnp.asarray(mask, jnp.int32), cache)
+  return _prefill(
+      model.decoder, model.params, jnp.asarray(ids), jnp.asarray(mask, jnp.int32), cache
+  )
 
 
 def test_one_token_at_a_time_equals_full_forward(checkpoints):
@@ -181,7 +209,7 @@ def test_one_token_at_a_time_equals_full_forward(checkpoints):
   full = model.logits(ids)
   cache = model.decoder.init_cache(model.params, 2, 16)
   for t in range(14):
-    logits, cache = _step(model, ids[:, t:t + 1], t, cache)
+    logits, cache = _step(model, ids[:, t : t + 1], t, cache)
     assert_close(logits[:, 0], full[:, t], what=f"position {t}")
 
 
@@ -194,8 +222,8 @@ def test_blocks_after_prefill_equal_full_forward(checkpoints):
   _, cache = _prepare(model, ids[:, :prompt], np.ones((2, prompt)), cache)
   position = prompt
   for block in (3, 1, 4, 3):
-    logits, cache = _step(model, ids[:, position:position + block], position, cache)
-    assert_close(logits, full[:, position:position + block], what=f"block at {position}")
+    logits, cache = _step(model, ids[:, position : position + block], position, cache)
+    assert_close(logits, full[:, position : position + block], what=f"block at {position}")
     position += block
 
 
@@ -210,10 +238,10 @@ def test_rows_with_different_starts_equal_their_own_full_forward(checkpoints):
   _, cache = _prepare(model, prompt_ids, prompt_mask, cache)
   start = lengths.copy()
   for block in (4, 1, 4):
-    tokens = np.stack([sequences[b, s:s + block] for b, s in enumerate(start)])
+    tokens = np.stack([sequences[b, s : s + block] for b, s in enumerate(start)])
     logits, cache = _step(model, tokens, start, cache)
     for b, s in enumerate(start):
-      assert_close(logits[b], full[b, s:s + block], what=f"row {b} block at {s}")
+      assert_close(logits[b], full[b, s : s + block], what=f"row {b} block at {s}")
     start = start + block
 
 
@@ -224,18 +252,19 @@ def test_rollback_rewrites_stale_entries(checkpoints):
   full = model.logits(ids)
   cache = model.decoder.init_cache(model.params, 2, 16)
   for position in (0, 3, 6):
-    _, cache = _step(model, ids[:, position:position + 3], position, cache)
+    _, cache = _step(model, ids[:, position : position + 3], position, cache)
   # A rejected draft block overwrites positions 6..11 (three correct entries among them).
   _, cache = _step(model, wrong[:, :3], 6, cache)
   _, cache = _step(model, wrong[:, 3:], 9, cache)
   logits, cache = _step(model, ids[:, 6:9], 6, cache)
   assert_close(logits, full[:, 6:9], what="rewritten block")  # stale 9..11 must stay invisible
   for position in (9, 12):
-    logits, cache = _step(model, ids[:, position:position + 3], position, cache)
-    assert_close(logits, full[:, position:position + 3], what=f"over stale entries at {position}")
+    logits, cache = _step(model, ids[:, position : position + 3], position, cache)
+    assert_close(logits, full[:, position : position + 3], what=f"over stale entries at {position}")
 
 
 # ----- 3. query embedding -----
+
 
 @pytest.mark.parametrize("variant", ["mha", "tied"])
 def test_embed_is_final_normed_hidden_state_of_last_real_token(checkpoints, variant):
@@ -255,6 +284,7 @@ def test_embed_is_final_normed_hidden_state_of_last_real_token(checkpoints, vari
 
 # ----- 4. early exit -----
 
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_early_exit_matches_transformers_intermediate_states(checkpoints, layers):
   _, hf, model = checkpoints("gqa_kv2")  # 3 layers
@@ -272,7 +302,9 @@ def test_early_exit_matches_transformers_intermediate_states(checkpoints, layers
     normed = hf.model.norm(out.hidden_states[layers]).numpy()
   ref_embed = np.stack([normed[b, n - 1] for b, n in enumerate(lengths)])
   assert_close(drafter.embed(ids, attention_mask=mask), ref_embed, what=f"exit {layers} embed")
-  assert drafter.num_params == model.num_params - (3 - layers) * model.config.params_per_decoder_layer
+  assert (
+      drafter.num_params == model.num_params - (3 - layers) * model.config.params_per_decoder_layer
+  )
   assert len(drafter.decoder.init_cache(drafter.params, 1, 8)) == layers
 
 
@@ -284,11 +316,12 @@ def test_early_exit_incremental_equals_its_full_forward(checkpoints):
   cache = drafter.decoder.init_cache(drafter.params, 2, 12)
   _, cache = _prepare(drafter, ids[:, :4], np.ones((2, 4)), cache)
   for position, block in ((4, 1), (5, 3), (8, 3)):
-    logits, cache = _step(drafter, ids[:, position:position + block], position, cache)
-    assert_close(logits, full[:, position:position + block], what=f"exit block at {position}")
+    logits, cache = _step(drafter, ids[:, position : position + block], position, cache)
+    assert_close(logits, full[:, position : position + block], what=f"exit block at {position}")
 
 
 # ----- 5. bfloat16 -----
+
 
 def test_bfloat16_stays_within_documented_tolerance(checkpoints):
   directory, hf, _ = checkpoints("llama3")
@@ -307,17 +340,24 @@ def test_bfloat16_stays_within_documented_tolerance(checkpoints):
 
 # ----- 5. left padding -----
 
+
 def test_left_and_right_padded_batches_match_transformers_on_the_unpadded_prompts(checkpoints):
   _, hf, model = checkpoints("gqa_kv2")
   lengths, width = [9, 4, 1], 9
   right_ids, right_mask = padded_batch(lengths, width, seed=12)
   prompts = [right_ids[b, :n] for b, n in enumerate(lengths)]
-  left_ids = np.stack([np.roll(row, width - n) for row, n in zip(right_ids, lengths)])  # garbage first
+  left_ids = np.stack(
+      [np.roll(row, width - n) for row, n in zip(right_ids, lengths)]
+  )  # garbage first
   left_mask = right_mask[:, ::-1].copy()
   references = [hf_forward(hf, p[None], hidden=True) for p in prompts]
   for ids, mask, side in ((right_ids, right_mask, "right"), (left_ids, left_mask, "left")):
-    logits, embeddings = model.logits(ids, attention_mask=mask), model.embed(ids, attention_mask=mask)
+    logits, embeddings = model.logits(ids, attention_mask=mask), model.embed(
+        ids, attention_mask=mask
+    )
     for b, (n, ref) in enumerate(zip(lengths, references)):
       real = slice(0, n) if side == "right" else slice(width - n, width)
       assert_close(logits[b, real], ref.logits[0].numpy(), what=f"{side}-padded logits row {b}")
-      assert_close(embeddings[b], ref.hidden_states[-1][0, -1].numpy(), what=f"{side}-padded embed row {b}")
+      assert_close(
+          embeddings[b], ref.hidden_states[-1][0, -1].numpy(), what=f"{side}-padded embed row {b}"
+      )

@@ -18,8 +18,15 @@ import transformers
 
 import jax_specsel as js
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 IDS = np.array([[5, 17, 42, 8, 90, 3], [7, 7, 61, 2, 0, 0]])
 MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
@@ -32,7 +39,9 @@ def _random_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():  # redraw so that every tensor matters
-      param.copy_(1.0 + 0.2 * torch.randn_like(param) if "norm" in name else 0.15 * torch.randn_like(param))
+      param.copy_(
+          1.0 + 0.2 * torch.randn_like(param) if "norm" in name else 0.15 * torch.randn_like(param)
+      )
   return model
 
 
@@ -78,6 +87,7 @@ def _rewrite_weights(directory, edit):
 
 # ----- weight-file layouts -----
 
+
 def test_sharded_safetensors_equal_single_file(tmp_path, hf_model, reference_logits):
   hf_model.save_pretrained(str(tmp_path), max_shard_size="40KB")
   shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
@@ -88,7 +98,10 @@ def test_sharded_safetensors_equal_single_file(tmp_path, hf_model, reference_log
 
 def test_pytorch_bin_equals_safetensors(checkpoint, hf_model, reference_logits):
   os.remove(checkpoint / "model.safetensors")
-  torch.save({k: v.contiguous() for k, v in hf_model.state_dict().items()}, checkpoint / "pytorch_model.bin")
+  torch.save(
+      {k: v.contiguous() for k, v in hf_model.state_dict().items()},
+      checkpoint / "pytorch_model.bin",
+  )
   logits = js.load_model(str(checkpoint)).logits(IDS, attention_mask=MASK)
   np.testing.assert_array_equal(logits, reference_logits)
 
@@ -156,10 +169,13 @@ def test_tokenizer_in_directory_is_attached(checkpoint):
   assert js.load_model(str(checkpoint)).tokenizer is None
   word_level = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
   word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  word_level.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"],
-                                 trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
-                                              pad_token="<pad>", eos_token="</s>")
+  word_level.train_from_iterator(
+      ["the cat sat on the mat", "a dog ran in the park"],
+      trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]),
+  )
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+  )
   fast.save_pretrained(str(checkpoint))
   model = js.load_model(str(checkpoint))
   assert model.tokenizer is not None
@@ -169,6 +185,7 @@ def test_tokenizer_in_directory_is_attached(checkpoint):
 
 
 # ----- errors: each names the file or key and says what to do -----
+
 
 def test_missing_directory(tmp_path):
   missing = tmp_path / "nowhere"
@@ -225,7 +242,9 @@ def test_unexpected_tensor(checkpoint):
 
 def test_shape_mismatch(checkpoint):
   _edit_json(checkpoint / "config.json", intermediate_size=48)
-  with pytest.raises(js.WeightMismatchError, match="mlp.*shape.*config.json and the weights disagree"):
+  with pytest.raises(
+      js.WeightMismatchError, match="mlp.*shape.*config.json and the weights disagree"
+  ):
     js.load_model(str(checkpoint))
 
 
@@ -251,8 +270,11 @@ def test_unsupported_dtype(checkpoint):
 def test_truncated_safetensors(checkpoint):
   path = checkpoint / "model.safetensors"
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read \(SafetensorError: .*\): "
-                                                      r"the file is truncated or corrupt.*download it again"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=rf"{path} cannot be read \(SafetensorError: .*\): "
+      r"the file is truncated or corrupt.*download it again",
+  ):
     js.load_model(str(checkpoint))
 
 
@@ -261,7 +283,9 @@ def test_truncated_pytorch_bin(checkpoint, hf_model):
   path = checkpoint / "pytorch_model.bin"
   torch.save(hf_model.state_dict(), path)
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read .*truncated or corrupt"):
+  with pytest.raises(
+      js.CorruptCheckpointError, match=rf"{path} cannot be read .*truncated or corrupt"
+  ):
     js.load_model(str(checkpoint))
 
 
@@ -271,9 +295,11 @@ def test_non_finite_weights_are_named(checkpoint):
     tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
 
   _rewrite_weights(checkpoint, poison)
-  with pytest.raises(js.CorruptCheckpointError,
-                     match=r"tensor 'model.layers.1.mlp.down_proj.weight' of .*model.safetensors holds 2 "
-                           r"NaN/inf value\(s\): the file is corrupt or was partly overwritten"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=r"tensor 'model.layers.1.mlp.down_proj.weight' of .*model.safetensors holds 2 "
+      r"NaN/inf value\(s\): the file is corrupt or was partly overwritten",
+  ):
     js.load_model(str(checkpoint))
 
 
@@ -282,23 +308,32 @@ def test_weights_that_overflow_float16_are_named(checkpoint):
     tensors["model.norm.weight"][0] = 1e6  # finite in float32, inf in float16
 
   _rewrite_weights(checkpoint, huge)
-  with pytest.raises(js.CorruptCheckpointError, match=r"tensor 'model.norm.weight' of .* overflows float16"
-                                                      r".*load the model in bfloat16 or float32"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=r"tensor 'model.norm.weight' of .* overflows float16"
+      r".*load the model in bfloat16 or float32",
+  ):
     js.load_model(str(checkpoint), dtype="float16")
 
 
 def test_malformed_config_json(checkpoint):
   path = checkpoint / "config.json"
   path.write_text(path.read_text()[:40])
-  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} is not valid JSON \(.*\): the config.json "
-                                                      r"is truncated or was edited by hand; restore it"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=rf"{path} is not valid JSON \(.*\): the config.json "
+      r"is truncated or was edited by hand; restore it",
+  ):
     js.load_model(str(checkpoint))
   path.write_text("[1, 2]")
   with pytest.raises(js.CorruptCheckpointError, match=rf"{path} holds a JSON list, not an object"):
     js.load_model(str(checkpoint))
   path.write_text(json.dumps({"model_type": "llama"}))
-  with pytest.raises(js.CorruptCheckpointError, match=rf"{path}: cannot build a llama config "
-                                                      r"\((KeyError|TypeError): .*\): a field is missing"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=rf"{path}: cannot build a llama config "
+      r"\((KeyError|TypeError): .*\): a field is missing",
+  ):
     js.load_model(str(checkpoint))
 
 
@@ -311,11 +346,22 @@ def test_malformed_weight_index(checkpoint):
 
 # ----- T5: the same layouts through the other architecture -----
 
+
 def _tiny_t5(directory) -> transformers.T5ForConditionalGeneration:
   """A Flan-style (gated-gelu, untied) random T5; see shared/PITFALLS.md for the untying."""
-  config = transformers.T5Config(vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_heads=3, num_layers=2,
-                                 num_decoder_layers=2, feed_forward_proj="gated-gelu",
-                                 decoder_start_token_id=0, tie_word_embeddings=False, dropout_rate=0.0)
+  config = transformers.T5Config(
+      vocab_size=80,
+      d_model=32,
+      d_kv=8,
+      d_ff=48,
+      num_heads=3,
+      num_layers=2,
+      num_decoder_layers=2,
+      feed_forward_proj="gated-gelu",
+      decoder_start_token_id=0,
+      tie_word_embeddings=False,
+      dropout_rate=0.0,
+  )
   config.tie_word_embeddings = False
   torch.manual_seed(3)
   model = transformers.T5ForConditionalGeneration(config).eval()
@@ -335,7 +381,9 @@ def t5_dir(tmp_path_factory):
 
 def _t5_logits(directory):
   decoder_ids = np.array([[0, 11, 4, 9], [0, 5, 5, 70]])
-  return js.load_model(str(directory)).logits(IDS % 80, decoder_input_ids=decoder_ids, attention_mask=MASK)
+  return js.load_model(str(directory)).logits(
+      IDS % 80, decoder_input_ids=decoder_ids, attention_mask=MASK
+  )
 
 
 def test_t5_sharded_and_bin_equal_single_file(tmp_path, t5_dir):
@@ -346,7 +394,10 @@ def test_t5_sharded_and_bin_equal_single_file(tmp_path, t5_dir):
   np.testing.assert_array_equal(_t5_logits(tmp_path / "sharded"), reference)
   shutil.copytree(directory, tmp_path / "bin")
   os.remove(tmp_path / "bin" / "model.safetensors")
-  torch.save({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+  torch.save(
+      {k: v.contiguous() for k, v in hf.state_dict().items()},
+      tmp_path / "bin" / "pytorch_model.bin",
+  )
   np.testing.assert_array_equal(_t5_logits(tmp_path / "bin"), reference)
 
 
@@ -365,33 +416,47 @@ def test_t5_unreadable_safetensors_is_named(tmp_path, t5_dir, damage):
   shutil.copytree(directory, tmp_path / "ckpt")
   path = tmp_path / "ckpt" / "model.safetensors"
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
-  with pytest.raises(js.CorruptCheckpointError, match=rf"{path} cannot be read \(SafetensorError: .*\): "
-                                                      r"the file is truncated or corrupt.*download it again"):
+  with pytest.raises(
+      js.CorruptCheckpointError,
+      match=rf"{path} cannot be read \(SafetensorError: .*\): "
+      r"the file is truncated or corrupt.*download it again",
+  ):
     js.load_model(str(tmp_path / "ckpt"))
 
 
 # ----- config.json fields of the wrong type or value -----
 
-BAD_LLAMA_FIELDS = [("num_attention_heads", "4", r"must be an integer"),
-                    ("hidden_size", 32.5, r"must be a whole number"),
-                    ("max_position_embeddings", "512", r"must be an integer"),
-                    ("vocab_size", 0, r"must be >= 1"),
-                    ("intermediate_size", -64, r"must be >= 1"),
-                    ("num_hidden_layers", True, r"must be an integer"),
-                    ("rms_norm_eps", "1e-6", r"must be a number"),
-                    ("tie_word_embeddings", "false", r"must be true or false")]
-BAD_T5_FIELDS = [("num_heads", "4", r"must be an integer"), ("d_model", 32.5, r"must be a whole number"),
-                 ("vocab_size", 0, r"must be >= 1"), ("d_kv", 0, r"must be >= 1"),
-                 ("num_decoder_layers", False, r"must be an integer")]
+BAD_LLAMA_FIELDS = [
+    ("num_attention_heads", "4", r"must be an integer"),
+    ("hidden_size", 32.5, r"must be a whole number"),
+    ("max_position_embeddings", "512", r"must be an integer"),
+    ("vocab_size", 0, r"must be >= 1"),
+    ("intermediate_size", -64, r"must be >= 1"),
+    ("num_hidden_layers", True, r"must be an integer"),
+    ("rms_norm_eps", "1e-6", r"must be a number"),
+    ("tie_word_embeddings", "false", r"must be true or false"),
+]
+BAD_T5_FIELDS = [
+    ("num_heads", "4", r"must be an integer"),
+    ("d_model", 32.5, r"must be a whole number"),
+    ("vocab_size", 0, r"must be >= 1"),
+    ("d_kv", 0, r"must be >= 1"),
+    ("num_decoder_layers", False, r"must be an integer"),
+]
 
 
 def _expect_invalid_config(monkeypatch, directory, field, value, reason):
   """load_model raises InvalidConfigError naming the file, field, value and fix, before any module
   is built (building one fails the test)."""
-  monkeypatch.setattr(js.models.loading, "build_module",
-                      lambda *a, **k: pytest.fail("a module was built from an invalid config"))
-  pattern = (re.escape(f"{directory}: config.json: {field}={value!r}") + rf".*{reason}.* Fix {field} in "
-             r"config.json: it must be .*restore the value")
+  monkeypatch.setattr(
+      js.models.loading,
+      "build_module",
+      lambda *a, **k: pytest.fail("a module was built from an invalid config"),
+  )
+  pattern = (
+      re.escape(f"{directory}: config.json: {field}={value!r}") + rf".*{reason}.* Fix {field} in "
+      r"config.json: it must be .*restore the value"
+  )
   with pytest.raises(js.InvalidConfigError, match=pattern):
     js.load_model(str(directory))
 
@@ -403,7 +468,9 @@ def test_llama_config_field_of_wrong_type_or_value(checkpoint, monkeypatch, fiel
 
 
 @pytest.mark.parametrize("field,value,reason", BAD_T5_FIELDS)
-def test_t5_config_field_of_wrong_type_or_value(tmp_path, t5_dir, monkeypatch, field, value, reason):
+def test_t5_config_field_of_wrong_type_or_value(
+    tmp_path, t5_dir, monkeypatch, field, value, reason
+):
   directory, _ = t5_dir
   shutil.copytree(directory, tmp_path / "ckpt")
   _edit_json(tmp_path / "ckpt" / "config.json", **{field: value})
@@ -412,20 +479,29 @@ def test_t5_config_field_of_wrong_type_or_value(tmp_path, t5_dir, monkeypatch, f
 
 def test_llama_config_inconsistent_heads_and_bad_stop_id(checkpoint):
   _edit_json(checkpoint / "config.json", num_key_value_heads=3)
-  with pytest.raises(js.InvalidConfigError, match=r"config.json: num_attention_heads=4 is not a multiple "
-                                                  r"of num_key_value_heads=3.*Fix one of the two"):
+  with pytest.raises(
+      js.InvalidConfigError,
+      match=r"config.json: num_attention_heads=4 is not a multiple "
+      r"of num_key_value_heads=3.*Fix one of the two",
+  ):
     js.load_model(str(checkpoint))
   _edit_json(checkpoint / "config.json", num_key_value_heads=2)
   os.remove(checkpoint / "generation_config.json")
   _edit_json(checkpoint / "config.json", eos_token_id="2")
-  with pytest.raises(js.InvalidConfigError, match=r"config.json: eos_token_id='2' \(str\): must be an "
-                                                  r"integer. Fix eos_token_id in config.json"):
+  with pytest.raises(
+      js.InvalidConfigError,
+      match=r"config.json: eos_token_id='2' \(str\): must be an "
+      r"integer. Fix eos_token_id in config.json",
+  ):
     js.load_model(str(checkpoint))
 
 
 def test_cache_bytes_checked_before_compiling_equal_the_memory_estimate(base_dir, t5_dir):
   from jax_specsel import memory
+
   for directory in (base_dir, t5_dir[0]):
     model = js.load_model(str(directory))
-    assert memory.cache_bytes_per_device(model, 3, 40) == js.estimate_memory(
-        model.config, batch=3, cache_length=40)["caches"]
+    assert (
+        memory.cache_bytes_per_device(model, 3, 40)
+        == js.estimate_memory(model.config, batch=3, cache_length=40)["caches"]
+    )

@@ -36,8 +36,9 @@ def saved_policy(tmp_path_factory):
   rewards = np.concatenate([noisy(OFFLINE_REWARDS[0], 256, 1), noisy(OFFLINE_REWARDS[1], 256, 2)])
   config = bandit.default_train_config()
   config.hidden_dim = 64
-  policy = bandit.train_policy(embeddings, rewards, seed=0, config=config,
-                               option_names=["small", "medium", "autoregressive"])
+  policy = bandit.train_policy(
+      embeddings, rewards, seed=0, config=config, option_names=["small", "medium", "autoregressive"]
+  )
   path = tmp_path_factory.mktemp("online") / "policy"
   policy.save(path)
   return path
@@ -84,6 +85,7 @@ def test_reinforce_with_mean_baseline_also_adapts(policy):
 
 def test_reinforce_draws_fresh_actions_each_update_from_the_seed():
   """With weights that barely move, only the key changes the sampled actions between updates."""
+
   def sampled_rewards(seed):
     policy = bandit.Policy(bandit.PolicyNetwork(DIM, NUM_OPTIONS, 8, 2, rngs=nnx.Rngs(0)))
     config = bandit.default_online_config()
@@ -100,16 +102,25 @@ def test_reinforce_draws_fresh_actions_each_update_from_the_seed():
 def test_first_update_is_one_adamw_step_on_the_expected_reward(policy):
   config = bandit.default_online_config()
   embeddings, rewards = queries(0, 3, seed=3), noisy(SHIFTED_REWARDS, 3, 4)  # padded to 4 rows
-  optimizer = optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                          weight_decay=config.weight_decay)
+  optimizer = optax.adamw(
+      config.learning_rate,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+  )
 
   @jax.jit
   def reference_step(params):  # minus the mean over the 3 queries of sum_k pi_k r_k
     def loss_fn(params):
-      inputs = {"params": params, "input_mean": policy.input_mean,
-                "input_scale": policy.input_scale}
+      inputs = {
+          "params": params,
+          "input_mean": policy.input_mean,
+          "input_scale": policy.input_scale,
+      }
       probabilities = jax.nn.softmax(policy.program.logits(inputs, embeddings))
       return -(probabilities * rewards).sum(axis=1).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     return loss, optax.apply_updates(params, updates)
@@ -132,13 +143,16 @@ def test_program_inputs_and_choices_follow_the_updated_weights(policy, saved_pol
   leaves, treedef_after = policy.program_inputs()
   assert treedef_after == treedef
   inputs = jax.tree.unflatten(treedef, leaves)
-  assert_same_params([np.asarray(leaf) for leaf in jax.tree.leaves(inputs["params"])],
-                     flat_params(policy))
+  assert_same_params(
+      [np.asarray(leaf) for leaf in jax.tree.leaves(inputs["params"])], flat_params(policy)
+  )
   assert not all(np.array_equal(a, b) for a, b in zip(before, flat_params(policy)))
   assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(before_leaves, leaves))
   np.testing.assert_allclose(
       np.asarray(jax.nn.softmax(policy.program.logits(inputs, query))),
-      policy.probabilities(query), rtol=1e-6)
+      policy.probabilities(query),
+      rtol=1e-6,
+  )
   assert (choice_before, policy.choose_one(query[0])) == (0, 2)
   offline = bandit.load_policy(saved_policy)  # the standardization stays the offline one
   np.testing.assert_array_equal(inputs["input_mean"], offline.input_mean)
@@ -173,8 +187,9 @@ def test_unobserved_rewards_do_not_matter(saved_policy, estimator, baseline):
   for fill in (1e6, -3.0, np.nan):
     policy = bandit.load_policy(saved_policy)
     updater = bandit.OnlinePolicyUpdater(policy, config)
-    stats = [updater.update(embeddings, np.where(observed, rewards, fill), observed)
-             for _ in range(3)]
+    stats = [
+        updater.update(embeddings, np.where(observed, rewards, fill), observed) for _ in range(3)
+    ]
     results.append((flat_params(policy), stats))
   for params, stats in results[1:]:
     assert_same_params(params, results[0][0])
@@ -199,9 +214,11 @@ def test_policy_reward_is_renormalized_over_observed_options(policy):
 def test_one_query_forms_agree(saved_policy):
   embedding, observed = queries(0, 1, seed=14), np.array([True, False, True])
   results = []
-  for arguments in ((embedding[0], SHIFTED_REWARDS, observed),
-                    (embedding[0], SHIFTED_REWARDS[None], observed),
-                    (embedding, SHIFTED_REWARDS[None], observed[None])):
+  for arguments in (
+      (embedding[0], SHIFTED_REWARDS, observed),
+      (embedding[0], SHIFTED_REWARDS[None], observed),
+      (embedding, SHIFTED_REWARDS[None], observed[None]),
+  ):
     policy = bandit.load_policy(saved_policy)
     results.append((bandit.OnlinePolicyUpdater(policy).update(*arguments), flat_params(policy)))
   for stats, params in results[1:]:
@@ -226,7 +243,12 @@ def test_one_compilation_for_repeated_single_queries(policy):
 
 def test_save_restore_continues_identically(policy, tmp_path):
   config = bandit.default_online_config()  # sampled actions: the restored PRNG position matters
-  config.estimator, config.baseline, config.steps_per_update, config.seed = "reinforce", "mean", 2, 5
+  config.estimator, config.baseline, config.steps_per_update, config.seed = (
+      "reinforce",
+      "mean",
+      2,
+      5,
+  )
   updater = bandit.OnlinePolicyUpdater(policy, config)
   for step in range(3):
     updater.update(queries(0, 2, seed=step), noisy(SHIFTED_REWARDS, 2, step))
@@ -264,8 +286,6 @@ def test_save_refuses_existing_and_load_refuses_other_directories(policy, saved_
     bandit.load_online_updater(tmp_path / "online")
 
 
-
-
 GOOD = dict(embeddings=queries(0, 2, seed=0), rewards=noisy(SHIFTED_REWARDS, 2, 0))
 
 
@@ -273,21 +293,32 @@ def _with(**changes):
   return {**GOOD, **changes}
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (_with(embeddings=np.ones((2, DIM + 1))), r"shape \(2, 17\).*\[N, 16\]"),
-    (_with(embeddings=np.ones((1, 2, DIM))), r"shape \(1, 2, 16\)"),
-    (_with(embeddings=np.ones((0, DIM)), rewards=np.ones((0, 3))), "no queries"),
-    (_with(rewards=np.ones((2, 4))), r"3 options \(\['small', 'medium', 'autoregressive'\]\)"),
-    (_with(rewards=np.ones((3, 3))), r"rewards \[2, 3\]"),
-    (_with(rewards=np.ones(3)), r"rewards have shape \(3,\)"),
-    (_with(rewards=np.array([[1, 2, np.nan], [1, 2, 3]])), r"NaN/inf at observed.*first: \[0\]"),
-    (_with(rewards=np.array([[1, 2, 3], [1, np.inf, 3]])), r"NaN/inf at observed.*first: \[1\]"),
-    (_with(embeddings=np.full((2, DIM), np.nan)), "embeddings contain NaN/inf"),
-    (_with(observed=np.ones((2, 3), int)), "observed must be a bool array"),
-    (_with(observed=np.ones((2, 2), bool)), r"observed must be .*\(2, 3\)"),
-    (_with(observed=np.array([[True, False, False], [False] * 3])),
-     r"marking no option in 1 rows \(first: \[1\]\)"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (_with(embeddings=np.ones((2, DIM + 1))), r"shape \(2, 17\).*\[N, 16\]"),
+        (_with(embeddings=np.ones((1, 2, DIM))), r"shape \(1, 2, 16\)"),
+        (_with(embeddings=np.ones((0, DIM)), rewards=np.ones((0, 3))), "no queries"),
+        (_with(rewards=np.ones((2, 4))), r"3 options \(\['small', 'medium', 'autoregressive'\]\)"),
+        (_with(rewards=np.ones((3, 3))), r"rewards \[2, 3\]"),
+        (_with(rewards=np.ones(3)), r"rewards have shape \(3,\)"),
+        (
+            _with(rewards=np.array([[1, 2, np.nan], [1, 2, 3]])),
+            r"NaN/inf at observed.*first: \[0\]",
+        ),
+        (
+            _with(rewards=np.array([[1, 2, 3], [1, np.inf, 3]])),
+            r"NaN/inf at observed.*first: \[1\]",
+        ),
+        (_with(embeddings=np.full((2, DIM), np.nan)), "embeddings contain NaN/inf"),
+        (_with(observed=np.ones((2, 3), int)), "observed must be a bool array"),
+        (_with(observed=np.ones((2, 2), bool)), r"observed must be .*\(2, 3\)"),
+        (
+            _with(observed=np.array([[True, False, False], [False] * 3])),
+            r"marking no option in 1 rows \(first: \[1\]\)",
+        ),
+    ],
+)
 def test_bad_inputs_are_named_and_change_nothing(policy, arguments, message):
   updater = bandit.OnlinePolicyUpdater(policy)
   before = flat_params(policy)
@@ -297,17 +328,20 @@ def test_bad_inputs_are_named_and_change_nothing(policy, arguments, message):
   assert updater.updates == 0
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("learning_rate", float("nan"), "config.learning_rate=nan: must be a finite"),
-    ("learning_rate", -1e-3, "config.learning_rate=-0.001: must be > 0"),
-    ("learning_rate", "fast", "config.learning_rate='fast'"),
-    ("estimator", "ppo", r"config.estimator='ppo'; choose one of"),
-    ("baseline", "mean", "only applies to estimator='reinforce'"),
-    ("steps_per_update", 0, "config.steps_per_update=0: must be >= 1"),
-    ("frozen", "yes", "config.frozen='yes': must be True or False"),
-    ("b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
-    ("seed", -1, "config.seed=-1: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("learning_rate", float("nan"), "config.learning_rate=nan: must be a finite"),
+        ("learning_rate", -1e-3, "config.learning_rate=-0.001: must be > 0"),
+        ("learning_rate", "fast", "config.learning_rate='fast'"),
+        ("estimator", "ppo", r"config.estimator='ppo'; choose one of"),
+        ("baseline", "mean", "only applies to estimator='reinforce'"),
+        ("steps_per_update", 0, "config.steps_per_update=0: must be >= 1"),
+        ("frozen", "yes", "config.frozen='yes': must be True or False"),
+        ("b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
+        ("seed", -1, "config.seed=-1: must be >= 0"),
+    ],
+)
 def test_bad_config_is_named(policy, field, value, message):
   config = ml_collections.ConfigDict({**bandit.default_online_config().to_dict(), field: value})
   with pytest.raises(ValueError, match=message):

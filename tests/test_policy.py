@@ -12,10 +12,9 @@ from jax_specsel import bandit
 
 # Mean reward of option k (column) in cluster c (row): each cluster has its own best option
 # (clusters 0 and 3 share option 0), best 0.6 against 0.45-0.5: a modest margin.
-MEAN_REWARDS = np.array([[0.60, 0.50, 0.45],
-                         [0.45, 0.60, 0.50],
-                         [0.50, 0.45, 0.60],
-                         [0.60, 0.45, 0.50]])
+MEAN_REWARDS = np.array(
+    [[0.60, 0.50, 0.45], [0.45, 0.60, 0.50], [0.50, 0.45, 0.60], [0.60, 0.45, 0.50]]
+)
 DIM = 64
 # Always choosing option 0 is right in 2 of 4 clusters: the best constant policy scores 50%.
 BEST_CONSTANT_ACCURACY = 0.5
@@ -53,8 +52,9 @@ def held_out_accuracy(policy: bandit.Policy) -> float:
 
 @pytest.fixture(scope="module")
 def default_policy():
-  return bandit.train_policy(TRAIN[0], TRAIN[1], seed=0,
-                             option_names=["t5-small", "t5-small-xsum", "autoregressive"])
+  return bandit.train_policy(
+      TRAIN[0], TRAIN[1], seed=0, option_names=["t5-small", "t5-small-xsum", "autoregressive"]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,19 @@ def test_default_trainer_finds_best_arm(default_policy):
 
 def test_paper_config_is_the_paper_and_learns():
   config = bandit.paper_train_config()
-  assert (config.hidden_dim, config.num_layers, config.batch_size, config.epochs) == (512, 3, 64,
-                                                                                      3)
+  assert (config.hidden_dim, config.num_layers, config.batch_size, config.epochs) == (512, 3, 64, 3)
   assert (config.learning_rate, config.weight_decay, config.b1, config.b2, config.eps) == (
-      1e-3, 1e-2, 0.9, 0.99, 1e-8)
-  assert (config.estimator, config.baseline, config.standardize_inputs) == ("reinforce", "none",
-                                                                            False)
+      1e-3,
+      1e-2,
+      0.9,
+      0.99,
+      1e-8,
+  )
+  assert (config.estimator, config.baseline, config.standardize_inputs) == (
+      "reinforce",
+      "none",
+      False,
+  )
   policy = bandit.train_policy(TRAIN[0], TRAIN[1], seed=0, config=config)
   assert held_out_accuracy(policy) > BEST_CONSTANT_ACCURACY + 0.05
 
@@ -98,10 +105,13 @@ def test_save_load_round_trip(default_policy, tmp_path):
   loaded = bandit.load_policy(tmp_path / "policy")
   embeddings = HELD_OUT[0][:300]
   np.testing.assert_array_equal(loaded.choose(embeddings), default_policy.choose(embeddings))
-  np.testing.assert_array_equal(loaded.choose(embeddings, greedy=False, seed=5),
-                                default_policy.choose(embeddings, greedy=False, seed=5))
-  np.testing.assert_array_equal(loaded.probabilities(embeddings),
-                                default_policy.probabilities(embeddings))
+  np.testing.assert_array_equal(
+      loaded.choose(embeddings, greedy=False, seed=5),
+      default_policy.choose(embeddings, greedy=False, seed=5),
+  )
+  np.testing.assert_array_equal(
+      loaded.probabilities(embeddings), default_policy.probabilities(embeddings)
+  )
   assert loaded.option_names == ["t5-small", "t5-small-xsum", "autoregressive"]
   assert loaded.config.estimator == default_policy.config.estimator
   assert loaded.training_info == default_policy.training_info
@@ -121,31 +131,41 @@ def test_standardization_stats_are_stored_and_reloaded(tmp_path):
   policy.save(tmp_path / "p")
   loaded = bandit.load_policy(tmp_path / "p")
   np.testing.assert_array_equal(loaded.input_mean, policy.input_mean)
-  np.testing.assert_array_equal(loaded.probabilities(embeddings[:50]),
-                                policy.probabilities(embeddings[:50]))
+  np.testing.assert_array_equal(
+      loaded.probabilities(embeddings[:50]), policy.probabilities(embeddings[:50])
+  )
 
 
 def test_training_checkpoint_restore_continues_from_saved_step(tmp_path):
   embeddings, rewards = TRAIN[0][:320], TRAIN[1][:320]
   config = bandit.paper_train_config()  # sampled actions: the RNG stream must resume too
   config.epochs = 1
-  first = bandit.train_policy(embeddings, rewards, seed=4, config=config,
-                              checkpoint_dir=tmp_path / "ckpt")
+  first = bandit.train_policy(
+      embeddings, rewards, seed=4, config=config, checkpoint_dir=tmp_path / "ckpt"
+  )
   assert first.training_info["resumed_from_step"] == 0
   config.epochs = 2
-  resumed = bandit.train_policy(embeddings, rewards, seed=4, config=config,
-                                checkpoint_dir=tmp_path / "ckpt")
+  resumed = bandit.train_policy(
+      embeddings, rewards, seed=4, config=config, checkpoint_dir=tmp_path / "ckpt"
+  )
   assert resumed.training_info["resumed_from_step"] == 5  # 320 / 64 steps per epoch
   assert resumed.training_info["steps"] == 10
   assert len(resumed.training_info["epoch_mean_reward"]) == 1  # only epoch 2 ran
   uninterrupted = bandit.train_policy(embeddings, rewards, seed=4, config=config)
-  np.testing.assert_allclose(resumed.probabilities(embeddings[:100]),
-                             uninterrupted.probabilities(embeddings[:100]), atol=1e-6)
-  assert not np.allclose(first.probabilities(embeddings[:100]),
-                         uninterrupted.probabilities(embeddings[:100]), atol=1e-4)
+  np.testing.assert_allclose(
+      resumed.probabilities(embeddings[:100]),
+      uninterrupted.probabilities(embeddings[:100]),
+      atol=1e-6,
+  )
+  assert not np.allclose(
+      first.probabilities(embeddings[:100]),
+      uninterrupted.probabilities(embeddings[:100]),
+      atol=1e-4,
+  )
   with pytest.raises(ValueError, match="different run"):
-    bandit.train_policy(embeddings, rewards, seed=5, config=config,
-                        checkpoint_dir=tmp_path / "ckpt")
+    bandit.train_policy(
+        embeddings, rewards, seed=5, config=config, checkpoint_dir=tmp_path / "ckpt"
+    )
 
 
 def test_dynamic_choices_depend_on_seed_only(small_policy):
@@ -156,7 +176,8 @@ def test_dynamic_choices_depend_on_seed_only(small_policy):
   np.testing.assert_array_equal(a, b)
   assert np.mean(a != c) > 0.05
   assert small_policy.choose_one(embeddings[0], greedy=False, seed=9) == small_policy.choose_one(
-      embeddings[0], greedy=False, seed=9)
+      embeddings[0], greedy=False, seed=9
+  )
 
 
 def test_dynamic_choices_follow_the_probabilities(small_policy):
@@ -222,7 +243,9 @@ def test_load_policy_missing_path(tmp_path):
 
 def test_no_options_and_no_width_are_named():
   embeddings, rewards = TRAIN[0][:10], TRAIN[1][:10]
-  with pytest.raises(ValueError, match=r"rewards have 0 columns \(shape \(10, 0\)\): no options to choose"):
+  with pytest.raises(
+      ValueError, match=r"rewards have 0 columns \(shape \(10, 0\)\): no options to choose"
+  ):
     bandit.train_policy(embeddings, rewards[:, :0])
   with pytest.raises(ValueError, match=r"embeddings have width 0 \(shape \(10, 0\)\)"):
     bandit.train_policy(embeddings[:, :0], rewards)
@@ -232,13 +255,17 @@ def test_no_options_and_no_width_are_named():
     bandit.PolicyNetwork(4, 0, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("learning_rate", float("nan"), "config.learning_rate=nan: must be a finite number"),
-    ("learning_rate", -1e-3, r"config.learning_rate=-0.001: must be > 0"),
-    ("b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
-    ("eps", 0.0, "config.eps=0.0: must be > 0"),
-    ("weight_decay", float("inf"), "config.weight_decay=inf: must be a finite number"),
-    ("batch_size", 0, "config.batch_size=0: must be >= 1")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("learning_rate", float("nan"), "config.learning_rate=nan: must be a finite number"),
+        ("learning_rate", -1e-3, r"config.learning_rate=-0.001: must be > 0"),
+        ("b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
+        ("eps", 0.0, "config.eps=0.0: must be > 0"),
+        ("weight_decay", float("inf"), "config.weight_decay=inf: must be a finite number"),
+        ("batch_size", 0, "config.batch_size=0: must be >= 1"),
+    ],
+)
 def test_bad_optimizer_settings_are_refused(field, value, message):
   config = bandit.default_train_config()
   config[field] = value
@@ -250,30 +277,39 @@ def test_save_over_an_existing_policy_replaces_it_whole(small_policy, default_po
   small_policy.save(tmp_path / "policy")
   default_policy.save(tmp_path / "policy", overwrite=True)
   loaded = bandit.load_policy(tmp_path / "policy")
-  np.testing.assert_array_equal(loaded.probabilities(HELD_OUT[0][:20]),
-                                default_policy.probabilities(HELD_OUT[0][:20]))
+  np.testing.assert_array_equal(
+      loaded.probabilities(HELD_OUT[0][:20]), default_policy.probabilities(HELD_OUT[0][:20])
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no staging left behind
 
 
 def test_empty_or_damaged_policy_directory_is_named(small_policy, tmp_path):
   (tmp_path / "empty").mkdir()
-  with pytest.raises(bandit.PolicyLoadError, match=rf"{tmp_path / 'empty'} is empty: no policy was saved "
-                                                   r"there; train one"):
+  with pytest.raises(
+      bandit.PolicyLoadError,
+      match=rf"{tmp_path / 'empty'} is empty: no policy was saved " r"there; train one",
+  ):
     bandit.load_policy(tmp_path / "empty")
   small_policy.save(tmp_path / "no_state")
   shutil.rmtree(tmp_path / "no_state" / "state")
-  with pytest.raises(bandit.PolicyLoadError, match=r"no_state lacks \['state'\]: it is not a complete "
-                                                   r"Policy.save directory"):
+  with pytest.raises(
+      bandit.PolicyLoadError,
+      match=r"no_state lacks \['state'\]: it is not a complete " r"Policy.save directory",
+  ):
     bandit.load_policy(tmp_path / "no_state")
   small_policy.save(tmp_path / "damaged")
-  data_files = [p for p in (tmp_path / "damaged" / "state").rglob("*")
-                if p.is_file() and p.parent.name == "d"]
+  data_files = [
+      p for p in (tmp_path / "damaged" / "state").rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
   assert data_files
   for path in data_files:  # the array data, as a partial copy leaves it
     path.write_bytes(path.read_bytes()[:8])
-  with pytest.raises(bandit.PolicyLoadError, match=rf"cannot read the policy at {tmp_path / 'damaged'} "
-                                                   r"\(.*\): the directory is damaged or was written only "
-                                                   r"in part; train and save the policy again"):
+  with pytest.raises(
+      bandit.PolicyLoadError,
+      match=rf"cannot read the policy at {tmp_path / 'damaged'} "
+      r"\(.*\): the directory is damaged or was written only "
+      r"in part; train and save the policy again",
+  ):
     bandit.load_policy(tmp_path / "damaged")
 
 
@@ -286,10 +322,12 @@ def test_nan_or_inf_embeddings_are_refused_naming_the_rows():
   policy = _tiny_policy()
   embeddings = np.ones((6, 4), np.float32)
   embeddings[2, 1], embeddings[5, 0] = np.nan, np.inf
-  for call in (policy.choose, policy.probabilities,
-               lambda e: policy.choose(e, greedy=False)):
-    with pytest.raises(ValueError, match=r"embeddings rows \[2, 5\] \(2 of 6\) hold NaN/inf: the "
-                                         r"policy cannot choose for them"):
+  for call in (policy.choose, policy.probabilities, lambda e: policy.choose(e, greedy=False)):
+    with pytest.raises(
+        ValueError,
+        match=r"embeddings rows \[2, 5\] \(2 of 6\) hold NaN/inf: the "
+        r"policy cannot choose for them",
+    ):
       call(embeddings)
   with pytest.raises(ValueError, match="the embedding holds NaN/inf"):
     policy.choose_one(embeddings[2])
@@ -306,32 +344,44 @@ def test_duplicate_option_names_are_refused_at_construction_training_and_load(tm
   _tiny_policy(["a", "b", "c"]).save(tmp_path / "policy")
   metadata_file = tmp_path / "policy" / "metadata" / "metadata"
   metadata_file.write_text(metadata_file.read_text().replace('"c"', '"a"'))
-  with pytest.raises(bandit.PolicyLoadError, match=rf"{tmp_path / 'policy' / 'metadata'}: {message}"):
+  with pytest.raises(
+      bandit.PolicyLoadError, match=rf"{tmp_path / 'policy' / 'metadata'}: {message}"
+  ):
     bandit.load_policy(tmp_path / "policy")
 
 
 def test_option_names_that_do_not_match_the_reward_columns_fail_before_training(monkeypatch):
   from jax_specsel.bandit import reinforce
+
   monkeypatch.setattr(reinforce, "PolicyNetwork", lambda *args, **kwargs: pytest.fail("trained"))
-  with pytest.raises(ValueError, match=r"2 option names for 3 options \(reward columns\): "
-                                       r"\['a', 'b'\]; pass one name per column"):
+  with pytest.raises(
+      ValueError,
+      match=r"2 option names for 3 options \(reward columns\): "
+      r"\['a', 'b'\]; pass one name per column",
+  ):
     bandit.train_policy(TRAIN[0][:10], TRAIN[1][:10], option_names=["a", "b"])
 
 
 def test_a_policy_with_nan_weights_is_refused_at_load_naming_the_file(tmp_path):
   policy = _tiny_policy(["a", "b", "c"])
-  policy.params["layers"][1]["bias"].value = policy.params["layers"][1]["bias"].value.at[0].set(
-      np.nan)  # as a flipped byte in the weight file leaves it
+  policy.params["layers"][1]["bias"].value = (
+      policy.params["layers"][1]["bias"].value.at[0].set(np.nan)
+  )  # as a flipped byte in the weight file leaves it
   policy.save(tmp_path / "policy")
-  with pytest.raises(bandit.PolicyLoadError,
-                     match=rf"{tmp_path / 'policy' / 'state'} holds NaN/inf in "
-                           r"\['params/layers/1/bias'\]: the weight file is damaged"):
+  with pytest.raises(
+      bandit.PolicyLoadError,
+      match=rf"{tmp_path / 'policy' / 'state'} holds NaN/inf in "
+      r"\['params/layers/1/bias'\]: the weight file is damaged",
+  ):
     bandit.load_policy(tmp_path / "policy")
 
 
 def test_training_that_diverges_is_refused():
   config = bandit.default_train_config()
   config.learning_rate, config.epochs = 1e30, 3  # the decay step alone multiplies by -1e28
-  with pytest.raises(FloatingPointError, match=r"policy training diverged: after 3 steps the weights "
-                                               r"\[.*\] hold NaN/inf. Lower config.learning_rate"):
+  with pytest.raises(
+      FloatingPointError,
+      match=r"policy training diverged: after 3 steps the weights "
+      r"\[.*\] hold NaN/inf. Lower config.learning_rate",
+  ):
     bandit.train_policy(TRAIN[0][:64], TRAIN[1][:64], config=config)

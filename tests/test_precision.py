@@ -32,13 +32,32 @@ request_lib = importlib.import_module("jax_specsel.decoding.request")
 def checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("precision")
   torch.manual_seed(0)
-  llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1, bos_token_id=2))
+  llama = transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(
+          vocab_size=64,
+          hidden_size=32,
+          intermediate_size=64,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          num_key_value_heads=2,
+          max_position_embeddings=64,
+          eos_token_id=1,
+          bos_token_id=2,
+      )
+  )
   llama.eval().save_pretrained(str(root / "llama"))
-  t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-      vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1, num_decoder_layers=1,
-      decoder_start_token_id=0))
+  t5 = transformers.T5ForConditionalGeneration(
+      transformers.T5Config(
+          vocab_size=64,
+          d_model=32,
+          d_kv=8,
+          d_ff=64,
+          num_heads=4,
+          num_layers=1,
+          num_decoder_layers=1,
+          decoder_start_token_id=0,
+      )
+  )
   t5.eval().save_pretrained(str(root / "t5"))
   return {"llama": str(root / "llama"), "t5": str(root / "t5")}
 
@@ -57,8 +76,9 @@ def dot_precisions(hlo_text: str) -> set[str]:
 def forward_hlo(model) -> str:
   ids = np.ones((2, 8), np.int32)
   decoder_ids = np.zeros((2, 4), np.int32) if model.is_encoder_decoder else None
-  return interface.full_logits.lower(model.decoder, model.params, ids, np.ones_like(ids),
-                                     decoder_ids).as_text()
+  return interface.full_logits.lower(
+      model.decoder, model.params, ids, np.ones_like(ids), decoder_ids
+  ).as_text()
 
 
 def generation_hlo(target, drafter=None) -> str:
@@ -66,8 +86,11 @@ def generation_hlo(target, drafter=None) -> str:
   spec = generate_lib.loop_spec(target, drafter, gamma=2, max_new_tokens=4)
   ids, mask = request_lib.pad_prompts([[3, 4, 5]], None, target)
   trees = (target.flat_params()[1], None if drafter is None else drafter.flat_params()[1])
-  args = (target.flat_params()[0], [] if drafter is None else drafter.flat_params()[0],
-          request_lib.place_prompts(target, ids, mask, 0))  # ids, lengths and seed: one array
+  args = (
+      target.flat_params()[0],
+      [] if drafter is None else drafter.flat_params()[0],
+      request_lib.place_prompts(target, ids, mask, 0),
+  )  # ids, lengths and seed: one array
   return jax.jit(generate_lib.run_flat, static_argnums=(0, 1)).lower(spec, trees, *args).as_text()
 
 
@@ -80,7 +103,9 @@ def test_float32_runs_every_product_at_highest_precision(checkpoints, family):
   assert dot_precisions(generation_hlo(model, drafter)) == {"HIGHEST"}
 
 
-@pytest.mark.parametrize("requested,expected", [("default", {"DEFAULT"}), ("tensorfloat32", {"HIGH"})])
+@pytest.mark.parametrize(
+    "requested,expected", [("default", {"DEFAULT"}), ("tensorfloat32", {"HIGH"})]
+)
 def test_float32_can_opt_into_tf32(checkpoints, requested, expected):
   model = js.load_model(checkpoints["llama"], matmul_precision=requested)
   assert dot_precisions(forward_hlo(model)) == expected
@@ -92,7 +117,9 @@ def test_bfloat16_keeps_the_default_precision(checkpoints):
   assert interface.matmul_precision(model.config) is None
   assert dot_precisions(forward_hlo(model)) == {"DEFAULT"}
   with jax.default_matmul_precision("highest"):  # None defers to the caller's JAX setting
-    assert dot_precisions(forward_hlo(js.load_model(checkpoints["t5"], dtype="bfloat16"))) == {"HIGHEST"}
+    assert dot_precisions(forward_hlo(js.load_model(checkpoints["t5"], dtype="bfloat16"))) == {
+        "HIGHEST"
+    }
 
 
 def test_precision_is_part_of_the_compile_key(checkpoints):

@@ -23,13 +23,15 @@ def test_the_cache_drops_the_least_recently_used_entry():
 def test_selected_follows_an_in_place_update_of_drafters_that_share_a_loop():
   target = fake_model(0)
   drafters = {"a": fake_model(1), "b": fake_model(2)}  # one architecture: their weights stack
-  policy = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
-                  option_names=["a", "b"])
+  policy = Policy(
+      PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)), option_names=["a", "b"]
+  )
 
   def accepted():
     selected = js.generate_selected(target, PROMPT, drafters, policy, gamma=3, max_new_tokens=12)
-    alone = js.generate(target, PROMPT, drafter=drafters[selected.choices[0]], gamma=3,
-                        max_new_tokens=12)
+    alone = js.generate(
+        target, PROMPT, drafter=drafters[selected.choices[0]], gamma=3, max_new_tokens=12
+    )
     assert selected.tokens.tolist() == alone.tokens.tolist()
     return int(selected.stats.accepted[0]), int(alone.stats.accepted[0])
 

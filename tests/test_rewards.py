@@ -18,8 +18,9 @@ def lcs_f1_reference(candidate: str, reference: str) -> float:
   table = np.zeros((len(a) + 1, len(b) + 1), dtype=int)
   for i, word_a in enumerate(a):
     for j, word_b in enumerate(b):
-      table[i + 1, j + 1] = (table[i, j] + 1 if word_a == word_b
-                             else max(table[i, j + 1], table[i + 1, j]))
+      table[i + 1, j + 1] = (
+          table[i, j] + 1 if word_a == word_b else max(table[i, j + 1], table[i + 1, j])
+      )
   lcs = table[-1, -1]
   if lcs == 0:
     return 0.0
@@ -36,10 +37,18 @@ GERMAN_PAIRS = [
 
 
 def test_rouge_l_matches_rouge_score_on_ascii_text():
-  candidates = ["the cat sat on the mat", "a quick brown fox", "nothing in common here",
-                "The Model Outputs Text."]
-  references = ["the cat is on the mat", "the quick brown fox jumps", "completely different",
-                "model outputs the text"]
+  candidates = [
+      "the cat sat on the mat",
+      "a quick brown fox",
+      "nothing in common here",
+      "The Model Outputs Text.",
+  ]
+  references = [
+      "the cat is on the mat",
+      "the quick brown fox jumps",
+      "completely different",
+      "model outputs the text",
+  ]
   scorer = rouge_scorer.RougeScorer(["rougeL"])
   expected = [scorer.score(r, c)["rougeL"].fmeasure for c, r in zip(candidates, references)]
   np.testing.assert_allclose(rouge_l(candidates, references), expected, rtol=1e-12)
@@ -104,8 +113,10 @@ def test_mix_rewards_follows_eq2_literally():
   alignment = np.array([[0.9, 0.2], [0.1, 0.5]])
   costs = np.array([0.0, 0.8])
   mixed = mix_rewards(alignment, costs, alpha=0.25)
-  expected = [[0.25 * 0.9 + 0.75 * 0.0, 0.25 * 0.2 + 0.75 * 0.8],
-              [0.25 * 0.1 + 0.75 * 0.0, 0.25 * 0.5 + 0.75 * 0.8]]
+  expected = [
+      [0.25 * 0.9 + 0.75 * 0.0, 0.25 * 0.2 + 0.75 * 0.8],
+      [0.25 * 0.1 + 0.75 * 0.0, 0.25 * 0.5 + 0.75 * 0.8],
+  ]
   np.testing.assert_allclose(mixed, expected)
   np.testing.assert_allclose(mix_rewards(alignment, costs, 1.0), alignment)  # alignment only
   np.testing.assert_allclose(mix_rewards(alignment, costs, 0.0), [[0.0, 0.8], [0.0, 0.8]])

@@ -35,11 +35,23 @@ def t5_models(tmp_path_factory):
   models = []
   for seed, (d_model, layers) in enumerate([(48, 2), (32, 1), (24, 1)]):
     torch.manual_seed(seed)
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=64, num_layers=layers,
-                                   num_decoder_layers=layers, num_heads=3, relative_attention_num_buckets=8,
-                                   relative_attention_max_distance=16, eos_token_id=EOS, pad_token_id=0,
-                                   decoder_start_token_id=0)
-    models.append(js.load_model(_save(transformers.T5ForConditionalGeneration(config), root / f"m{seed}")))
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    )
+    models.append(
+        js.load_model(_save(transformers.T5ForConditionalGeneration(config), root / f"m{seed}"))
+    )
   target, *drafters = models
   return target, {"small": drafters[0], "tiny": drafters[1]}
 
@@ -48,10 +60,18 @@ def t5_models(tmp_path_factory):
 def llama_models(tmp_path_factory):
   root = tmp_path_factory.mktemp("llamasel")
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
-                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, eos_token_id=EOS, bos_token_id=2,
-                                    pad_token_id=0)
+  config = transformers.LlamaConfig(
+      vocab_size=VOCAB,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=EOS,
+      bos_token_id=2,
+      pad_token_id=0,
+  )
   target = js.load_model(_save(transformers.LlamaForCausalLM(config), root / "llama"))
   return target, {"exit1": target.early_exit(1), "exit2": target.early_exit(2)}
 
@@ -88,7 +108,9 @@ def _chosen_drafter(drafters, name):
 
 
 @pytest.mark.parametrize("family", ["t5", pytest.param("llama", marks=pytest.mark.slow)])
-def test_batch_one_emits_what_generate_emits_with_the_chosen_option(family, t5_models, llama_models):
+def test_batch_one_emits_what_generate_emits_with_the_chosen_option(
+    family, t5_models, llama_models
+):
   target, drafters = t5_models if family == "t5" else llama_models
   prompts = _prompts(1, 8)
   policy = _policy(target, prompts, [*drafters, "autoregressive"])
@@ -96,13 +118,20 @@ def test_batch_one_emits_what_generate_emits_with_the_chosen_option(family, t5_m
   for prompt, expected_choice in zip(prompts, expected):
     out = js.generate_selected(target, [prompt], drafters, policy, gamma=3, max_new_tokens=12)
     assert out.choice_ids.tolist() == [expected_choice]
-    alone = js.generate(target, [prompt], drafter=_chosen_drafter(drafters, out.choices[0]), gamma=3,
-                        max_new_tokens=12)
+    alone = js.generate(
+        target,
+        [prompt],
+        drafter=_chosen_drafter(drafters, out.choices[0]),
+        gamma=3,
+        max_new_tokens=12,
+    )
     assert _rows(out) == _rows(alone)
     np.testing.assert_array_equal(out.stats.rounds, alone.stats.rounds)
     np.testing.assert_array_equal(out.stats.accepted, alone.stats.accepted)
     assert out.stats.target_calls == alone.stats.target_calls
-    np.testing.assert_allclose(out.embeddings, target.embed(np.asarray([prompt])), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.embeddings, target.embed(np.asarray([prompt])), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -118,8 +147,13 @@ def test_a_mixed_choice_batch_serves_every_row_with_its_own_option(family, t5_mo
   assert _rows(out) == _rows(auto)  # greedy: every option yields the target's own text
   for name in set(out.choices):
     rows = [i for i, c in enumerate(out.choices) if c == name]
-    alone = js.generate(target, [prompts[i] for i in rows], drafter=_chosen_drafter(drafters, name),
-                        gamma=2, max_new_tokens=10)
+    alone = js.generate(
+        target,
+        [prompts[i] for i in rows],
+        drafter=_chosen_drafter(drafters, name),
+        gamma=2,
+        max_new_tokens=10,
+    )
     np.testing.assert_array_equal(out.stats.accepted[rows], alone.stats.accepted)
     np.testing.assert_array_equal(out.stats.drafted[rows], alone.stats.drafted)
 
@@ -131,10 +165,12 @@ def test_dynamic_policy_samples_the_policy_distribution(t5_models):
   probabilities = policy.probabilities(target.embed(np.asarray([prompt])))[0].astype(np.float64)
   probabilities /= probabilities.sum()
   count = 3000
-  out = js.generate_selected(target, [prompt] * count, drafters, policy, greedy_policy=False,
-                             max_new_tokens=1, seed=5)
-  again = js.generate_selected(target, [prompt] * count, drafters, policy, greedy_policy=False,
-                               max_new_tokens=1, seed=5)
+  out = js.generate_selected(
+      target, [prompt] * count, drafters, policy, greedy_policy=False, max_new_tokens=1, seed=5
+  )
+  again = js.generate_selected(
+      target, [prompt] * count, drafters, policy, greedy_policy=False, max_new_tokens=1, seed=5
+  )
   np.testing.assert_array_equal(out.choice_ids, again.choice_ids)
   counts = np.bincount(out.choice_ids, minlength=len(probabilities))
   assert scipy_stats.chisquare(counts, probabilities * count).pvalue > 1e-3
@@ -162,9 +198,14 @@ def test_bad_inputs_raise_before_any_work(t5_models, llama_models):
     js.generate_selected(target, [[3, 4]], {}, policy)  # no drafters and not only autoregressive
   llama, _ = llama_models
   with pytest.raises(ValueError, match="width 48 but target .* width 32"):
-    js.generate_selected(target.__class__._from_parts(drafters["small"].decoder, drafters["small"].params,
-                                                      drafters["small"].config, None, "d"),
-                         [[3, 4]], drafters, _policy(llama, _prompts(5, 6), ["exit1", "autoregressive"]))
+    js.generate_selected(
+        target.__class__._from_parts(
+            drafters["small"].decoder, drafters["small"].params, drafters["small"].config, None, "d"
+        ),
+        [[3, 4]],
+        drafters,
+        _policy(llama, _prompts(5, 6), ["exit1", "autoregressive"]),
+    )
   unnamed = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=8, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no option names"):
     js.generate_selected(target, [[3, 4]], drafters, unnamed)
@@ -176,12 +217,18 @@ def test_bad_inputs_raise_before_any_work(t5_models, llama_models):
 
 def test_a_missing_policy_or_a_path_says_how_to_load_one(t5_models, tmp_path):
   target, drafters = t5_models
-  with pytest.raises(TypeError, match=r"generate_selected: policy is None: pass a trained "
-                                      r"jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy\(path\)"):
+  with pytest.raises(
+      TypeError,
+      match=r"generate_selected: policy is None: pass a trained "
+      r"jax_specsel.bandit.Policy, e.g. jax_specsel.bandit.load_policy\(path\)",
+  ):
     js.generate_selected(target, [[3, 4]], drafters, None)
   path = str(tmp_path / "policy")
-  with pytest.raises(TypeError, match=rf"policy='{path}' is a path, not a Policy: load it first, "
-                                      rf"policy = jax_specsel.bandit.load_policy\('{path}'\)"):
+  with pytest.raises(
+      TypeError,
+      match=rf"policy='{path}' is a path, not a Policy: load it first, "
+      rf"policy = jax_specsel.bandit.load_policy\('{path}'\)",
+  ):
     js.generate_selected(target, [[3, 4]], drafters, path)
   with pytest.raises(TypeError, match=r"generate_adaptive: policy='.*' is a path.*load_policy"):
     js.generate_adaptive(target, [[3, 4]], drafters, policy=tmp_path / "policy")
@@ -189,13 +236,25 @@ def test_a_missing_policy_or_a_path_says_how_to_load_one(t5_models, tmp_path):
 
 def test_sampled_first_tokens_follow_the_target_whichever_option_the_policy_draws():
   from fake_models import fake_model, transformers_probabilities
+
   vocab, count, prompt, settings = 6, 30000, [2, 3], dict(temperature=1.2, top_k=5, top_p=0.95)
   target = fake_model(0, vocab_size=vocab, eos_id=vocab + 5, sharpness=1.0, name="target")
   drafters = {"poor": fake_model(1, vocab_size=vocab, eos_id=vocab + 5, sharpness=2.0, name="poor")}
-  policy = Policy(PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
-                  option_names=["poor", "autoregressive"])
-  out = js.generate_selected(target, [prompt] * count, drafters, policy, greedy_policy=False, gamma=3,
-                             max_new_tokens=3, seed=4, **settings)
+  policy = Policy(
+      PolicyNetwork(target.hidden_size, 2, hidden_dim=4, rngs=nnx.Rngs(0)),
+      option_names=["poor", "autoregressive"],
+  )
+  out = js.generate_selected(
+      target,
+      [prompt] * count,
+      drafters,
+      policy,
+      greedy_policy=False,
+      gamma=3,
+      max_new_tokens=3,
+      seed=4,
+      **settings,
+  )
   expected = transformers_probabilities(target.logits(np.asarray([prompt]))[:, -1], **settings)[0]
   assert out.stats.acceptance_rate < 0.9  # the poor drafter's drafts are rejected often
   for option in ("poor", "autoregressive"):

@@ -36,25 +36,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VOCAB = sharding_worker.VOCAB
 # The real Flan-T5-XXL (google/flan-t5-xxl config.json): the Table 1 target.
-FLAN_T5_XXL = t5.Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64,
-                        num_layers=24, num_decoder_layers=24, dense_act_fn="gelu_new",
-                        is_gated_act=True, tie_word_embeddings=False, scale_decoder_outputs=False,
-                        dtype="bfloat16")
+FLAN_T5_XXL = t5.Config(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_heads=64,
+    num_layers=24,
+    num_decoder_layers=24,
+    dense_act_fn="gelu_new",
+    is_gated_act=True,
+    tie_word_embeddings=False,
+    scale_decoder_outputs=False,
+    dtype="bfloat16",
+)
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+      os.environ,
+      HF_HUB_OFFLINE="1",
+      HF_DATASETS_OFFLINE="1",
+      TOKENIZERS_PARALLELISM="false",
+      PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
+  )
   env.pop("XLA_FLAGS", None)
   env.update(extra)
   return env
 
 
 def _result(completed: subprocess.CompletedProcess) -> dict:
-  lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
-  assert completed.returncode == 0 and lines, (
-      f"worker failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+  assert (
+      completed.returncode == 0 and lines
+  ), f"worker failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _save(model, directory) -> str:
@@ -68,11 +84,22 @@ def _save(model, directory) -> str:
 
 def _t5(seed: int, heads: int, layers: int) -> transformers.T5ForConditionalGeneration:
   torch.manual_seed(seed)
-  config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_heads=heads,
-                                 num_layers=layers, num_decoder_layers=layers,
-                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                 feed_forward_proj="gated-gelu", eos_token_id=1, pad_token_id=0,
-                                 decoder_start_token_id=0, tie_word_embeddings=False)
+  config = transformers.T5Config(
+      vocab_size=VOCAB,
+      d_model=32,
+      d_kv=8,
+      d_ff=64,
+      num_heads=heads,
+      num_layers=layers,
+      num_decoder_layers=layers,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu",
+      eos_token_id=1,
+      pad_token_id=0,
+      decoder_start_token_id=0,
+      tie_word_embeddings=False,
+  )
   config.tie_word_embeddings = False  # transformers 5.23 forces True (shared/PITFALLS.md)
   return transformers.T5ForConditionalGeneration(config)
 
@@ -84,20 +111,39 @@ def sharded_run(tmp_path_factory):
   _save(_t5(0, heads=4, layers=2), root / "t5")
   torch.manual_seed(2)
   llama_config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1,
-      bos_token_id=2, pad_token_id=0)
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=3,
+      num_attention_heads=8,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=1,
+      bos_token_id=2,
+      pad_token_id=0,
+  )
   _save(transformers.LlamaForCausalLM(llama_config), root / "llama")
   torch.manual_seed(3)
   drafter_config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1,
-      bos_token_id=2, pad_token_id=0)
+      vocab_size=VOCAB,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=1,
+      bos_token_id=2,
+      pad_token_id=0,
+  )
   _save(transformers.LlamaForCausalLM(drafter_config), root / "llama_drafter")
   completed = subprocess.run(
       [sys.executable, os.path.join(HERE, "sharding_worker.py"), "sharded", str(root)],
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
-      text=True, timeout=600)
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   return _result(completed), completed.stderr
 
 
@@ -178,15 +224,33 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_collection_equals_one_process(tmp_path):
   port, shared = _free_port(), tmp_path / "two"
-  workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "sharding_worker.py"), "collect",
-                               str(port), str(i), str(shared)], env=_env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  workers = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              os.path.join(HERE, "sharding_worker.py"),
+              "collect",
+              str(port),
+              str(i),
+              str(shared),
+          ],
+          env=_env(),
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+      )
+      for i in range(2)
+  ]
   results = []
   for worker in workers:
     stdout, stderr = worker.communicate(timeout=300)
-    results.append(_result(subprocess.CompletedProcess(worker.args, worker.returncode, stdout, stderr)))
+    results.append(
+        _result(subprocess.CompletedProcess(worker.args, worker.returncode, stdout, stderr))
+    )
   target, drafters, examples, config = sharding_worker.collection_inputs()
-  single = collect_lib.collect(target, drafters, examples, str(tmp_path / "one"), config, progress=False)
+  single = collect_lib.collect(
+      target, drafters, examples, str(tmp_path / "one"), config, progress=False
+  )
   merged, meta = collection_store.load_collection(str(shared))
   assert [r["shards"] for r in results] == [[0, 2], [1]]  # 12 queries, 5 per shard, 2 processes
   assert all(r["count"] == 2 and r["rows"] == len(examples) for r in results)
@@ -198,27 +262,55 @@ def test_two_process_collection_equals_one_process(tmp_path):
       assert merged[column] == single[column], column
   assert meta == collection_store.load_collection(str(tmp_path / "one"))[1]
   assert sorted(p.name for p in shared.iterdir()) == [
-      "collection.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+      "collection.json",
+      "shard-00000.parquet",
+      "shard-00001.parquet",
+      "shard-00002.parquet",
+  ]
 
 
 def test_collect_refuses_a_bad_process_index(tmp_path):
   target, drafters, examples, config = sharding_worker.collection_inputs()
   with pytest.raises(ValueError, match="process_index=2 must be in"):
-    collect_lib.collect(target, drafters, examples, str(tmp_path), config, progress=False,
-                        process_index=2, process_count=2)
+    collect_lib.collect(
+        target,
+        drafters,
+        examples,
+        str(tmp_path),
+        config,
+        progress=False,
+        process_index=2,
+        process_count=2,
+    )
   assert distributed.shards_of(1, 3, 8) == [1, 4, 7]
 
 
 def test_a_second_process_waits_for_and_checks_collection_json(tmp_path):
   target, drafters, examples, config = sharding_worker.collection_inputs()
   with pytest.raises(TimeoutError, match="process 0 writes it"):
-    collect_lib.collect(target, drafters, examples, str(tmp_path), config, progress=False,
-                        process_index=1, process_count=2, wait_seconds=0.3)
+    collect_lib.collect(
+        target,
+        drafters,
+        examples,
+        str(tmp_path),
+        config,
+        progress=False,
+        process_index=1,
+        process_count=2,
+        wait_seconds=0.3,
+    )
 
 
 def test_rules_on_axis_sizes_alone(caplog):
-  config = llama.Config(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=1, head_dim=4)
+  config = llama.Config(
+      vocab_size=30,
+      hidden_size=16,
+      intermediate_size=24,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      head_dim=4,
+  )
   with caplog.at_level(logging.INFO, logger="jax_specsel.sharding"):
     specs = sharding.param_specs(config, (1, 4))
   assert specs[("layers", 0, "self_attn", "q_proj", "kernel")] == P(None, "model")
@@ -229,16 +321,22 @@ def test_rules_on_axis_sizes_alone(caplog):
   assert specs[("lm_head", "kernel")] == P("model", None)
   assert "k_proj/kernel (16, 4) is replicated" in caplog.text
   assert all(s == P() for s in sharding.param_specs(config, (4, 1)).values())  # pure data parallel
-  assert sharding.cache_spec((4, 9, 2, 8), {"data": 2, "model": 2}) == P("data", None, "model", None)
+  assert sharding.cache_spec((4, 9, 2, 8), {"data": 2, "model": 2}) == P(
+      "data", None, "model", None
+  )
   assert sharding.batch_spec((3, 7), {"data": 2, "model": 1}) == P()  # 3 rows on 2 replicas
 
 
 def test_untied_t5_input_tables_are_vocab_parallel():
   import dataclasses
-  untied = dataclasses.replace(FLAN_T5_XXL, separate_encoder_embeddings=True,
-                               separate_decoder_embeddings=True)
+
+  untied = dataclasses.replace(
+      FLAN_T5_XXL, separate_encoder_embeddings=True, separate_decoder_embeddings=True
+  )
   specs = sharding.param_specs(untied, (1, 8))
-  assert specs[("encoder", "embed_tokens")] == specs[("decoder", "embed_tokens")] == P("model", None)
+  assert (
+      specs[("encoder", "embed_tokens")] == specs[("decoder", "embed_tokens")] == P("model", None)
+  )
   assert ("shared",) not in specs  # every stack and the LM head have their own table
   full = memory.estimate_memory(untied, (1, 1), batch=1, cache_length=137)
   assert full["num_params"] == 11_135_332_352 + 32128 * 4096  # one more table than Flan-T5-XXL
@@ -246,8 +344,11 @@ def test_untied_t5_input_tables_are_vocab_parallel():
 
 def test_mesh_errors_on_this_process():
   import jax
+
   devices = jax.device_count()
-  with pytest.raises(ValueError, match=f"needs data \\* model = 8 devices but {devices} are available"):
+  with pytest.raises(
+      ValueError, match=f"needs data \\* model = 8 devices but {devices} are available"
+  ):
     js.make_mesh(data=2, model=4)
   with pytest.raises(ValueError, match="must be >= 1"):
     js.make_mesh(data=0)
@@ -269,7 +370,10 @@ def test_single_device_drafter_is_replicated_onto_the_target_mesh(sharded_run):
   assert run["drafter_still_on_one_device"]
   assert stderr.count("replicating drafter small_drafter") == 1  # two generate calls, one copy
   assert "a drafter on one device is replicated onto the target's mesh" in run["other_mesh_error"]
-  assert "on mesh {'data': 1, 'model': 8} but target llama on {'data': 2, 'model': 4}" in run["other_mesh_error"]
+  assert (
+      "on mesh {'data': 1, 'model': 8} but target llama on {'data': 2, 'model': 4}"
+      in run["other_mesh_error"]
+  )
 
 
 def test_generate_replicates_a_single_device_drafter_and_refuses_other_meshes():
@@ -288,14 +392,16 @@ def test_flan_t5_xxl_estimate():
   """The Table 1 target: 11.14B parameters, bfloat16; exact parameter bytes per device."""
   full = memory.estimate_memory(FLAN_T5_XXL, (1, 1), batch=1, cache_length=137, source_length=512)
   assert full["num_params"] == 11_135_332_352 and full["params"] == 2 * 11_135_332_352
-  tensor_parallel = memory.estimate_memory(FLAN_T5_XXL, (1, 8), batch=1, cache_length=137,
-                                           source_length=512)
+  tensor_parallel = memory.estimate_memory(
+      FLAN_T5_XXL, (1, 8), batch=1, cache_length=137, source_length=512
+  )
   norms = (2 * 24 + 3 * 24 + 2) * 4096 * 2 + 2 * 32 * 64 * 2  # replicated scales and bias tables
   assert tensor_parallel["params"] == (full["params"] - norms) // 8 + norms
   assert tensor_parallel["caches"] == full["caches"] // 8  # 64 heads split 8 ways
   assert 0 < tensor_parallel["activations"] < full["activations"]
-  data_parallel = memory.estimate_memory(FLAN_T5_XXL, (8, 1), batch=32, cache_length=137,
-                                         source_length=512)
+  data_parallel = memory.estimate_memory(
+      FLAN_T5_XXL, (8, 1), batch=32, cache_length=137, source_length=512
+  )
   assert data_parallel["params"] == full["params"]
   with pytest.raises(ValueError, match="dtype='int8' is not supported"):
     memory.estimate_memory(FLAN_T5_XXL, (1, 8), 1, 137, "int8")
@@ -306,9 +412,19 @@ def test_flan_t5_xxl_estimate():
 def test_collect_launch_estimates_memory_from_config_json_alone(tmp_path):
   target = tmp_path / "target"
   target.mkdir()  # config.json only: loading it would fail, estimating must not
-  (target / "config.json").write_text(json.dumps({
-      "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-      "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8}))
+  (target / "config.json").write_text(
+      json.dumps(
+          {
+              "model_type": "llama",
+              "vocab_size": 256,
+              "hidden_size": 64,
+              "intermediate_size": 128,
+              "num_hidden_layers": 2,
+              "num_attention_heads": 8,
+              "num_key_value_heads": 8,
+          }
+      )
+  )
   config_file = tmp_path / "config.py"
   config_file.write_text(textwrap.dedent(f"""
       import ml_collections
@@ -318,8 +434,21 @@ def test_collect_launch_estimates_memory_from_config_json_alone(tmp_path):
             max_new_tokens=16, gamma=3, collect_batch_size=8))
       """))
   completed = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "collect.py"), f"--config={config_file}",
-       "--mesh=2x4", "--estimate_memory", "--prompt_length=32"],
-      env=_env(), capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "collect.py"),
+          f"--config={config_file}",
+          "--mesh=2x4",
+          "--estimate_memory",
+          "--prompt_length=32",
+      ],
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
-  assert "GiB/device on mesh data=2 x model=4 (bfloat16, batch 8, cache 53, source 32)" in completed.stdout
+  assert (
+      "GiB/device on mesh data=2 x model=4 (bfloat16, batch 8, cache 53, source 32)"
+      in completed.stdout
+  )

@@ -41,17 +41,41 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
 def save_checkpoint(family: str, directory, seed: int = 0, vocab: int = VOCAB, **overrides) -> str:
   """A random tiny LLaMA or T5 with `eos_token_id: null` (unless overridden), saved by transformers."""
   if family == "llama":
-    config = transformers.LlamaConfig(**{
-        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **overrides})
+    config = transformers.LlamaConfig(
+        **{
+            "vocab_size": vocab,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            **overrides,
+        }
+    )
     model = transformers.LlamaForCausalLM(config)
   else:
-    config = transformers.T5Config(**{
-        "vocab_size": vocab, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4, "num_layers": 2,
-        "num_decoder_layers": 2, "relative_attention_num_buckets": 8,
-        "relative_attention_max_distance": 16, "eos_token_id": None, "pad_token_id": 0,
-        "decoder_start_token_id": 0, "dropout_rate": 0.0, **overrides})
+    config = transformers.T5Config(
+        **{
+            "vocab_size": vocab,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_heads": 4,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "relative_attention_num_buckets": 8,
+            "relative_attention_max_distance": 16,
+            "eos_token_id": None,
+            "pad_token_id": 0,
+            "decoder_start_token_id": 0,
+            "dropout_rate": 0.0,
+            **overrides,
+        }
+    )
     model = transformers.T5ForConditionalGeneration(config)
   _randomize_(model, seed)
   model.eval().save_pretrained(str(directory))
@@ -78,15 +102,24 @@ def variant(base: str, directory, config_changes: dict, generation_config: dict 
 
 def reference_rows(family: str, directory: str, prompts, max_new_tokens: int = NEW_TOKENS):
   """transformers greedy `generate` per prompt: the new tokens, through the stop id if any."""
-  cls = transformers.LlamaForCausalLM if family == "llama" else transformers.T5ForConditionalGeneration
+  cls = (
+      transformers.LlamaForCausalLM
+      if family == "llama"
+      else transformers.T5ForConditionalGeneration
+  )
   model = cls.from_pretrained(directory).eval()
   rows = []
   for prompt in prompts:
     ids = torch.tensor([prompt])
     with torch.no_grad():
-      out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                           max_new_tokens=max_new_tokens)
-    rows.append(out[0, 1:].tolist() if family == "t5" else out[0, len(prompt):].tolist())
+      out = model.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          do_sample=False,
+          num_beams=1,
+          max_new_tokens=max_new_tokens,
+      )
+    rows.append(out[0, 1:].tolist() if family == "t5" else out[0, len(prompt) :].tolist())
   return rows
 
 
@@ -192,14 +225,22 @@ def test_sampling_without_stop_id_matches_target_distribution(speculative, tmp_p
   reference = transformers.LlamaForCausalLM.from_pretrained(directory).eval()
   with torch.no_grad():
     first = torch.softmax(reference(torch.tensor([prompt])).logits[0, -1].double(), -1)
-    second = torch.softmax(reference(torch.tensor([prompt + [x] for x in range(vocab)])).logits[:, -1]
-                           .double(), -1)
+    second = torch.softmax(
+        reference(torch.tensor([prompt + [x] for x in range(vocab)])).logits[:, -1].double(), -1
+    )
   joint = (first[:, None] * second).numpy()
   assert joint[OLD_FALLBACK["llama"]].sum() > 0.02  # the old stop id is a likely first token
   model = js.load_model(directory)
   drafter = model.early_exit(layers=1) if speculative else None
-  out = js.generate(model, [prompt] * num_samples, drafter=drafter, gamma=2, temperature=1.0,
-                    max_new_tokens=2, seed=5)
+  out = js.generate(
+      model,
+      [prompt] * num_samples,
+      drafter=drafter,
+      gamma=2,
+      temperature=1.0,
+      max_new_tokens=2,
+      seed=5,
+  )
   assert (out.lengths == 2).all()
   assert chi_square_pvalue(out.tokens, joint, vocab) > 1e-3
   # Power: samples from a 2%-perturbed law fail the same test.
@@ -210,11 +251,16 @@ def test_sampling_without_stop_id_matches_target_distribution(speculative, tmp_p
 
 
 # ---------------------------------------------------------------- bad stop ids
-@pytest.mark.parametrize("config_changes,generation,where", [
-    ({}, {"eos_token_id": [3, VOCAB + 4]}, "generation_config.json: eos_token_id"),
-    ({"eos_token_id": -1}, None, "config.json: eos_token_id"),
-])
-def test_stop_id_outside_the_vocabulary_is_refused(bases, tmp_path, config_changes, generation, where):
+@pytest.mark.parametrize(
+    "config_changes,generation,where",
+    [
+        ({}, {"eos_token_id": [3, VOCAB + 4]}, "generation_config.json: eos_token_id"),
+        ({"eos_token_id": -1}, None, "config.json: eos_token_id"),
+    ],
+)
+def test_stop_id_outside_the_vocabulary_is_refused(
+    bases, tmp_path, config_changes, generation, where
+):
   directory = variant(bases["llama"][0], tmp_path / "ckpt", config_changes, generation)
   with pytest.raises(js.InvalidConfigError, match=f"{directory}: {where}.*outside the vocabulary"):
     js.load_model(directory)

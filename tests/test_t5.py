@@ -30,19 +30,42 @@ SOURCE_LEN, TARGET_LEN = 30, 25
 # Original T5 (relu, tied + scaled output) and v1.1/Flan (gated-gelu, untied, unscaled). Both have
 # num_heads * d_kv != d_model.
 SPECS = {
-    "t5": dict(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_heads=3, feed_forward_proj="relu",
-               relative_attention_num_buckets=8, relative_attention_max_distance=12, tie=True),
-    "flan": dict(vocab_size=200, d_model=48, d_kv=16, d_ff=80, num_heads=4,
-                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
-                 relative_attention_max_distance=10, tie=False),
+    "t5": dict(
+        vocab_size=120,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_heads=3,
+        feed_forward_proj="relu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        tie=True,
+    ),
+    "flan": dict(
+        vocab_size=200,
+        d_model=48,
+        d_kv=16,
+        d_ff=80,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=10,
+        tie=False,
+    ),
 }
 
 
 def _build(spec: dict, directory: str) -> transformers.T5ForConditionalGeneration:
   spec = dict(spec)
   tie = spec.pop("tie")
-  config = transformers.T5Config(num_layers=2, num_decoder_layers=2, decoder_start_token_id=0,
-                                 tie_word_embeddings=tie, dropout_rate=0.0, **spec)
+  config = transformers.T5Config(
+      num_layers=2,
+      num_decoder_layers=2,
+      decoder_start_token_id=0,
+      tie_word_embeddings=tie,
+      dropout_rate=0.0,
+      **spec,
+  )
   # transformers 5.23 forces tie_word_embeddings=True (the argument only sets the output scaling):
   # untie by hand for a v1.1/Flan-style model (shared/PITFALLS.md).
   config.tie_word_embeddings = tie
@@ -87,8 +110,11 @@ def _inputs(vocab_size: int, seed: int = 0):
 
 def _torch_logits(torch_model, input_ids, attention_mask, decoder_ids) -> np.ndarray:
   with torch.no_grad():
-    out = torch_model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
-                      decoder_input_ids=torch.tensor(decoder_ids))
+    out = torch_model(
+        input_ids=torch.tensor(input_ids),
+        attention_mask=torch.tensor(attention_mask),
+        decoder_input_ids=torch.tensor(decoder_ids),
+    )
   return out.logits.numpy()
 
 
@@ -110,7 +136,9 @@ def test_config_from_checkpoint(name, models, checkpoints):
   assert config.params_per_decoder_layer == block_params
   # Untied, transformers holds the encoder/decoder embedding aliases as separate tensors.
   aliases = 0 if config.tie_word_embeddings else 2 * config.vocab_size * config.d_model
-  assert models[name].num_params == sum(p.numel() for p in checkpoints[name][1].parameters()) - aliases
+  assert (
+      models[name].num_params == sum(p.numel() for p in checkpoints[name][1].parameters()) - aliases
+  )
   hash(config)  # part of the jit-static graphdef
 
 
@@ -121,11 +149,20 @@ def test_from_hf_flags():
   untied = t5.Config.from_hf({**base, "tie_word_embeddings": False}, "float32")
   assert not untied.tie_word_embeddings and not untied.scale_decoder_outputs
   # transformers 5.23 writes both flags; a saved scale_decoder_outputs wins over the tie flag.
-  odd = t5.Config.from_hf({**base, "tie_word_embeddings": True, "scale_decoder_outputs": False},
-                          "float32")
+  odd = t5.Config.from_hf(
+      {**base, "tie_word_embeddings": True, "scale_decoder_outputs": False}, "float32"
+  )
   assert odd.tie_word_embeddings and not odd.scale_decoder_outputs
-  silu = t5.Config.from_hf({**base, "feed_forward_proj": "gated-silu", "eos_token_id": [1, 5],
-                            "pad_token_id": 3, "decoder_start_token_id": None}, "bfloat16")
+  silu = t5.Config.from_hf(
+      {
+          **base,
+          "feed_forward_proj": "gated-silu",
+          "eos_token_id": [1, 5],
+          "pad_token_id": 3,
+          "decoder_start_token_id": None,
+      },
+      "bfloat16",
+  )
   assert (silu.dense_act_fn, silu.is_gated_act, silu.eos_token_id) == ("silu", True, 1)
   assert silu.decoder_start_token_id == 3 and silu.dtype == "bfloat16"
   with pytest.raises(ValueError, match="feed_forward_proj"):
@@ -137,10 +174,14 @@ def test_relative_position_bucket_matches_transformers(bidirectional):
   relative = torch.arange(-300, 301)[None, :]
   for buckets, max_distance in ((8, 12), (16, 10), (32, 128)):
     ref = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
-        relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=max_distance)
-    ours = t5_modules.relative_position_bucket(jnp.asarray(relative.numpy()),
-                                               bidirectional=bidirectional, num_buckets=buckets,
-                                               max_distance=max_distance)
+        relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=max_distance
+    )
+    ours = t5_modules.relative_position_bucket(
+        jnp.asarray(relative.numpy()),
+        bidirectional=bidirectional,
+        num_buckets=buckets,
+        max_distance=max_distance,
+    )
     np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
 
@@ -159,8 +200,9 @@ def test_embed_is_mean_pooled_encoder_states(name, models, checkpoints):
   model, (_, torch_model) = models[name], checkpoints[name]
   input_ids, attention_mask, _ = _inputs(model.vocab_size, seed=1)
   with torch.no_grad():
-    states = torch_model.encoder(input_ids=torch.tensor(input_ids),
-                                 attention_mask=torch.tensor(attention_mask)).last_hidden_state
+    states = torch_model.encoder(
+        input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask)
+    ).last_hidden_state
   mask = attention_mask[:, :, None].astype(np.float64)
   ref = (states.numpy() * mask).sum(1) / mask.sum(1)
   ours = model.embed(input_ids, attention_mask)
@@ -190,22 +232,32 @@ class _Incremental:
     self.input_ids, self.attention_mask, self.decoder_ids = _inputs(model.vocab_size, seed=2)
     self.full = model.logits(self.input_ids, self.decoder_ids, self.attention_mask)
     cache = model.decoder.init_cache(model.params, 3, cache_len)
-    self.context, self.cache = _prepare(model.decoder, model.params, jnp.asarray(self.input_ids),
-                                        jnp.asarray(self.attention_mask), cache)
+    self.context, self.cache = _prepare(
+        model.decoder,
+        model.params,
+        jnp.asarray(self.input_ids),
+        jnp.asarray(self.attention_mask),
+        cache,
+    )
 
   def step(self, tokens, start):
-    logits, self.cache = _decode(self.model.decoder, self.model.params,
-                                 jnp.asarray(tokens, jnp.int32), jnp.asarray(start, jnp.int32),
-                                 self.cache, self.context)
+    logits, self.cache = _decode(
+        self.model.decoder,
+        self.model.params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(start, jnp.int32),
+        self.cache,
+        self.context,
+    )
     return np.asarray(logits)
 
   def row_blocks(self, starts, size):
-    return np.stack([self.decoder_ids[row, s:s + size] for row, s in enumerate(starts)])
+    return np.stack([self.decoder_ids[row, s : s + size] for row, s in enumerate(starts)])
 
   def check(self, logits, start):
     """logits [B, T, V] were produced for positions start[b].. of each row."""
     for row, first in enumerate(start):
-      expected = self.full[row, first:first + logits.shape[1]]
+      expected = self.full[row, first : first + logits.shape[1]]
       assert _relative_error(logits[row], expected) <= 1e-5, (row, first)
 
 
@@ -214,7 +266,7 @@ def test_decode_one_token_at_a_time(name, models):
   run = _Incremental(models[name])
   for position in range(TARGET_LEN):
     start = [position] * 3
-    run.check(run.step(run.decoder_ids[:, position:position + 1], start), start)
+    run.check(run.step(run.decoder_ids[:, position : position + 1], start), start)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -223,7 +275,7 @@ def test_decode_blocks_and_rows_at_different_starts(name, models):
   position = 0
   for size in (3, 6, 4, 1, 3, 6, 1, 1):  # consecutive blocks covering all 25 positions
     start = [position] * 3
-    run.check(run.step(run.decoder_ids[:, position:position + size], start), start)
+    run.check(run.step(run.decoder_ids[:, position : position + size], start), start)
     position += size
   assert position == TARGET_LEN
   # A fresh cache; each row advances by its own schedule (rewriting a position with the same
@@ -269,6 +321,7 @@ def test_bfloat16_close_to_float32(checkpoints, models):
 def test_weight_map_covers_checkpoint(checkpoints, models):
   """Every saved tensor is either mapped or a documented alias, and every parameter is mapped."""
   from safetensors import safe_open
+
   for name, (directory, _) in checkpoints.items():
     config = models[name].config
     weight_map = t5.hf_weight_map(config)
@@ -280,16 +333,30 @@ def test_weight_map_covers_checkpoint(checkpoints, models):
 
 
 # ---------------------------------------------------------------- untied input embeddings
-def _untied_checkpoint(directory, tie_tables: tuple[str, ...] = ()) -> transformers.T5ForConditionalGeneration:
+def _untied_checkpoint(
+    directory, tie_tables: tuple[str, ...] = ()
+) -> transformers.T5ForConditionalGeneration:
   """A v1.1-style random T5 saved by transformers with config.tie_word_embeddings=False set after
   construction: shared, encoder.embed_tokens, decoder.embed_tokens and lm_head are four different
   random tables (transformers 5.23 loads each as its own). `tie_tables` names stacks whose table
   is set equal to shared.weight before saving."""
-  config = transformers.T5Config(vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_heads=4,
-                                 num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
-                                 relative_attention_num_buckets=8, relative_attention_max_distance=12,
-                                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
-                                 tie_word_embeddings=False, dropout_rate=0.0)
+  config = transformers.T5Config(
+      vocab_size=90,
+      d_model=32,
+      d_kv=8,
+      d_ff=64,
+      num_heads=4,
+      num_layers=2,
+      num_decoder_layers=2,
+      feed_forward_proj="gated-gelu",
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=12,
+      decoder_start_token_id=0,
+      eos_token_id=1,
+      pad_token_id=0,
+      tie_word_embeddings=False,
+      dropout_rate=0.0,
+  )
   config.tie_word_embeddings = False
   torch.manual_seed(7)
   model = transformers.T5ForConditionalGeneration(config).eval()
@@ -316,14 +383,17 @@ def test_untied_input_embeddings_match_transformers(tmp_path, tie_tables):
   assert config.uses_shared_embedding == bool(tie_tables)
   input_ids, attention_mask, decoder_ids = _inputs(config.vocab_size, seed=2)
   ours = model.logits(input_ids, decoder_ids, attention_mask)
-  assert _relative_error(ours, _torch_logits(reference, input_ids, attention_mask, decoder_ids)) < 1e-4
+  assert (
+      _relative_error(ours, _torch_logits(reference, input_ids, attention_mask, decoder_ids)) < 1e-4
+  )
   prompts = [row[:n].tolist() for row, n in zip(input_ids, attention_mask.sum(1))]
   out = js.generate(model, prompts, max_new_tokens=12)
   for prompt, tokens, length in zip(prompts, out.tokens, out.lengths):
     ids = torch.tensor([prompt])
     with torch.no_grad():
-      expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    num_beams=1, max_new_tokens=12)[0, 1:].tolist()
+      expected = reference.generate(
+          ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1, max_new_tokens=12
+      )[0, 1:].tolist()
     assert tokens[:length].tolist() == expected
 
 
@@ -331,6 +401,7 @@ def test_equal_stored_tables_load_as_one(checkpoints, models):
   """Real checkpoints store the input tables equal to shared.weight: no extra parameter."""
   directory, _ = checkpoints["flan"]
   from safetensors import safe_open
+
   with safe_open(os.path.join(directory, "model.safetensors"), "np") as f:
     assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} <= set(f.keys())
   config = models["flan"].config
@@ -341,6 +412,7 @@ def test_equal_stored_tables_load_as_one(checkpoints, models):
 
 def test_untied_table_of_the_wrong_shape_is_refused(tmp_path):
   from safetensors.torch import load_file, save_file
+
   directory = str(tmp_path / "untied")
   _untied_checkpoint(directory)
   path = os.path.join(directory, "model.safetensors")
@@ -351,17 +423,21 @@ def test_untied_table_of_the_wrong_shape_is_refused(tmp_path):
     js.load_model(directory)
 
 
-def test_left_and_right_padded_batches_match_transformers_on_the_unpadded_prompts(models, checkpoints):
+def test_left_and_right_padded_batches_match_transformers_on_the_unpadded_prompts(
+    models, checkpoints
+):
   model, (_, torch_model) = models["flan"], checkpoints["flan"]
   right_ids, right_mask, decoder_ids = _inputs(model.vocab_size, seed=4)
   lengths = right_mask.sum(1)
   left_ids = np.stack([np.roll(row, SOURCE_LEN - n) for row, n in zip(right_ids, lengths)])
   left_mask = right_mask[:, ::-1].copy()
   for b, n in enumerate(lengths):
-    prompt = right_ids[b:b + 1, :n]
-    ref_logits = _torch_logits(torch_model, prompt, np.ones_like(prompt), decoder_ids[b:b + 1])[0]
+    prompt = right_ids[b : b + 1, :n]
+    ref_logits = _torch_logits(torch_model, prompt, np.ones_like(prompt), decoder_ids[b : b + 1])[0]
     with torch.no_grad():
-      ref_embed = torch_model.encoder(input_ids=torch.tensor(prompt)).last_hidden_state[0].mean(0).numpy()
+      ref_embed = (
+          torch_model.encoder(input_ids=torch.tensor(prompt)).last_hidden_state[0].mean(0).numpy()
+      )
     for ids, mask, side in ((right_ids, right_mask, "right"), (left_ids, left_mask, "left")):
       logits = model.logits(ids, decoder_input_ids=decoder_ids, attention_mask=mask)[b]
       assert _relative_error(logits, ref_logits) <= 1e-4, (side, b)

@@ -11,34 +11,48 @@ from jax_specsel.data import loaders, tasks
 from jax_specsel.data.loaders import DatasetUnavailableError, load_examples
 from jax_specsel.data.tasks import Task, get_task, register_task
 
-VICUNA_PREFIX = ("A chat between a curious user and an artificial intelligence assistant. The "
-                 "assistant gives helpful, detailed, and polite answers to the user's questions. "
-                 "USER: ")
+VICUNA_PREFIX = (
+    "A chat between a curious user and an artificial intelligence assistant. The "
+    "assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: "
+)
 
 
 def write_jsonl(path, rows):
-  path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                  encoding="utf-8")
+  path.write_text(
+      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+  )
   return str(path)
 
 
 def test_paper_table_10_templates():
   assert get_task("iwslt2017-en-de").format_prompt("Hello.") == (
-      "translate English to German: Hello.")
+      "translate English to German: Hello."
+  )
   assert get_task("xsum").format_prompt("A long article.") == "summarize: A long article."
   assert get_task("gsm8k").format_prompt("What is 2+2?") == "Q: What is 2+2?"
   assert get_task("spec-bench-qa").format_prompt("Why {braces}?") == (
-      VICUNA_PREFIX + "Why {braces}? ASSISTANT:")
+      VICUNA_PREFIX + "Why {braces}? ASSISTANT:"
+  )
 
 
 def test_registry_lists_known_names_and_registers_new_tasks():
-  for name in ("iwslt2017-en-de", "xsum", "gsm8k", "alpaca", "triviaqa", "spec-bench",
-               "spec-bench-mt_bench", "spec-bench-rag"):
+  for name in (
+      "iwslt2017-en-de",
+      "xsum",
+      "gsm8k",
+      "alpaca",
+      "triviaqa",
+      "spec-bench",
+      "spec-bench-mt_bench",
+      "spec-bench-rag",
+  ):
     assert name in tasks.TASKS
   with pytest.raises(KeyError, match=r"unknown task 'wmt'.*'xsum'"):
     get_task("wmt")
-  task = register_task(Task("world-translate", "translate English to German: {input}", "src",
-                            "tgt", "bleu"))
+  task = register_task(
+      Task("world-translate", "translate English to German: {input}", "src", "tgt", "bleu")
+  )
   assert get_task("world-translate") is task
   register_task(task)  # registering the same task again is fine
   with pytest.raises(ValueError, match="already registered"):
@@ -61,26 +75,37 @@ def test_gsm8k_reference_is_the_final_number():
 
 
 def test_load_jsonl_with_dotted_fields(tmp_path):
-  rows = [{"translation": {"en": f"Sentence {i}.", "de": f"Satz {i} wurde gelöscht."}}
-          for i in range(5)]
-  examples = load_examples("iwslt2017-en-de", split="validation",
-                           data_file=write_jsonl(tmp_path / "ende.jsonl", rows))
+  rows = [
+      {"translation": {"en": f"Sentence {i}.", "de": f"Satz {i} wurde gelöscht."}} for i in range(5)
+  ]
+  examples = load_examples(
+      "iwslt2017-en-de", split="validation", data_file=write_jsonl(tmp_path / "ende.jsonl", rows)
+  )
   assert examples.column_names == list(loaders.COLUMNS)
-  assert examples[2] == {"id": "iwslt2017-en-de/validation/2", "task": "iwslt2017-en-de",
-                         "prompt": "translate English to German: Sentence 2.",
-                         "reference": "Satz 2 wurde gelöscht."}
+  assert examples[2] == {
+      "id": "iwslt2017-en-de/validation/2",
+      "task": "iwslt2017-en-de",
+      "prompt": "translate English to German: Sentence 2.",
+      "reference": "Satz 2 wurde gelöscht.",
+  }
 
 
 def test_load_csv_and_parquet(tmp_path):
-  table = {"id": ["a", "b", "c"], "document": ["Doc one.", "Doc two.", "Doc three."],
-           "summary": ["One.", "Two.", "Three."]}
+  table = {
+      "id": ["a", "b", "c"],
+      "document": ["Doc one.", "Doc two.", "Doc three."],
+      "summary": ["One.", "Two.", "Three."],
+  }
   datasets.Dataset.from_dict(table).to_csv(str(tmp_path / "xsum.csv"), index=False)
   datasets.Dataset.from_dict(table).to_parquet(str(tmp_path / "xsum.parquet"))
   for name in ("xsum.csv", "xsum.parquet"):
     examples = load_examples("xsum", data_file=str(tmp_path / name))
     assert examples["id"] == ["a", "b", "c"]
-    assert examples["prompt"] == ["summarize: Doc one.", "summarize: Doc two.",
-                                  "summarize: Doc three."]
+    assert examples["prompt"] == [
+        "summarize: Doc one.",
+        "summarize: Doc two.",
+        "summarize: Doc three.",
+    ]
     assert examples["reference"] == ["One.", "Two.", "Three."]
 
 
@@ -91,8 +116,10 @@ def test_literal_dotted_csv_column(tmp_path):
 
 
 def test_limit_is_a_seeded_subset_with_stable_ids(tmp_path):
-  rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
-          for i in range(40)]
+  rows = [
+      {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+      for i in range(40)
+  ]
   data_file = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
   first = load_examples("gsm8k", data_file=data_file, limit=7, seed=3)
   again = load_examples("gsm8k", data_file=data_file, limit=7, seed=3)
@@ -106,10 +133,12 @@ def test_limit_is_a_seeded_subset_with_stable_ids(tmp_path):
 
 
 def test_spec_bench_category_tasks(tmp_path):
-  rows = [{"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]},
-          {"question_id": 161, "category": "translation", "turns": ["Translate: Hallo"]},
-          {"question_id": 162, "category": "translation", "turns": ["Translate: Tschüss"]},
-          {"question_id": 401, "category": "rag", "turns": ["Use the text: ..."]}]
+  rows = [
+      {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]},
+      {"question_id": 161, "category": "translation", "turns": ["Translate: Hallo"]},
+      {"question_id": 162, "category": "translation", "turns": ["Translate: Tschüss"]},
+      {"question_id": 401, "category": "rag", "turns": ["Use the text: ..."]},
+  ]
   data_file = write_jsonl(tmp_path / "question.jsonl", rows)
   translation = load_examples("spec-bench-translation", data_file=data_file)
   assert translation["id"] == ["161", "162"]
@@ -123,18 +152,24 @@ def test_spec_bench_category_tasks(tmp_path):
 
 
 def test_alpaca_joins_instruction_and_input(tmp_path):
-  rows = [{"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
-          {"instruction": "Name a colour.", "input": "", "output": "Blue"}]
+  rows = [
+      {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+      {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+  ]
   examples = load_examples("alpaca", data_file=write_jsonl(tmp_path / "alpaca.json", rows))
-  assert examples["prompt"] == ["[INST] Translate to French.\n\nGood morning [/INST]",
-                                "[INST] Name a colour. [/INST]"]
+  assert examples["prompt"] == [
+      "[INST] Translate to French.\n\nGood morning [/INST]",
+      "[INST] Name a colour. [/INST]",
+  ]
 
 
 def test_missing_field_lists_the_file_columns(tmp_path):
   rows = [{"translation": {"en": "Hi", "fr": "Salut"}, "meta": 1}]
   data_file = write_jsonl(tmp_path / "enfr.jsonl", rows)
-  with pytest.raises(KeyError, match=r"lacks field 'translation.de'.*"
-                                     r"\['translation.en', 'translation.fr', 'meta'\]"):
+  with pytest.raises(
+      KeyError,
+      match=r"lacks field 'translation.de'.*" r"\['translation.en', 'translation.fr', 'meta'\]",
+  ):
     load_examples("iwslt2017-en-de", data_file=data_file)
 
 

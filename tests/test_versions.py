@@ -12,13 +12,16 @@ from jax_specsel import versions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("jax_version,flax_version,refused", [
-    ("0.11.2", "0.12.8", True),  # measured: flax fails to import (shared/GPU.md)
-    ("0.11.0rc1", "0.12.9", True),
-    ("0.11.2", "0.12.10", False),  # measured on an H100
-    ("0.10.2", "0.12.8", False),  # what `make test` resolves here
-    ("0.12.0.dev20261201+cuda13", "0.13.0", False),
-])
+@pytest.mark.parametrize(
+    "jax_version,flax_version,refused",
+    [
+        ("0.11.2", "0.12.8", True),  # measured: flax fails to import (shared/GPU.md)
+        ("0.11.0rc1", "0.12.9", True),
+        ("0.11.2", "0.12.10", False),  # measured on an H100
+        ("0.10.2", "0.12.8", False),  # what `make test` resolves here
+        ("0.12.0.dev20261201+cuda13", "0.13.0", False),
+    ],
+)
 def test_version_guard(jax_version, flax_version, refused):
   if refused:
     with pytest.raises(ImportError, match=r"needs flax >= 0.12.10.*pip install 'flax>=0.12.10'"):

@@ -90,7 +90,9 @@ def test_summaries_are_the_mentioned_topics_with_their_category_in_topic_list_or
     assert 8 <= len(topics) <= 11 and len(categories) == len(topics)
     assert set(topics) == {w for w in text if w in language.TOPICS}
     assert topics == sorted(topics, key=language.TOPICS.index)
-    assert all(topic in language.CATEGORIES[category] for topic, category in zip(topics, categories))
+    assert all(
+        topic in language.CATEGORIES[category] for topic, category in zip(topics, categories)
+    )
 
 
 def test_mixed_answers_are_a_translation_then_a_summary(world):
@@ -98,8 +100,9 @@ def test_mixed_answers_are_a_translation_then_a_summary(world):
   for example in world.split("train", "mixed")[:200]:
     source = example["prompt"].removeprefix(language.PROMPT_PREFIX["mixed"] + " ")
     english, text = source.split(" summarize: ")
-    assert example["reference"] == (language.translate_sentence(english) + " "
-                                    + language.summarize_text(text))
+    assert example["reference"] == (
+        language.translate_sentence(english) + " " + language.summarize_text(text)
+    )
     assert 2 <= sum(w in language.CONJUNCTIONS for w in english.split()) + 1 <= 3
     assert 4 <= len(language.summarize_text(text).split()) // 2 <= 6
     assert not set(text.split()) & lexicon, "the summary's text shares no word with a translation"
@@ -107,8 +110,9 @@ def test_mixed_answers_are_a_translation_then_a_summary(world):
 
 def test_adding_the_mixed_domain_leaves_the_others_examples_unchanged():
   without = World(SMALL, domains=("translate", "summarize", "arithmetic"))
-  assert without.split("test") == World(SMALL).split("test", ("translate", "summarize",
-                                                               "arithmetic"))
+  assert without.split("test") == World(SMALL).split(
+      "test", ("translate", "summarize", "arithmetic")
+  )
 
 
 def test_every_topic_has_one_category():
@@ -136,14 +140,21 @@ def test_arithmetic_is_worked_column_by_column_and_correct(world):
 
 
 def test_worked_addition_on_known_sums():
-  assert language.worked_addition(375, 48) == "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
+  assert (
+      language.worked_addition(375, 48)
+      == "5 + 8 = 1 3 ; 7 + 4 + 1 = 1 2 ; 3 + 0 + 1 = 4 ; answer 4 2 3"
+  )
   assert language.worked_addition(99, 1) == "9 + 1 = 1 0 ; 9 + 0 + 1 = 1 0 ; answer 1 0 0"
 
 
 def test_outputs_have_the_papers_lengths(world, tokenizer):
   """Translate ~20-35 tokens, summaries ~15-30, worked arithmetic ~20-60 (EOS included)."""
-  for domain, (low, high) in {"translate": (20, 35), "summarize": (15, 30),
-                              "arithmetic": (20, 60), "mixed": (20, 40)}.items():
+  for domain, (low, high) in {
+      "translate": (20, 35),
+      "summarize": (15, 30),
+      "arithmetic": (20, 60),
+      "mixed": (20, 40),
+  }.items():
     lengths = [len(tokenizer(e["reference"])["input_ids"]) for e in world.split("train", domain)]
     assert low <= sum(lengths) / len(lengths) <= high, (domain, sum(lengths) / len(lengths))
 
@@ -197,8 +208,13 @@ def test_config_round_trips_through_dict():
 
 
 def test_arithmetic_train_split_is_capped_by_the_distinct_questions():
-  config = WorldConfig(domains=("arithmetic",), train_per_domain=10000, validation_per_domain=10,
-                       test_per_domain=10, arithmetic_digits=(1, 2))
+  config = WorldConfig(
+      domains=("arithmetic",),
+      train_per_domain=10000,
+      validation_per_domain=10,
+      test_per_domain=10,
+      arithmetic_digits=(1, 2),
+  )
   world = World(config)
   # 100 * 100 distinct questions, half of them at most, minus the 20 held out.
   assert len(world.split("train")) == 4980

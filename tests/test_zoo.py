@@ -47,8 +47,10 @@ def _untrained_zoo(world, config, progress):
     return Model(t5.Module(spec.t5_config(vocab), rngs=nnx.Rngs(seed)), tokenizer, name)
 
   target = model(config.target, zoo_lib.TARGET, 0)
-  drafters = {name: model(config.domain_drafter, name, i)
-              for i, name in enumerate(config.drafter_names(), start=1)}
+  drafters = {
+      name: model(config.domain_drafter, name, i)
+      for i, name in enumerate(config.drafter_names(), start=1)
+  }
   info = {name: {"params": 0, "train_seconds": 0.0} for name in (zoo_lib.TARGET, *drafters)}
   info["distill_generate_seconds"] = 0.0
   return target, drafters, info
@@ -106,8 +108,15 @@ def test_the_target_is_the_trained_one_grown_without_changing_its_function(built
   after = generate(grown, ids, temperature=0.0, max_new_tokens=8, attention_mask=mask)
   np.testing.assert_array_equal(before.tokens, after.tokens)
   # The drafters stay as distilled: speculative decoding with the grown target is exact.
-  spec = generate(grown, ids, drafter=zoo.drafters["drafter_translate"], gamma=3,
-                  temperature=0.0, max_new_tokens=8, attention_mask=mask)
+  spec = generate(
+      grown,
+      ids,
+      drafter=zoo.drafters["drafter_translate"],
+      gamma=3,
+      temperature=0.0,
+      max_new_tokens=8,
+      attention_mask=mask,
+  )
   np.testing.assert_array_equal(spec.tokens, after.tokens)
 
 
@@ -204,16 +213,20 @@ def test_default_config_drafter_decoders_are_far_smaller_than_the_target():
   for spec in (config.domain_drafter, config.general_drafter):
     drafter = spec.t5_config(224)
     # Decode-step weights (what a cached step reads): at most a fifth of the target's.
-    assert (5 * drafter.params_per_decoder_layer * drafter.num_decoder_layers
-            <= target.params_per_decoder_layer * target.num_decoder_layers)
+    assert (
+        5 * drafter.params_per_decoder_layer * drafter.num_decoder_layers
+        <= target.params_per_decoder_layer * target.num_decoder_layers
+    )
   assert "arithmetic" not in config.drafter_domains  # only the target is aligned there
 
 
 def test_drafter_domains_must_exist(world, tmp_path):
   config = zoo_lib.ZooConfig.tiny()
   with pytest.raises(ValueError, match="not domains"):
-    zoo_lib.build_zoo(world, dataclasses.replace(config, drafter_domains=("poetry",)),
-                      cache_dir=str(tmp_path))
+    zoo_lib.build_zoo(
+        world, dataclasses.replace(config, drafter_domains=("poetry",)), cache_dir=str(tmp_path)
+    )
   with pytest.raises(ValueError, match="not domains"):
-    zoo_lib.build_zoo(world, dataclasses.replace(config, general_domains=("poetry",)),
-                      cache_dir=str(tmp_path))
+    zoo_lib.build_zoo(
+        world, dataclasses.replace(config, general_domains=("poetry",)), cache_dir=str(tmp_path)
+    )

@@ -51,10 +51,18 @@ def option_names(drafters: dict[str, Model], config: CollectConfig) -> list[str]
   return names + [AUTOREGRESSIVE] if config.include_autoregressive else names
 
 
-def collect(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, output_dir: str,
-            config: CollectConfig = CollectConfig(), progress: bool = True, *,
-            process_index: int = 0, process_count: int = 1,
-            wait_seconds: float = 3600.0) -> datasets.Dataset:
+def collect(
+    target: Model,
+    drafters: dict[str, Model],
+    examples: datasets.Dataset,
+    output_dir: str,
+    config: CollectConfig = CollectConfig(),
+    progress: bool = True,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    wait_seconds: float = 3600.0,
+) -> datasets.Dataset:
   """Runs (or resumes) a collection, or one process's part of it, and returns the table.
 
   Args:
@@ -80,7 +88,9 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
     CollectionMismatchError: output_dir holds a collection of other settings, models or queries.
   """
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    raise ValueError(
+        f"process_index={process_index} must be in [0, process_count={process_count})."
+    )
   _check_inputs(target, drafters, examples)
   meta = _metadata(target, drafters, examples, config)
   if process_index == 0:
@@ -91,8 +101,13 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
   mine = list(range(process_index, num_shards, process_count))
   todo = [k for k in mine if not os.path.exists(store.shard_path(output_dir, k))]
   size = lambda shards: sum(len(_shard_range(k, config, len(examples))) for k in shards)
-  bar = tqdm(total=size(mine), initial=size(mine) - size(todo), unit="query", disable=not progress,
-             desc="collect" if process_count == 1 else f"collect {process_index}/{process_count}")
+  bar = tqdm(
+      total=size(mine),
+      initial=size(mine) - size(todo),
+      unit="query",
+      disable=not progress,
+      desc="collect" if process_count == 1 else f"collect {process_index}/{process_count}",
+  )
   _collect_shards(target, drafters, examples, output_dir, todo, config, bar)
   bar.close()
   return store.load_collection(output_dir, allow_partial=process_count > 1)[0]
@@ -133,14 +148,18 @@ def _check_inputs(target, drafters, examples):
   if not drafters:
     raise ValueError("collect needs at least one drafter (name -> Model).")
   if target.tokenizer is None:
-    raise ValueError(f"target {target.name} has no tokenizer: collection turns outputs into text for "
-                     "ROUGE-L; load a checkpoint directory with tokenizer files.")
+    raise ValueError(
+        f"target {target.name} has no tokenizer: collection turns outputs into text for "
+        "ROUGE-L; load a checkpoint directory with tokenizer files."
+    )
   if len(examples) == 0:
     raise ValueError("empty dataset: there are no queries to collect.")
   missing = {"id", "task", "prompt"} - set(examples.column_names)
   if missing:
-    raise ValueError(f"examples lack column(s) {sorted(missing)}; have {examples.column_names} "
-                     "(use jax_specsel.data.loaders.load_examples).")
+    raise ValueError(
+        f"examples lack column(s) {sorted(missing)}; have {examples.column_names} "
+        "(use jax_specsel.data.loaders.load_examples)."
+    )
 
 
 def _metadata(target, drafters, examples, config) -> dict:
@@ -148,10 +167,16 @@ def _metadata(target, drafters, examples, config) -> dict:
   if config.include_autoregressive:
     params[AUTOREGRESSIVE] = int(target.num_params)
   whole, per_shard = store.query_fingerprints(examples, config.shard_size)
-  return {"target": target.name, "options": option_names(drafters, config), "param_counts": params,
-          "num_queries": len(examples), "embedding_dim": int(target.hidden_size),
-          "config": dataclasses.asdict(config), "queries_fingerprint": whole,
-          "shard_fingerprints": per_shard}
+  return {
+      "target": target.name,
+      "options": option_names(drafters, config),
+      "param_counts": params,
+      "num_queries": len(examples),
+      "embedding_dim": int(target.hidden_size),
+      "config": dataclasses.asdict(config),
+      "queries_fingerprint": whole,
+      "shard_fingerprints": per_shard,
+  }
 
 
 def collect_rows(target, drafters, examples, config, bar) -> list[dict]:
@@ -168,8 +193,9 @@ def _collect_batch(target, drafters, batch, config) -> list[dict]:
   prompt_ids = target.tokenizer(list(batch["prompt"]))["input_ids"]
   real = len(prompt_ids)
   prompt_ids = token_batches.filled_to(prompt_ids, config.batch_size)  # one compiled shape
-  run = lambda model, **kw: decode_text(model, generate(model, prompt_ids,
-                                                        max_new_tokens=config.max_new_tokens, **kw))[:real]
+  run = lambda model, **kw: decode_text(
+      model, generate(model, prompt_ids, max_new_tokens=config.max_new_tokens, **kw)
+  )[:real]
   target_text = run(target)
   outputs = {name: run(model) for name, model in drafters.items()}
   if config.include_autoregressive:
@@ -180,9 +206,14 @@ def _collect_batch(target, drafters, batch, config) -> list[dict]:
   scores = {name: rewards_lib.rouge_l(texts, target_text) for name, texts in outputs.items()}
   rows = []
   for i in range(real):
-    row = {"id": str(batch["id"][i]), "task": batch["task"][i], "prompt": batch["prompt"][i],
-           "reference": batch["reference"][i] if "reference" in batch.column_names else "",
-           "embedding": embeddings[i].tolist(), "target_output": target_text[i]}
+    row = {
+        "id": str(batch["id"][i]),
+        "task": batch["task"][i],
+        "prompt": batch["prompt"][i],
+        "reference": batch["reference"][i] if "reference" in batch.column_names else "",
+        "embedding": embeddings[i].tolist(),
+        "target_output": target_text[i],
+    }
     for name in outputs:
       row[f"output/{name}"] = outputs[name][i]
       row[f"score/{name}"] = float(scores[name][i])
@@ -196,8 +227,13 @@ def embed_prompts(model: Model, prompt_ids: Sequence[Sequence[int]]) -> np.ndarr
   return model.embed(ids, mask)
 
 
-def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit: float = 1e9,
-                 options: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def reward_table(
+    dataset: datasets.Dataset,
+    meta: dict,
+    alpha: float,
+    cost_unit: float = 1e9,
+    options: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(embeddings [N, D], rewards [N, K], option names): eq. 2 with the A.5 size costs.
 
   Args:
@@ -214,8 +250,10 @@ def reward_table(dataset: datasets.Dataset, meta: dict, alpha: float, cost_unit:
     raise ValueError(f"options {sorted(unknown)} were not collected; available: {meta['options']}.")
   missing = [f"score/{n}" for n in names if f"score/{n}" not in dataset.column_names]
   if missing:
-    raise ValueError(f"the dataset lacks column(s) {missing}: pass the table load_collection "
-                     "returns with its metadata.")
+    raise ValueError(
+        f"the dataset lacks column(s) {missing}: pass the table load_collection "
+        "returns with its metadata."
+    )
   alignment = np.stack([np.asarray(dataset[f"score/{n}"], np.float32) for n in names], axis=1)
   costs = rewards_lib.size_costs([meta["param_counts"][n] for n in names], unit=cost_unit)
   embeddings = np.asarray(dataset["embedding"], np.float32)

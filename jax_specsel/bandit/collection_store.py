@@ -63,8 +63,10 @@ def query_fingerprints(examples, shard_size: int) -> tuple[str, list[str]]:
     Hex digests; the whole one hashes the per-shard ones, so one pass computes both.
   """
   ids, prompts = [str(i) for i in examples["id"]], list(examples["prompt"])
-  per_shard = [_rows_fingerprint(ids[start:start + shard_size], prompts[start:start + shard_size])
-               for start in range(0, len(ids), shard_size)]
+  per_shard = [
+      _rows_fingerprint(ids[start : start + shard_size], prompts[start : start + shard_size])
+      for start in range(0, len(ids), shard_size)
+  ]
   return hashlib.sha256("".join(per_shard).encode()).hexdigest(), per_shard
 
 
@@ -108,21 +110,28 @@ def _check_same(output_dir: str, meta: dict) -> None:
   """Refuses a directory whose collection has other settings, models or queries than `meta`."""
   existing = _read_meta(output_dir)
   settings = {k: v for k, v in meta.items() if k not in _FINGERPRINTS}
-  if {k: v for k, v in existing.items() if k not in _FINGERPRINTS} != json.loads(json.dumps(settings)):
+  if {k: v for k, v in existing.items() if k not in _FINGERPRINTS} != json.loads(
+      json.dumps(settings)
+  ):
     raise CollectionMismatchError(
         f"{output_dir} holds a collection made with other settings or models "
         f"({existing.get('options')}, {existing.get('config')}); resume only with the same ones, "
-        "or pass a new output directory.")
+        "or pass a new output directory."
+    )
   if "queries_fingerprint" not in existing:  # written before fingerprints: check shards by content
     _check_shards_hold(output_dir, meta)
     _write_json_atomically(os.path.join(output_dir, _META), meta)
   elif existing["queries_fingerprint"] != meta["queries_fingerprint"]:
-    differing = [k for k, (a, b) in enumerate(zip(existing["shard_fingerprints"],
-                                                  meta["shard_fingerprints"])) if a != b]
+    differing = [
+        k
+        for k, (a, b) in enumerate(zip(existing["shard_fingerprints"], meta["shard_fingerprints"]))
+        if a != b
+    ]
     raise CollectionMismatchError(
         f"{output_dir} holds a collection of other queries (the same count, {meta['num_queries']}, "
         f"but other ids or prompts, first in shard(s) {differing[:5]}): resuming would mix two "
-        "datasets in one table. Pass the examples it was started with, or a new output directory.")
+        "datasets in one table. Pass the examples it was started with, or a new output directory."
+    )
 
 
 def _check_shards_hold(output_dir: str, meta: dict) -> None:
@@ -133,11 +142,13 @@ def _check_shards_hold(output_dir: str, meta: dict) -> None:
       raise CollectionMismatchError(
           f"{path} holds other queries (ids or prompts) than shard {shard} of the examples given: "
           "resuming would mix two datasets. Pass the examples it was started with, or a new "
-          "output directory.")
+          "output directory."
+      )
 
 
 def _shard_fingerprint(path: str) -> str:
   import pyarrow.parquet as pq
+
   table = pq.read_table(path, columns=["id", "prompt"])
   return _rows_fingerprint(table.column("id").to_pylist(), table.column("prompt").to_pylist())
 
@@ -148,9 +159,11 @@ def _read_meta(output_dir: str) -> dict:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as err:
-    raise CollectionMismatchError(f"{path} is not valid JSON ({err}): the file was truncated or "
-                                  "edited; restore it, or start the collection in a new "
-                                  "directory.") from None
+    raise CollectionMismatchError(
+        f"{path} is not valid JSON ({err}): the file was truncated or "
+        "edited; restore it, or start the collection in a new "
+        "directory."
+    ) from None
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:
@@ -166,9 +179,11 @@ def await_metadata(output_dir: str, meta: dict, wait_seconds: float) -> None:
   deadline = time.monotonic() + wait_seconds
   while not os.path.exists(path):
     if time.monotonic() > deadline:
-      raise TimeoutError(f"{path} did not appear within {wait_seconds:.0f}s: process 0 writes it; "
-                         "check that process 0 runs and that output_dir is on a file system every "
-                         "process shares.")
+      raise TimeoutError(
+          f"{path} did not appear within {wait_seconds:.0f}s: process 0 writes it; "
+          "check that process 0 runs and that output_dir is on a file system every "
+          "process shares."
+      )
     time.sleep(0.2)
   _check_same(output_dir, meta)
 
@@ -231,8 +246,12 @@ def shard_lock(output_dir: str, shard: int, wait: bool) -> Iterator[bool]:
         raise
       if not _LOCKS_UNSUPPORTED_WARNED:
         _LOCKS_UNSUPPORTED_WARNED.append(True)
-        log.warning("%s: the file system has no locks (%s): concurrent collections into it may "
-                    "collect a shard twice (never mixing rows)", output_dir, err.strerror)
+        log.warning(
+            "%s: the file system has no locks (%s): concurrent collections into it may "
+            "collect a shard twice (never mixing rows)",
+            output_dir,
+            err.strerror,
+        )
     os.ftruncate(fd, 0)
     os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())  # who holds it, for humans
     yield True
@@ -282,8 +301,10 @@ def load_collection(output_dir: str, allow_partial: bool = False) -> tuple[datas
   """
   meta_path = os.path.join(output_dir, _META)
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{meta_path} is missing: {output_dir} is not a collection directory "
-                            "(run launch/collect.py first).")
+    raise FileNotFoundError(
+        f"{meta_path} is missing: {output_dir} is not a collection directory "
+        "(run launch/collect.py first)."
+    )
   meta = _read_meta(output_dir)
   num_shards = -(-meta["num_queries"] // meta["config"]["shard_size"])
   paths = [shard_path(output_dir, k) for k in range(num_shards)]
@@ -296,7 +317,8 @@ def load_collection(output_dir: str, allow_partial: bool = False) -> tuple[datas
         f"{output_dir} is an unfinished collection: {len(missing)} of {num_shards} shards are "
         f"missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun the "
         "collection (it resumes only the missing shards), or allow a partial one "
-        "(allow_partial=True, --allow_partial_collection); the report then says so.")
+        "(allow_partial=True, --allow_partial_collection); the report then says so."
+    )
   _check_meta(meta_path, meta)
   parts = [_read_shard(paths[k]) for k in present]
   for k, part in zip(present, parts):
@@ -315,9 +337,10 @@ def _read_shard(path: str) -> datasets.Dataset:
     return datasets.Dataset.from_parquet(path)
   except Exception as err:  # pyarrow and datasets raise many classes for a damaged file
     detail = str(err).splitlines()[0][:200] if str(err) else ""
-    raise DamagedCollectionError(f"{path} cannot be read ({type(err).__name__}: {detail}): the "
-                                 f"shard was truncated or damaged; re-collect it: {_REDO_SHARD}."
-                                 ) from None
+    raise DamagedCollectionError(
+        f"{path} cannot be read ({type(err).__name__}: {detail}): the "
+        f"shard was truncated or damaged; re-collect it: {_REDO_SHARD}."
+    ) from None
 
 
 def _check_meta(path: str, meta: dict) -> None:
@@ -327,13 +350,17 @@ def _check_meta(path: str, meta: dict) -> None:
   if not isinstance(options, list) or len(set(map(str, options))) != len(options) or not options:
     problem = f"options={options!r} must be a non-empty list of distinct names"
   elif any(name not in counts for name in options):
-    problem = (f"param_counts has no entry for {[n for n in options if n not in counts]} of "
-               f"options {options}")
+    problem = (
+        f"param_counts has no entry for {[n for n in options if n not in counts]} of "
+        f"options {options}"
+    )
   elif type(meta.get("embedding_dim")) is not int or meta["embedding_dim"] < 1:
     problem = f"embedding_dim={meta.get('embedding_dim')!r} must be a positive integer"
   if problem:
-    raise DamagedCollectionError(f"{path}: {problem}; the file was edited or damaged: restore it "
-                                 "(the collection writes it once, at its start).")
+    raise DamagedCollectionError(
+        f"{path}: {problem}; the file was edited or damaged: restore it "
+        "(the collection writes it once, at its start)."
+    )
 
 
 def _check_shard_values(path: str, part: datasets.Dataset, meta: dict) -> None:
@@ -346,7 +373,8 @@ def _check_shard_values(path: str, part: datasets.Dataset, meta: dict) -> None:
       have = [c.removeprefix("score/") for c in part.column_names if c.startswith("score/")]
       raise DamagedCollectionError(
           f"{path} has no column {column!r}: collection.json lists option {option!r}, the shard "
-          f"scores {have}; an option was renamed in one of them. Rename it back, or {_REDO_SHARD}.")
+          f"scores {have}; an option was renamed in one of them. Rename it back, or {_REDO_SHARD}."
+      )
     scores = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     _refuse_non_finite(path, column, np.nonzero(~np.isfinite(scores))[0])
   embeddings = table.column("embedding").combine_chunks()
@@ -357,7 +385,8 @@ def _check_shard_values(path: str, part: datasets.Dataset, meta: dict) -> None:
         f"{path}, column 'embedding': rows {wrong[:5].tolist()} have width(s) "
         f"{sorted(set(widths[wrong].tolist()))[:5]}, but collection.json records embedding_dim="
         f"{meta['embedding_dim']} (the target's width); the shard or collection.json was edited or "
-        f"comes from another target. Restore collection.json, or {_REDO_SHARD}.")
+        f"comes from another target. Restore collection.json, or {_REDO_SHARD}."
+    )
   values = pc.list_flatten(embeddings).to_numpy(zero_copy_only=False).astype(np.float64)
   rows = np.unique(np.nonzero(~np.isfinite(values.reshape(-1, meta["embedding_dim"])))[0])
   _refuse_non_finite(path, "embedding", rows)
@@ -367,7 +396,8 @@ def _refuse_non_finite(path: str, column: str, rows: np.ndarray) -> None:
   if rows.size:
     raise DamagedCollectionError(
         f"{path}, column {column!r}: rows {rows[:5].tolist()} ({rows.size} in all) hold NaN/inf "
-        f"(or are empty); training cannot use them. Re-collect the shard: {_REDO_SHARD}.")
+        f"(or are empty); training cannot use them. Re-collect the shard: {_REDO_SHARD}."
+    )
 
 
 def _check_shard(path: str, shard: int, part: datasets.Dataset, meta: dict) -> None:
@@ -379,4 +409,5 @@ def _check_shard(path: str, shard: int, part: datasets.Dataset, meta: dict) -> N
     raise CollectionMismatchError(
         f"{path} holds other queries (ids or prompts) than collection.json records for shard "
         f"{shard}: it comes from another collection. Delete it and rerun the collection to "
-        "redo that shard.")
+        "redo that shard."
+    )

@@ -38,8 +38,12 @@ from jax_specsel.models.interface import Model
 log = logging.getLogger(__name__)
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, **kwargs) -> tuple[int, int]:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    **kwargs,
+) -> tuple[int, int]:
   """`jax.distributed.initialize`, once; returns (process_index, process_count).
 
   Args:
@@ -53,8 +57,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if num_processes == 1 and coordinator_address is None:
     return 0, 1  # a single process needs no runtime
   if not jax.distributed.is_initialized():
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )
   return jax.process_index(), jax.process_count()
 
 
@@ -63,9 +71,14 @@ def shards_of(process_index: int, process_count: int, num_shards: int) -> list[i
   return list(range(process_index, num_shards, process_count))
 
 
-def collect(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, output_dir: str,
-            config: collect_lib.CollectConfig = collect_lib.CollectConfig(),
-            progress: bool = True) -> datasets.Dataset:
+def collect(
+    target: Model,
+    drafters: dict[str, Model],
+    examples: datasets.Dataset,
+    output_dir: str,
+    config: collect_lib.CollectConfig = collect_lib.CollectConfig(),
+    progress: bool = True,
+) -> datasets.Dataset:
   """This process's shards of a collection, then (after every process is done) the whole table.
 
   Args:
@@ -82,19 +95,31 @@ def collect(target: Model, drafters: dict[str, Model], examples: datasets.Datase
       rerun to collect only those.
   """
   index, count = jax.process_index(), jax.process_count()
-  collect_lib.collect(target, drafters, examples, output_dir, config, progress,
-                      process_index=index, process_count=count)
+  collect_lib.collect(
+      target,
+      drafters,
+      examples,
+      output_dir,
+      config,
+      progress,
+      process_index=index,
+      process_count=count,
+  )
   if count > 1:
     from jax.experimental import multihost_utils
     # A barrier on the runtime (not polling the file system): it fails if a peer died.
     multihost_utils.sync_global_devices(f"jax_specsel collect {os.path.abspath(output_dir)}")
   num_shards = -(-len(examples) // config.shard_size)
-  missing = [k for k in range(num_shards)
-             if not os.path.exists(collection_store.shard_path(output_dir, k))]
+  missing = [
+      k for k in range(num_shards) if not os.path.exists(collection_store.shard_path(output_dir, k))
+  ]
   if missing:
     owners = sorted({k % count for k in missing})
-    raise RuntimeError(f"{output_dir}: shard(s) {missing[:5]} are missing after every process "
-                       f"finished (owned by process(es) {owners}); rerun to collect only those.")
-  log.info("process %d/%d: collection complete (%d shards) in %s", index, count, num_shards,
-           output_dir)
+    raise RuntimeError(
+        f"{output_dir}: shard(s) {missing[:5]} are missing after every process "
+        f"finished (owned by process(es) {owners}); rerun to collect only those."
+    )
+  log.info(
+      "process %d/%d: collection complete (%d shards) in %s", index, count, num_shards, output_dir
+  )
   return collection_store.load_collection(output_dir)[0]

@@ -56,15 +56,27 @@ def per_example_loss(log_probs, rewards, weights, key, estimator: str, baseline:
     # Leave-one-out mean: excluding the row's own reward keeps the estimator unbiased.
     total = jnp.sum(weights * sampled_rewards)
     others = jnp.sum(weights) - weights
-    loo_mean = jnp.where(others > 0, (total - weights * sampled_rewards) / jnp.maximum(others, 1),
-                         0.0)
+    loo_mean = jnp.where(
+        others > 0, (total - weights * sampled_rewards) / jnp.maximum(others, 1), 0.0
+    )
     advantage = sampled_rewards - loo_mean
   chosen_log_probs = jnp.take_along_axis(log_probs, actions[:, None], axis=-1)[:, 0]
   return -chosen_log_probs * jax.lax.stop_gradient(advantage), sampled_rewards
 
 
-def batch_loss(graphdef, estimator: str, baseline: str, params, embeddings, rewards, input_mean,
-               input_scale, weights, key, observed=None):
+def batch_loss(
+    graphdef,
+    estimator: str,
+    baseline: str,
+    params,
+    embeddings,
+    rewards,
+    input_mean,
+    input_scale,
+    weights,
+    key,
+    observed=None,
+):
   """(weighted mean surrogate loss, weighted mean policy reward) of one batch.
 
   Args:
@@ -86,8 +98,9 @@ def batch_loss(graphdef, estimator: str, baseline: str, params, embeddings, rewa
   return jnp.sum(weights * losses) / count, jnp.sum(weights * policy_rewards) / count
 
 
-def optimizer_step(loss_fn, optimizer: optax.GradientTransformation, params, optimizer_state,
-                   *loss_args):
+def optimizer_step(
+    loss_fn, optimizer: optax.GradientTransformation, params, optimizer_state, *loss_args
+):
   """One optimizer step on `loss_fn(params, *loss_args) -> (loss, aux)`.
 
   Returns:
@@ -100,8 +113,13 @@ def optimizer_step(loss_fn, optimizer: optax.GradientTransformation, params, opt
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """optax.adamw from config.{learning_rate, b1, b2, eps, weight_decay}."""
-  return _cached_optimizer(float(config.learning_rate), float(config.b1), float(config.b2),
-                           float(config.eps), float(config.weight_decay))
+  return _cached_optimizer(
+      float(config.learning_rate),
+      float(config.b1),
+      float(config.b2),
+      float(config.eps),
+      float(config.weight_decay),
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,8 +135,10 @@ def validate_estimator(config: ml_collections.ConfigDict) -> None:
   if config.baseline not in BASELINES:
     raise ValueError(f"config.baseline={config.baseline!r}; choose one of {BASELINES}")
   if config.estimator == "expected" and config.baseline != "none":
-    raise ValueError("config.baseline='mean' only applies to estimator='reinforce' (the expected "
-                     "gradient has no sampling variance to reduce); set config.baseline='none'")
+    raise ValueError(
+        "config.baseline='mean' only applies to estimator='reinforce' (the expected "
+        "gradient has no sampling variance to reduce); set config.baseline='none'"
+    )
 
 
 def validate_optimizer(config: ml_collections.ConfigDict) -> None:

@@ -66,8 +66,10 @@ def validate_online_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first missing or bad field of an online config."""
   missing = sorted(set(default_online_config()) - set(config))
   if missing:
-    raise ValueError(f"the online config lacks {missing}; start from default_online_config() "
-                     "and override fields")
+    raise ValueError(
+        f"the online config lacks {missing}; start from default_online_config() "
+        "and override fields"
+    )
   objective.validate_estimator(config)
   if not isinstance(config.frozen, (bool, np.bool_)):
     raise ValueError(f"config.frozen={config.frozen!r}: must be True or False.")
@@ -89,17 +91,29 @@ def _make_update_step(graphdef, optimizer, estimator: str, baseline: str, steps:
   loss_fn = functools.partial(objective.batch_loss, graphdef, estimator, baseline)
 
   @jax.jit
-  def update_step(params, optimizer_state, embeddings, rewards, observed, weights, input_mean,
-                  input_scale, key):
+  def update_step(
+      params, optimizer_state, embeddings, rewards, observed, weights, input_mean, input_scale, key
+  ):
     def one_step(carry, step):
       params, optimizer_state = carry
       params, optimizer_state, loss, policy_reward = objective.optimizer_step(
-          loss_fn, optimizer, params, optimizer_state, embeddings, rewards, input_mean,
-          input_scale, weights, jax.random.fold_in(key, step), observed)
+          loss_fn,
+          optimizer,
+          params,
+          optimizer_state,
+          embeddings,
+          rewards,
+          input_mean,
+          input_scale,
+          weights,
+          jax.random.fold_in(key, step),
+          observed,
+      )
       return (params, optimizer_state), (loss, policy_reward)
 
     (params, optimizer_state), (losses, policy_rewards) = jax.lax.scan(
-        one_step, (params, optimizer_state), jnp.arange(steps))
+        one_step, (params, optimizer_state), jnp.arange(steps)
+    )
     return params, optimizer_state, losses[0], policy_rewards[0]
 
   return update_step
@@ -111,9 +125,19 @@ def _make_evaluation(graphdef, estimator: str, baseline: str):
 
   @jax.jit
   def evaluate(params, embeddings, rewards, observed, weights, input_mean, input_scale, key):
-    return objective.batch_loss(graphdef, estimator, baseline, params, embeddings, rewards,
-                                input_mean, input_scale, weights, jax.random.fold_in(key, 0),
-                                observed)
+    return objective.batch_loss(
+        graphdef,
+        estimator,
+        baseline,
+        params,
+        embeddings,
+        rewards,
+        input_mean,
+        input_scale,
+        weights,
+        jax.random.fold_in(key, 0),
+        observed,
+    )
 
   return evaluate
 
@@ -137,8 +161,13 @@ class OnlinePolicyUpdater:
     self.optimizer_state = self._optimizer.init(policy.params)
     self.updates = 0
     self._base_key = jax.random.key(int(config.seed))
-    self._update_step = _make_update_step(policy.graphdef, self._optimizer, config.estimator,
-                                          config.baseline, int(config.steps_per_update))
+    self._update_step = _make_update_step(
+        policy.graphdef,
+        self._optimizer,
+        config.estimator,
+        config.baseline,
+        int(config.steps_per_update),
+    )
     self._evaluate = _make_evaluation(policy.graphdef, config.estimator, config.baseline)
 
   def update(self, embeddings, rewards, observed=None) -> dict[str, Any]:
@@ -166,12 +195,17 @@ class OnlinePolicyUpdater:
       loss, policy_reward = self._evaluate(self.policy.params, *batch.arrays, *fixed)
     else:
       params, self.optimizer_state, loss, policy_reward = self._update_step(
-          self.policy.params, self.optimizer_state, *batch.arrays, *fixed)
+          self.policy.params, self.optimizer_state, *batch.arrays, *fixed
+      )
       _write_in_place(self.policy.params, params)
       self.updates += 1
-    return {"loss": float(loss), "policy_reward": float(policy_reward),
-            "mean_reward": batch.mean_reward, "num_queries": batch.num_queries,
-            "updates": self.updates}
+    return {
+        "loss": float(loss),
+        "policy_reward": float(policy_reward),
+        "mean_reward": batch.mean_reward,
+        "num_queries": batch.num_queries,
+        "updates": self.updates,
+    }
 
   def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes policy, optimizer state, update count and config to directory `path`.
@@ -188,9 +222,13 @@ class OnlinePolicyUpdater:
     try:
       self.policy.save(os.path.join(staging, _POLICY_ITEM))
       with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(os.path.join(staging, _UPDATER_ITEM), args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"optimizer": self.optimizer_state}),
-            metadata=ocp.args.JsonSave(self._metadata())))
+        checkpointer.save(
+            os.path.join(staging, _UPDATER_ITEM),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"optimizer": self.optimizer_state}),
+                metadata=ocp.args.JsonSave(self._metadata()),
+            ),
+        )
     except BaseException:
       shutil.rmtree(staging, ignore_errors=True)
       raise
@@ -201,14 +239,21 @@ class OnlinePolicyUpdater:
     shutil.rmtree(previous, ignore_errors=True)
 
   def _metadata(self) -> dict[str, Any]:
-    return {"format_version": _FORMAT_VERSION, "updates": self.updates,
-            "config": json.loads(self.config.to_json()),
-            "policy_shape": _policy_shape(self.policy)}
+    return {
+        "format_version": _FORMAT_VERSION,
+        "updates": self.updates,
+        "config": json.loads(self.config.to_json()),
+        "policy_shape": _policy_shape(self.policy),
+    }
 
 
 def _policy_shape(policy: Policy) -> dict[str, int]:
-  return {"input_dim": policy.input_dim, "num_options": policy.num_options,
-          "hidden_dim": policy.hidden_dim, "num_layers": policy.num_layers}
+  return {
+      "input_dim": policy.input_dim,
+      "num_options": policy.num_options,
+      "hidden_dim": policy.hidden_dim,
+      "num_layers": policy.num_layers,
+  }
 
 
 def _write_in_place(target: nnx.State, source: nnx.State) -> None:
@@ -240,28 +285,42 @@ def _check_feedback(embeddings, rewards, observed, policy: Policy) -> _Feedback:
     observed = None if observed is None else np.atleast_2d(observed)
   observed = np.ones(rewards.shape, bool) if observed is None else np.asarray(observed)
   if embeddings.ndim != 2 or embeddings.shape[1] != width:
-    raise ValueError(f"embeddings have shape {embeddings.shape} but the policy takes [N, {width}] "
-                     f"(or [{width}] for one query); embed the queries with the model the policy "
-                     "was trained on")
+    raise ValueError(
+        f"embeddings have shape {embeddings.shape} but the policy takes [N, {width}] "
+        f"(or [{width}] for one query); embed the queries with the model the policy "
+        "was trained on"
+    )
   num_queries = embeddings.shape[0]
   if num_queries == 0:
     raise ValueError("embeddings hold no queries (shape (0, D)); pass at least one query")
   if rewards.shape != (num_queries, num_options):
-    raise ValueError(f"rewards have shape {rewards.shape} but the policy chooses among "
-                     f"{num_options} options ({policy.option_names or 'unnamed'}) for "
-                     f"{num_queries} queries: pass rewards [{num_queries}, {num_options}], one "
-                     "column per option in the policy's order")
+    raise ValueError(
+        f"rewards have shape {rewards.shape} but the policy chooses among "
+        f"{num_options} options ({policy.option_names or 'unnamed'}) for "
+        f"{num_queries} queries: pass rewards [{num_queries}, {num_options}], one "
+        "column per option in the policy's order"
+    )
   if observed.dtype != np.bool_ or observed.shape != rewards.shape:
-    raise ValueError(f"observed must be a bool array of the rewards' shape {rewards.shape} "
-                     f"(True where a reward was measured), got {observed.dtype} "
-                     f"{observed.shape}; pass e.g. np.isfinite(rewards) or None for all")
-  _check_rows("observed has rows marking no option", ~observed.any(axis=1),
-              "drop those queries or mark the options whose reward was measured")
-  _check_rows("embeddings contain NaN/inf", ~np.isfinite(embeddings).all(axis=1),
-              "drop or repair those queries")
-  _check_rows("rewards contain NaN/inf at observed entries",
-              (observed & ~np.isfinite(rewards)).any(axis=1),
-              "drop or repair those queries, or mark those entries False in observed")
+    raise ValueError(
+        f"observed must be a bool array of the rewards' shape {rewards.shape} "
+        f"(True where a reward was measured), got {observed.dtype} "
+        f"{observed.shape}; pass e.g. np.isfinite(rewards) or None for all"
+    )
+  _check_rows(
+      "observed has rows marking no option",
+      ~observed.any(axis=1),
+      "drop those queries or mark the options whose reward was measured",
+  )
+  _check_rows(
+      "embeddings contain NaN/inf",
+      ~np.isfinite(embeddings).all(axis=1),
+      "drop or repair those queries",
+  )
+  _check_rows(
+      "rewards contain NaN/inf at observed entries",
+      (observed & ~np.isfinite(rewards)).any(axis=1),
+      "drop or repair those queries, or mark those entries False in observed",
+  )
   rewards = np.where(observed, rewards, 0.0).astype(np.float32)
   mean_reward = float(rewards[observed].mean())
   return _Feedback(_pad_rows(embeddings, rewards, observed), mean_reward, num_queries)
@@ -278,8 +337,9 @@ def _pad_rows(embeddings, rewards, observed) -> tuple:
   num_queries = embeddings.shape[0]
   padding = (1 << (num_queries - 1).bit_length()) - num_queries
   weights = np.concatenate([np.ones(num_queries, np.float32), np.zeros(padding, np.float32)])
-  pad = lambda array, value: np.concatenate([array, np.full((padding,) + array.shape[1:], value,
-                                                            array.dtype)])
+  pad = lambda array, value: np.concatenate(
+      [array, np.full((padding,) + array.shape[1:], value, array.dtype)]
+  )
   return pad(embeddings, 0.0), pad(rewards, 0.0), pad(observed, True), weights
 
 
@@ -298,8 +358,9 @@ def load_online_updater(path: str | os.PathLike) -> OnlinePolicyUpdater:
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no saved online updater at {path} (expected a directory from "
-                            "OnlinePolicyUpdater.save)")
+    raise FileNotFoundError(
+        f"no saved online updater at {path} (expected a directory from " "OnlinePolicyUpdater.save)"
+    )
   _check_updater_dir(path)
   policy = load_policy(os.path.join(path, _POLICY_ITEM))
   try:
@@ -308,45 +369,59 @@ def load_online_updater(path: str | os.PathLike) -> OnlinePolicyUpdater:
     raise
   except Exception as err:  # orbax, TensorStore and json raise many classes for damaged files
     detail = str(err).splitlines()[0][:200] if str(err) else ""
-    raise PolicyLoadError(f"cannot read the updater state at {path} ({type(err).__name__}: "
-                          f"{detail}): the directory is damaged or was written only in part; "
-                          "save the updater again or restore a copy.") from err
+    raise PolicyLoadError(
+        f"cannot read the updater state at {path} ({type(err).__name__}: "
+        f"{detail}): the directory is damaged or was written only in part; "
+        "save the updater again or restore a copy."
+    ) from err
 
 
 def _check_updater_dir(path: str) -> None:
   entries = set(os.listdir(path))
   if not entries:
-    raise PolicyLoadError(f"{path} is empty: no online updater was saved there; pass the "
-                          "directory OnlinePolicyUpdater.save wrote.")
+    raise PolicyLoadError(
+        f"{path} is empty: no online updater was saved there; pass the "
+        "directory OnlinePolicyUpdater.save wrote."
+    )
   if {"metadata", "state"} <= entries:
-    raise PolicyLoadError(f"{path} holds a bare policy (Policy.save), not an online updater: "
-                          "load it with load_policy and start updating it with "
-                          "OnlinePolicyUpdater(policy, config).")
+    raise PolicyLoadError(
+        f"{path} holds a bare policy (Policy.save), not an online updater: "
+        "load it with load_policy and start updating it with "
+        "OnlinePolicyUpdater(policy, config)."
+    )
   missing = [item for item in (_POLICY_ITEM, _UPDATER_ITEM) if item not in entries]
   if missing:
-    raise PolicyLoadError(f"{path} lacks {missing}: it is not a complete "
-                          "OnlinePolicyUpdater.save directory; save the updater again or "
-                          "restore a copy.")
+    raise PolicyLoadError(
+        f"{path} lacks {missing}: it is not a complete "
+        "OnlinePolicyUpdater.save directory; save the updater again or "
+        "restore a copy."
+    )
 
 
 def _restore(path: str, policy: Policy) -> OnlinePolicyUpdater:
   updater_path = os.path.join(path, _UPDATER_ITEM)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    metadata = checkpointer.restore(updater_path, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))["metadata"]
+    metadata = checkpointer.restore(
+        updater_path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    )["metadata"]
     if metadata.get("format_version") != _FORMAT_VERSION:
-      raise PolicyLoadError(f"{updater_path} has updater format "
-                            f"{metadata.get('format_version')}, this library reads format "
-                            f"{_FORMAT_VERSION}")
+      raise PolicyLoadError(
+          f"{updater_path} has updater format "
+          f"{metadata.get('format_version')}, this library reads format "
+          f"{_FORMAT_VERSION}"
+      )
     if metadata["policy_shape"] != _policy_shape(policy):
-      raise PolicyLoadError(f"{path}: the optimizer state was saved for a policy of shape "
-                            f"{metadata['policy_shape']} but {_POLICY_ITEM}/ holds one of shape "
-                            f"{_policy_shape(policy)} (parts of two saves); save the updater "
-                            "again.")
+      raise PolicyLoadError(
+          f"{path}: the optimizer state was saved for a policy of shape "
+          f"{metadata['policy_shape']} but {_POLICY_ITEM}/ holds one of shape "
+          f"{_policy_shape(policy)} (parts of two saves); save the updater "
+          "again."
+      )
     updater = OnlinePolicyUpdater(policy, ml_collections.ConfigDict(metadata["config"]))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"optimizer": updater.optimizer_state})
-    state = checkpointer.restore(updater_path, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    state = checkpointer.restore(
+        updater_path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
   updater.optimizer_state = state["optimizer"]
   updater.updates = int(metadata["updates"])
   return updater

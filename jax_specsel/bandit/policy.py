@@ -44,11 +44,16 @@ class Policy:
     params: the network weights (nnx.State of nnx.Param).
   """
 
-  def __init__(self, network: PolicyNetwork, *, input_mean: np.ndarray | None = None,
-               input_scale: np.ndarray | None = None,
-               option_names: Sequence[str] | None = None,
-               config: ml_collections.ConfigDict | None = None,
-               training_info: dict[str, Any] | None = None):
+  def __init__(
+      self,
+      network: PolicyNetwork,
+      *,
+      input_mean: np.ndarray | None = None,
+      input_scale: np.ndarray | None = None,
+      option_names: Sequence[str] | None = None,
+      config: ml_collections.ConfigDict | None = None,
+      training_info: dict[str, Any] | None = None,
+  ):
     self.graphdef, self.params = nnx.split(network, nnx.Param)
     self.input_dim = int(network.layers[0].in_features)
     self.num_options = int(network.layers[-1].out_features)
@@ -59,24 +64,31 @@ class Policy:
     self.input_mean = jnp.asarray(mean, jnp.float32)  # [D]
     self.input_scale = jnp.asarray(scale, jnp.float32)  # [D]
     if self.input_mean.shape != (self.input_dim,) or self.input_scale.shape != (self.input_dim,):
-      raise ValueError(f"input_mean/input_scale must have shape ({self.input_dim},), got "
-                       f"{self.input_mean.shape} and {self.input_scale.shape}")
+      raise ValueError(
+          f"input_mean/input_scale must have shape ({self.input_dim},), got "
+          f"{self.input_mean.shape} and {self.input_scale.shape}"
+      )
     self.option_names = check_option_names(option_names, self.num_options)
     self.config = config
     self.training_info = dict(training_info or {})
     self._probabilities_fn, self._choices_fn, self._single_choice_fn = jitted_functions(
-        self.graphdef)
+        self.graphdef
+    )
     self.program = PolicyProgram(self.graphdef)
     self._unused_key = None  # the key greedy calls pass (and ignore), created on first use
 
   def _check_batch(self, embeddings) -> jax.Array:
     embeddings = jnp.asarray(embeddings, jnp.float32)
     if embeddings.ndim != 2:
-      raise ValueError(f"expected embeddings of shape [M, {self.input_dim}], got "
-                       f"{embeddings.shape}; use choose_one for a single [D] embedding")
+      raise ValueError(
+          f"expected embeddings of shape [M, {self.input_dim}], got "
+          f"{embeddings.shape}; use choose_one for a single [D] embedding"
+      )
     if embeddings.shape[1] != self.input_dim:
-      raise ValueError(f"embeddings have width {embeddings.shape[1]} but the policy was trained "
-                       f"on width {self.input_dim}; embed queries with the same target model")
+      raise ValueError(
+          f"embeddings have width {embeddings.shape[1]} but the policy was trained "
+          f"on width {self.input_dim}; embed queries with the same target model"
+      )
     return embeddings
 
   def probabilities(self, embeddings) -> np.ndarray:
@@ -92,8 +104,9 @@ class Policy:
       ValueError: rows holding NaN/inf (named by index).
     """
     embeddings = self._check_batch(embeddings)
-    probabilities, finite = self._probabilities_fn(self.params, self.input_mean,
-                                                   self.input_scale, embeddings)
+    probabilities, finite = self._probabilities_fn(
+        self.params, self.input_mean, self.input_scale, embeddings
+    )
     _refuse_non_finite_rows(np.nonzero(~np.asarray(finite))[0], embeddings.shape[0])
     return np.asarray(probabilities)
 
@@ -114,13 +127,17 @@ class Policy:
     """
     embeddings = self._check_batch(embeddings)
     key = jax.random.key(seed)
-    choices = np.asarray(self._choices_fn(self.params, self.input_mean, self.input_scale,
-                                          embeddings, key, bool(greedy)))
+    choices = np.asarray(
+        self._choices_fn(
+            self.params, self.input_mean, self.input_scale, embeddings, key, bool(greedy)
+        )
+    )
     _refuse_non_finite_rows(np.nonzero(choices < 0)[0], embeddings.shape[0])
     return choices
 
-  def choose_one(self, embedding, greedy: bool = True, seed: int = 0,
-                 key: jax.Array | None = None) -> int:
+  def choose_one(
+      self, embedding, greedy: bool = True, seed: int = 0, key: jax.Array | None = None
+  ) -> int:
     """The option for one query: the cheap per-query path the paper times (appendix A.7).
 
     Args:
@@ -137,25 +154,37 @@ class Policy:
     if not (isinstance(embedding, jax.Array) and embedding.dtype == jnp.float32):
       embedding = np.asarray(embedding, np.float32)
     if embedding.shape != (self.input_dim,):
-      raise ValueError(f"choose_one takes one embedding of shape ({self.input_dim},), got "
-                       f"{embedding.shape}; for a batch use choose")
+      raise ValueError(
+          f"choose_one takes one embedding of shape ({self.input_dim},), got "
+          f"{embedding.shape}; for a batch use choose"
+      )
     if key is None:
       # Greedy ignores the key: reuse one instead of creating a key on every call.
       key = self._greedy_key() if greedy else jax.random.key(seed)
     leaves, treedef = cached_flat_params(self, "params")
-    choice = int(self._single_choice_fn(treedef, leaves, self.input_mean, self.input_scale,
-                                        embedding, key, bool(greedy)))
+    choice = int(
+        self._single_choice_fn(
+            treedef, leaves, self.input_mean, self.input_scale, embedding, key, bool(greedy)
+        )
+    )
     if choice < 0:
-      raise ValueError("the embedding holds NaN/inf: the policy cannot choose for it; check the "
-                       "model that embedded the query (its dtype or weights).")
+      raise ValueError(
+          "the embedding holds NaN/inf: the policy cannot choose for it; check the "
+          "model that embedded the query (its dtype or weights)."
+      )
     return choice
 
   def copy(self) -> "Policy":
     """An independent copy: online updates of one leave the other's weights unchanged."""
     network = nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params))
-    return Policy(network, input_mean=np.asarray(self.input_mean),
-                  input_scale=np.asarray(self.input_scale), option_names=self.option_names,
-                  config=self.config, training_info=json.loads(json.dumps(self.training_info)))
+    return Policy(
+        network,
+        input_mean=np.asarray(self.input_mean),
+        input_scale=np.asarray(self.input_scale),
+        option_names=self.option_names,
+        config=self.config,
+        training_info=json.loads(json.dumps(self.training_info)),
+    )
 
   def program_inputs(self) -> tuple[list, Any]:
     """(leaves, treedef) of {"params", "input_mean", "input_scale"}: the arrays `program` reads.
@@ -202,12 +231,15 @@ class Policy:
     policy_store.recover_interrupted_save(path)
     if os.path.lexists(path) and not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True or choose a new path")
-    state = {"params": self.params, "input_mean": self.input_mean,
-             "input_scale": self.input_scale}
+    state = {"params": self.params, "input_mean": self.input_mean, "input_scale": self.input_scale}
     staging = policy_store.staging_path(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-      checkpointer.save(staging, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())))
+      checkpointer.save(
+          staging,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(self._metadata())
+          ),
+      )
     policy_store.swap_in(staging, path)
 
 
@@ -220,32 +252,41 @@ def check_option_names(option_names: Sequence[str] | None, num_options: int) -> 
   if option_names is None:
     return None
   if isinstance(option_names, str):
-    raise ValueError(f"option_names={option_names!r}: pass a list of {num_options} names, "
-                     "not one string.")
+    raise ValueError(
+        f"option_names={option_names!r}: pass a list of {num_options} names, " "not one string."
+    )
   names = [str(name) for name in option_names]
   if len(names) != num_options:
-    raise ValueError(f"{len(names)} option names for {num_options} options (reward columns): "
-                     f"{names}; pass one name per column.")
+    raise ValueError(
+        f"{len(names)} option names for {num_options} options (reward columns): "
+        f"{names}; pass one name per column."
+    )
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:
-    raise ValueError(f"option names {repeated} are given more than once in {names}: every "
-                     "option needs its own name (choices are reported by name).")
+    raise ValueError(
+        f"option names {repeated} are given more than once in {names}: every "
+        "option needs its own name (choices are reported by name)."
+    )
   return names
 
 
 def _refuse_non_finite_rows(rows: np.ndarray, total: int) -> None:
   if rows.size:
-    raise ValueError(f"embeddings rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''} "
-                     f"({rows.size} of {total}) hold NaN/inf: the policy cannot choose for them; "
-                     "check the model that embedded those queries (its dtype or weights), or "
-                     "drop them.")
+    raise ValueError(
+        f"embeddings rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''} "
+        f"({rows.size} of {total}) hold NaN/inf: the policy cannot choose for them; "
+        "check the model that embedded those queries (its dtype or weights), or "
+        "drop them."
+    )
 
 
 def non_finite_arrays(tree) -> list[str]:
   """Paths (e.g. "params/layers/0/kernel") of the arrays in `tree` holding NaN or inf."""
-  return [jax.tree_util.keystr(key_path, simple=True, separator="/").removesuffix("/value")
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if not np.all(np.isfinite(np.asarray(leaf)))]
+  return [
+      jax.tree_util.keystr(key_path, simple=True, separator="/").removesuffix("/value")
+      for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+      if not np.all(np.isfinite(np.asarray(leaf)))
+  ]
 
 
 class PolicyLoadError(ValueError):
@@ -268,8 +309,10 @@ def load_policy(path: str | os.PathLike) -> Policy:
   path = os.path.abspath(os.fspath(path))
   policy_store.recover_interrupted_save(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no saved policy at {path} (expected a directory from Policy.save)"
-                            + policy_store.leftovers_note(path))
+    raise FileNotFoundError(
+        f"no saved policy at {path} (expected a directory from Policy.save)"
+        + policy_store.leftovers_note(path)
+    )
   _check_policy_dir(path)
   try:
     return _restore(path)
@@ -277,50 +320,73 @@ def load_policy(path: str | os.PathLike) -> Policy:
     raise
   except Exception as err:  # orbax, TensorStore and json raise many classes for damaged files
     detail = str(err).splitlines()[0][:200] if str(err) else ""
-    raise PolicyLoadError(f"cannot read the policy at {path} ({type(err).__name__}: {detail}): the "
-                          "directory is damaged or was written only in part; train and save the "
-                          "policy again (launch/train_policy.py) or restore a copy.") from err
+    raise PolicyLoadError(
+        f"cannot read the policy at {path} ({type(err).__name__}: {detail}): the "
+        "directory is damaged or was written only in part; train and save the "
+        "policy again (launch/train_policy.py) or restore a copy."
+    ) from err
 
 
 def _check_policy_dir(path: str) -> None:
   if not os.listdir(path):
-    raise PolicyLoadError(f"{path} is empty: no policy was saved there; train one "
-                          "(launch/train_policy.py) or pass the directory Policy.save wrote.")
+    raise PolicyLoadError(
+        f"{path} is empty: no policy was saved there; train one "
+        "(launch/train_policy.py) or pass the directory Policy.save wrote."
+    )
   missing = [item for item in policy_store.ITEMS if not os.path.isdir(os.path.join(path, item))]
   if missing:
-    raise PolicyLoadError(f"{path} lacks {missing}: it is not a complete Policy.save directory; "
-                          "train and save the policy again or restore a copy.")
+    raise PolicyLoadError(
+        f"{path} lacks {missing}: it is not a complete Policy.save directory; "
+        "train and save the policy again or restore a copy."
+    )
 
 
 def _restore(path: str) -> Policy:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    metadata = checkpointer.restore(path, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))["metadata"]
+    metadata = checkpointer.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+        "metadata"
+    ]
     if metadata.get("format_version") != _FORMAT_VERSION:
-      raise PolicyLoadError(f"{path} has policy format {metadata.get('format_version')}, this "
-                            f"library reads format {_FORMAT_VERSION}")
-    abstract_network = nnx.eval_shape(lambda: PolicyNetwork(
-        metadata["input_dim"], metadata["num_options"], metadata["hidden_dim"],
-        metadata["num_layers"], rngs=nnx.Rngs(0)))
+      raise PolicyLoadError(
+          f"{path} has policy format {metadata.get('format_version')}, this "
+          f"library reads format {_FORMAT_VERSION}"
+      )
+    abstract_network = nnx.eval_shape(
+        lambda: PolicyNetwork(
+            metadata["input_dim"],
+            metadata["num_options"],
+            metadata["hidden_dim"],
+            metadata["num_layers"],
+            rngs=nnx.Rngs(0),
+        )
+    )
     _, abstract_params = nnx.split(abstract_network, nnx.Param)
     vector = jax.ShapeDtypeStruct((metadata["input_dim"],), jnp.float32)
     target = {"params": abstract_params, "input_mean": vector, "input_scale": vector}
-    state = checkpointer.restore(path, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    state = checkpointer.restore(
+        path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
   damaged = non_finite_arrays(state)
   if damaged:
-    raise PolicyLoadError(f"{os.path.join(path, 'state')} holds NaN/inf in {damaged}: the weight "
-                          "file is damaged (or was saved from a diverged training); restore a "
-                          "copy, or train and save the policy again.")
+    raise PolicyLoadError(
+        f"{os.path.join(path, 'state')} holds NaN/inf in {damaged}: the weight "
+        "file is damaged (or was saved from a diverged training); restore a "
+        "copy, or train and save the policy again."
+    )
   try:
     check_option_names(metadata["option_names"], metadata["num_options"])
   except ValueError as err:
-    raise PolicyLoadError(f"{os.path.join(path, 'metadata')}: {err} The file was edited or "
-                          "damaged; restore a copy or save the policy again.") from None
+    raise PolicyLoadError(
+        f"{os.path.join(path, 'metadata')}: {err} The file was edited or "
+        "damaged; restore a copy or save the policy again."
+    ) from None
   network = nnx.merge(nnx.graphdef(abstract_network), state["params"])
   config = metadata["config"]
-  return Policy(network, input_mean=np.asarray(state["input_mean"]),
-                input_scale=np.asarray(state["input_scale"]),
-                option_names=metadata["option_names"],
-                config=None if config is None else ml_collections.ConfigDict(config),
-                training_info=metadata["training_info"])
+  return Policy(
+      network,
+      input_mean=np.asarray(state["input_mean"]),
+      input_scale=np.asarray(state["input_scale"]),
+      option_names=metadata["option_names"],
+      config=None if config is None else ml_collections.ConfigDict(config),
+      training_info=metadata["training_info"],
+  )

@@ -23,15 +23,27 @@ class PolicyNetwork(nnx.Module):
   one that the paper inherited; at 3 layers of 512 this makes no measurable difference.
   """
 
-  def __init__(self, input_dim: int, num_options: int, hidden_dim: int = 512,
-               num_layers: int = 3, *, rngs: nnx.Rngs):
-    for name, value in (("input_dim", input_dim), ("num_options", num_options),
-                        ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+  def __init__(
+      self,
+      input_dim: int,
+      num_options: int,
+      hidden_dim: int = 512,
+      num_layers: int = 3,
+      *,
+      rngs: nnx.Rngs,
+  ):
+    for name, value in (
+        ("input_dim", input_dim),
+        ("num_options", num_options),
+        ("hidden_dim", hidden_dim),
+        ("num_layers", num_layers),
+    ):
       if value < 1:  # a width of 0 fails later inside the initializer (division by the fan-in)
         raise ValueError(f"{name} must be >= 1, got {value}")
     widths = [input_dim] + [hidden_dim] * (num_layers - 1) + [num_options]
-    self.layers = nnx.List([nnx.Linear(fan_in, fan_out, rngs=rngs)
-                            for fan_in, fan_out in zip(widths[:-1], widths[1:])])
+    self.layers = nnx.List(
+        [nnx.Linear(fan_in, fan_out, rngs=rngs) for fan_in, fan_out in zip(widths[:-1], widths[1:])]
+    )
 
   def __call__(self, embeddings: jax.Array) -> jax.Array:
     hidden = embeddings  # [B, D]
@@ -66,8 +78,9 @@ class PolicyProgram:
 
   def logits(self, inputs: dict, embeddings: jax.Array) -> jax.Array:
     """[M, K] option logits; inputs: {"params", "input_mean", "input_scale"} (program_inputs)."""
-    return standardized_logits(self.graphdef, inputs["params"], inputs["input_mean"],
-                               inputs["input_scale"], embeddings)
+    return standardized_logits(
+        self.graphdef, inputs["params"], inputs["input_mean"], inputs["input_scale"], embeddings
+    )
 
 
 def _finite_rows(embeddings):
@@ -77,7 +90,8 @@ def _finite_rows(embeddings):
 
 def _probabilities(graphdef, params, input_mean, input_scale, embeddings):
   probabilities = jax.nn.softmax(
-      standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1)
+      standardized_logits(graphdef, params, input_mean, input_scale, embeddings), axis=-1
+  )
   return probabilities, _finite_rows(embeddings)
 
 
@@ -104,6 +118,8 @@ def jitted_functions(graphdef) -> tuple[Callable, Callable, Callable]:
   of the module graph) would land on every per-query call. Cached, so policies of the same shape
   share the compiled code. The weights stay arguments, never baked into the compiled program.
   """
-  return (jax.jit(functools.partial(_probabilities, graphdef)),
-          jax.jit(functools.partial(_choices, graphdef), static_argnums=5),
-          jax.jit(functools.partial(_single_choice, graphdef), static_argnums=(0, 6)))
+  return (
+      jax.jit(functools.partial(_probabilities, graphdef)),
+      jax.jit(functools.partial(_choices, graphdef), static_argnums=5),
+      jax.jit(functools.partial(_single_choice, graphdef), static_argnums=(0, 6)),
+  )

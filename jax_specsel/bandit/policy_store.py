@@ -44,9 +44,11 @@ def _beside(path: str, suffix: str) -> list[str]:
 def _is_complete(directory: str) -> bool:
   """A finished Policy.save directory (orbax renames its temporary into place only when done)."""
   name = os.path.basename(directory)
-  return (re.fullmatch(r".*\.(saving|previous)-[0-9a-f]{8}", name) is not None
-          and not os.path.islink(directory)
-          and all(os.path.isdir(os.path.join(directory, item)) for item in ITEMS))
+  return (
+      re.fullmatch(r".*\.(saving|previous)-[0-9a-f]{8}", name) is not None
+      and not os.path.islink(directory)
+      and all(os.path.isdir(os.path.join(directory, item)) for item in ITEMS)
+  )
 
 
 def recover_interrupted_save(path: str | os.PathLike) -> str | None:
@@ -90,5 +92,7 @@ def leftovers_note(path: str) -> str:
   leftovers = [os.path.basename(p) for p in _beside(path, _SAVING) + _beside(path, _PREVIOUS)]
   if not leftovers:
     return ""
-  return (f"; beside it only {leftovers}, unfinished copies of a save that was interrupted "
-          "before it completed: train and save the policy again (the next save removes them)")
+  return (
+      f"; beside it only {leftovers}, unfinished copies of a save that was interrupted "
+      "before it completed: train and save the policy again (the next save removes them)"
+  )

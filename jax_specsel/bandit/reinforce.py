@@ -85,26 +85,36 @@ def _check_dataset(embeddings, rewards) -> tuple[np.ndarray, np.ndarray]:
   embeddings = np.asarray(embeddings, dtype=np.float32)
   rewards = np.asarray(rewards, dtype=np.float32)
   if embeddings.ndim != 2 or rewards.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D] and rewards [N, K]; got {embeddings.shape} "
-                     f"and {rewards.shape}")
+    raise ValueError(
+        f"embeddings must be [N, D] and rewards [N, K]; got {embeddings.shape} "
+        f"and {rewards.shape}"
+    )
   if embeddings.shape[0] == 0:
     raise ValueError("empty dataset: no training examples; collect at least one query")
   if embeddings.shape[1] == 0:
-    raise ValueError(f"embeddings have width 0 (shape {embeddings.shape}): the policy needs the "
-                     "target's query embeddings (collection column 'embedding').")
+    raise ValueError(
+        f"embeddings have width 0 (shape {embeddings.shape}): the policy needs the "
+        "target's query embeddings (collection column 'embedding')."
+    )
   if rewards.shape[1] == 0:
-    raise ValueError(f"rewards have 0 columns (shape {rewards.shape}): no options to choose among; "
-                     "pass one reward column per drafter (and autoregressive) option")
+    raise ValueError(
+        f"rewards have 0 columns (shape {rewards.shape}): no options to choose among; "
+        "pass one reward column per drafter (and autoregressive) option"
+    )
   if rewards.shape[1] == 1:
     raise ValueError("a drafter list of one: nothing to choose; use that drafter directly")
   if embeddings.shape[0] != rewards.shape[0]:
-    raise ValueError(f"{embeddings.shape[0]} embeddings but {rewards.shape[0]} reward rows; "
-                     "pass one reward row per embedded query")
+    raise ValueError(
+        f"{embeddings.shape[0]} embeddings but {rewards.shape[0]} reward rows; "
+        "pass one reward row per embedded query"
+    )
   for name, array in (("embeddings", embeddings), ("rewards", rewards)):
     if not np.all(np.isfinite(array)):
       bad_rows = np.unique(np.nonzero(~np.isfinite(array))[0])
-      raise ValueError(f"{name} contain NaN/inf in {bad_rows.size} rows (first: "
-                       f"{bad_rows[:5].tolist()}); drop or repair those examples")
+      raise ValueError(
+          f"{name} contain NaN/inf in {bad_rows.size} rows (first: "
+          f"{bad_rows[:5].tolist()}); drop or repair those examples"
+      )
   return embeddings, rewards
 
 
@@ -119,8 +129,7 @@ def _standardization(embeddings: np.ndarray, enabled: bool) -> tuple[np.ndarray,
 
 
 @functools.lru_cache(maxsize=32)
-def _make_train_step(graphdef, optimizer, estimator: str,
-                     baseline: str):
+def _make_train_step(graphdef, optimizer, estimator: str, baseline: str):
   """A jitted step over one mini-batch [B, D], [B, K] (weights [B] mark real rows).
 
   Batches are gathered on the host: the table (N x D, gigabytes for a large target) never has
@@ -133,11 +142,22 @@ def _make_train_step(graphdef, optimizer, estimator: str,
   loss_fn = functools.partial(objective.batch_loss, graphdef, estimator, baseline)
 
   @jax.jit
-  def train_step(params, optimizer_state, embeddings, rewards, input_mean, input_scale, weights,
-                 base_key, step):
+  def train_step(
+      params, optimizer_state, embeddings, rewards, input_mean, input_scale, weights, base_key, step
+  ):
     key = jax.random.fold_in(base_key, step)
-    return objective.optimizer_step(loss_fn, optimizer, params, optimizer_state, embeddings,
-                                    rewards, input_mean, input_scale, weights, key)
+    return objective.optimizer_step(
+        loss_fn,
+        optimizer,
+        params,
+        optimizer_state,
+        embeddings,
+        rewards,
+        input_mean,
+        input_scale,
+        weights,
+        key,
+    )
 
   return train_step
 
@@ -158,30 +178,39 @@ class _Checkpoints:
 
   def __init__(self, directory: str, run_facts: dict[str, Any]):
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
     self.run_facts = run_facts
 
   def restore(self, params, optimizer_state) -> tuple[Any, Any, int]:
     step = self.manager.latest_step()
     if step is None:
       return params, optimizer_state, 0
-    saved_facts = self.manager.restore(step, args=ocp.args.Composite(
-        run=ocp.args.JsonRestore()))["run"]
+    saved_facts = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))[
+        "run"
+    ]
     if saved_facts != self.run_facts:
-      raise ValueError(f"checkpoint directory {self.manager.directory} holds a different run "
-                       f"({saved_facts}) than this one ({self.run_facts}); use a fresh directory")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"params": params, "optimizer": optimizer_state})
-    state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+      raise ValueError(
+          f"checkpoint directory {self.manager.directory} holds a different run "
+          f"({saved_facts}) than this one ({self.run_facts}); use a fresh directory"
+      )
+    target = jax.tree.map(
+        ocp.utils.to_shape_dtype_struct, {"params": params, "optimizer": optimizer_state}
+    )
+    state = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
     logging.info("restored policy training state at step %d", step)
     return state["params"], state["optimizer"], step
 
   def save(self, step: int, params, optimizer_state) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "optimizer": optimizer_state}),
-        run=ocp.args.JsonSave(self.run_facts)))
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "optimizer": optimizer_state}),
+            run=ocp.args.JsonSave(self.run_facts),
+        ),
+    )
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -191,13 +220,24 @@ class _Checkpoints:
 def _select_examples(embeddings, rewards, max_examples, seed):
   if max_examples is None or max_examples >= embeddings.shape[0]:
     return embeddings, rewards
-  subset = np.sort(np.random.default_rng([seed, 1]).choice(embeddings.shape[0], max_examples,
-                                                           replace=False))
+  subset = np.sort(
+      np.random.default_rng([seed, 1]).choice(embeddings.shape[0], max_examples, replace=False)
+  )
   return embeddings[subset], rewards[subset]
 
 
-def _run_epochs(train_step, params, optimizer_state, embeddings, rewards, stats, config,
-                seed: int, start_step: int, checkpoints: _Checkpoints | None):
+def _run_epochs(
+    train_step,
+    params,
+    optimizer_state,
+    embeddings,
+    rewards,
+    stats,
+    config,
+    seed: int,
+    start_step: int,
+    checkpoints: _Checkpoints | None,
+):
   """The training loop from `start_step` to the end of config.epochs.
 
   The batch order of epoch e and the action samples of step t depend only on (seed, e) and
@@ -215,8 +255,15 @@ def _run_epochs(train_step, params, optimizer_state, embeddings, rewards, stats,
       batch = step - epoch * steps_per_epoch
       rows = batch_indices[batch]
       params, optimizer_state, _, mean_reward = train_step(
-          params, optimizer_state, embeddings[rows], rewards[rows], *stats,
-          batch_weights[batch], base_key, step)
+          params,
+          optimizer_state,
+          embeddings[rows],
+          rewards[rows],
+          *stats,
+          batch_weights[batch],
+          base_key,
+          step,
+      )
       reward_sum = reward_sum + mean_reward
     epoch_rewards.append(float(reward_sum) / ((epoch + 1) * steps_per_epoch - first_step))
     logging.info("policy epoch %d: mean training reward %.4f", epoch, epoch_rewards[-1])
@@ -232,23 +279,32 @@ def _refuse_diverged(params, config, steps: int) -> None:
     raise FloatingPointError(
         f"policy training diverged: after {steps} steps the weights {damaged} hold NaN/inf. "
         f"Lower config.learning_rate (now {config.learning_rate}) or rescale the rewards; "
-        "nothing was returned or saved.")
+        "nothing was returned or saved."
+    )
 
 
-def _open_checkpoints(checkpoint_dir, config, seed: int, embeddings,
-                      rewards) -> _Checkpoints | None:
+def _open_checkpoints(
+    checkpoint_dir, config, seed: int, embeddings, rewards
+) -> _Checkpoints | None:
   """The run's training checkpoints (None without a directory), keyed by what makes a run the
   same run: a restart of another one is refused."""
   if checkpoint_dir is None:
     return None
-  run_facts = {"seed": seed, "num_examples": embeddings.shape[0], "input_dim": embeddings.shape[1],
-               "num_options": rewards.shape[1], "batch_size": int(config.batch_size),
-               "estimator": config.estimator, "baseline": config.baseline}
+  run_facts = {
+      "seed": seed,
+      "num_examples": embeddings.shape[0],
+      "input_dim": embeddings.shape[1],
+      "num_options": rewards.shape[1],
+      "batch_size": int(config.batch_size),
+      "estimator": config.estimator,
+      "baseline": config.baseline,
+  }
   return _Checkpoints(os.fspath(checkpoint_dir), run_facts)
 
 
-def _train(network, embeddings, rewards, input_mean, input_scale, config, seed: int,
-           checkpoint_dir) -> tuple[PolicyNetwork, dict[str, Any]]:
+def _train(
+    network, embeddings, rewards, input_mean, input_scale, config, seed: int, checkpoint_dir
+) -> tuple[PolicyNetwork, dict[str, Any]]:
   """Trains `network` from the run's latest checkpoint (or from the start) to the end of
   config.epochs: (the trained network, the training facts a Policy keeps)."""
   graphdef, params = nnx.split(network, nnx.Param)
@@ -261,25 +317,42 @@ def _train(network, embeddings, rewards, input_mean, input_scale, config, seed: 
   try:
     train_step = _make_train_step(graphdef, optimizer, config.estimator, config.baseline)
     params, epoch_rewards = _run_epochs(
-        train_step, params, optimizer_state, embeddings, rewards,
-        (jnp.asarray(input_mean), jnp.asarray(input_scale)), config, seed, start_step,
-        checkpoints)
+        train_step,
+        params,
+        optimizer_state,
+        embeddings,
+        rewards,
+        (jnp.asarray(input_mean), jnp.asarray(input_scale)),
+        config,
+        seed,
+        start_step,
+        checkpoints,
+    )
   finally:
     if checkpoints is not None:
       checkpoints.close()
   num_examples = embeddings.shape[0]
   total_steps = config.epochs * math.ceil(num_examples / config.batch_size)
   _refuse_diverged(params, config, total_steps)
-  training_info = {"steps": max(total_steps, start_step), "resumed_from_step": start_step,
-                   "num_examples": num_examples, "seed": seed,
-                   "epoch_mean_reward": epoch_rewards}
+  training_info = {
+      "steps": max(total_steps, start_step),
+      "resumed_from_step": start_step,
+      "num_examples": num_examples,
+      "seed": seed,
+      "epoch_mean_reward": epoch_rewards,
+  }
   return nnx.merge(graphdef, params), training_info
 
 
-def train_policy(embeddings, rewards, seed: int | None = None,
-                 config: ml_collections.ConfigDict | None = None, *,
-                 option_names: Sequence[str] | None = None,
-                 checkpoint_dir: str | os.PathLike | None = None) -> Policy:
+def train_policy(
+    embeddings,
+    rewards,
+    seed: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    option_names: Sequence[str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> Policy:
   """Trains a drafter-selection policy on the offline bandit table.
 
   All randomness (initialization, shuffling, sampled actions, the max_examples subset) comes
@@ -310,9 +383,17 @@ def train_policy(embeddings, rewards, seed: int | None = None,
   embeddings, rewards = _select_examples(embeddings, rewards, config.max_examples, seed)
   input_dim, num_options = embeddings.shape[1], rewards.shape[1]
   input_mean, input_scale = _standardization(embeddings, config.standardize_inputs)
-  network = PolicyNetwork(input_dim, num_options, config.hidden_dim, config.num_layers,
-                          rngs=nnx.Rngs(params=seed))
-  network, training_info = _train(network, embeddings, rewards, input_mean, input_scale, config,
-                                  seed, checkpoint_dir)
-  return Policy(network, input_mean=input_mean, input_scale=input_scale,
-                option_names=option_names, config=config, training_info=training_info)
+  network = PolicyNetwork(
+      input_dim, num_options, config.hidden_dim, config.num_layers, rngs=nnx.Rngs(params=seed)
+  )
+  network, training_info = _train(
+      network, embeddings, rewards, input_mean, input_scale, config, seed, checkpoint_dir
+  )
+  return Policy(
+      network,
+      input_mean=input_mean,
+      input_scale=input_scale,
+      option_names=option_names,
+      config=config,
+      training_info=training_info,
+  )

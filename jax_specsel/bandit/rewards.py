@@ -54,8 +54,10 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
   if isinstance(candidates, str) or isinstance(references, str):
     raise TypeError("rouge_l takes sequences of strings; wrap a single text in a list: [text]")
   if len(candidates) != len(references):
-    raise ValueError(f"rouge_l got {len(candidates)} candidates but {len(references)} references; "
-                     "pass one reference per candidate")
+    raise ValueError(
+        f"rouge_l got {len(candidates)} candidates but {len(references)} references; "
+        "pass one reference per candidate"
+    )
   scores = np.empty(len(candidates), dtype=np.float64)
   for index, (candidate, reference) in enumerate(zip(candidates, references)):
     candidate_empty = not _WORD_PATTERN.search(candidate)
@@ -90,8 +92,9 @@ def size_costs(param_counts: Sequence[int], unit: float = 1e9) -> np.ndarray:
   """
   counts = np.asarray(param_counts, dtype=np.float64)
   if counts.ndim != 1 or counts.size == 0:
-    raise ValueError(f"size_costs needs a non-empty 1-D list of parameter counts, got shape "
-                     f"{counts.shape}")
+    raise ValueError(
+        f"size_costs needs a non-empty 1-D list of parameter counts, got shape " f"{counts.shape}"
+    )
   if not np.all(np.isfinite(counts)) or np.any(counts < 0):
     raise ValueError(f"parameter counts must be finite and non-negative, got {counts.tolist()}")
   if not unit > 0:
@@ -118,11 +121,14 @@ def mix_rewards(alignment: np.ndarray, costs: np.ndarray, alpha: float) -> np.nd
     float64 array [N, K].
   """
   if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha must lie in [0, 1] (it weighs alignment against size cost), "
-                     f"got alpha={alpha}")
+    raise ValueError(
+        f"alpha must lie in [0, 1] (it weighs alignment against size cost), " f"got alpha={alpha}"
+    )
   alignment = np.asarray(alignment, dtype=np.float64)
   costs = np.asarray(costs, dtype=np.float64)
   if alignment.ndim != 2 or costs.shape != (alignment.shape[1],):
-    raise ValueError(f"alignment must be [N, K] and costs [K]; got alignment {alignment.shape} "
-                     f"and costs {costs.shape}")
+    raise ValueError(
+        f"alignment must be [N, K] and costs [K]; got alignment {alignment.shape} "
+        f"and costs {costs.shape}"
+    )
   return alpha * alignment + (1.0 - alpha) * costs[None, :]

@@ -49,8 +49,10 @@ def find_task_file(data_dir: str, task: str) -> str | None:
 def _file_format(data_file: str) -> str:
   extension = os.path.splitext(data_file)[1].lower()
   if extension not in _FORMATS:
-    raise ValueError(f"cannot read {data_file!r}: unsupported extension {extension!r}; use one "
-                     f"of {sorted(_FORMATS)}")
+    raise ValueError(
+        f"cannot read {data_file!r}: unsupported extension {extension!r}; use one "
+        f"of {sorted(_FORMATS)}"
+    )
   return _FORMATS[extension]
 
 
@@ -58,15 +60,17 @@ def _local_dataset(data_file: str, split: str) -> datasets.Dataset:
   if not os.path.isfile(data_file):
     raise FileNotFoundError(f"data_file {data_file!r} does not exist")
   # The split name only labels the file's rows: a local file is one split.
-  return datasets.load_dataset(_file_format(data_file), data_files={split: data_file},
-                               split=split)
+  return datasets.load_dataset(_file_format(data_file), data_files={split: data_file}, split=split)
 
 
 def _hub_dataset(task: Task, split: str) -> datasets.Dataset:
-  how_to = (f"provide a local copy: load_examples({task.name!r}, data_file='path/to/file.jsonl') "
-            f"or, in a launch, --config.data_dir=DIR with a file {task.name}.jsonl there (or "
-            f".json/.csv/.parquet; the fields {list(task.source_fields)}"
-            + (f" and {task.target_field!r}" if task.target_field else "") + ")")
+  how_to = (
+      f"provide a local copy: load_examples({task.name!r}, data_file='path/to/file.jsonl') "
+      f"or, in a launch, --config.data_dir=DIR with a file {task.name}.jsonl there (or "
+      f".json/.csv/.parquet; the fields {list(task.source_fields)}"
+      + (f" and {task.target_field!r}" if task.target_field else "")
+      + ")"
+  )
   if task.hub is None:
     raise DatasetUnavailableError(f"task {task.name!r} has no hub source; {how_to}")
   if split not in task.hub.splits:
@@ -75,14 +79,17 @@ def _hub_dataset(task: Task, split: str) -> datasets.Dataset:
     return datasets.load_dataset(task.hub.path, task.hub.name, split=split)
   except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
     if datasets.config.HF_HUB_OFFLINE:
-      reason = (f"not in the local cache {datasets.config.HF_DATASETS_CACHE} and downloads are "
-                "off (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1)")
+      reason = (
+          f"not in the local cache {datasets.config.HF_DATASETS_CACHE} and downloads are "
+          "off (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1)"
+      )
     else:
       reason = f"unavailable ({type(error).__name__}: {error})"
     config = f", config {task.hub.name!r}" if task.hub.name else ""
     raise DatasetUnavailableError(
         f"hub dataset {task.hub.path!r}{config}, split {split!r}, for task "
-        f"{task.name!r} is {reason}; {how_to}") from error
+        f"{task.name!r} is {reason}; {how_to}"
+    ) from error
 
 
 def _check_fields(dataset: datasets.Dataset, task: Task, origin: str) -> None:
@@ -101,24 +108,34 @@ def _check_fields(dataset: datasets.Dataset, task: Task, origin: str) -> None:
       columns = dataset.flatten().column_names  # nested fields appear dotted: translation.en
       raise MissingFieldError(
           f"{origin} lacks field {field!r} that task {task.name!r} needs ({error.args[0]}); "
-          f"its columns are {columns}") from None
+          f"its columns are {columns}"
+      ) from None
 
 
 def _to_examples(dataset: datasets.Dataset, task: Task, split: str) -> datasets.Dataset:
   has_id = task.id_field is not None and task.id_field in dataset.column_names
 
   def convert(record: dict[str, Any]) -> dict[str, str]:
-    example_id = (str(record[task.id_field]) if has_id
-                  else f"{task.name}/{split}/{record[_ROW_COLUMN]}")
-    return {"id": example_id, "task": task.name, "prompt": task.format_prompt(record),
-            "reference": task.reference_text(record)}
+    example_id = (
+        str(record[task.id_field]) if has_id else f"{task.name}/{split}/{record[_ROW_COLUMN]}"
+    )
+    return {
+        "id": example_id,
+        "task": task.name,
+        "prompt": task.format_prompt(record),
+        "reference": task.reference_text(record),
+    }
 
-  return dataset.map(convert, remove_columns=dataset.column_names,
-                     desc=f"prompts for {task.name}")
+  return dataset.map(convert, remove_columns=dataset.column_names, desc=f"prompts for {task.name}")
 
 
-def load_examples(task: Task | str, split: str = "train", data_file: str | os.PathLike | None = None,
-                  limit: int | None = None, seed: int = 0) -> datasets.Dataset:
+def load_examples(
+    task: Task | str,
+    split: str = "train",
+    data_file: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> datasets.Dataset:
   """Loads a task's examples with its prompt template applied.
 
   Args:

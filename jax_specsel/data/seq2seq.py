@@ -23,8 +23,12 @@ class Seq2SeqArrays:
     labels = self.labels[rows]
     # Teacher forcing: the decoder reads the start id (= pad, 0) then the labels shifted right.
     decoder_inputs = np.concatenate([np.zeros_like(labels[:, :1]), labels[:, :-1]], axis=1)
-    return {"sources": self.sources[rows], "source_mask": self.source_mask[rows],
-            "decoder_inputs": decoder_inputs, "labels": labels}
+    return {
+        "sources": self.sources[rows],
+        "source_mask": self.source_mask[rows],
+        "decoder_inputs": decoder_inputs,
+        "labels": labels,
+    }
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -50,5 +54,9 @@ def pad_to_common_shape(data: dict[str, Seq2SeqArrays]) -> dict[str, Seq2SeqArra
   width = max(a.sources.shape[1] for a in data.values())
   label_width = max(a.labels.shape[1] for a in data.values())
   grow = lambda x, w: np.pad(x, ((0, 0), (0, w - x.shape[1])))
-  return {domain: Seq2SeqArrays(grow(a.sources, width), grow(a.source_mask, width),
-                                grow(a.labels, label_width)) for domain, a in data.items()}
+  return {
+      domain: Seq2SeqArrays(
+          grow(a.sources, width), grow(a.source_mask, width), grow(a.labels, label_width)
+      )
+      for domain, a in data.items()
+  }

@@ -26,9 +26,11 @@ T5_TRANSLATE_EN_DE = "translate English to German: {input}"
 T5_SUMMARIZE = "summarize: {input}"
 T5_QUESTION = "Q: {input}"
 # Vicuna v1.1 (FastChat), the template of Spec-Bench's Vicuna targets.
-VICUNA_CHAT = ("A chat between a curious user and an artificial intelligence assistant. The "
-               "assistant gives helpful, detailed, and polite answers to the user's questions. "
-               "USER: {input} ASSISTANT:")
+VICUNA_CHAT = (
+    "A chat between a curious user and an artificial intelligence assistant. The "
+    "assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: {input} ASSISTANT:"
+)
 # LLaMA-2-chat without a system prompt (the paper's self-drafting target, Table 6).
 LLAMA2_CHAT = "[INST] {input} [/INST]"
 
@@ -99,8 +101,9 @@ class Task:
 
   def __post_init__(self):
     if "{input}" not in self.template:
-      raise ValueError(f"task {self.name!r}: template must contain '{{input}}', got "
-                       f"{self.template!r}")
+      raise ValueError(
+          f"task {self.name!r}: template must contain '{{input}}', got " f"{self.template!r}"
+      )
     if self.metric is not None and self.metric not in METRICS:
       raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {METRICS}")
 
@@ -129,8 +132,7 @@ class Task:
     Returns:
       The prompt text.
     """
-    text = (example_or_text if isinstance(example_or_text, str)
-            else self.query_text(example_or_text))
+    text = example_or_text if isinstance(example_or_text, str) else self.query_text(example_or_text)
     # str.replace, not str.format: queries and templates may contain other braces.
     return self.template.replace("{input}", text)
 
@@ -149,8 +151,10 @@ def register_task(task: Task, overwrite: bool = False) -> Task:
     The task.
   """
   if task.name in TASKS and not overwrite and TASKS[task.name] != task:
-    raise ValueError(f"a different task named {task.name!r} is already registered; pass "
-                     "overwrite=True to replace it")
+    raise ValueError(
+        f"a different task named {task.name!r} is already registered; pass "
+        "overwrite=True to replace it"
+    )
   TASKS[task.name] = task
   return task
 
@@ -158,13 +162,23 @@ def register_task(task: Task, overwrite: bool = False) -> Task:
 def get_task(name: str) -> Task:
   """The registered task called `name` (KeyError listing the known names otherwise)."""
   if name not in TASKS:
-    raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)} (add one with "
-                   "register_task)")
+    raise KeyError(
+        f"unknown task {name!r}; known tasks: {sorted(TASKS)} (add one with " "register_task)"
+    )
   return TASKS[name]
 
 
-_MT_BENCH_CATEGORIES = ("mt_bench", "writing", "roleplay", "reasoning", "math", "coding",
-                        "extraction", "stem", "humanities")
+_MT_BENCH_CATEGORIES = (
+    "mt_bench",
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+)
 SPEC_BENCH_GROUPS: dict[str, tuple[str, ...]] = {
     "mt_bench": _MT_BENCH_CATEGORIES,
     "translation": ("translation",),
@@ -177,28 +191,80 @@ SPEC_BENCH_GROUPS: dict[str, tuple[str, ...]] = {
 
 def _register_hub_tasks() -> None:
   """The tasks read from hub datasets: the paper's T5 tasks and the decoder-only targets' ones."""
-  register_task(Task("iwslt2017-en-de", T5_TRANSLATE_EN_DE, "translation.en", "translation.de",
-                     "bleu", HubSource("iwslt2017", "iwslt2017-en-de")))
-  register_task(Task("xsum", T5_SUMMARIZE, "document", "summary", "rouge_l",
-                     HubSource("EdinburghNLP/xsum"), id_field="id"))
-  register_task(Task("gsm8k", T5_QUESTION, "question", "answer", "exact_match",
-                     HubSource("openai/gsm8k", "main", ("train", "test")),
-                     reference_parser=gsm8k_final_answer))
-  register_task(Task("alpaca", LLAMA2_CHAT, ("instruction", "input"), "output", "rouge_l",
-                     HubSource("tatsu-lab/alpaca", splits=("train",))))
+  register_task(
+      Task(
+          "iwslt2017-en-de",
+          T5_TRANSLATE_EN_DE,
+          "translation.en",
+          "translation.de",
+          "bleu",
+          HubSource("iwslt2017", "iwslt2017-en-de"),
+      )
+  )
+  register_task(
+      Task(
+          "xsum",
+          T5_SUMMARIZE,
+          "document",
+          "summary",
+          "rouge_l",
+          HubSource("EdinburghNLP/xsum"),
+          id_field="id",
+      )
+  )
+  register_task(
+      Task(
+          "gsm8k",
+          T5_QUESTION,
+          "question",
+          "answer",
+          "exact_match",
+          HubSource("openai/gsm8k", "main", ("train", "test")),
+          reference_parser=gsm8k_final_answer,
+      )
+  )
+  register_task(
+      Task(
+          "alpaca",
+          LLAMA2_CHAT,
+          ("instruction", "input"),
+          "output",
+          "rouge_l",
+          HubSource("tatsu-lab/alpaca", splits=("train",)),
+      )
+  )
   # Answers are short free text, not numbers: ROUGE-L, not the GSM8K-style exact match.
-  register_task(Task("triviaqa", LLAMA2_CHAT, "question", "answer.value", "rouge_l",
-                     HubSource("mandarjoshi/trivia_qa", "rc.nocontext"),
-                     id_field="question_id"))
+  register_task(
+      Task(
+          "triviaqa",
+          LLAMA2_CHAT,
+          "question",
+          "answer.value",
+          "rouge_l",
+          HubSource("mandarjoshi/trivia_qa", "rc.nocontext"),
+          id_field="question_id",
+      )
+  )
 
 
 def _register_spec_bench_tasks() -> None:
   """Spec-Bench from its local question.jsonl: all questions, then one task per category group."""
-  register_task(Task("spec-bench", VICUNA_CHAT, "turns.0", None, None, None,
-                     id_field="question_id"))
+  register_task(
+      Task("spec-bench", VICUNA_CHAT, "turns.0", None, None, None, id_field="question_id")
+  )
   for group, categories in SPEC_BENCH_GROUPS.items():
-    register_task(Task(f"spec-bench-{group}", VICUNA_CHAT, "turns.0", None, None, None,
-                       id_field="question_id", categories=categories))
+    register_task(
+        Task(
+            f"spec-bench-{group}",
+            VICUNA_CHAT,
+            "turns.0",
+            None,
+            None,
+            None,
+            id_field="question_id",
+            categories=categories,
+        )
+    )
 
 
 _register_hub_tasks()

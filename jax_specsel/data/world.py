@@ -39,9 +39,28 @@ import json
 import numpy as np
 
 from jax_specsel.data.world_language import (
-    ADJECTIVES, ADVERBS, ARITHMETIC, CONJUNCTIONS, DOMAINS, FILLER, MIXED, MIXED_FILLER, NOUNS,
-    PROMPT_PREFIX, SPLITS, SUMMARIZE, TOPICS, TRANSLATE, VERBS, build_tokenizer, spell_number,
-    summarize_text, translate_sentence, vocabulary, worked_addition)
+    ADJECTIVES,
+    ADVERBS,
+    ARITHMETIC,
+    CONJUNCTIONS,
+    DOMAINS,
+    FILLER,
+    MIXED,
+    MIXED_FILLER,
+    NOUNS,
+    PROMPT_PREFIX,
+    SPLITS,
+    SUMMARIZE,
+    TOPICS,
+    TRANSLATE,
+    VERBS,
+    build_tokenizer,
+    spell_number,
+    summarize_text,
+    translate_sentence,
+    vocabulary,
+    worked_addition,
+)
 
 # Bump when generation changes so caches keyed on `World.fingerprint()` are invalidated.
 WORLD_VERSION = 8
@@ -75,8 +94,9 @@ class WorldConfig:
   def __post_init__(self):
     unknown = set(self.domains) - set(DOMAINS)
     if unknown or not self.domains:
-      raise ValueError(f"WorldConfig.domains={self.domains!r}: choose a non-empty subset of "
-                       f"{DOMAINS}.")
+      raise ValueError(
+          f"WorldConfig.domains={self.domains!r}: choose a non-empty subset of " f"{DOMAINS}."
+      )
     if min(self.train_per_domain, self.validation_per_domain, self.test_per_domain) < 0:
       raise ValueError("WorldConfig: split sizes must be >= 0.")
     # Source words never repeat in a sentence.
@@ -84,8 +104,10 @@ class WorldConfig:
     for name in ("clauses", "mixed_clauses"):
       low, high = getattr(self, name)
       if not 1 <= low <= high <= most:
-        raise ValueError(f"WorldConfig.{name}={(low, high)!r} must be (low, high) with "
-                         f"1 <= low <= high <= {most}.")
+        raise ValueError(
+            f"WorldConfig.{name}={(low, high)!r} must be (low, high) with "
+            f"1 <= low <= high <= {most}."
+        )
     for name in ("summary_topics", "mixed_topics"):
       low, high = getattr(self, name)
       if not 1 <= low <= high <= len(TOPICS):
@@ -93,11 +115,13 @@ class WorldConfig:
     for name in ("summary_filler_words", "mixed_filler_words"):
       low, high = getattr(self, name)
       if not 0 <= low <= high:
-        raise ValueError(f"WorldConfig.{name}={(low, high)!r} must be (low, high), "
-                         "0 <= low <= high.")
+        raise ValueError(
+            f"WorldConfig.{name}={(low, high)!r} must be (low, high), " "0 <= low <= high."
+        )
     if not 1 <= self.arithmetic_digits[0] <= self.arithmetic_digits[1] <= 6:
-      raise ValueError(f"WorldConfig.arithmetic_digits={self.arithmetic_digits!r} must lie in "
-                       "[1, 6].")
+      raise ValueError(
+          f"WorldConfig.arithmetic_digits={self.arithmetic_digits!r} must lie in " "[1, 6]."
+      )
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -105,8 +129,16 @@ class WorldConfig:
   @classmethod
   def from_dict(cls, values: dict) -> "WorldConfig":
     values = dict(values)
-    for key in ("domains", "clauses", "summary_topics", "summary_filler_words",
-                "arithmetic_digits", "mixed_clauses", "mixed_topics", "mixed_filler_words"):
+    for key in (
+        "domains",
+        "clauses",
+        "summary_topics",
+        "summary_filler_words",
+        "arithmetic_digits",
+        "mixed_clauses",
+        "mixed_topics",
+        "mixed_filler_words",
+    ):
       if key in values:
         values[key] = tuple(values[key])
     return cls(**values)
@@ -125,9 +157,16 @@ def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
   # Every source word is drawn without replacement within a sentence (no articles, a different
   # connective between each pair of clauses): the word just translated then tells, by content
   # alone, where in the source the translation stands (T5's cross-attention has no positions).
-  pools = {name: iter([words[i] for i in rng.permutation(len(words))]) for name, words in
-           (("nouns", tuple(NOUNS)), ("verbs", tuple(VERBS)), ("adjectives", tuple(ADJECTIVES)),
-            ("adverbs", tuple(ADVERBS)), ("conjunctions", tuple(CONJUNCTIONS)))}
+  pools = {
+      name: iter([words[i] for i in rng.permutation(len(words))])
+      for name, words in (
+          ("nouns", tuple(NOUNS)),
+          ("verbs", tuple(VERBS)),
+          ("adjectives", tuple(ADJECTIVES)),
+          ("adverbs", tuple(ADVERBS)),
+          ("conjunctions", tuple(CONJUNCTIONS)),
+      )
+  }
   words = []
   for index in range(int(rng.integers(config.clauses[0], config.clauses[1] + 1))):
     if index:
@@ -140,8 +179,9 @@ def _translate_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str
   return english, translate_sentence(english)
 
 
-def _summarize_input(rng: np.random.Generator, config: WorldConfig,
-                     filler_words: tuple[str, ...] = FILLER) -> tuple[str, str]:
+def _summarize_input(
+    rng: np.random.Generator, config: WorldConfig, filler_words: tuple[str, ...] = FILLER
+) -> tuple[str, str]:
   num_topics = int(rng.integers(config.summary_topics[0], config.summary_topics[1] + 1))
   topics = [TOPICS[i] for i in rng.choice(len(TOPICS), size=num_topics, replace=False)]
   mentions = list(topics)
@@ -162,22 +202,33 @@ def _summarize_input(rng: np.random.Generator, config: WorldConfig,
 
 def _arithmetic_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
   low, high = config.arithmetic_digits
-  a, b = (int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10 ** d))
-          for d in rng.integers(low, high + 1, size=2))
+  a, b = (
+      int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10**d))
+      for d in rng.integers(low, high + 1, size=2)
+  )
   return f"{spell_number(a)} + {spell_number(b)}", worked_addition(a, b)
 
 
 def _mixed_input(rng: np.random.Generator, config: WorldConfig) -> tuple[str, str]:
-  english, translation = _translate_input(rng, dataclasses.replace(config,
-                                                                   clauses=config.mixed_clauses))
+  english, translation = _translate_input(
+      rng, dataclasses.replace(config, clauses=config.mixed_clauses)
+  )
   text, summary = _summarize_input(
-      rng, dataclasses.replace(config, summary_topics=config.mixed_topics,
-                               summary_filler_words=config.mixed_filler_words), MIXED_FILLER)
+      rng,
+      dataclasses.replace(
+          config, summary_topics=config.mixed_topics, summary_filler_words=config.mixed_filler_words
+      ),
+      MIXED_FILLER,
+  )
   return f"{english} {PROMPT_PREFIX[SUMMARIZE]} {text}", f"{translation} {summary}"
 
 
-_GENERATORS = {TRANSLATE: _translate_input, SUMMARIZE: _summarize_input,
-               ARITHMETIC: _arithmetic_input, MIXED: _mixed_input}
+_GENERATORS = {
+    TRANSLATE: _translate_input,
+    SUMMARIZE: _summarize_input,
+    ARITHMETIC: _arithmetic_input,
+    MIXED: _mixed_input,
+}
 
 
 def _choice(rng: np.random.Generator, options) -> str:
@@ -188,8 +239,8 @@ def _distinct_inputs_available(domain: str, config: WorldConfig) -> float:
   """An upper bound on distinct inputs (arithmetic is the only domain small enough to run out)."""
   if domain == ARITHMETIC:
     low, high = config.arithmetic_digits
-    operands = 10 ** high - (10 ** (low - 1) if low > 1 else 0)
-    return float(operands ** 2)
+    operands = 10**high - (10 ** (low - 1) if low > 1 else 0)
+    return float(operands**2)
   return float("inf")
 
 
@@ -256,8 +307,10 @@ class World:
 
   def fingerprint(self) -> str:
     """A short stable hash of everything that determines the examples (for cache keys)."""
-    payload = json.dumps({"version": WORLD_VERSION, "config": self.config.to_dict(),
-                          "vocabulary": vocabulary()}, sort_keys=True)
+    payload = json.dumps(
+        {"version": WORLD_VERSION, "config": self.config.to_dict(), "vocabulary": vocabulary()},
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
   def _generate(self, domain: str) -> dict[str, list[dict]]:
@@ -267,11 +320,16 @@ class World:
     # Half of the distinct inputs at most, so rejection sampling of duplicates stays fast.
     room = 0.5 * _distinct_inputs_available(domain, config) - held_out
     if room < min(config.train_per_domain, 1):
-      raise ValueError(f"{domain}: {held_out} held-out examples requested but only "
-                       f"{_distinct_inputs_available(domain, config):.0f} inputs exist; lower the "
-                       "split sizes or allow more arithmetic_digits.")
-    sizes = {"train": int(min(config.train_per_domain, room)),
-             "validation": config.validation_per_domain, "test": config.test_per_domain}
+      raise ValueError(
+          f"{domain}: {held_out} held-out examples requested but only "
+          f"{_distinct_inputs_available(domain, config):.0f} inputs exist; lower the "
+          "split sizes or allow more arithmetic_digits."
+      )
+    sizes = {
+        "train": int(min(config.train_per_domain, room)),
+        "validation": config.validation_per_domain,
+        "test": config.test_per_domain,
+    }
     total = sum(sizes.values())
     # A per-domain stream: adding or removing a domain leaves the others' examples unchanged.
     rng = np.random.default_rng([config.seed, DOMAINS.index(domain)])
@@ -283,8 +341,14 @@ class World:
         pairs.append((source, reference))
     out, begin = {}, 0
     for name in SPLITS:
-      out[name] = [{"id": f"{domain}-{name}-{i:05d}", "domain": domain,
-                    "prompt": f"{PROMPT_PREFIX[domain]} {source}", "reference": reference}
-                   for i, (source, reference) in enumerate(pairs[begin:begin + sizes[name]])]
+      out[name] = [
+          {
+              "id": f"{domain}-{name}-{i:05d}",
+              "domain": domain,
+              "prompt": f"{PROMPT_PREFIX[domain]} {source}",
+              "reference": reference,
+          }
+          for i, (source, reference) in enumerate(pairs[begin : begin + sizes[name]])
+      ]
       begin += sizes[name]
     return out

@@ -90,8 +90,9 @@ class Zoo:
 def zoo_fingerprint(world: world_lib.World, config: ZooConfig) -> str:
   """A short hash of everything that determines the trained weights (not the target's growth)."""
   training = {k: v for k, v in config.to_dict().items() if k != "target_growth"}
-  payload = json.dumps({"version": ZOO_VERSION, "world": world.fingerprint(),
-                        "zoo": training}, sort_keys=True)
+  payload = json.dumps(
+      {"version": ZOO_VERSION, "world": world.fingerprint(), "zoo": training}, sort_keys=True
+  )
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -107,8 +108,12 @@ def zoo_directory(world: world_lib.World, config: ZooConfig, cache_dir: str | No
   return os.path.join(root, f"zoo-{zoo_fingerprint(world, config)}")
 
 
-def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
-              cache_dir: str | None = None, progress: bool = True) -> Zoo:
+def build_zoo(
+    world: world_lib.World,
+    config: ZooConfig | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> Zoo:
   """Loads the zoo of (world, config) from the cache, or trains it and caches it.
 
   Args:
@@ -123,11 +128,14 @@ def build_zoo(world: world_lib.World, config: ZooConfig | None = None,
     exists but cannot be loaded (corrupt, incomplete) is logged, deleted and rebuilt.
   """
   config = config or ZooConfig()
-  unknown = [d for d in config.drafter_domains + (config.general_domains or ())
-             if d not in world.domains]
+  unknown = [
+      d for d in config.drafter_domains + (config.general_domains or ()) if d not in world.domains
+  ]
   if unknown:
-    raise ValueError(f"ZooConfig drafter/general domains {unknown} are not domains of this world "
-                     f"({world.domains}).")
+    raise ValueError(
+        f"ZooConfig drafter/general domains {unknown} are not domains of this world "
+        f"({world.domains})."
+    )
   directory = zoo_directory(world, config, cache_dir)
   if os.path.isdir(directory):
     try:
@@ -176,8 +184,10 @@ def with_grown_target(zoo: Zoo, factor: int) -> Zoo:
     zoo.target = load_model(directory, dtype=trained.config.dtype, name=TARGET)
   except Exception as err:  # a damaged grown checkpoint: remove it so the next build regrows it
     shutil.rmtree(directory, ignore_errors=True)
-    raise ZooCacheError(f"{directory} (the grown target) could not be loaded and was removed; "
-                        f"run again to regrow it ({type(err).__name__}: {str(err)[:200]})") from err
+    raise ZooCacheError(
+        f"{directory} (the grown target) could not be loaded and was removed; "
+        f"run again to regrow it ({type(err).__name__}: {str(err)[:200]})"
+    ) from err
   zoo.target.tokenizer = zoo.tokenizer  # the drafters' own tokenizer object
   zoo.info["target_growth"]["params"] = int(zoo.target.num_params)
   return zoo
@@ -186,11 +196,17 @@ def with_grown_target(zoo: Zoo, factor: int) -> Zoo:
 def _save(directory: str, target: Model, drafters: dict[str, Model], world, config, info) -> None:
   """Writes the trained zoo with its record (configs, sizes, training facts) into `directory`."""
   models = {TARGET: target, **drafters}
-  record = {"version": ZOO_VERSION, "fingerprint": zoo_fingerprint(world, config),
-            "world_config": world.config.to_dict(), "zoo_config": config.to_dict(),
-            "models": {name: {"t5_config": dataclasses.asdict(model.config), **info[name]}
-                       for name, model in models.items()},
-            "distill_generate_seconds": info["distill_generate_seconds"]}
+  record = {
+      "version": ZOO_VERSION,
+      "fingerprint": zoo_fingerprint(world, config),
+      "world_config": world.config.to_dict(),
+      "zoo_config": config.to_dict(),
+      "models": {
+          name: {"t5_config": dataclasses.asdict(model.config), **info[name]}
+          for name, model in models.items()
+      },
+      "distill_generate_seconds": info["distill_generate_seconds"],
+  }
   zoo_store.write(directory, models, world.tokenizer(), record)
 
 
@@ -208,21 +224,37 @@ def load_zoo(directory: str, world: world_lib.World) -> Zoo:
     ZooCacheError: the directory is incomplete, corrupt or belongs to another world or version.
   """
   record = zoo_store.read_record(directory)
-  if (record.get("version") != ZOO_VERSION
-      or world_lib.WorldConfig.from_dict(record.get("world_config", {})) != world.config):
-    raise ZooCacheError(f"{directory} was built by zoo version {record.get('version')} for another "
-                        "world config")
+  if (
+      record.get("version") != ZOO_VERSION
+      or world_lib.WorldConfig.from_dict(record.get("world_config", {})) != world.config
+  ):
+    raise ZooCacheError(
+        f"{directory} was built by zoo version {record.get('version')} for another " "world config"
+    )
   config = ZooConfig.from_dict(record["zoo_config"])
   try:
-    tokenizer, models = zoo_store.read_models(directory, {
-        name: t5.Config.from_dict(record["models"][name]["t5_config"])
-        for name in (TARGET,) + config.drafter_names()})
+    tokenizer, models = zoo_store.read_models(
+        directory,
+        {
+            name: t5.Config.from_dict(record["models"][name]["t5_config"])
+            for name in (TARGET,) + config.drafter_names()
+        },
+    )
   except Exception as err:  # orbax / tokenizers raise many types for missing or truncated files
-    raise ZooCacheError(f"{directory} is incomplete or corrupt ({type(err).__name__}: "
-                        f"{str(err)[:200]})") from err
+    raise ZooCacheError(
+        f"{directory} is incomplete or corrupt ({type(err).__name__}: " f"{str(err)[:200]})"
+    ) from err
   target = models.pop(TARGET)
-  return Zoo(target=target, drafters=models, tokenizer=tokenizer, world=world, config=config,
-             directory=directory, from_cache=True, info=record)
+  return Zoo(
+      target=target,
+      drafters=models,
+      tokenizer=tokenizer,
+      world=world,
+      config=config,
+      directory=directory,
+      from_cache=True,
+      info=record,
+  )
 
 
 # ----------------------------------------------------------------------------- training
@@ -234,13 +266,25 @@ def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
   vocab_size = seq2seq.round_up(len(tokenizer), 8)
   train = {domain: world.split("train", domain) for domain in world.domains}
   target_data = {
-      domain: seq2seq.encode_pairs(tokenizer, [e["prompt"] for e in examples],
-                           tokenizer([e["reference"] for e in examples])["input_ids"])
-      for domain, examples in train.items()}
+      domain: seq2seq.encode_pairs(
+          tokenizer,
+          [e["prompt"] for e in examples],
+          tokenizer([e["reference"] for e in examples])["input_ids"],
+      )
+      for domain, examples in train.items()
+  }
   if config.shared_batch_shape:
     target_data = seq2seq.pad_to_common_shape(target_data)
-  module, target_record = train_t5(config.target, target_data, vocab_size, config.seed, TARGET,
-                                   config.dtype, progress, dict(config.target_domain_weights))
+  module, target_record = train_t5(
+      config.target,
+      target_data,
+      vocab_size,
+      config.seed,
+      TARGET,
+      config.dtype,
+      progress,
+      dict(config.target_domain_weights),
+  )
   target = Model(module, tokenizer=tokenizer, name=TARGET)
   info = {TARGET: target_record}
   started = time.perf_counter()
@@ -253,35 +297,51 @@ def train_zoo(world: world_lib.World, config: ZooConfig, progress: bool):
   return target, drafters, info
 
 
-def _distillation_data(target: Model, train: dict, world: world_lib.World,
-                       config: ZooConfig) -> dict:
+def _distillation_data(
+    target: Model, train: dict, world: world_lib.World, config: ZooConfig
+) -> dict:
   """Sequence-level distillation data per domain: the target's own greedy outputs for that
   domain's training prompts, not the references."""
   tokenizer = target.tokenizer
   distill = {}
   needed = set(config.drafter_domains) | set(config.general_domains or world.domains)
   for domain in (d for d in world.domains if d in needed):
-    prompts = [e["prompt"] for e in train[domain][:config.distill_per_domain]]
-    outputs = greedy_generate(target, tokenizer(prompts)["input_ids"], config.max_new_tokens,
-                              config.generate_batch_size)
+    prompts = [e["prompt"] for e in train[domain][: config.distill_per_domain]]
+    outputs = greedy_generate(
+        target, tokenizer(prompts)["input_ids"], config.max_new_tokens, config.generate_batch_size
+    )
     distill[domain] = seq2seq.encode_pairs(tokenizer, prompts, outputs)
   return distill
 
 
-def _distill_drafters(distill: dict, tokenizer, world: world_lib.World, config: ZooConfig,
-                      vocab_size: int, progress: bool) -> tuple[dict[str, Model], dict[str, dict]]:
+def _distill_drafters(
+    distill: dict,
+    tokenizer,
+    world: world_lib.World,
+    config: ZooConfig,
+    vocab_size: int,
+    progress: bool,
+) -> tuple[dict[str, Model], dict[str, dict]]:
   """Trains each domain drafter and the general drafter on the distillation data: (name -> drafter,
   name -> its training record)."""
   drafters, records = {}, {}
   steps = dict(config.drafter_steps)
-  plan = [(drafter_name(d), dataclasses.replace(config.domain_drafter,
-                                                train_steps=steps.get(d, config.domain_drafter.train_steps)),
-           {d: distill[d]}) for d in config.drafter_domains]
+  plan = [
+      (
+          drafter_name(d),
+          dataclasses.replace(
+              config.domain_drafter, train_steps=steps.get(d, config.domain_drafter.train_steps)
+          ),
+          {d: distill[d]},
+      )
+      for d in config.drafter_domains
+  ]
   general = config.general_domains or world.domains
   plan.append((drafter_name(GENERAL), config.general_drafter, {d: distill[d] for d in general}))
   for index, (name, spec, data) in enumerate(plan, start=1):
-    module, record = train_t5(spec, data, vocab_size, config.seed + index, name, config.dtype,
-                              progress)
+    module, record = train_t5(
+        spec, data, vocab_size, config.seed + index, name, config.dtype, progress
+    )
     record["distilled_on"] = sorted(data)
     drafters[name], records[name] = Model(module, tokenizer=tokenizer, name=name), record
   return drafters, records

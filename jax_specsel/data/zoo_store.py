@@ -91,8 +91,9 @@ def read_models(directory: str, configs: dict[str, t5.Config]) -> tuple[Any, dic
   for name, t5_config in configs.items():
     abstract = nnx.eval_shape(lambda c=t5_config: t5.Module(c, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
-    flat = checkpointer.restore(os.path.join(directory, "models", name),
-                                _flat_params(abstract_params))
+    flat = checkpointer.restore(
+        os.path.join(directory, "models", name), _flat_params(abstract_params)
+    )
     module = nnx.merge(graphdef, _unflatten_params(abstract_params, flat))
     models[name] = Model(module, tokenizer=tokenizer, name=name)
   return tokenizer, models
@@ -121,6 +122,7 @@ def _unflatten_params(abstract_params: nnx.State, flat: dict[str, Any]) -> nnx.S
   pure = nnx.to_pure_dict(abstract_params)
   keys = list(_flat_params(abstract_params))
   treedef = jax.tree_util.tree_structure(pure)
-  nnx.replace_by_pure_dict(abstract_params, jax.tree_util.tree_unflatten(
-      treedef, [jnp.asarray(flat[k]) for k in keys]))
+  nnx.replace_by_pure_dict(
+      abstract_params, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[k]) for k in keys])
+  )
   return abstract_params

@@ -34,8 +34,9 @@ def _loss_and_accuracy(params, graphdef, batch):
   batch_size, length = labels.shape
   cache = module.init_cache(batch_size, length, module.config.dtype)
   context, cache = module.prepare(batch["sources"], batch["source_mask"], cache)
-  logits, _ = module.decode(batch["decoder_inputs"], jnp.zeros((batch_size,), jnp.int32), cache,
-                            context)
+  logits, _ = module.decode(
+      batch["decoder_inputs"], jnp.zeros((batch_size,), jnp.int32), cache, context
+  )
   weights = (labels != 0).astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   loss = (losses * weights).sum() / weights.sum()
@@ -50,28 +51,49 @@ def _optimizer(spec) -> optax.GradientTransformation:
   near zero (std d_model**-0.5): at 1e-3 per step they need thousands of steps to reach the
   magnitudes that make attention positional, and that alone stalls learning.
   """
+
   def adamw(peak):
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, peak, min(spec.warmup_steps, spec.train_steps - 1), spec.train_steps,
-        end_value=0.05 * peak)
+        0.0,
+        peak,
+        min(spec.warmup_steps, spec.train_steps - 1),
+        spec.train_steps,
+        end_value=0.05 * peak,
+    )
     decay_matrices = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
-    return optax.adamw(schedule, b1=0.9, b2=0.99, eps=1e-8, weight_decay=spec.weight_decay,
-                       mask=decay_matrices)
+    return optax.adamw(
+        schedule, b1=0.9, b2=0.99, eps=1e-8, weight_decay=spec.weight_decay, mask=decay_matrices
+    )
 
   def label(params):
     paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    labels = ["bias" if "relative_bias" in jax.tree_util.keystr(path) else "rest"
-              for path, _ in paths]
+    labels = [
+        "bias" if "relative_bias" in jax.tree_util.keystr(path) else "rest" for path, _ in paths
+    ]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
-      {"bias": adamw(spec.learning_rate * spec.position_bias_lr_multiplier),
-       "rest": adamw(spec.learning_rate)}, label))
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.multi_transform(
+          {
+              "bias": adamw(spec.learning_rate * spec.position_bias_lr_multiplier),
+              "rest": adamw(spec.learning_rate),
+          },
+          label,
+      ),
+  )
 
 
-def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
-             name: str, dtype: str = "float32", progress: bool = True,
-             domain_weights: dict[str, float] | None = None) -> tuple[t5.Module, dict]:
+def train_t5(
+    spec,
+    data: dict[str, Seq2SeqArrays],
+    vocab_size: int,
+    seed: int,
+    name: str,
+    dtype: str = "float32",
+    progress: bool = True,
+    domain_weights: dict[str, float] | None = None,
+) -> tuple[t5.Module, dict]:
   """Trains a T5 from scratch on one or more domains' pairs.
 
   Args:
@@ -100,20 +122,33 @@ def train_t5(spec, data: dict[str, Seq2SeqArrays], vocab_size: int, seed: int,
     return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
   started = time.perf_counter()
-  params, recent = _run_steps(train_step, params, opt_state, data, spec, seed, domain_weights,
-                              name, progress)
+  params, recent = _run_steps(
+      train_step, params, opt_state, data, spec, seed, domain_weights, name, progress
+  )
   seconds = time.perf_counter() - started
   nnx.update(module, params)
-  record = {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-            "train_steps": spec.train_steps, "train_seconds": round(seconds, 2),
-            "final_loss": round(float(np.mean([r[0] for r in recent])), 4),
-            "final_token_accuracy": round(float(np.mean([r[1] for r in recent])), 4)}
+  record = {
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+      "train_steps": spec.train_steps,
+      "train_seconds": round(seconds, 2),
+      "final_loss": round(float(np.mean([r[0] for r in recent])), 4),
+      "final_token_accuracy": round(float(np.mean([r[1] for r in recent])), 4),
+  }
   log.info("trained %s: %s", name, record)
   return module, record
 
 
-def _run_steps(train_step, params, opt_state, data: dict[str, Seq2SeqArrays], spec, seed: int,
-               domain_weights: dict[str, float] | None, name: str, progress: bool):
+def _run_steps(
+    train_step,
+    params,
+    opt_state,
+    data: dict[str, Seq2SeqArrays],
+    spec,
+    seed: int,
+    domain_weights: dict[str, float] | None,
+    name: str,
+    progress: bool,
+):
   """Runs spec.train_steps steps, each on a batch of one domain drawn by `domain_weights`: (the
   trained params, the last few (loss, token accuracy) readings)."""
   from tqdm.auto import tqdm
@@ -130,14 +165,21 @@ def _run_steps(train_step, params, opt_state, data: dict[str, Seq2SeqArrays], sp
     params, opt_state, loss, accuracy = train_step(params, opt_state, arrays.batch(rows))
     if step % 25 == 0 or step == spec.train_steps - 1:  # a host sync: not every step
       recent = (recent + [(float(loss), float(accuracy))])[-4:]
-      bar.set_postfix(loss=f"{np.mean([r[0] for r in recent]):.3f}",
-                      acc=f"{np.mean([r[1] for r in recent]):.3f}")
+      bar.set_postfix(
+          loss=f"{np.mean([r[0] for r in recent]):.3f}",
+          acc=f"{np.mean([r[1] for r in recent]):.3f}",
+      )
   bar.close()
   return params, recent
 
 
-def greedy_generate(model: Model, prompt_rows: list[list[int]], max_new_tokens: int,
-                    batch_size: int = 128, drafter: Model | None = None) -> list[list[int]]:
+def greedy_generate(
+    model: Model,
+    prompt_rows: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 128,
+    drafter: Model | None = None,
+) -> list[list[int]]:
   """Greedy outputs of `model` (through `jax_specsel.decoding.generate`) for many prompts.
 
   Args:
@@ -153,8 +195,13 @@ def greedy_generate(model: Model, prompt_rows: list[list[int]], max_new_tokens: 
   batch_size = min(batch_size, len(prompt_rows))
   outputs = []
   for begin in range(0, len(prompt_rows), batch_size):
-    chunk = list(prompt_rows[begin:begin + batch_size])
-    result = generate(model, token_batches.filled_to(chunk, batch_size), drafter=drafter,
-                      temperature=0.0, max_new_tokens=max_new_tokens)
-    outputs.extend(result.tokens[i, :result.lengths[i]].tolist() for i in range(len(chunk)))
+    chunk = list(prompt_rows[begin : begin + batch_size])
+    result = generate(
+        model,
+        token_batches.filled_to(chunk, batch_size),
+        drafter=drafter,
+        temperature=0.0,
+        max_new_tokens=max_new_tokens,
+    )
+    outputs.extend(result.tokens[i, : result.lengths[i]].tolist() for i in range(len(chunk)))
   return outputs

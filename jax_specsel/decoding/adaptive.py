@@ -98,12 +98,22 @@ class AdaptiveOutput(GenerateOutput):
   embeddings: np.ndarray | None = None
 
 
-def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], policy=None,
-                      costs: Costs | None = None, max_gamma: int = 5,
-                      rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
-                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      max_new_tokens: int = 64, seed: int = 0, attention_mask=None,
-                      assume_shared_vocabulary: bool = False) -> AdaptiveOutput:
+def generate_adaptive(
+    target: Model,
+    prompt_ids,
+    drafters: Mapping[str, Model],
+    policy=None,
+    costs: Costs | None = None,
+    max_gamma: int = 5,
+    rule: adaptive_rule.RuleSettings = adaptive_rule.RuleSettings(),
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    attention_mask=None,
+    assume_shared_vocabulary: bool = False,
+) -> AdaptiveOutput:
   """Decodes with the option (autoregressive or a drafter) and gamma chosen again every round.
 
   Greedy output equals `generate(target, prompt_ids)`'s; sampled output is distributed as the
@@ -140,22 +150,41 @@ def generate_adaptive(target: Model, prompt_ids, drafters: Mapping[str, Model], 
     base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
     spec = adaptive_loop.AdaptiveSpec(
         base=dataclasses.replace(base, gamma=int(max_gamma)),
-        drafters=tuple(m.decoder for m in models), rule=rule,
-        policy=None if policy is None else (policy.program, prior_index))
+        drafters=tuple(m.decoder for m in models),
+        rule=rule,
+        policy=None if policy is None else (policy.program, prior_index),
+    )
     policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
     drafter_parts = [m.flat_params() for m in models]
     target_leaves, target_tree = target.flat_params()
-    weights = (target_leaves, [leaves for leaves, _ in drafter_parts], policy_leaves,
-               costs.as_array())
+    weights = (
+        target_leaves,
+        [leaves for leaves, _ in drafter_parts],
+        policy_leaves,
+        costs.as_array(),
+    )
     trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
-    return programs.Program(_PROGRAM, spec, trees, weights, spec.base.cache_length,
-                            f"adaptive over {options}, gamma <= {max_gamma}")
+    return programs.Program(
+        _PROGRAM,
+        spec,
+        trees,
+        weights,
+        spec.base.cache_length,
+        f"adaptive over {options}, gamma <= {max_gamma}",
+    )
 
   def unpack(spec, packed, seconds, compile_seconds) -> AdaptiveOutput:
     return _output(spec, options, packed, seconds, compile_seconds)
 
-  return programs.run(target, programs.Prompts(prompt_ids, attention_mask, seed), models,
-                      max_new_tokens, build, unpack, started)
+  return programs.run(
+      target,
+      programs.Prompts(prompt_ids, attention_mask, seed),
+      models,
+      max_new_tokens,
+      build,
+      unpack,
+      started,
+  )
 
 
 def _check_max_gamma(max_gamma) -> None:
@@ -165,17 +194,22 @@ def _check_max_gamma(max_gamma) -> None:
   except (TypeError, ValueError) as err:
     raise type(err)(f"{err} Pass max_gamma as a whole number >= 1.") from None
   if value < 1:
-    raise ValueError(f"max_gamma={value}: must be >= 1 (the most tokens a round may draft; each "
-                     "round may still choose plain autoregressive decoding). For plain decoding "
-                     "only, use generate without a drafter.")
+    raise ValueError(
+        f"max_gamma={value}: must be >= 1 (the most tokens a round may draft; each "
+        "round may still choose plain autoregressive decoding). For plain decoding "
+        "only, use generate without a drafter."
+    )
 
 
-def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int,
-                    assume_shared_vocabulary: bool):
+def _drafter_models(
+    target: Model, drafters: Mapping[str, Model], max_gamma: int, assume_shared_vocabulary: bool
+):
   """(names, models) of the drafters, each checked and placed next to the target."""
   if not isinstance(drafters, Mapping) or not drafters:
-    raise ValueError(f"drafters={drafters!r}: pass a non-empty dict name -> drafter Model "
-                     "(for plain decoding use generate without a drafter).")
+    raise ValueError(
+        f"drafters={drafters!r}: pass a non-empty dict name -> drafter Model "
+        "(for plain decoding use generate without a drafter)."
+    )
   names, models = [], []
   for name, model in drafters.items():
     if name == AUTOREGRESSIVE:
@@ -188,15 +222,19 @@ def _drafter_models(target: Model, drafters: Mapping[str, Model], max_gamma: int
 
 def _check_costs(costs: Costs, num_drafters: int, max_gamma: int) -> None:
   if not isinstance(costs, Costs):
-    raise TypeError(f"costs is a {type(costs).__name__}: pass adaptive.Costs "
-                    "(eval.speed.measure_adaptive_costs).")
+    raise TypeError(
+        f"costs is a {type(costs).__name__}: pass adaptive.Costs "
+        "(eval.speed.measure_adaptive_costs)."
+    )
   shapes = (len(costs.step), len(costs.read), len(costs.verify))
   if shapes != (num_drafters, num_drafters, max_gamma + 1):
-    raise ValueError(f"costs have (step, read, verify) lengths {shapes} but {num_drafters} "
-                     f"drafters and max_gamma={max_gamma} need "
-                     f"{(num_drafters, num_drafters, max_gamma + 1)}: "
-                     "measure them for these drafters and max_gamma "
-                     "(eval.speed.measure_adaptive_costs).")
+    raise ValueError(
+        f"costs have (step, read, verify) lengths {shapes} but {num_drafters} "
+        f"drafters and max_gamma={max_gamma} need "
+        f"{(num_drafters, num_drafters, max_gamma + 1)}: "
+        "measure them for these drafters and max_gamma "
+        "(eval.speed.measure_adaptive_costs)."
+    )
   values = costs.as_array()
   if not np.all(np.isfinite(values)) or np.any(values <= 0):
     raise ValueError(f"costs must be finite and positive, got {costs}.")
@@ -209,40 +247,60 @@ def _prior_index(target: Model, policy, options: list[str]) -> tuple[int, ...] |
   names = request.policy_option_names(target, policy, "generate_adaptive")
   unknown = [n for n in names if n not in options]
   if unknown:
-    raise ValueError(f"the policy chooses among {names} but {unknown} are not among the options "
-                     f"{options}: pass those drafters.")
+    raise ValueError(
+        f"the policy chooses among {names} but {unknown} are not among the options "
+        f"{options}: pass those drafters."
+    )
   return tuple(names.index(o) if o in names else -1 for o in options)
 
 
 def _run_flat(spec, trees, target_leaves, drafter_leaves, policy_leaves, costs, packed_prompts):
   target_tree, drafter_trees, policy_tree = trees
   target_params = jax.tree.unflatten(target_tree, target_leaves)
-  drafter_params = tuple(jax.tree.unflatten(tree, leaves)
-                         for tree, leaves in zip(drafter_trees, drafter_leaves))
+  drafter_params = tuple(
+      jax.tree.unflatten(tree, leaves) for tree, leaves in zip(drafter_trees, drafter_leaves)
+  )
   policy_params = None if policy_tree is None else jax.tree.unflatten(policy_tree, policy_leaves)
   ids, mask, key, _ = unpack_prompts(packed_prompts)
-  return adaptive_loop.run(spec, target_params, drafter_params, policy_params, costs, ids, mask,
-                           key)
+  return adaptive_loop.run(
+      spec, target_params, drafter_params, policy_params, costs, ids, mask, key
+  )
 
 
 _PROGRAM = transfer.Packed(_run_flat)  # its `AdaptiveSummary` packed into one array
 
 
-def _output(spec, names: list[str], packed: np.ndarray, seconds: float,
-            compile_seconds: float) -> AdaptiveOutput:
+def _output(
+    spec, names: list[str], packed: np.ndarray, seconds: float, compile_seconds: float
+) -> AdaptiveOutput:
   """The fetched `AdaptiveSummary` as the call's output."""
   summary = _PROGRAM.unpack(spec, packed)
   base = summary.base
   achieved = base.lengths / np.maximum(summary.cost, 1e-9)
-  stats = Stats(drafted=summary.drafted_by.sum(axis=1), accepted=summary.accepted_by.sum(axis=1),
-                rounds=base.rounds, per_position=base.accepted_at.sum(axis=0),
-                target_calls=int(base.target_calls[0]), seconds=seconds,
-                compile_seconds=compile_seconds, new_tokens=int(base.lengths.sum()))
+  stats = Stats(
+      drafted=summary.drafted_by.sum(axis=1),
+      accepted=summary.accepted_by.sum(axis=1),
+      rounds=base.rounds,
+      per_position=base.accepted_at.sum(axis=0),
+      target_calls=int(base.target_calls[0]),
+      seconds=seconds,
+      compile_seconds=compile_seconds,
+      new_tokens=int(base.lengths.sum()),
+  )
   return AdaptiveOutput(
-      tokens=base.tokens, lengths=base.lengths, stats=stats, option_names=names,
-      round_options=summary.round_options, round_gammas=summary.round_gammas,
-      drafted_by=summary.drafted_by, accepted_by=summary.accepted_by,
-      acceptance=summary.acceptance, hindsight_values=summary.hindsight_values,
+      tokens=base.tokens,
+      lengths=base.lengths,
+      stats=stats,
+      option_names=names,
+      round_options=summary.round_options,
+      round_gammas=summary.round_gammas,
+      drafted_by=summary.drafted_by,
+      accepted_by=summary.accepted_by,
+      acceptance=summary.acceptance,
+      hindsight_values=summary.hindsight_values,
       achieved=achieved.astype(np.float32),
       regret=(np.nanmax(summary.hindsight_values, axis=1) - achieved).astype(np.float32),
-      cost=summary.cost, prior=summary.prior, embeddings=summary.embeddings)
+      cost=summary.cost,
+      prior=summary.prior,
+      embeddings=summary.embeddings,
+  )

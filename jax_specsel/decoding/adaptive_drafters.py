@@ -45,8 +45,14 @@ class DrafterRecord:
   @classmethod
   def zeros(cls, batch: int) -> "DrafterRecord":
     ints, floats = jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.float32)
-    return cls(synced=ints, scored_upto=ints, score_sum=floats, score_count=floats,
-               total_score=floats, total_count=floats)
+    return cls(
+        synced=ints,
+        scored_upto=ints,
+        score_sum=floats,
+        score_count=floats,
+        total_score=floats,
+        total_count=floats,
+    )
 
 
 @struct.dataclass
@@ -86,10 +92,12 @@ class History:
   emitted_logp: jax.Array  # float32 [B, H - 1]: the target's log p of each emitted token
 
 
-def prepared(decoder: Decoder, params, ids, mask, drafter: DrafterState, wanted=True
-             ) -> DrafterState:
+def prepared(
+    decoder: Decoder, params, ids, mask, drafter: DrafterState, wanted=True
+) -> DrafterState:
   """The drafter after its first pass over the prompt `ids`, `mask` [B, S], run once: where the
   scalar `wanted` holds and the pass has not run yet."""
+
   def prepare(drafter):
     context, cache = decoder.prepare(params, ids, mask, drafter.cache)
     return drafter.replace(context=context, cache=cache, prepared=jnp.ones((), bool))
@@ -109,9 +117,17 @@ def read_start(record: DrafterRecord, num_generated: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.minimum(record.synced, record.scored_upto), num_generated)
 
 
-def read(decoder: Decoder, params, settings: sampling.SamplingSettings, vocab: int,
-         rule: adaptive_rule.RuleSettings, history: History, drafter: DrafterState,
-         width: int, from_origin: bool = False):
+def read(
+    decoder: Decoder,
+    params,
+    settings: sampling.SamplingSettings,
+    vocab: int,
+    rule: adaptive_rule.RuleSettings,
+    history: History,
+    drafter: DrafterState,
+    width: int,
+    from_origin: bool = False,
+):
   """The drafter reads history[start : start + width] at its absolute positions and is scored
   on every token of it that it had not been scored on.
 
@@ -129,36 +145,51 @@ def read(decoder: Decoder, params, settings: sampling.SamplingSettings, vocab: i
   last = sequence.shape[1] - 1
   index = start[:, None] + jnp.arange(width)[None, :]  # history index of each slot
   block = jnp.take_along_axis(sequence, jnp.minimum(index, last), axis=1)
-  logits, cache = decoder.decode(params, block, history.origin_position + start, drafter.cache,
-                                 drafter.context)
+  logits, cache = decoder.decode(
+      params, block, history.origin_position + start, drafter.cache, drafter.context
+  )
   logits = loop.on_target_vocab(logits, vocab).astype(jnp.float32)  # [B, W, V]
   first = jnp.take_along_axis(
-      logits, jnp.clip(num_generated - start, 0, width - 1)[:, None, None], axis=1)[:, 0]
+      logits, jnp.clip(num_generated - start, 0, width - 1)[:, None, None], axis=1
+  )[:, 0]
   # Slot j predicts history index + 1, i.e. token index `index`.
   predicted = jnp.take_along_axis(sequence, jnp.minimum(index + 1, last), axis=1)
   scored = (index >= record.scored_upto[:, None]) & (index < num_generated[:, None])
   if settings.greedy:
     scores = (jnp.argmax(logits, axis=-1) == predicted).astype(jnp.float32)
   else:
-    logq = jnp.take_along_axis(sampling.process_logits(logits, settings), predicted[..., None],
-                               axis=-1)[..., 0]
+    logq = jnp.take_along_axis(
+        sampling.process_logits(logits, settings), predicted[..., None], axis=-1
+    )[..., 0]
     logp = jnp.take_along_axis(history.emitted_logp, jnp.minimum(index, last - 1), axis=1)
     scores = jnp.exp(jnp.minimum(logq - logp, 0.0))
-  score_sum, score_count = adaptive_rule.add_scores(record.score_sum, record.score_count, scores,
-                                                    scored, rule)
+  score_sum, score_count = adaptive_rule.add_scores(
+      record.score_sum, record.score_count, scores, scored, rule
+  )
   reached = jnp.minimum(start + width, num_generated + 1)
   record = record.replace(
       synced=jnp.maximum(record.synced, reached),
       scored_upto=jnp.maximum(record.scored_upto, jnp.minimum(num_generated, start + width)),
-      score_sum=score_sum, score_count=score_count,
+      score_sum=score_sum,
+      score_count=score_count,
       total_score=record.total_score + jnp.sum(jnp.where(scored, scores, 0.0), axis=1),
-      total_count=record.total_count + jnp.sum(scored, axis=1).astype(jnp.float32))
+      total_count=record.total_count + jnp.sum(scored, axis=1).astype(jnp.float32),
+  )
   return drafter.replace(cache=cache, record=record), first
 
 
-def score_drafted(drafters: tuple[DrafterState, ...], rule: adaptive_rule.RuleSettings, start,
-                  choice, gamma, num_accepted, drafts, draft_logprobs, target_logprobs, active
-                  ) -> tuple[DrafterState, ...]:
+def score_drafted(
+    drafters: tuple[DrafterState, ...],
+    rule: adaptive_rule.RuleSettings,
+    start,
+    choice,
+    gamma,
+    num_accepted,
+    drafts,
+    draft_logprobs,
+    target_logprobs,
+    active,
+) -> tuple[DrafterState, ...]:
   """The verification scores the drafter that drafted, on each position it drafted up to the
   first rejection (greedy: 1 accepted, 0 rejected; sampling: min(1, p(x) / q(x)), x ~ q), and
   says how far its cache is valid: through its last accepted draft it was fed.
@@ -177,20 +208,27 @@ def score_drafted(drafters: tuple[DrafterState, ...], rule: adaptive_rule.RuleSe
     scores = (slots < num_accepted[:, None]).astype(jnp.float32)
   else:
     pick = lambda logprobs: jnp.take_along_axis(logprobs, drafts[..., None], axis=-1)[..., 0]
-    scores = jnp.exp(jnp.minimum(pick(target_logprobs[:, :drafts.shape[1]])
-                                 - pick(draft_logprobs), 0.0))
+    scores = jnp.exp(
+        jnp.minimum(pick(target_logprobs[:, : drafts.shape[1]]) - pick(draft_logprobs), 0.0)
+    )
   # Each row's record is its chosen drafter's: gathered, updated once, scattered back.
   rows = [chosen & (choice == k + 1) for k in range(len(drafters))]
-  old = jax.tree.map(lambda *values: sum(jnp.where(r, v, 0) for r, v in zip(rows, values)),
-                     *(d.record for d in drafters))
-  score_sum, score_count = adaptive_rule.add_scores(old.score_sum, old.score_count, scores,
-                                                    scored, rule)
+  old = jax.tree.map(
+      lambda *values: sum(jnp.where(r, v, 0) for r, v in zip(rows, values)),
+      *(d.record for d in drafters),
+  )
+  score_sum, score_count = adaptive_rule.add_scores(
+      old.score_sum, old.score_count, scores, scored, rule
+  )
   new = old.replace(
-      score_sum=score_sum, score_count=score_count,
+      score_sum=score_sum,
+      score_count=score_count,
       total_score=old.total_score + jnp.sum(jnp.where(scored, scores, 0.0), axis=1),
       total_count=old.total_count + jnp.sum(scored, axis=1).astype(jnp.float32),
       scored_upto=jnp.maximum(old.scored_upto, start + reached),
-      synced=start + 1 + jnp.minimum(num_accepted, jnp.maximum(gamma - 1, 0)))
+      synced=start + 1 + jnp.minimum(num_accepted, jnp.maximum(gamma - 1, 0)),
+  )
   return tuple(
       d.replace(record=jax.tree.map(lambda n, o, r=r: jnp.where(r, n, o), new, d.record))
-      for r, d in zip(rows, drafters))
+      for r, d in zip(rows, drafters)
+  )

@@ -128,8 +128,9 @@ class AdaptiveSummary:
   embeddings: jax.Array  # float32 [B, D]
 
 
-def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params, costs, ids, mask,
-        key) -> AdaptiveSummary:
+def run(
+    spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params, costs, ids, mask, key
+) -> AdaptiveSummary:
   """The whole adaptive generation (jit with `spec` static).
 
   Args:
@@ -138,18 +139,23 @@ def run(spec: AdaptiveSpec, target_params, drafter_params: tuple, policy_params,
     ids, mask: int32 [B, S] right-padded prompts; key: the decode key.
   """
   base = spec.base
-  context, target_cache = loop.prepare_target(base, target_params, ids, mask,
-                                              base.cache_length(ids.shape[1]))
+  context, target_cache = loop.prepare_target(
+      base, target_params, ids, mask, base.cache_length(ids.shape[1])
+  )
   embeddings = base.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   prior = _prior(spec, policy_params, embeddings)
   state = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
   drafters = _Drafters(params=tuple(drafter_params), ids=ids, mask=mask)
   # The choices' uniforms and the probes' turns, drawn up front from streams of their own:
   # independent of every draft.
-  draws = _Draws(uniforms=jax.random.uniform(jax.random.fold_in(key, _CHOICE_STREAM),
-                                             (spec.max_rounds + 1, ids.shape[0])),
-                 turn_offset=jax.random.randint(jax.random.fold_in(key, _TURN_STREAM),
-                                                (ids.shape[0],), 0, spec.num_drafters))
+  draws = _Draws(
+      uniforms=jax.random.uniform(
+          jax.random.fold_in(key, _CHOICE_STREAM), (spec.max_rounds + 1, ids.shape[0])
+      ),
+      turn_offset=jax.random.randint(
+          jax.random.fold_in(key, _TURN_STREAM), (ids.shape[0],), 0, spec.num_drafters
+      ),
+  )
 
   def body(state):
     return _round(spec, target_params, drafters, context, costs, draws, state)
@@ -194,36 +200,51 @@ def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
   for decoder, params in zip(spec.drafters, drafter_params):
     cache = decoder.init_cache(params, batch, spec.base.cache_length(ids.shape[1]))
     shapes = jax.eval_shape(decoder.prepare, params, ids, mask, cache)[0]
-    drafters.append(DrafterState(
-        cache=cache, context=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
-        prepared=jnp.zeros((), bool), record=DrafterRecord.zeros(batch)))
+    drafters.append(
+        DrafterState(
+            cache=cache,
+            context=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+            prepared=jnp.zeros((), bool),
+            record=DrafterRecord.zeros(batch),
+        )
+    )
   zeros = jnp.zeros((batch, num), jnp.float32)
   step_costs, _, verify_costs = _costs(spec, costs)
-  _, gammas = adaptive_rule.option_values(adaptive_rule.acceptance(zeros, zeros, spec.rule),
-                                          step_costs, verify_costs)
+  _, gammas = adaptive_rule.option_values(
+      adaptive_rule.acceptance(zeros, zeros, spec.rule), step_costs, verify_costs
+  )
   rounds = jnp.full((batch, spec.max_rounds), -1, jnp.int32)
   return AdaptiveState(
-      base=base_state, drafters=tuple(drafters),
-      origin_token=base_state.pending, origin_position=base_state.position,
+      base=base_state,
+      drafters=tuple(drafters),
+      origin_token=base_state.pending,
+      origin_position=base_state.position,
       emitted_logp=jnp.zeros(base_state.tokens.shape, jnp.float32),
-      log_weights=adaptive_rule.initial_log_weights(prior, spec.rule), gammas=gammas,
-      round_options=rounds, round_gammas=rounds,
+      log_weights=adaptive_rule.initial_log_weights(prior, spec.rule),
+      gammas=gammas,
+      round_options=rounds,
+      round_gammas=rounds,
       drafted_by=jnp.zeros((batch, num + 1), jnp.int32),
-      accepted_by=jnp.zeros((batch, num + 1), jnp.int32), cost=jnp.zeros((batch,), jnp.float32))
+      accepted_by=jnp.zeros((batch, num + 1), jnp.int32),
+      cost=jnp.zeros((batch,), jnp.float32),
+  )
 
 
 def _costs(spec: AdaptiveSpec, costs):
   """(step [K], read [K], verify [G + 1]) from the flat cost array; verify[g] is the cost of the
   call a round with gamma g runs (`verify_widths`)."""
   k = spec.num_drafters
-  verify = costs[2 * k:]
-  return costs[:k], costs[k:2 * k], verify[jnp.asarray(verify_widths(spec.max_gamma))]
+  verify = costs[2 * k :]
+  return costs[:k], costs[k : 2 * k], verify[jnp.asarray(verify_widths(spec.max_gamma))]
 
 
 def _history(state: AdaptiveState) -> History:
-  return History(sequence=jnp.concatenate([state.origin_token[:, None], state.base.tokens], axis=1),
-                 origin_position=state.origin_position, num_generated=state.base.num_generated,
-                 emitted_logp=state.emitted_logp)
+  return History(
+      sequence=jnp.concatenate([state.origin_token[:, None], state.base.tokens], axis=1),
+      origin_position=state.origin_position,
+      num_generated=state.base.num_generated,
+      emitted_logp=state.emitted_logp,
+  )
 
 
 def _round(spec, target_params, drafters, context, costs, draws: _Draws, state):
@@ -236,15 +257,28 @@ def _round(spec, target_params, drafters, context, costs, draws: _Draws, state):
   choice = adaptive_rule.choose(state.log_weights, uniform, spec.rule)
   gamma = jnp.where(active, jnp.take_along_axis(state.gammas, choice[:, None], axis=1)[:, 0], 0)
   # 2. reads and drafts
-  state, drafts, draft_logprobs = _drafts(spec, drafters, costs, state, choice, gamma, active,
-                                          draft_key)
+  state, drafts, draft_logprobs = _drafts(
+      spec, drafters, costs, state, choice, gamma, active, draft_key
+  )
   # 3-4. verify, accept, emit
   logits, target_cache = _verify(spec, target_params, context, base, drafts, jnp.max(gamma))
-  num_accepted, next_token, target_logprobs = loop.accept(settings, drafts, draft_logprobs,
-                                                          logits, accept_key, gamma)
+  num_accepted, next_token, target_logprobs = loop.accept(
+      settings, drafts, draft_logprobs, logits, accept_key, gamma
+  )
   after = loop.advance(spec.base, base, drafts, num_accepted, next_token, target_cache, None, key)
-  state = _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
-                  target_logprobs, step_costs, verify_costs)
+  state = _record(
+      spec,
+      state,
+      after,
+      choice,
+      gamma,
+      num_accepted,
+      next_token,
+      drafts,
+      target_logprobs,
+      step_costs,
+      verify_costs,
+  )
   # 5. feedback: probes score the drafters that sat out; the verification scores the chosen
   # one; then the Hedge step. A round that learned nothing (autoregressive, no probe) skips it.
   rounds_done = state.base.target_calls  # counts this round already
@@ -257,9 +291,20 @@ def _round(spec, target_params, drafters, context, costs, draws: _Draws, state):
   learned = due | jnp.any(active & (choice > 0))
 
   def learn(state):
-    state = state.replace(drafters=adaptive_drafters.score_drafted(
-        state.drafters, spec.rule, base.num_generated, choice, gamma, num_accepted, drafts,
-        draft_logprobs, target_logprobs, active))
+    state = state.replace(
+        drafters=adaptive_drafters.score_drafted(
+            state.drafters,
+            spec.rule,
+            base.num_generated,
+            choice,
+            gamma,
+            num_accepted,
+            drafts,
+            draft_logprobs,
+            target_logprobs,
+            active,
+        )
+    )
     return _hedge_step(spec, state, costs, active)
 
   return when(learned, learn, state)
@@ -269,13 +314,16 @@ def _hedge_step(spec, state, costs, active):
   """Every option's value from the current estimates is added to its Hedge log-weight (on the
   active rows), and each drafter's best gamma is kept for the next choice."""
   step_costs, _, verify_costs = _costs(spec, costs)
-  alpha = adaptive_rule.acceptance(jnp.stack([d.record.score_sum for d in state.drafters], axis=1),
-                                   jnp.stack([d.record.score_count for d in state.drafters],
-                                             axis=1), spec.rule)
+  alpha = adaptive_rule.acceptance(
+      jnp.stack([d.record.score_sum for d in state.drafters], axis=1),
+      jnp.stack([d.record.score_count for d in state.drafters], axis=1),
+      spec.rule,
+  )
   values, gammas = adaptive_rule.option_values(alpha, step_costs, verify_costs)
   return state.replace(
       log_weights=adaptive_rule.hedge_step(state.log_weights, values, active, spec.rule),
-      gammas=jnp.where(active[:, None], gammas, state.gammas))
+      gammas=jnp.where(active[:, None], gammas, state.gammas),
+  )
 
 
 def _read(spec, k, drafters: _Drafters, costs, history, drafter, cost, rows, width: int | None):
@@ -284,9 +332,17 @@ def _read(spec, k, drafters: _Drafters, costs, history, drafter, cost, rows, wid
   at `pending`)."""
   from_origin = width is None
   width = spec.max_rounds + 1 if from_origin else width
-  drafter, first = adaptive_drafters.read(spec.drafters[k], drafters.params[k], spec.base.settings,
-                                          spec.base.target_vocab, spec.rule, history, drafter,
-                                          width, from_origin)
+  drafter, first = adaptive_drafters.read(
+      spec.drafters[k],
+      drafters.params[k],
+      spec.base.settings,
+      spec.base.target_vocab,
+      spec.rule,
+      history,
+      drafter,
+      width,
+      from_origin,
+  )
   if width != 2:
     _, read_costs, _ = _costs(spec, costs)
     cost = cost + jnp.where(rows, read_costs[k] * width / spec.read_width, 0.0)
@@ -309,32 +365,52 @@ def _drafts(spec, drafters: _Drafters, costs, state, choice, gamma, active, key)
 
     def read_and_draft(carry, k=k, rows=rows, count=count):
       drafter, cost, drafts, logprobs = carry
-      drafter = adaptive_drafters.prepared(spec.drafters[k], drafters.params[k], drafters.ids,
-                                           drafters.mask, drafter)
-      gap = history.num_generated - adaptive_drafters.read_start(drafter.record,
-                                                                 history.num_generated)
-      kind = jnp.max(jnp.where(rows, jnp.where(
-          gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1))
+      drafter = adaptive_drafters.prepared(
+          spec.drafters[k], drafters.params[k], drafters.ids, drafters.mask, drafter
+      )
+      gap = history.num_generated - adaptive_drafters.read_start(
+          drafter.record, history.num_generated
+      )
+      kind = jnp.max(
+          jnp.where(rows, jnp.where(gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1)
+      )
       first = jnp.zeros((batch, vocab), jnp.float32)
       for index, width in enumerate((2, spec.read_width, None)):
-        drafter, cost, first = when(kind == index, lambda carry, width=width: _read(
-            spec, k, drafters, costs, history, carry[0], carry[1], rows, width),
-                                    (drafter, cost, first))
+        drafter, cost, first = when(
+            kind == index,
+            lambda carry, width=width: _read(
+                spec, k, drafters, costs, history, carry[0], carry[1], rows, width
+            ),
+            (drafter, cost, first),
+        )
       tokens, token_logprobs, cache = loop.propose(
-          settings, spec.drafters[k], drafters.params[k], drafter.context, drafter.cache, first,
-          base.position, key, count, max_gamma)
+          settings,
+          spec.drafters[k],
+          drafters.params[k],
+          drafter.context,
+          drafter.cache,
+          first,
+          base.position,
+          key,
+          count,
+          max_gamma,
+      )
       drafts = jnp.where(rows[:, None], tokens, drafts)
       if logprobs is not None:
         logprobs = jnp.where(rows[:, None, None], token_logprobs, logprobs)
       # Rows that did not choose k were fed its drafts past their pending: not valid there.
       synced = drafter.record.synced
-      synced = jnp.where(rows | (count < 2), synced,
-                         jnp.minimum(synced, history.num_generated + 1))
-      return (drafter.replace(cache=cache, record=drafter.record.replace(synced=synced)), cost,
-              drafts, logprobs)
+      synced = jnp.where(rows | (count < 2), synced, jnp.minimum(synced, history.num_generated + 1))
+      return (
+          drafter.replace(cache=cache, record=drafter.record.replace(synced=synced)),
+          cost,
+          drafts,
+          logprobs,
+      )
 
-    states[k], cost, drafts, logprobs = when(jnp.any(rows), read_and_draft,
-                                             (states[k], cost, drafts, logprobs))
+    states[k], cost, drafts, logprobs = when(
+        jnp.any(rows), read_and_draft, (states[k], cost, drafts, logprobs)
+    )
   return state.replace(drafters=tuple(states), cost=cost), drafts, logprobs
 
 
@@ -357,8 +433,13 @@ def _verify(spec, target_params, context, base, drafts, width):
     low = -1 if index == 0 else widths[index - 1]
 
     def call(carry, run_width=run_width):
-      out, cache = loop.verify(spec.base, target_params, context,
-                               base.replace(target_cache=carry[1]), drafts[:, :run_width])
+      out, cache = loop.verify(
+          spec.base,
+          target_params,
+          context,
+          base.replace(target_cache=carry[1]),
+          drafts[:, :run_width],
+      )
       padding = ((0, 0), (0, max_gamma - run_width), (0, 0))
       return jnp.pad(out.astype(jnp.float32), padding), cache
 
@@ -379,23 +460,48 @@ def _probe(spec, drafters: _Drafters, costs, state, choice, active, due, turn_of
   def probe(carry):
     states, cost = list(carry[0]), carry[1]
     for k in range(spec.num_drafters):
-      rows = running & (choice != k + 1) & (
-          (weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
-      states[k] = adaptive_drafters.prepared(spec.drafters[k], drafters.params[k], drafters.ids,
-                                             drafters.mask, states[k], jnp.any(rows))
+      rows = (
+          running
+          & (choice != k + 1)
+          & ((weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
+      )
+      states[k] = adaptive_drafters.prepared(
+          spec.drafters[k],
+          drafters.params[k],
+          drafters.ids,
+          drafters.mask,
+          states[k],
+          jnp.any(rows),
+      )
       start = adaptive_drafters.read_start(states[k].record, history.num_generated)
       far = jnp.any(rows & (history.num_generated - start >= spec.read_width))
       for wanted, width in ((~far, spec.read_width), (far, None)):
-        states[k], cost = when(jnp.any(rows) & wanted, lambda c, width=width, k=k, rows=rows: _read(
-            spec, k, drafters, costs, history, c[0], c[1], rows, width)[:2], (states[k], cost))
+        states[k], cost = when(
+            jnp.any(rows) & wanted,
+            lambda c, width=width, k=k, rows=rows: _read(
+                spec, k, drafters, costs, history, c[0], c[1], rows, width
+            )[:2],
+            (states[k], cost),
+        )
     return tuple(states), cost
 
   states, cost = when(due, probe, (state.drafters, state.cost))
   return state.replace(drafters=states, cost=cost)
 
 
-def _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
-            target_logprobs, step_costs, verify_costs):
+def _record(
+    spec,
+    state,
+    after,
+    choice,
+    gamma,
+    num_accepted,
+    next_token,
+    drafts,
+    target_logprobs,
+    step_costs,
+    verify_costs,
+):
   """The round's bookkeeping: emitted log p, per-round choices, per-option counters, cost."""
   base = state.base
   active = ~base.done
@@ -403,39 +509,50 @@ def _record(spec, state, after, choice, gamma, num_accepted, next_token, drafts,
   if target_logprobs is not None:
     emitted = loop.emitted_block(drafts, num_accepted, next_token)
     logp = jnp.take_along_axis(target_logprobs, emitted[..., None], axis=-1)[..., 0]
-    emitted_logp = jnp.where(active[:, None],
-                             write_at_positions(emitted_logp, logp, base.num_generated),
-                             emitted_logp)
+    emitted_logp = jnp.where(
+        active[:, None], write_at_positions(emitted_logp, logp, base.num_generated), emitted_logp
+    )
   this_round = active[:, None] & (jnp.arange(spec.max_rounds)[None, :] == base.rounds[:, None])
   chosen = jax.nn.one_hot(choice, spec.num_drafters + 1, dtype=jnp.int32) * active[:, None]
-  drafter_cost = (gamma * jnp.take(step_costs, jnp.maximum(choice - 1, 0))
-                  + jnp.take(verify_costs, gamma))
+  drafter_cost = gamma * jnp.take(step_costs, jnp.maximum(choice - 1, 0)) + jnp.take(
+      verify_costs, gamma
+  )
   cost = jnp.where(choice == 0, verify_costs[0], drafter_cost)
   return state.replace(
-      base=after, emitted_logp=emitted_logp,
+      base=after,
+      emitted_logp=emitted_logp,
       round_options=jnp.where(this_round, choice[:, None], state.round_options),
       round_gammas=jnp.where(this_round, gamma[:, None], state.round_gammas),
       drafted_by=state.drafted_by + chosen * gamma[:, None],
       accepted_by=state.accepted_by + chosen * num_accepted[:, None],
-      cost=state.cost + jnp.where(active, cost, 0.0))
+      cost=state.cost + jnp.where(active, cost, 0.0),
+  )
 
 
-def summarize(spec: AdaptiveSpec, state: AdaptiveState, costs, prior, embeddings
-              ) -> AdaptiveSummary:
+def summarize(
+    spec: AdaptiveSpec, state: AdaptiveState, costs, prior, embeddings
+) -> AdaptiveSummary:
   """The final state's `AdaptiveSummary`: the hindsight acceptance and values are computed here."""
   _, _, verify_costs = _costs(spec, costs)
-  step_costs = costs[:spec.num_drafters]
+  step_costs = costs[: spec.num_drafters]
   total_score = jnp.stack([d.record.total_score for d in state.drafters], axis=1)
   total_count = jnp.stack([d.record.total_count for d in state.drafters], axis=1)
   scored = total_count > 0
   acceptance = jnp.where(scored, total_score / jnp.maximum(total_count, 1.0), jnp.nan)
-  values, _ = adaptive_rule.option_values(jnp.where(scored, acceptance, 0.0), step_costs,
-                                          verify_costs)
+  values, _ = adaptive_rule.option_values(
+      jnp.where(scored, acceptance, 0.0), step_costs, verify_costs
+  )
   values = values.at[:, 1:].set(jnp.where(scored, values[:, 1:], jnp.nan))
   as_float = lambda x: x.astype(jnp.float32)
   return AdaptiveSummary(
-      base=loop.summarize(spec.base, state.base), round_options=state.round_options,
-      round_gammas=state.round_gammas, drafted_by=state.drafted_by,
-      accepted_by=state.accepted_by, cost=as_float(state.cost), acceptance=as_float(acceptance),
-      hindsight_values=as_float(values), prior=as_float(prior),
-      embeddings=as_float(embeddings))
+      base=loop.summarize(spec.base, state.base),
+      round_options=state.round_options,
+      round_gammas=state.round_gammas,
+      drafted_by=state.drafted_by,
+      accepted_by=state.accepted_by,
+      cost=as_float(state.cost),
+      acceptance=as_float(acceptance),
+      hindsight_values=as_float(values),
+      prior=as_float(prior),
+      embeddings=as_float(embeddings),
+  )

@@ -82,12 +82,17 @@ class RuleSettings:
 
   def __post_init__(self):
     checks = {
-        "learning_rate": self.learning_rate >= 0, "forget": 0 <= self.forget < 1,
+        "learning_rate": self.learning_rate >= 0,
+        "forget": 0 <= self.forget < 1,
         "prior_strength": self.prior_strength >= 0,
         "prior_floor": 0 < self.prior_floor <= 1,
-        "prior_acceptance": 0 < self.prior_acceptance < 1, "prior_count": self.prior_count > 0,
-        "decay": 0 < self.decay <= 1, "track_threshold": 0 <= self.track_threshold <= 1,
-        "probe_every": self.probe_every >= 0, "first_probe": self.first_probe >= 0}
+        "prior_acceptance": 0 < self.prior_acceptance < 1,
+        "prior_count": self.prior_count > 0,
+        "decay": 0 < self.decay <= 1,
+        "track_threshold": 0 <= self.track_threshold <= 1,
+        "probe_every": self.probe_every >= 0,
+        "first_probe": self.first_probe >= 0,
+    }
     for name, ok in checks.items():
       value = getattr(self, name)
       if not ok or not np.isfinite(float(value)):
@@ -96,8 +101,7 @@ class RuleSettings:
 
 def acceptance(score_sum: jax.Array, score_count: jax.Array, rule: RuleSettings) -> jax.Array:
   """Current acceptance estimates [..., K] from discounted score sums and counts."""
-  return ((score_sum + rule.prior_acceptance * rule.prior_count)
-          / (score_count + rule.prior_count))
+  return (score_sum + rule.prior_acceptance * rule.prior_count) / (score_count + rule.prior_count)
 
 
 def add_scores(score_sum, score_count, scores, scored, rule: RuleSettings):
@@ -111,12 +115,14 @@ def add_scores(score_sum, score_count, scores, scored, rule: RuleSettings):
     (score_sum, score_count) after discounting by decay per newly scored position.
   """
   count = jnp.sum(scored, axis=1).astype(jnp.float32)
-  discount = rule.decay ** count
+  discount = rule.decay**count
   # Later positions weigh more: position j of the pass is discounted by decay^(positions after it).
   after = jnp.cumsum(scored[:, ::-1], axis=1)[:, ::-1] - scored
   weights = jnp.where(scored, rule.decay ** after.astype(jnp.float32), 0.0)
-  return (score_sum * discount + jnp.sum(weights * scores, axis=1),
-          score_count * discount + jnp.sum(weights, axis=1))
+  return (
+      score_sum * discount + jnp.sum(weights * scores, axis=1),
+      score_count * discount + jnp.sum(weights, axis=1),
+  )
 
 
 def drafter_values(alpha: jax.Array, step_costs: jax.Array, verify_costs: jax.Array):
@@ -138,8 +144,10 @@ def option_values(alpha, step_costs, verify_costs):
   values, gammas = drafter_values(alpha, step_costs, verify_costs)
   batch = alpha.shape[0]
   autoregressive = jnp.full((batch, 1), 1.0 / verify_costs[0])
-  return (jnp.concatenate([autoregressive, values], axis=1),
-          jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), gammas], axis=1))
+  return (
+      jnp.concatenate([autoregressive, values], axis=1),
+      jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), gammas], axis=1),
+  )
 
 
 def initial_log_weights(prior: jax.Array, rule: RuleSettings) -> jax.Array:

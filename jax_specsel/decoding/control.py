@@ -18,6 +18,8 @@ def when(predicate, body, operand):
   """`body(operand)` where the scalar `predicate` holds, else `operand` (body keeps its shapes)."""
   if AS_COND:
     return jax.lax.cond(predicate, body, lambda unchanged: unchanged, operand)
-  return jax.lax.while_loop(lambda carry: carry[0],
-                            lambda carry: (jnp.zeros((), bool), body(carry[1])),
-                            (jnp.asarray(predicate), operand))[1]
+  return jax.lax.while_loop(
+      lambda carry: carry[0],
+      lambda carry: (jnp.zeros((), bool), body(carry[1])),
+      (jnp.asarray(predicate), operand),
+  )[1]

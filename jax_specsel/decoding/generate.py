@@ -54,21 +54,34 @@ class Stats:
     return 1e3 * self.seconds / max(self.new_tokens, 1)
 
   @classmethod
-  def from_summary(cls, summary: loop.Summary, gamma: int, seconds: float,
-                   compile_seconds: float) -> "Stats":
+  def from_summary(
+      cls, summary: loop.Summary, gamma: int, seconds: float, compile_seconds: float
+  ) -> "Stats":
     """Counters of one loop (a fetched `loop.Summary`); target_calls: the loop's, from row 0."""
-    return cls(drafted=summary.rounds * gamma, accepted=summary.accepted, rounds=summary.rounds,
-               per_position=summary.accepted_at[:, :gamma].sum(axis=0),
-               target_calls=int(summary.target_calls[0]), seconds=seconds,
-               compile_seconds=compile_seconds, new_tokens=int(summary.lengths.sum()))
+    return cls(
+        drafted=summary.rounds * gamma,
+        accepted=summary.accepted,
+        rounds=summary.rounds,
+        per_position=summary.accepted_at[:, :gamma].sum(axis=0),
+        target_calls=int(summary.target_calls[0]),
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        new_tokens=int(summary.lengths.sum()),
+    )
 
   def as_dict(self) -> dict:
-    return {"drafted": int(self.drafted.sum()), "accepted": int(self.accepted.sum()),
-            "acceptance_rate": self.acceptance_rate, "target_calls": self.target_calls,
-            "mean_accepted_length": self.mean_accepted_length,
-            "per_position": self.per_position.tolist(), "seconds": self.seconds,
-            "compile_seconds": self.compile_seconds, "new_tokens": self.new_tokens,
-            "ms_per_token": self.ms_per_token}
+    return {
+        "drafted": int(self.drafted.sum()),
+        "accepted": int(self.accepted.sum()),
+        "acceptance_rate": self.acceptance_rate,
+        "target_calls": self.target_calls,
+        "mean_accepted_length": self.mean_accepted_length,
+        "per_position": self.per_position.tolist(),
+        "seconds": self.seconds,
+        "compile_seconds": self.compile_seconds,
+        "new_tokens": self.new_tokens,
+        "ms_per_token": self.ms_per_token,
+    }
 
 
 @dataclasses.dataclass
@@ -78,11 +91,19 @@ class GenerateOutput:
   stats: Stats
 
 
-
-def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int = 7,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, attention_mask=None,
-             assume_shared_vocabulary: bool = False) -> GenerateOutput:
+def generate(
+    target: Model,
+    prompt_ids,
+    drafter: Model | None = None,
+    gamma: int = 7,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    attention_mask=None,
+    assume_shared_vocabulary: bool = False,
+) -> GenerateOutput:
   """Autoregressive (drafter=None) or speculative generation in one compiled while_loop.
 
   Every input is checked before anything is compiled or run; nothing is silently truncated.
@@ -133,24 +154,49 @@ def generate(target: Model, prompt_ids, drafter: Model | None = None, gamma: int
     target_leaves, target_tree = target.flat_params()
     drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
     kind = "greedy" if spec.settings.greedy else "sampled"
-    return programs.Program(PROGRAM, spec, (target_tree, drafter_tree),
-                            (target_leaves, drafter_leaves), spec.cache_length,
-                            f"gamma {spec.gamma}, {kind}")
+    return programs.Program(
+        PROGRAM,
+        spec,
+        (target_tree, drafter_tree),
+        (target_leaves, drafter_leaves),
+        spec.cache_length,
+        f"gamma {spec.gamma}, {kind}",
+    )
 
-  return programs.run(target, programs.Prompts(prompt_ids, attention_mask, seed), [drafter],
-                      max_new_tokens, build, _output, started)
+  return programs.run(
+      target,
+      programs.Prompts(prompt_ids, attention_mask, seed),
+      [drafter],
+      max_new_tokens,
+      build,
+      _output,
+      started,
+  )
 
 
-def loop_spec(target: Model, drafter: Model | None, gamma: int, temperature: float = 0.0,
-              top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64) -> loop.LoopSpec:
+def loop_spec(
+    target: Model,
+    drafter: Model | None,
+    gamma: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+) -> loop.LoopSpec:
   """The static description of a generation (gamma is 0 without a drafter)."""
   settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
   return loop.LoopSpec(
-      target=target.decoder, drafter=None if drafter is None else drafter.decoder,
-      gamma=0 if drafter is None else int(gamma), settings=settings,
-      max_new_tokens=int(max_new_tokens), is_encoder_decoder=target.is_encoder_decoder,
-      eos_ids=target.eos_ids, pad_id=target.pad_id, start_id=target.decoder_start_id or 0,
-      target_vocab=target.vocab_size)
+      target=target.decoder,
+      drafter=None if drafter is None else drafter.decoder,
+      gamma=0 if drafter is None else int(gamma),
+      settings=settings,
+      max_new_tokens=int(max_new_tokens),
+      is_encoder_decoder=target.is_encoder_decoder,
+      eos_ids=target.eos_ids,
+      pad_id=target.pad_id,
+      start_id=target.decoder_start_id or 0,
+      target_vocab=target.vocab_size,
+  )
 
 
 def run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
@@ -165,9 +211,13 @@ def run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
 PROGRAM = transfer.Packed(run_flat)  # `run_flat` with its `loop.Summary` packed into one array
 
 
-def _output(spec: loop.LoopSpec, packed: np.ndarray, seconds: float,
-            compile_seconds: float) -> GenerateOutput:
+def _output(
+    spec: loop.LoopSpec, packed: np.ndarray, seconds: float, compile_seconds: float
+) -> GenerateOutput:
   """The fetched summary as the call's output."""
   summary = PROGRAM.unpack(spec, packed)
-  return GenerateOutput(tokens=summary.tokens, lengths=summary.lengths,
-                        stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds))
+  return GenerateOutput(
+      tokens=summary.tokens,
+      lengths=summary.lengths,
+      stats=Stats.from_summary(summary, spec.gamma, seconds, compile_seconds),
+  )

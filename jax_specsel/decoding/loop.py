@@ -111,10 +111,19 @@ def run(spec: LoopSpec, target_params, drafter_params, prompt_ids, prompt_mask, 
   Returns:
     The final LoopState.
   """
-  target_context, target_cache = prepare_target(spec, target_params, prompt_ids, prompt_mask,
-                                                spec.cache_length(prompt_ids.shape[1]))
-  return decode_prepared(spec, target_params, drafter_params, target_context, target_cache,
-                         prompt_ids, prompt_mask, key)
+  target_context, target_cache = prepare_target(
+      spec, target_params, prompt_ids, prompt_mask, spec.cache_length(prompt_ids.shape[1])
+  )
+  return decode_prepared(
+      spec,
+      target_params,
+      drafter_params,
+      target_context,
+      target_cache,
+      prompt_ids,
+      prompt_mask,
+      key,
+  )
 
 
 def prepare_target(spec: LoopSpec, target_params, prompt_ids, prompt_mask, cache_length: int):
@@ -135,17 +144,31 @@ def fit_cache(spec: LoopSpec, target_params, cache, batch: int, length: int):
   `length` (no layout assumed beyond "a prefix"); a T5 cache, zeros the encoder pass left
   untouched, costs nothing to cut (XLA makes the smaller zeros directly).
   """
-  wanted = jax.eval_shape(lambda params: spec.target.init_cache(params, batch, length),
-                          target_params)
+  wanted = jax.eval_shape(
+      lambda params: spec.target.init_cache(params, batch, length), target_params
+  )
   if jax.tree.structure(wanted) != jax.tree.structure(cache):
     raise ValueError("fit_cache: the cache's structure differs from init_cache's at that length.")
   return jax.tree.map(
-      lambda leaf, shape: leaf if leaf.shape == shape.shape else jax.lax.slice(
-          leaf, (0,) * leaf.ndim, shape.shape), cache, wanted)
+      lambda leaf, shape: leaf
+      if leaf.shape == shape.shape
+      else jax.lax.slice(leaf, (0,) * leaf.ndim, shape.shape),
+      cache,
+      wanted,
+  )
 
 
-def decode_prepared(spec: LoopSpec, target_params, drafter_params, target_context, target_cache,
-                    prompt_ids, prompt_mask, key, active=None) -> LoopState:
+def decode_prepared(
+    spec: LoopSpec,
+    target_params,
+    drafter_params,
+    target_context,
+    target_cache,
+    prompt_ids,
+    prompt_mask,
+    key,
+    active=None,
+) -> LoopState:
   """The while_loop over rounds, starting from the target's first pass (`prepare_target`).
 
   Args:
@@ -157,36 +180,44 @@ def decode_prepared(spec: LoopSpec, target_params, drafter_params, target_contex
   Returns:
     The final LoopState.
   """
-  state, drafter_context = start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key,
-                                 active)
+  state, drafter_context = start(
+      spec, drafter_params, target_cache, prompt_ids, prompt_mask, key, active
+  )
 
   def body(state):
-    return decode_round(spec, target_params, drafter_params, target_context, drafter_context,
-                        state)
+    return decode_round(spec, target_params, drafter_params, target_context, drafter_context, state)
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-def repeat_rounds(spec: LoopSpec, count: int, target_params, drafter_params, prompt_ids,
-                  prompt_mask, key):
+def repeat_rounds(
+    spec: LoopSpec, count: int, target_params, drafter_params, prompt_ids, prompt_mask, key
+):
   """A timing harness: `count` rounds, each from the first round's position (jit with spec, count
   static). Caches and weights stay warm and nothing is dispatched per round, so the time over
   `count` is the pure cost of one round; the tokens it leaves are meaningless."""
-  target_context, target_cache = prepare_target(spec, target_params, prompt_ids, prompt_mask,
-                                                spec.cache_length(prompt_ids.shape[1]))
+  target_context, target_cache = prepare_target(
+      spec, target_params, prompt_ids, prompt_mask, spec.cache_length(prompt_ids.shape[1])
+  )
   state, drafter_context = start(spec, drafter_params, target_cache, prompt_ids, prompt_mask, key)
 
   def body(_, current):
-    after = decode_round(spec, target_params, drafter_params, target_context, drafter_context,
-                         current)
-    return after.replace(position=state.position, previous=state.previous,
-                         num_generated=state.num_generated, done=state.done)
+    after = decode_round(
+        spec, target_params, drafter_params, target_context, drafter_context, current
+    )
+    return after.replace(
+        position=state.position,
+        previous=state.previous,
+        num_generated=state.num_generated,
+        done=state.done,
+    )
 
   return jax.lax.fori_loop(0, count, body, state)
 
 
-def start(spec: LoopSpec, drafter_params, target_cache, prompt_ids, prompt_mask, key,
-          active=None) -> tuple[LoopState, Any]:
+def start(
+    spec: LoopSpec, drafter_params, target_cache, prompt_ids, prompt_mask, key, active=None
+) -> tuple[LoopState, Any]:
   """The drafter's first pass and the state before the first round.
 
   Args:
@@ -199,10 +230,12 @@ def start(spec: LoopSpec, drafter_params, target_cache, prompt_ids, prompt_mask,
   """
   drafter_context = drafter_cache = None
   if spec.drafter is not None:
-    drafter_cache = spec.drafter.init_cache(drafter_params, prompt_ids.shape[0],
-                                            spec.cache_length(prompt_ids.shape[1]))
-    drafter_context, drafter_cache = spec.drafter.prepare(drafter_params, prompt_ids, prompt_mask,
-                                                          drafter_cache)
+    drafter_cache = spec.drafter.init_cache(
+        drafter_params, prompt_ids.shape[0], spec.cache_length(prompt_ids.shape[1])
+    )
+    drafter_context, drafter_cache = spec.drafter.prepare(
+        drafter_params, prompt_ids, prompt_mask, drafter_cache
+    )
   state = _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key)
   if active is not None:
     state = state.replace(done=~active)
@@ -231,10 +264,13 @@ def summarize(spec: LoopSpec, state: LoopState, gamma_width: int | None = None) 
   batch = state.tokens.shape[0]
   emitted = jnp.arange(spec.max_new_tokens)[None, :] < state.num_generated[:, None]
   return Summary(
-      tokens=jnp.where(emitted, state.tokens[:, :spec.max_new_tokens], spec.pad_id),
-      lengths=state.num_generated, rounds=state.rounds, accepted=state.accepted,
+      tokens=jnp.where(emitted, state.tokens[:, : spec.max_new_tokens], spec.pad_id),
+      lengths=state.num_generated,
+      rounds=state.rounds,
+      accepted=state.accepted,
       target_calls=jnp.broadcast_to(state.target_calls, (batch,)),
-      accepted_at=jnp.pad(state.accepted_at, ((0, 0), (0, gamma_width - spec.gamma))))
+      accepted_at=jnp.pad(state.accepted_at, ((0, 0), (0, gamma_width - spec.gamma))),
+  )
 
 
 def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, key) -> LoopState:
@@ -250,26 +286,39 @@ def _initial_state(spec, prompt_ids, prompt_mask, target_cache, drafter_cache, k
     position, previous = last, jnp.where(last > 0, before_last, spec.pad_id)
   return LoopState(
       tokens=jnp.full((batch, spec.max_new_tokens + spec.gamma + 1), spec.pad_id, jnp.int32),
-      num_generated=zeros, pending=pending, position=position, previous=previous,
-      done=jnp.zeros((batch,), bool), target_cache=target_cache, drafter_cache=drafter_cache,
-      key=key, rounds=zeros, accepted=zeros,
-      accepted_at=jnp.zeros((batch, spec.gamma), jnp.int32), target_calls=jnp.zeros((), jnp.int32))
+      num_generated=zeros,
+      pending=pending,
+      position=position,
+      previous=previous,
+      done=jnp.zeros((batch,), bool),
+      target_cache=target_cache,
+      drafter_cache=drafter_cache,
+      key=key,
+      rounds=zeros,
+      accepted=zeros,
+      accepted_at=jnp.zeros((batch, spec.gamma), jnp.int32),
+      target_calls=jnp.zeros((), jnp.int32),
+  )
 
 
-def decode_round(spec: LoopSpec, target_params, drafter_params, target_context, drafter_context,
-                 state: LoopState) -> LoopState:
+def decode_round(
+    spec: LoopSpec, target_params, drafter_params, target_context, drafter_context, state: LoopState
+) -> LoopState:
   """One round: draft (with a drafter), verify, accept, advance."""
   key, draft_key, accept_key = round_keys(spec.settings, state.key)
   draft_tokens = draft_logprobs = None
   drafter_cache = state.drafter_cache
   if spec.gamma:
-    draft_tokens, draft_logprobs, drafter_cache = draft(spec, drafter_params, drafter_context,
-                                                        state, draft_key)
+    draft_tokens, draft_logprobs, drafter_cache = draft(
+        spec, drafter_params, drafter_context, state, draft_key
+    )
   target_logits, target_cache = verify(spec, target_params, target_context, state, draft_tokens)
-  num_accepted, next_token, _ = accept(spec.settings, draft_tokens, draft_logprobs, target_logits,
-                                       accept_key)
-  return advance(spec, state, draft_tokens, num_accepted, next_token, target_cache,
-                 drafter_cache, key)
+  num_accepted, next_token, _ = accept(
+      spec.settings, draft_tokens, draft_logprobs, target_logits, accept_key
+  )
+  return advance(
+      spec, state, draft_tokens, num_accepted, next_token, target_cache, drafter_cache, key
+  )
 
 
 def round_keys(settings: sampling.SamplingSettings, key: jax.Array):
@@ -287,15 +336,35 @@ def draft(spec: LoopSpec, drafter_params, drafter_context, state: LoopState, key
     (tokens int32 [B, gamma], log q float32 [B, gamma, V] or None when greedy, drafter cache).
   """
   catch_up = jnp.stack([state.previous, state.pending], axis=1)
-  logits, cache = spec.drafter.decode(drafter_params, catch_up, state.position - 1,
-                                      state.drafter_cache, drafter_context)
-  return propose(spec.settings, spec.drafter, drafter_params, drafter_context, cache,
-                 on_target_vocab(logits[:, -1], spec.target_vocab), state.position, key,
-                 spec.gamma, spec.gamma)
+  logits, cache = spec.drafter.decode(
+      drafter_params, catch_up, state.position - 1, state.drafter_cache, drafter_context
+  )
+  return propose(
+      spec.settings,
+      spec.drafter,
+      drafter_params,
+      drafter_context,
+      cache,
+      on_target_vocab(logits[:, -1], spec.target_vocab),
+      state.position,
+      key,
+      spec.gamma,
+      spec.gamma,
+  )
 
 
-def propose(settings: sampling.SamplingSettings, drafter: Decoder, params, context, cache,
-            first_logits, position, key, count, width: int):
+def propose(
+    settings: sampling.SamplingSettings,
+    drafter: Decoder,
+    params,
+    context,
+    cache,
+    first_logits,
+    position,
+    key,
+    count,
+    width: int,
+):
   """`count` draft tokens (a Python int, or traced and <= width): the first drawn from
   `first_logits` (the drafter's logits at `pending`), each further one from a decode step.
 
@@ -308,8 +377,11 @@ def propose(settings: sampling.SamplingSettings, drafter: Decoder, params, conte
   Returns:
     (tokens int32 [B, width], log q float32 [B, width, V] or None when greedy, drafter cache).
   """
-  keys = (jnp.broadcast_to(key, (width, *key.shape)) if settings.greedy
-          else jax.random.split(key, width))
+  keys = (
+      jnp.broadcast_to(key, (width, *key.shape))
+      if settings.greedy
+      else jax.random.split(key, width)
+  )
   batch, vocab = first_logits.shape
   first, first_logprobs = sampling.sample_token(first_logits, settings, keys[0])
   tokens = jnp.zeros((batch, width), jnp.int32).at[:, 0].set(first)
@@ -319,10 +391,10 @@ def propose(settings: sampling.SamplingSettings, drafter: Decoder, params, conte
 
   def step(i, carry):
     cache, tokens, logprobs = carry
-    logits, cache = drafter.decode(params, tokens[:, i - 1][:, None], position + i, cache,
-                                   context)
-    token, token_logprobs = sampling.sample_token(on_target_vocab(logits[:, 0], vocab), settings,
-                                                  keys[i])
+    logits, cache = drafter.decode(params, tokens[:, i - 1][:, None], position + i, cache, context)
+    token, token_logprobs = sampling.sample_token(
+        on_target_vocab(logits[:, 0], vocab), settings, keys[i]
+    )
     tokens = tokens.at[:, i].set(token)
     if logprobs is not None:
       logprobs = logprobs.at[:, i].set(token_logprobs)
@@ -348,12 +420,19 @@ def verify(spec: LoopSpec, target_params, target_context, state: LoopState, draf
   block = state.pending[:, None]
   if draft_tokens is not None:
     block = jnp.concatenate([block, draft_tokens], axis=1)
-  return spec.target.decode(target_params, block, state.position, state.target_cache,
-                            target_context)
+  return spec.target.decode(
+      target_params, block, state.position, state.target_cache, target_context
+  )
 
 
-def accept(settings: sampling.SamplingSettings, draft_tokens, draft_logprobs, target_logits, key,
-           num_drafted=None):
+def accept(
+    settings: sampling.SamplingSettings,
+    draft_tokens,
+    draft_logprobs,
+    target_logits,
+    key,
+    num_drafted=None,
+):
   """The round's acceptance: (num_accepted int32 [B], next_token int32 [B], the target's
   processed log p [B, G + 1, V], or None when greedy or without drafts).
 
@@ -366,8 +445,9 @@ def accept(settings: sampling.SamplingSettings, draft_tokens, draft_logprobs, ta
   if settings.greedy:
     return (*sampling.greedy_accept(draft_tokens, target_logits, num_drafted), None)
   target_logprobs = sampling.process_logits(target_logits, settings)
-  num_accepted, next_token = sampling.speculative_accept(draft_tokens, draft_logprobs,
-                                                         target_logprobs, key, num_drafted)
+  num_accepted, next_token = sampling.speculative_accept(
+      draft_tokens, draft_logprobs, target_logprobs, key, num_drafted
+  )
   return num_accepted, next_token, target_logprobs
 
 
@@ -381,8 +461,16 @@ def emitted_block(draft_tokens, num_accepted, next_token) -> jax.Array:
   return jnp.where(slots < num_accepted[:, None], drafted, next_token[:, None])
 
 
-def advance(spec: LoopSpec, state: LoopState, draft_tokens, num_accepted, next_token,
-            target_cache, drafter_cache, key) -> LoopState:
+def advance(
+    spec: LoopSpec,
+    state: LoopState,
+    draft_tokens,
+    num_accepted,
+    next_token,
+    target_cache,
+    drafter_cache,
+    key,
+) -> LoopState:
   """Emits x_1..x_n + next_token per active row, stops rows at a stop id or max_new_tokens, and
   updates the counters (done rows keep everything)."""
   gamma, active = spec.gamma, ~state.done
@@ -398,8 +486,11 @@ def advance(spec: LoopSpec, state: LoopState, draft_tokens, num_accepted, next_t
   finished = (first_eos <= num_accepted) | (kept >= room)
   tokens = write_at_positions(state.tokens, emitted, state.num_generated)
   if gamma:
-    previous = jnp.where(num_accepted > 0, jnp.take_along_axis(
-        draft_tokens, jnp.maximum(num_accepted - 1, 0)[:, None], axis=1)[:, 0], state.pending)
+    previous = jnp.where(
+        num_accepted > 0,
+        jnp.take_along_axis(draft_tokens, jnp.maximum(num_accepted - 1, 0)[:, None], axis=1)[:, 0],
+        state.pending,
+    )
     accepted_at = state.accepted_at + ((slots[:, :gamma] < num_accepted[:, None]) & active[:, None])
   else:
     previous, accepted_at = state.pending, state.accepted_at
@@ -411,6 +502,11 @@ def advance(spec: LoopSpec, state: LoopState, draft_tokens, num_accepted, next_t
       position=keep(state.position + num_accepted + 1, state.position),
       previous=keep(previous, state.previous),
       done=state.done | finished,
-      target_cache=target_cache, drafter_cache=drafter_cache, key=key,
-      rounds=state.rounds + active, accepted=state.accepted + num_accepted * active,
-      accepted_at=accepted_at.astype(jnp.int32), target_calls=state.target_calls + 1)
+      target_cache=target_cache,
+      drafter_cache=drafter_cache,
+      key=key,
+      rounds=state.rounds + active,
+      accepted=state.accepted + num_accepted * active,
+      accepted_at=accepted_at.astype(jnp.int32),
+      target_calls=state.target_calls + 1,
+  )

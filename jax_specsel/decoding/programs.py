@@ -23,7 +23,7 @@ from jax_specsel.models.interface import Model
 log = logging.getLogger(__name__)
 
 MAX_PROGRAMS = 256  # compiled programs kept; the least recently used one is dropped past this
-MAX_POSITIONS = 2 ** 31 - 1  # positions and lengths are int32 inside the loop
+MAX_POSITIONS = 2**31 - 1  # positions and lengths are int32 inside the loop
 
 
 class LruCache:
@@ -63,8 +63,7 @@ def compilation_count() -> int:
   return len(_COMPILE_SECONDS)
 
 
-def compiled_program(function, static: tuple, args: tuple, description: str,
-                     before_compile=None):
+def compiled_program(function, static: tuple, args: tuple, description: str, before_compile=None):
   """`function` compiled ahead of time for (static, batch, prompt bucket), cached and counted.
 
   The cache key is (function, static[0], batch, packed prompt width). It is sufficient because
@@ -93,12 +92,19 @@ def compiled_program(function, static: tuple, args: tuple, description: str,
   if before_compile is not None:
     before_compile()
   started = time.perf_counter()
-  compiled = jax.jit(function, static_argnums=tuple(range(len(static)))).lower(
-      *static, *args).compile()
+  compiled = (
+      jax.jit(function, static_argnums=tuple(range(len(static)))).lower(*static, *args).compile()
+  )
   seconds = time.perf_counter() - started
   _COMPILE_SECONDS.append(seconds)
-  log.info("compiled generation #%d (batch %d, packed prompt width %d, %s) in %.2fs",
-           len(_COMPILE_SECONDS), batch, width, description, seconds)
+  log.info(
+      "compiled generation #%d (batch %d, packed prompt width %d, %s) in %.2fs",
+      len(_COMPILE_SECONDS),
+      batch,
+      width,
+      description,
+      seconds,
+  )
   if _PROGRAMS.put(key, compiled):
     log.info("dropped the least recently used compiled program (more than %d kept)", MAX_PROGRAMS)
   return compiled, seconds
@@ -133,9 +139,16 @@ class Prompts(NamedTuple):
   flags: tuple[int, ...] = ()
 
 
-def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_new_tokens: int,
-        build: Callable[[], Program], unpack: Callable[[Any, Any, float, float], Any],
-        started: float, together: bool = True):
+def run(
+    target: Model,
+    prompts: Prompts,
+    drafters: Sequence[Model | None],
+    max_new_tokens: int,
+    build: Callable[[], Program],
+    unpack: Callable[[Any, Any, float, float], Any],
+    started: float,
+    together: bool = True,
+):
   """Pads and checks the prompts, compiles (once per key), runs and unpacks one generation.
 
   Every entry point checks its settings, models and drafters first, then calls this.
@@ -158,10 +171,16 @@ def run(target: Model, prompts: Prompts, drafters: Sequence[Model | None], max_n
   packed_prompts = request.place_prompts(target, ids, mask, prompts.seed, prompts.flags)
   program = build()
   args = (*program.weights, packed_prompts)
-  fits = lambda: check_caches_fit(target, drafters, ids.shape[0],
-                                  program.cache_length(ids.shape[1]), max_new_tokens, together)
-  compiled, compile_seconds = compiled_program(program.function, (program.spec, program.trees),
-                                               args, program.description, before_compile=fits)
+  fits = lambda: check_caches_fit(
+      target, drafters, ids.shape[0], program.cache_length(ids.shape[1]), max_new_tokens, together
+  )
+  compiled, compile_seconds = compiled_program(
+      program.function,
+      (program.spec, program.trees),
+      args,
+      program.description,
+      before_compile=fits,
+  )
   result = _fetched(compiled(*args))
   seconds = time.perf_counter() - started - compile_seconds
   return unpack(program.spec, result, seconds, compile_seconds)
@@ -173,8 +192,14 @@ def _fetched(result):
   return np.asarray(result) if isinstance(result, jax.Array) else jax.device_get(result)
 
 
-def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max_new_tokens: int,
-                     together: bool = True) -> None:
+def check_caches_fit(
+    target: Model,
+    drafters,
+    batch: int,
+    cache_length: int,
+    max_new_tokens: int,
+    together: bool = True,
+) -> None:
   """Refuses, before compiling, caches that cannot fit: the program would die allocating them.
 
   Args:
@@ -189,16 +214,20 @@ def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max
     ValueError: naming max_new_tokens, the caches' bytes, the memory that bounds them and the fix.
   """
   if cache_length > MAX_POSITIONS:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: the caches would need {cache_length} "
-                     f"positions, beyond the loop's int32 positions ({MAX_POSITIONS}); lower "
-                     "max_new_tokens.")
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens}: the caches would need {cache_length} "
+        f"positions, beyond the loop's int32 positions ({MAX_POSITIONS}); lower "
+        "max_new_tokens."
+    )
   free = memory.free_bytes(target.mesh)
   if free is None:
     return
-  drafter_bytes = [memory.cache_bytes_per_device(d, batch, cache_length)
-                   for d in drafters if d is not None]
+  drafter_bytes = [
+      memory.cache_bytes_per_device(d, batch, cache_length) for d in drafters if d is not None
+  ]
   needed = memory.cache_bytes_per_device(target, batch, cache_length) + (
-      sum(drafter_bytes) if together else max(drafter_bytes, default=0))
+      sum(drafter_bytes) if together else max(drafter_bytes, default=0)
+  )
   available, source = free
   if needed <= available:
     return
@@ -210,12 +239,13 @@ def check_caches_fit(target: Model, drafters, batch: int, cache_length: int, max
       + (f" and {len(drafter_bytes)} drafter(s)" if drafter_bytes else "")
       + f") but there is {_size(available)} ({source}): lower max_new_tokens (about {fitting} "
       "fit at this batch and prompt length), the batch, or the dtype, or shard the target on a "
-      "mesh.")
+      "mesh."
+  )
 
 
 def _size(count: float) -> str:
   """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
-  for unit, scale in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2)):
+  for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2)):
     if count >= scale:
       return f"{count / scale:.2f} {unit}"
   return f"{count / 1024:.2f} KiB"

@@ -46,11 +46,13 @@ def check_settings(gamma, temperature, top_k, top_p, max_new_tokens) -> None:
   if temperature < 0:
     raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy decoding).")
   if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
-    raise ValueError(f"temperature={temperature}: positive temperatures below "
-                     f"{MIN_SAMPLING_TEMPERATURE} are refused (logits / temperature leave "
-                     "float32's working range in the sampling step and the output is garbage); "
-                     "pass temperature=0 for greedy decoding (their limit) or a temperature >= "
-                     f"{MIN_SAMPLING_TEMPERATURE}.")
+    raise ValueError(
+        f"temperature={temperature}: positive temperatures below "
+        f"{MIN_SAMPLING_TEMPERATURE} are refused (logits / temperature leave "
+        "float32's working range in the sampling step and the output is garbage); "
+        "pass temperature=0 for greedy decoding (their limit) or a temperature >= "
+        f"{MIN_SAMPLING_TEMPERATURE}."
+    )
   validation.integer("top_k", top_k, minimum=0)
   if not 0 < validation.real("top_p", top_p) <= 1:
     raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 disables the nucleus filter).")
@@ -60,12 +62,15 @@ def check_settings(gamma, temperature, top_k, top_p, max_new_tokens) -> None:
 def check_target(target) -> None:
   """Raises TypeError unless the target is a `Model`."""
   if not isinstance(target, Model):
-    raise TypeError(f"target is {_describe(target)}: pass a jax_specsel Model "
-                    "(jax_specsel.load_model(path)).")
+    raise TypeError(
+        f"target is {_describe(target)}: pass a jax_specsel Model "
+        "(jax_specsel.load_model(path))."
+    )
 
 
-def checked_drafter(target: Model, drafter, gamma, assume_shared_vocabulary: bool = False,
-                    name: str | None = None) -> Model:
+def checked_drafter(
+    target: Model, drafter, gamma, assume_shared_vocabulary: bool = False, name: str | None = None
+) -> Model:
   """The drafter, checked and placed where the target is: every entry point's drafter check.
 
   Args:
@@ -86,12 +91,16 @@ def checked_drafter(target: Model, drafter, gamma, assume_shared_vocabulary: boo
   if not isinstance(drafter, Model):
     if name is not None:
       raise TypeError(f"drafters[{name!r}] is a {type(drafter).__name__}, not a jax_specsel Model.")
-    raise TypeError(f"drafter is {_describe(drafter)}: pass a jax_specsel Model "
-                    "(jax_specsel.load_model(path) or target.early_exit(layers)), or None for "
-                    "autoregressive decoding.")
+    raise TypeError(
+        f"drafter is {_describe(drafter)}: pass a jax_specsel Model "
+        "(jax_specsel.load_model(path) or target.early_exit(layers)), or None for "
+        "autoregressive decoding."
+    )
   if int(gamma) < 1:
-    raise ValueError(f"gamma={gamma} with drafter {drafter.name}: a speculative round drafts "
-                     "gamma >= 1 tokens; pass drafter=None for autoregressive decoding.")
+    raise ValueError(
+        f"gamma={gamma} with drafter {drafter.name}: a speculative round drafts "
+        "gamma >= 1 tokens; pass drafter=None for autoregressive decoding."
+    )
   drafter = drafter_for(target, drafter)
   check_compatible(target, drafter, assume_shared_vocabulary)
   return drafter
@@ -122,27 +131,37 @@ def check_compatible(target: Model, drafter: Model, assume_shared_vocabulary: bo
   unless `assume_shared_vocabulary` states that the ids are shared.
   """
   if drafter.mesh != target.mesh:
-    raise ValueError(f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target "
-                     f"{target.name} on {_mesh_name(target)}: a drafter on one device is "
-                     "replicated onto the target's mesh automatically, one on another mesh is "
-                     "not. Load the drafter on one device, or place it with "
-                     "jax_specsel.shard_model(drafter, target.mesh, replicated=True).")
+    raise ValueError(
+        f"drafter {drafter.name} is on mesh {_mesh_name(drafter)} but target "
+        f"{target.name} on {_mesh_name(target)}: a drafter on one device is "
+        "replicated onto the target's mesh automatically, one on another mesh is "
+        "not. Load the drafter on one device, or place it with "
+        "jax_specsel.shard_model(drafter, target.mesh, replicated=True)."
+    )
   if drafter.is_encoder_decoder != target.is_encoder_decoder:
-    raise ValueError(f"drafter {drafter.name} and target {target.name} must both be "
-                     "encoder-decoder or both decoder-only.")
+    raise ValueError(
+        f"drafter {drafter.name} and target {target.name} must both be "
+        "encoder-decoder or both decoder-only."
+    )
   if target.tokenizer is not None and drafter.tokenizer is not None:
     if not _same_vocabulary(target.tokenizer, drafter.tokenizer):
-      raise ValueError(f"drafter {drafter.name} and target {target.name} have different "
-                       "tokenizers: speculative decoding needs a shared vocabulary (ids must mean "
-                       "the same text).")
+      raise ValueError(
+          f"drafter {drafter.name} and target {target.name} have different "
+          "tokenizers: speculative decoding needs a shared vocabulary (ids must mean "
+          "the same text)."
+      )
     return
   if drafter.eos_ids and target.eos_ids and not set(drafter.eos_ids) & set(target.eos_ids):
-    raise ValueError(f"drafter {drafter.name} stops on ids {list(drafter.eos_ids)} but target "
-                     f"{target.name} on {list(target.eos_ids)} (no eos/pad id in common): "
-                     "different tokenizers.")
+    raise ValueError(
+        f"drafter {drafter.name} stops on ids {list(drafter.eos_ids)} but target "
+        f"{target.name} on {list(target.eos_ids)} (no eos/pad id in common): "
+        "different tokenizers."
+    )
   if abs(target.vocab_size - drafter.vocab_size) > 256:
-    raise ValueError(f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
-                     f"{target.vocab_size}): the drafter's tokenizer cannot be the target's.")
+    raise ValueError(
+        f"vocabulary sizes differ by more than padding ({drafter.vocab_size} vs "
+        f"{target.vocab_size}): the drafter's tokenizer cannot be the target's."
+    )
   if drafter.vocab_size != target.vocab_size and not assume_shared_vocabulary:
     _warn_unchecked_vocabulary(target, drafter)
 
@@ -155,12 +174,14 @@ def _warn_unchecked_vocabulary(target: Model, drafter: Model) -> None:
   VOCABULARY_WARNED.add(pair)
   missing = [m.name for m in (target, drafter) if m.tokenizer is None]
   verb = "carry" if len(missing) > 1 else "carries"
-  message = (f"drafter {drafter.name} has vocab_size {drafter.vocab_size} but target "
-             f"{target.name} {target.vocab_size}, and {' and '.join(missing)} {verb} "
-             "no tokenizer to compare: nothing checks that the ids mean the same text. Generation "
-             "goes on assuming they do (the output keeps the target's distribution; a drafter with "
-             "another vocabulary only gets its drafts rejected). Load the models with their "
-             "tokenizer files to check it, or pass assume_shared_vocabulary=True to state it.")
+  message = (
+      f"drafter {drafter.name} has vocab_size {drafter.vocab_size} but target "
+      f"{target.name} {target.vocab_size}, and {' and '.join(missing)} {verb} "
+      "no tokenizer to compare: nothing checks that the ids mean the same text. Generation "
+      "goes on assuming they do (the output keeps the target's distribution; a drafter with "
+      "another vocabulary only gets its drafts rejected). Load the models with their "
+      "tokenizer files to check it, or pass assume_shared_vocabulary=True to state it."
+  )
   log.warning("%s", message)
   # Points at the caller of the entry point: here <- check_compatible <- checked_drafter <- it.
   warnings.warn(VocabularyWarning(message), stacklevel=5)
@@ -183,12 +204,16 @@ def policy_option_names(target: Model, policy, caller: str) -> list[str]:
   _check_is_policy(policy, caller)
   names = getattr(policy, "option_names", None)
   if not names:
-    raise ValueError("the policy has no option names: train it with option_names (drafter names "
-                     f"and/or '{AUTOREGRESSIVE}') so {caller} knows what each option means.")
+    raise ValueError(
+        "the policy has no option names: train it with option_names (drafter names "
+        f"and/or '{AUTOREGRESSIVE}') so {caller} knows what each option means."
+    )
   if policy.input_dim != target.hidden_size:
-    raise ValueError(f"the policy reads embeddings of width {policy.input_dim} but target "
-                     f"{target.name} embeds queries with width {target.hidden_size}: train the "
-                     "policy on this target's embeddings.")
+    raise ValueError(
+        f"the policy reads embeddings of width {policy.input_dim} but target "
+        f"{target.name} embeds queries with width {target.hidden_size}: train the "
+        "policy on this target's embeddings."
+    )
   return list(names)
 
 
@@ -198,12 +223,16 @@ def _check_is_policy(policy, caller: str) -> None:
     return
   if isinstance(policy, (str, os.PathLike)):
     path = os.fspath(policy)
-    raise TypeError(f"{caller}: policy={path!r} is a path, not a Policy: load it first, "
-                    f"policy = jax_specsel.bandit.load_policy({path!r}).")
+    raise TypeError(
+        f"{caller}: policy={path!r} is a path, not a Policy: load it first, "
+        f"policy = jax_specsel.bandit.load_policy({path!r})."
+    )
   kind = "None" if policy is None else type(policy).__name__
-  raise TypeError(f"{caller}: policy is {kind}: pass a trained jax_specsel.bandit.Policy, e.g. "
-                  "jax_specsel.bandit.load_policy(path) (one saved by train_policy), or train one "
-                  "with jax_specsel.bandit.train_policy.")
+  raise TypeError(
+      f"{caller}: policy is {kind}: pass a trained jax_specsel.bandit.Policy, e.g. "
+      "jax_specsel.bandit.load_policy(path) (one saved by train_policy), or train one "
+      "with jax_specsel.bandit.train_policy."
+  )
 
 
 def warn_past_position_limit(target: Model, drafters, mask: np.ndarray, max_new_tokens) -> None:
@@ -225,11 +254,15 @@ def warn_past_position_limit(target: Model, drafters, mask: np.ndarray, max_new_
     seen.add(model.name)
     if needed > model.max_positions:
       # stacklevel: here <- programs.run <- the entry point <- its caller.
-      warnings.warn(PositionLimitWarning(
-          f"the longest prompt plus max_new_tokens={int(max_new_tokens)} needs {needed} positions "
-          f"but {model.name} was trained on max_position_embeddings={model.max_positions}: "
-          "generation goes on (as in transformers), but output past that position may degrade; "
-          "shorten the prompt or lower max_new_tokens."), stacklevel=4)
+      warnings.warn(
+          PositionLimitWarning(
+              f"the longest prompt plus max_new_tokens={int(max_new_tokens)} needs {needed} positions "
+              f"but {model.name} was trained on max_position_embeddings={model.max_positions}: "
+              "generation goes on (as in transformers), but output past that position may degrade; "
+              "shorten the prompt or lower max_new_tokens."
+          ),
+          stacklevel=4,
+      )
 
 
 def bucket_length(length: int, limit: int | None = None) -> int:
@@ -268,18 +301,24 @@ def pad_prompts(prompt_ids, attention_mask, target: Model):
     ids, mask = token_batches.right_aligned(ids, mask)
   lengths = mask.sum(axis=1)
   if (lengths == 0).any():
-    raise ValueError(f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row "
-                     "needs at least one real token (for decoder-only models, e.g. the BOS token).")
+    raise ValueError(
+        f"empty prompt in row(s) {np.flatnonzero(lengths == 0).tolist()}: every row "
+        "needs at least one real token (for decoder-only models, e.g. the BOS token)."
+    )
   limit = target.max_positions
   if limit and lengths.max() > limit:
-    raise ValueError(f"a prompt has {int(lengths.max())} tokens but {target.name} supports at most "
-                     f"{limit} positions (max_position_embeddings): truncate the prompt.")
+    raise ValueError(
+        f"a prompt has {int(lengths.max())} tokens but {target.name} supports at most "
+        f"{limit} positions (max_position_embeddings): truncate the prompt."
+    )
   out_of_vocab = mask.astype(bool) & ((ids < 0) | (ids >= target.vocab_size))
   if out_of_vocab.any():
     rows = np.unique(np.nonzero(out_of_vocab)[0])
-    raise ValueError(f"prompt ids must lie in [0, {target.vocab_size}) for {target.name}; row(s) "
-                     f"{rows[:5].tolist()} hold {ids[out_of_vocab][:5].tolist()}: tokenize with "
-                     "the model's own tokenizer.")
+    raise ValueError(
+        f"prompt ids must lie in [0, {target.vocab_size}) for {target.name}; row(s) "
+        f"{rows[:5].tolist()} hold {ids[out_of_vocab][:5].tolist()}: tokenize with "
+        "the model's own tokenizer."
+    )
   bucket = bucket_length(int(lengths.max()), limit)
   padded_ids = np.full((ids.shape[0], bucket), target.pad_id, np.int32)
   padded_mask = np.zeros((ids.shape[0], bucket), np.int32)
@@ -306,7 +345,7 @@ def _padded_int_rows(prompt_ids, target: Model):
   mask = np.zeros((len(prompt_ids), bucket), np.int32)
   try:
     for i, row in enumerate(prompt_ids):
-      ids[i, :len(row)], mask[i, :len(row)] = row, 1
+      ids[i, : len(row)], mask[i, : len(row)] = row, 1
   except OverflowError:  # an id past int32
     return None
   real = ids[mask > 0]
@@ -315,8 +354,9 @@ def _padded_int_rows(prompt_ids, target: Model):
   return ids, mask
 
 
-def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed,
-                  flags: tuple[int, ...] = ()) -> np.ndarray | jax.Array:
+def place_prompts(
+    target: Model, ids: np.ndarray, mask: np.ndarray, seed, flags: tuple[int, ...] = ()
+) -> np.ndarray | jax.Array:
   """The prompts, their lengths, the seed and run-time flags as one int32 array: one upload.
 
   Columns 0..S-1 hold the right-padded ids, column S each row's length (the mask is rebuilt from
@@ -325,14 +365,14 @@ def place_prompts(target: Model, ids: np.ndarray, mask: np.ndarray, seed,
   (the same value on every row). Split on the mesh's data axis when the target is sharded.
   """
   seed = validation.integer("seed", seed)
-  if not 0 <= seed < 2 ** 32:
+  if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: must be in [0, 2**32).")
   lengths = mask.sum(axis=1)  # pad_prompts puts each row's real tokens first
   width = ids.shape[1]
   packed = np.empty((ids.shape[0], width + 2 + len(flags)), np.int32)
   packed[:, :width], packed[:, width] = ids, lengths
   packed[:, width + 1] = np.uint32(seed).view(np.int32)
-  packed[:, width + 2:] = flags
+  packed[:, width + 2 :] = flags
   return packed if target.mesh is None else sharding.place_batch(packed, target.mesh)
 
 
@@ -343,4 +383,4 @@ def unpack_prompts(packed: jax.Array, num_flags: int = 0):
   ids, lengths = packed[:, :width], packed[:, width]
   mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
   seed = jax.lax.bitcast_convert_type(packed[0, width + 1], jnp.uint32)
-  return ids, mask, jax.random.PRNGKey(seed), packed[0, width + 2:]
+  return ids, mask, jax.random.PRNGKey(seed), packed[0, width + 2 :]

@@ -70,8 +70,9 @@ def _drafted(gamma: int, num_drafted) -> jax.Array:
   return slots < (gamma if num_drafted is None else jnp.reshape(num_drafted, (-1, 1)))
 
 
-def greedy_accept(draft_tokens: jax.Array, target_logits: jax.Array,
-                  num_drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def greedy_accept(
+    draft_tokens: jax.Array, target_logits: jax.Array, num_drafted: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Greedy verification.
 
   Args:
@@ -91,9 +92,13 @@ def greedy_accept(draft_tokens: jax.Array, target_logits: jax.Array,
   return num_accepted, next_token
 
 
-def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array,
-                       target_logprobs: jax.Array, key: jax.Array,
-                       num_drafted: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def speculative_accept(
+    draft_tokens: jax.Array,
+    draft_logprobs: jax.Array,
+    target_logprobs: jax.Array,
+    key: jax.Array,
+    num_drafted: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Speculative-sampling verification (distribution-preserving).
 
   Args:
@@ -118,8 +123,11 @@ def speculative_accept(draft_tokens: jax.Array, draft_logprobs: jax.Array,
   drafted = jnp.broadcast_to(gamma if num_drafted is None else num_drafted, (batch,))
   rows = jnp.arange(batch)
   p_next = jnp.exp(target_logprobs[rows, num_accepted])  # [B, V]
-  q_next = jnp.where((num_accepted < drafted)[:, None],
-                     jnp.exp(draft_logprobs[rows, jnp.minimum(num_accepted, gamma - 1)]), 0.0)
+  q_next = jnp.where(
+      (num_accepted < drafted)[:, None],
+      jnp.exp(draft_logprobs[rows, jnp.minimum(num_accepted, gamma - 1)]),
+      0.0,
+  )
   residual = jnp.maximum(p_next - q_next, 0.0)
   # p == q exactly leaves no residual mass; then any rejection had probability 0: fall back to p.
   residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_next)

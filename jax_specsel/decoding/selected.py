@@ -108,11 +108,21 @@ class SelectedOutput(GenerateOutput):
   embeddings: np.ndarray | None = None
 
 
-def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], policy,
-                      greedy_policy: bool = True, gamma: int = 7, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                      attention_mask=None,
-                      assume_shared_vocabulary: bool = False) -> SelectedOutput:
+def generate_selected(
+    target: Model,
+    prompt_ids,
+    drafters: Mapping[str, Model],
+    policy,
+    greedy_policy: bool = True,
+    gamma: int = 7,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    attention_mask=None,
+    assume_shared_vocabulary: bool = False,
+) -> SelectedOutput:
   """Chooses the drafter per query with `policy` and decodes with it, in one compiled call.
 
   Emits exactly what `generate(target, prompt_ids, drafter=<the chosen drafter or None>, ...)`
@@ -139,31 +149,39 @@ def generate_selected(target: Model, prompt_ids, drafters: Mapping[str, Model], 
 
   def build() -> programs.Program:
     spec = SelectionSpec(
-        options=tuple(loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
-                      for drafter in option_models),
-        policy=policy.program).interned()
+        options=tuple(
+            loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
+            for drafter in option_models
+        ),
+        policy=policy.program,
+    ).interned()
     weights, trees = _arguments(spec, target, option_models, policy)
-    return programs.Program(_PROGRAM, spec, trees, weights, spec.cache_length,
-                            _program_name(spec, policy))
+    return programs.Program(
+        _PROGRAM, spec, trees, weights, spec.cache_length, _program_name(spec, policy)
+    )
 
   def unpack(spec, packed, seconds, compile_seconds) -> SelectedOutput:
     return _output(spec, policy, packed, seconds, compile_seconds)
 
   prompts = programs.Prompts(prompt_ids, attention_mask, seed, flags=(int(bool(greedy_policy)),))
-  return programs.run(target, prompts, option_models, max_new_tokens, build, unpack, started,
-                      together=False)
+  return programs.run(
+      target, prompts, option_models, max_new_tokens, build, unpack, started, together=False
+  )
 
 
-def _option_models(target: Model, drafters: Mapping[str, Model], policy, gamma: int,
-                   assume_shared_vocabulary: bool) -> list[Model | None]:
+def _option_models(
+    target: Model, drafters: Mapping[str, Model], policy, gamma: int, assume_shared_vocabulary: bool
+) -> list[Model | None]:
   """The drafter (None: autoregressive) of each policy option, checked before any work."""
   names = request.policy_option_names(target, policy, "generate_selected")
   unknown = [n for n in names if n != AUTOREGRESSIVE and n not in drafters]
   if unknown:
-    raise ValueError(f"the policy chooses among {names} but {unknown} "
-                     f"{'is' if len(unknown) == 1 else 'are'} neither a given drafter "
-                     f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those "
-                     "names.")
+    raise ValueError(
+        f"the policy chooses among {names} but {unknown} "
+        f"{'is' if len(unknown) == 1 else 'are'} neither a given drafter "
+        f"({sorted(drafters)}) nor '{AUTOREGRESSIVE}': pass drafters= with those "
+        "names."
+    )
   models = []
   for name in names:
     model = None if name == AUTOREGRESSIVE else drafters[name]
@@ -224,15 +242,17 @@ def _program_name(spec: SelectionSpec, policy) -> str:
   return f"selected by the policy among {policy.option_names}, gamma {spec.gamma_width}"
 
 
-def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, policy_leaves,
-                  packed_prompts):
+def _run_selected(
+    spec: SelectionSpec, trees, target_leaves, stacked_leaves, policy_leaves, packed_prompts
+):
   """The whole selected generation: its `SelectedSummary`."""
   target_tree, branch_trees, policy_tree = trees
   target_params = jax.tree.unflatten(target_tree, target_leaves)
   ids, mask, key, (greedy_policy,) = unpack_prompts(packed_prompts, num_flags=1)
   first = spec.options[0]
-  context, cache = loop.prepare_target(first, target_params, ids, mask,
-                                       spec.cache_length(ids.shape[1]))
+  context, cache = loop.prepare_target(
+      first, target_params, ids, mask, spec.cache_length(ids.shape[1])
+  )
   embeddings = first.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   logits = spec.policy.logits(jax.tree.unflatten(policy_tree, policy_leaves), embeddings)
   # Only the dynamic policy draws: the draw sits between the policy and the chosen loop, so the
@@ -240,8 +260,10 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
   choice = jax.lax.cond(
       greedy_policy > 0,
       lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-      lambda: jax.random.categorical(jax.random.fold_in(key, _POLICY_STREAM), logits,
-                                     axis=-1).astype(jnp.int32))
+      lambda: jax.random.categorical(
+          jax.random.fold_in(key, _POLICY_STREAM), logits, axis=-1
+      ).astype(jnp.int32),
+  )
   member_of = jnp.asarray(_members(spec))
 
   def decode_with(branch, member, active):  # loop `branch` with its drafter `member`
@@ -253,19 +275,24 @@ def _run_selected(spec: SelectionSpec, trees, target_leaves, stacked_leaves, pol
     else:
       # The barrier keeps XLA from sinking the member's slice into the loop (a copy of the
       # drafter's weights at every drafter step instead of once per call).
-      params = jax.tree.unflatten(tree, jax.lax.optimization_barrier(
-          [leaf[member] for leaf in stacked_leaves[branch]]))
+      params = jax.tree.unflatten(
+          tree, jax.lax.optimization_barrier([leaf[member] for leaf in stacked_leaves[branch]])
+      )
     # Each loop runs on a cache of its own length, as `generate` would (see `loop.fit_cache`).
-    own_cache = loop.fit_cache(option, target_params, cache, ids.shape[0],
-                               option.cache_length(ids.shape[1]))
-    state = loop.decode_prepared(option, target_params, params, context, own_cache, ids, mask,
-                                 key, active)
+    own_cache = loop.fit_cache(
+        option, target_params, cache, ids.shape[0], option.cache_length(ids.shape[1])
+    )
+    state = loop.decode_prepared(
+        option, target_params, params, context, own_cache, ids, mask, key, active
+    )
     return loop.summarize(option, state, spec.gamma_width)
 
   if ids.shape[0] == 1:
     branch = jnp.asarray(spec.branch_of)[choice[0]]
-    summary = jax.lax.switch(branch, [lambda b=b: decode_with(b, member_of[choice[0]], None)
-                                      for b in range(len(spec.branches))])
+    summary = jax.lax.switch(
+        branch,
+        [lambda b=b: decode_with(b, member_of[choice[0]], None) for b in range(len(spec.branches))],
+    )
   else:
     summary = _decode_rows(spec, decode_with, choice, ids.shape[0])
   return SelectedSummary(base=summary, choice=choice, embeddings=embeddings)
@@ -286,22 +313,29 @@ def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int) -> loop.S
   for index in range(len(spec.options)):
     rows = choice == index
     run = lambda current, i=index, r=rows: _where_rows(
-        r, decode_with(spec.branch_of[i], members[i], r), current)
+        r, decode_with(spec.branch_of[i], members[i], r), current
+    )
     summary = jax.lax.cond(jnp.any(rows), run, lambda current: current, summary)
   return summary
 
 
 def _empty_summary(batch: int, max_new_tokens: int, gamma_width: int) -> loop.Summary:
   rows = jnp.zeros((batch,), jnp.int32)
-  return loop.Summary(tokens=jnp.zeros((batch, max_new_tokens), jnp.int32), lengths=rows,
-                      rounds=rows, accepted=rows, target_calls=rows,
-                      accepted_at=jnp.zeros((batch, gamma_width), jnp.int32))
+  return loop.Summary(
+      tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
+      lengths=rows,
+      rounds=rows,
+      accepted=rows,
+      target_calls=rows,
+      accepted_at=jnp.zeros((batch, gamma_width), jnp.int32),
+  )
 
 
 def _where_rows(rows, new, old):
   """Each leaf of `new` on `rows` (bool [B]), of `old` elsewhere."""
-  return jax.tree.map(lambda n, o: jnp.where(rows.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                      new, old)
+  return jax.tree.map(
+      lambda n, o: jnp.where(rows.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
+  )
 
 
 @struct.dataclass
@@ -313,18 +347,30 @@ class SelectedSummary:
   embeddings: jax.Array  # float32 [B, D] the query embeddings the policy read
 
 
-def _output(spec: SelectionSpec, policy, packed: np.ndarray, seconds: float,
-            compile_seconds: float) -> SelectedOutput:
+def _output(
+    spec: SelectionSpec, policy, packed: np.ndarray, seconds: float, compile_seconds: float
+) -> SelectedOutput:
   """The fetched `SelectedSummary` as the call's output."""
   summary = _PROGRAM.unpack(spec, packed)
   base, choice_ids = summary.base, summary.choice
   gammas = np.fromiter((option.gamma for option in spec.options), np.int32, len(spec.options))
   # target_calls: each option that ran counts its own loop's calls once.
   _, first_rows = np.unique(choice_ids, return_index=True)
-  stats = Stats(drafted=base.rounds * gammas[choice_ids], accepted=base.accepted,
-                rounds=base.rounds, per_position=base.accepted_at.sum(axis=0),
-                target_calls=int(base.target_calls[first_rows].sum()), seconds=seconds,
-                compile_seconds=compile_seconds, new_tokens=int(base.lengths.sum()))
-  return SelectedOutput(tokens=base.tokens, lengths=base.lengths, stats=stats,
-                        choices=[policy.option_names[c] for c in choice_ids.tolist()],
-                        choice_ids=choice_ids, embeddings=summary.embeddings)
+  stats = Stats(
+      drafted=base.rounds * gammas[choice_ids],
+      accepted=base.accepted,
+      rounds=base.rounds,
+      per_position=base.accepted_at.sum(axis=0),
+      target_calls=int(base.target_calls[first_rows].sum()),
+      seconds=seconds,
+      compile_seconds=compile_seconds,
+      new_tokens=int(base.lengths.sum()),
+  )
+  return SelectedOutput(
+      tokens=base.tokens,
+      lengths=base.lengths,
+      stats=stats,
+      choices=[policy.option_names[c] for c in choice_ids.tolist()],
+      choice_ids=choice_ids,
+      embeddings=summary.embeddings,
+  )

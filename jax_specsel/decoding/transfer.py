@@ -65,8 +65,13 @@ class Packed:
     treedef, layout = found
     packed = np.asarray(packed)
     batch = packed.shape[0]
-    return jax.tree.unflatten(treedef, [_column(packed[:, columns], dtype).reshape(batch, *shape)
-                                        for columns, shape, dtype in layout])
+    return jax.tree.unflatten(
+        treedef,
+        [
+            _column(packed[:, columns], dtype).reshape(batch, *shape)
+            for columns, shape, dtype in layout
+        ],
+    )
 
 
 def _column(columns: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -58,24 +58,34 @@ def effect_checks(result: dict, expectations: Expectations | None = None) -> dic
   for domain, rows in domains.items():
     best = max(singles, key=lambda o: rows[o]["speedup"])
     greedy = rows.get("policy_greedy")
-    checks[domain] = {"best_single_option": best, "best_single_speedup": rows[best]["speedup"],
-                      "policy_greedy_speedup": greedy["speedup"] if greedy else None,
-                      "policy_within_5pct_of_best": bool(
-                          greedy and greedy["ms_per_token"]
-                          <= (1 + expectations.policy_tolerance) * rows[best]["ms_per_token"])}
+    checks[domain] = {
+        "best_single_option": best,
+        "best_single_speedup": rows[best]["speedup"],
+        "policy_greedy_speedup": greedy["speedup"] if greedy else None,
+        "policy_within_5pct_of_best": bool(
+            greedy
+            and greedy["ms_per_token"]
+            <= (1 + expectations.policy_tolerance) * rows[best]["ms_per_token"]
+        ),
+    }
   if "policy_greedy" in next(iter(domains.values())):
-    average = {o: np.mean([domains[d][o]["speedup"] for d in domains]) for o in singles + ["policy_greedy"]}
+    average = {
+        o: np.mean([domains[d][o]["speedup"] for d in domains]) for o in singles + ["policy_greedy"]
+    }
     checks["average_speedup"] = {k: float(v) for k, v in average.items()}
     checks["policy_beats_every_single_option_on_average"] = bool(
-        all(average["policy_greedy"] > average[o] for o in singles))
+        all(average["policy_greedy"] > average[o] for o in singles)
+    )
   checks.update(_expected_effect_checks(result, expectations))
   checks.update(_adaptive_checks(result, expectations))
   cost = result.get("policy_cost", {}).get("all", {}).get("policy_greedy")
   if cost is not None:
     checks["policy_share_of_query_time"] = {
-        "share": cost["share"], "ms_per_query": cost["ms_per_query"],
+        "share": cost["share"],
+        "ms_per_query": cost["ms_per_query"],
         "limit": expectations.max_policy_share,
-        "below_limit": bool(cost["share"] < expectations.max_policy_share)}
+        "below_limit": bool(cost["share"] < expectations.max_policy_share),
+    }
   return checks
 
 
@@ -84,20 +94,28 @@ def _expected_effect_checks(result: dict, expectations: Expectations) -> dict:
   for drafter, home in expectations.drafter_domains.items():
     if home not in domains or drafter not in domains[home]:
       continue
-    outside = {d: rows[drafter]["speedup"] for d, rows in domains.items()
-               if d != home and d not in expectations.mixed_domains}
+    outside = {
+        d: rows[drafter]["speedup"]
+        for d, rows in domains.items()
+        if d != home and d not in expectations.mixed_domains
+    }
     checks[f"{drafter}_in_domain"] = {
-        "domain": home, "speedup": domains[home][drafter]["speedup"],
+        "domain": home,
+        "speedup": domains[home][drafter]["speedup"],
         "at_least_min_speedup": bool(domains[home][drafter]["speedup"] >= expectations.min_speedup),
         "speedup_outside": outside,
         "limit_outside": expectations.max_speedup_outside,
         "slower_than_autoregressive_outside": bool(
-            all(v <= expectations.max_speedup_outside for v in outside.values()))}
+            all(v <= expectations.max_speedup_outside for v in outside.values())
+        ),
+    }
   for domain in expectations.autoregressive_domains:
     share = result["choices"].get(domain, {}).get(AUTOREGRESSIVE)
     if share is not None:
-      checks[f"{domain}_policy_chooses_autoregressive"] = {"share": share,
-                                                           "for_most_queries": bool(share > 0.5)}
+      checks[f"{domain}_policy_chooses_autoregressive"] = {
+          "share": share,
+          "for_most_queries": bool(share > 0.5),
+      }
   return checks
 
 
@@ -110,24 +128,33 @@ def _adaptive_checks(result: dict, expectations: Expectations) -> dict:
       best = max(rivals, key=rivals.get)
       gain = rows["policy_adaptive"]["speedup"] / rivals[best]
       checks[f"{domain}_adaptive_vs_best"] = {
-          "adaptive_speedup": rows["policy_adaptive"]["speedup"], "best_rival": best,
-          "best_rival_speedup": rivals[best], "gain": gain, "goal": expectations.mixed_gain,
-          "adaptive_reaches_gain": bool(gain >= expectations.mixed_gain)}
+          "adaptive_speedup": rows["policy_adaptive"]["speedup"],
+          "best_rival": best,
+          "best_rival_speedup": rivals[best],
+          "gain": gain,
+          "goal": expectations.mixed_gain,
+          "adaptive_reaches_gain": bool(gain >= expectations.mixed_gain),
+      }
     elif "policy_adaptive" in rows and "policy_greedy" in rows:
       ratio = rows["policy_adaptive"]["ms_per_token"] / rows["policy_greedy"]["ms_per_token"]
       checks[f"{domain}_adaptive_vs_policy"] = {
           "adaptive_speedup": rows["policy_adaptive"]["speedup"],
-          "policy_greedy_speedup": rows["policy_greedy"]["speedup"], "time_ratio": ratio,
-          "adaptive_within_tolerance": bool(ratio <= 1 + expectations.adaptive_tolerance)}
+          "policy_greedy_speedup": rows["policy_greedy"]["speedup"],
+          "time_ratio": ratio,
+          "adaptive_within_tolerance": bool(ratio <= 1 + expectations.adaptive_tolerance),
+      }
   shifted = result.get("shifted")
   if shifted:
     checks["shifted_domain"] = {
-        "domain": shifted["domain"], "best_fixed": shifted["best_fixed"],
+        "domain": shifted["domain"],
+        "best_fixed": shifted["best_fixed"],
         "online_vs_best_fixed": shifted["online_vs_best_fixed"],
         "frozen_vs_best_fixed": shifted["frozen_vs_best_fixed"],
         "prior_choices": shifted["prior_choices"],
         "online_within_tolerance": bool(
-            shifted["online_vs_best_fixed"] <= 1 + expectations.shifted_tolerance)}
+            shifted["online_vs_best_fixed"] <= 1 + expectations.shifted_tolerance
+        ),
+    }
   return checks
 
 
@@ -135,40 +162,58 @@ def shortfalls(checks: dict) -> list[str]:
   """Plain sentences for every check of the paper's effect that did not hold."""
   notes = []
   if checks.get("policy_beats_every_single_option_on_average") is False:
-    notes.append("the greedy policy is not faster on average than every single fixed option "
-                 f"(average speedups {_rounded(checks['average_speedup'])})")
+    notes.append(
+        "the greedy policy is not faster on average than every single fixed option "
+        f"(average speedups {_rounded(checks['average_speedup'])})"
+    )
   for name, value in checks.items():
     if not isinstance(value, dict):
       continue
     subject = name.removesuffix("_in_domain").removesuffix("_policy_chooses_autoregressive")
     if value.get("policy_within_5pct_of_best") is False:
-      notes.append(f"{name}: the greedy policy ({value['policy_greedy_speedup']:.2f}x) is more than "
-                   f"5% slower than the best single option {value['best_single_option']} "
-                   f"({value['best_single_speedup']:.2f}x)")
+      notes.append(
+          f"{name}: the greedy policy ({value['policy_greedy_speedup']:.2f}x) is more than "
+          f"5% slower than the best single option {value['best_single_option']} "
+          f"({value['best_single_speedup']:.2f}x)"
+      )
     if value.get("at_least_min_speedup") is False:
-      notes.append(f"{subject} reaches {value['speedup']:.2f}x in its own domain "
-                   f"{value['domain']}, short of the expected speedup")
+      notes.append(
+          f"{subject} reaches {value['speedup']:.2f}x in its own domain "
+          f"{value['domain']}, short of the expected speedup"
+      )
     if value.get("slower_than_autoregressive_outside") is False:
-      notes.append(f"{subject} is not at most {value['limit_outside']:.2f}x autoregressive "
-                   f"outside its domain ({_rounded(value['speedup_outside'])})")
+      notes.append(
+          f"{subject} is not at most {value['limit_outside']:.2f}x autoregressive "
+          f"outside its domain ({_rounded(value['speedup_outside'])})"
+      )
     if value.get("below_limit") is False:
-      notes.append(f"choosing costs {100 * value['share']:.1f}% of per-query time "
-                   f"({value['ms_per_query']:.3f} ms a query), above {100 * value['limit']:.0f}%")
+      notes.append(
+          f"choosing costs {100 * value['share']:.1f}% of per-query time "
+          f"({value['ms_per_query']:.3f} ms a query), above {100 * value['limit']:.0f}%"
+      )
     if value.get("adaptive_within_tolerance") is False:
-      notes.append(f"{name.removesuffix('_adaptive_vs_policy')}: per-round choice takes "
-                   f"{value['time_ratio']:.2f}x the per-query policy's time per token")
+      notes.append(
+          f"{name.removesuffix('_adaptive_vs_policy')}: per-round choice takes "
+          f"{value['time_ratio']:.2f}x the per-query policy's time per token"
+      )
     if value.get("adaptive_reaches_gain") is False:
-      notes.append(f"{name.removesuffix('_adaptive_vs_best')}: per-round choice reaches "
-                   f"{value['adaptive_speedup']:.2f}x, {value['gain']:.2f}x the best other option "
-                   f"{value['best_rival']} ({value['best_rival_speedup']:.2f}x), short of "
-                   f"{value['goal']:.1f}x")
+      notes.append(
+          f"{name.removesuffix('_adaptive_vs_best')}: per-round choice reaches "
+          f"{value['adaptive_speedup']:.2f}x, {value['gain']:.2f}x the best other option "
+          f"{value['best_rival']} ({value['best_rival_speedup']:.2f}x), short of "
+          f"{value['goal']:.1f}x"
+      )
     if value.get("online_within_tolerance") is False:
-      notes.append(f"shifted domain {value['domain']}: after the online updates the adaptive "
-                   f"policy takes {value['online_vs_best_fixed']:.2f}x the best single option's "
-                   f"({value['best_fixed']}) time per token")
+      notes.append(
+          f"shifted domain {value['domain']}: after the online updates the adaptive "
+          f"policy takes {value['online_vs_best_fixed']:.2f}x the best single option's "
+          f"({value['best_fixed']}) time per token"
+      )
     if value.get("for_most_queries") is False:
-      notes.append(f"{subject}: the policy picks autoregressive for only "
-                   f"{100 * value['share']:.0f}% of the queries")
+      notes.append(
+          f"{subject}: the policy picks autoregressive for only "
+          f"{100 * value['share']:.0f}% of the queries"
+      )
   return notes
 
 

@@ -81,49 +81,102 @@ class OnlineLearner:
       self.updater.update(embeddings, rewards, observed)
 
 
-def run_option(target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig,
-               seed: int) -> QueryRun:
+def run_option(
+    target: Model, drafter: Model | None, prompt_ids: list[int], config: EvalConfig, seed: int
+) -> QueryRun:
   """Decodes one query with one option (drafter None: autoregressive), timed around the call."""
   started = time.perf_counter()
-  out = generate(target, [prompt_ids], drafter=drafter, gamma=config.gamma,
-                 temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed)
+  out = generate(
+      target,
+      [prompt_ids],
+      drafter=drafter,
+      gamma=config.gamma,
+      temperature=config.temperature,
+      max_new_tokens=config.max_new_tokens,
+      seed=seed,
+  )
   seconds = time.perf_counter() - started
-  return QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
-                  int(out.stats.drafted.sum()), decode_text(target, out)[0])
+  return QueryRun(
+      seconds,
+      int(out.lengths[0]),
+      int(out.stats.accepted.sum()),
+      int(out.stats.drafted.sum()),
+      decode_text(target, out)[0],
+  )
 
 
-def run_policy(target: Model, drafters: dict[str, Model], policy, prompt_ids: list[int],
-               greedy: bool, config: EvalConfig, seed: int) -> tuple[QueryRun, str]:
+def run_policy(
+    target: Model,
+    drafters: dict[str, Model],
+    policy,
+    prompt_ids: list[int],
+    greedy: bool,
+    config: EvalConfig,
+    seed: int,
+) -> tuple[QueryRun, str]:
   """(QueryRun, chosen option) of one query through `generate_selected`, timed around the call."""
   started = time.perf_counter()
-  out = generate_selected(target, [prompt_ids], drafters, policy, greedy_policy=greedy,
-                          gamma=config.gamma, temperature=config.temperature,
-                          max_new_tokens=config.max_new_tokens, seed=seed)
+  out = generate_selected(
+      target,
+      [prompt_ids],
+      drafters,
+      policy,
+      greedy_policy=greedy,
+      gamma=config.gamma,
+      temperature=config.temperature,
+      max_new_tokens=config.max_new_tokens,
+      seed=seed,
+  )
   seconds = time.perf_counter() - started
-  run = QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
-                 int(out.stats.drafted.sum()), decode_text(target, out)[0])
+  run = QueryRun(
+      seconds,
+      int(out.lengths[0]),
+      int(out.stats.accepted.sum()),
+      int(out.stats.drafted.sum()),
+      decode_text(target, out)[0],
+  )
   return run, out.choices[0]
 
 
-def run_adaptive(target: Model, drafters: dict[str, Model], policy, prompt_ids: list[int],
-                 config: EvalConfig, seed: int, setup: AdaptiveSetup,
-                 learner: OnlineLearner | None = None) -> QueryRun:
+def run_adaptive(
+    target: Model,
+    drafters: dict[str, Model],
+    policy,
+    prompt_ids: list[int],
+    config: EvalConfig,
+    seed: int,
+    setup: AdaptiveSetup,
+    learner: OnlineLearner | None = None,
+) -> QueryRun:
   """One query through `generate_adaptive` (prior: `policy`), then, with a learner, the online
   update of its policy from what the query measured; both inside the timed call."""
   started = time.perf_counter()
-  out = adaptive.generate_adaptive(target, [prompt_ids], drafters, policy, costs=setup.costs,
-                                   max_gamma=setup.max_gamma, rule=setup.rule,
-                                   temperature=config.temperature,
-                                   max_new_tokens=config.max_new_tokens, seed=seed)
+  out = adaptive.generate_adaptive(
+      target,
+      [prompt_ids],
+      drafters,
+      policy,
+      costs=setup.costs,
+      max_gamma=setup.max_gamma,
+      rule=setup.rule,
+      temperature=config.temperature,
+      max_new_tokens=config.max_new_tokens,
+      seed=seed,
+  )
   if learner is not None:
     learner.observe(out)
   seconds = time.perf_counter() - started
   played = out.round_options[0][out.round_options[0] >= 0]
   counts = np.bincount(played, minlength=len(out.option_names))
-  return QueryRun(seconds, int(out.lengths[0]), int(out.stats.accepted.sum()),
-                  int(out.stats.drafted.sum()), decode_text(target, out)[0],
-                  rounds_by_option={n: int(c) for n, c in zip(out.option_names, counts)},
-                  work=(float(out.achieved[0]), float(np.nanmax(out.hindsight_values[0]))))
+  return QueryRun(
+      seconds,
+      int(out.lengths[0]),
+      int(out.stats.accepted.sum()),
+      int(out.stats.drafted.sum()),
+      decode_text(target, out)[0],
+      rounds_by_option={n: int(c) for n, c in zip(out.option_names, counts)},
+      work=(float(out.achieved[0]), float(np.nanmax(out.hindsight_values[0]))),
+  )
 
 
 def online_feedback(out, option_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,11 +194,17 @@ def online_feedback(out, option_names: Sequence[str]) -> tuple[np.ndarray, np.nd
 def query_seed(seed: int, index: int) -> int:
   """The decoding (and dynamic policy) seed of query `index` in repeat `seed`: every option gets the
   same one; distinct per query, so the dynamic policy's draws are independent across queries."""
-  return (seed * 1_000_003 + index) % 2 ** 32
+  return (seed * 1_000_003 + index) % 2**32
 
 
-def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Dataset, policy=None,
-             config: EvalConfig = EvalConfig(), adaptive_setup: AdaptiveSetup | None = None) -> dict:
+def evaluate(
+    target: Model,
+    drafters: dict[str, Model],
+    examples: datasets.Dataset,
+    policy=None,
+    config: EvalConfig = EvalConfig(),
+    adaptive_setup: AdaptiveSetup | None = None,
+) -> dict:
   """Measures every single option and, with a policy, its greedy, dynamic (and adaptive) variants.
 
   Args:
@@ -178,14 +237,19 @@ def evaluate(target: Model, drafters: dict[str, Model], examples: datasets.Datas
     # from query to query: slow drifts of a shared machine hit every row alike, and a policy
     # row's call is timed next to the plain call with the option it chose. Each repeat starts
     # the adaptive row over from the offline policy.
-    decoders = {name: _row_decoder(name, target, options, drafters, policy, variants, config)
-                for name in rows}
+    decoders = {
+        name: _row_decoder(name, target, options, drafters, policy, variants, config)
+        for name in rows
+    }
     for i, prompt in enumerate(prompts):
       turn = (repeat + i) % len(rows)
       for name in rows[turn:] + rows[:turn]:
         runs[name][repeat][i] = decoders[name](prompt, query_seed(seed, i))
-  chosen = {variant: [run.choice for run in runs[variant][0]] for variant in variants
-            if variant in FUSED_VARIANTS}
+  chosen = {
+      variant: [run.choice for run in runs[variant][0]]
+      for variant in variants
+      if variant in FUSED_VARIANTS
+  }
   return summarize(examples, runs, chosen)
 
 
@@ -199,10 +263,12 @@ def _row_decoder(name, target, options, drafters, policy, variants, config):
     return lambda prompt, seed: run_option(target, options[name], prompt, config, seed)
   if name == "policy_adaptive":
     setup, own = variants[name], policy.copy()
-    learner = (OnlineLearner(own, setup.online, setup.update_every)
-               if setup.online is not None else None)
-    return lambda prompt, seed: run_adaptive(target, drafters, own, prompt, config, seed, setup,
-                                             learner)
+    learner = (
+        OnlineLearner(own, setup.online, setup.update_every) if setup.online is not None else None
+    )
+    return lambda prompt, seed: run_adaptive(
+        target, drafters, own, prompt, config, seed, setup, learner
+    )
 
   def decode(prompt, seed):
     run, choice = run_policy(target, drafters, policy, prompt, variants[name], config, seed)
@@ -249,5 +315,7 @@ def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup
 def _check_policy_options(policy, options):
   unknown = set(policy.option_names or ()) - set(options)
   if unknown or not policy.option_names:
-    raise ValueError(f"the policy chooses among {policy.option_names} but options "
-                     f"{sorted(unknown)} are not given.")
+    raise ValueError(
+        f"the policy chooses among {policy.option_names} but options "
+        f"{sorted(unknown)} are not given."
+    )

@@ -16,15 +16,23 @@ def load_torch_model(directory: str):
   """The transformers PyTorch model of a checkpoint directory, in eval mode, float32."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
   config = AutoConfig.from_pretrained(directory)
   cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
   return cls.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def measure_hf_generation(target, prompts: list[list[int]], drafter=None, gamma: int = 7,
-                          max_new_tokens: int = 64, repeats: int = 3) -> dict:
+def measure_hf_generation(
+    target,
+    prompts: list[list[int]],
+    drafter=None,
+    gamma: int = 7,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+) -> dict:
   """ms/token of `generate` (greedy), assisted when `drafter` is given (constant gamma schedule)."""
   import torch
+
   kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, num_beams=1)
   if drafter is not None:
     kwargs.update(assistant_model=drafter)

@@ -24,8 +24,10 @@ def _check_pairs(name: str, hypotheses: Sequence[str], references: Sequence[str]
   if isinstance(hypotheses, str) or isinstance(references, str):
     raise TypeError(f"{name} takes lists of strings; wrap a single text in a list: [text]")
   if len(hypotheses) != len(references):
-    raise ValueError(f"{name}: {len(hypotheses)} hypotheses but {len(references)} references; "
-                     "pass one reference per hypothesis")
+    raise ValueError(
+        f"{name}: {len(hypotheses)} hypotheses but {len(references)} references; "
+        "pass one reference per hypothesis"
+    )
   if not hypotheses:
     raise ValueError(f"{name}: no hypotheses to score")
 
@@ -70,7 +72,7 @@ def final_number(text: str) -> decimal.Decimal | None:
     The number, or None if the text has none.
   """
   marker = text.rfind("####")
-  numbers = _NUMBER.findall(text[marker + 4:] if marker >= 0 else text)
+  numbers = _NUMBER.findall(text[marker + 4 :] if marker >= 0 else text)
   if not numbers:
     return None
   chosen = numbers[0] if marker >= 0 else numbers[-1]
@@ -95,8 +97,10 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
   for hypothesis, reference in zip(hypotheses, references):
     expected = final_number(reference)
     if expected is None:
-      raise ValueError(f"exact_match: reference {reference!r} has no number; GSM8K-style "
-                       "exact match needs numeric answers")
+      raise ValueError(
+          f"exact_match: reference {reference!r} has no number; GSM8K-style "
+          "exact match needs numeric answers"
+      )
     hits.append(final_number(hypothesis) == expected)
   return float(100.0 * np.mean(hits))
 
@@ -116,8 +120,9 @@ def exact_text_match(hypotheses: Sequence[str], references: Sequence[str]) -> fl
   """
   _check_pairs("exact_text", hypotheses, references)
   normalize = lambda text: " ".join(text.lower().split())
-  return float(100.0 * np.mean([normalize(h) == normalize(r)
-                                for h, r in zip(hypotheses, references)]))
+  return float(
+      100.0 * np.mean([normalize(h) == normalize(r) for h, r in zip(hypotheses, references)])
+  )
 
 
 METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {

@@ -24,21 +24,39 @@ from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.models.interface import Model
 
 
-def held_out_policy(dataset: datasets.Dataset, meta: dict, domain: str, options: Sequence[str],
-                    alpha: float, cost_unit: float, train_config, seed: int) -> Policy:
+def held_out_policy(
+    dataset: datasets.Dataset,
+    meta: dict,
+    domain: str,
+    options: Sequence[str],
+    alpha: float,
+    cost_unit: float,
+    train_config,
+    seed: int,
+) -> Policy:
   """The policy trained as the pipeline trains it, on every collected query but `domain`'s."""
   rest = dataset.filter(lambda row: row["task"] != domain)
   if len(rest) == len(dataset):
-    raise ValueError(f"no collected query has task {domain!r}: choose the shifted domain among "
-                     f"{sorted(set(dataset['task']))}.")
+    raise ValueError(
+        f"no collected query has task {domain!r}: choose the shifted domain among "
+        f"{sorted(set(dataset['task']))}."
+    )
   embeddings, rewards, names = collect_lib.reward_table(rest, meta, alpha, cost_unit, options)
-  return reinforce.train_policy(embeddings, rewards, seed=seed, config=train_config,
-                                option_names=names)
+  return reinforce.train_policy(
+      embeddings, rewards, seed=seed, config=train_config, option_names=names
+  )
 
 
-def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts: list[list[int]],
-              setup: evaluate_lib.AdaptiveSetup, config: evaluate_lib.EvalConfig,
-              queries: int, window: int = 10) -> dict:
+def run_shift(
+    target: Model,
+    drafters: dict[str, Model],
+    policy: Policy,
+    prompts: list[list[int]],
+    setup: evaluate_lib.AdaptiveSetup,
+    config: evaluate_lib.EvalConfig,
+    queries: int,
+    window: int = 10,
+) -> dict:
   """Serves `queries` queries (the prompts in turn) with each variant; returns the curves.
 
   Returns:
@@ -52,17 +70,24 @@ def run_shift(target: Model, drafters: dict[str, Model], policy: Policy, prompts
   runs = _serve(target, drafters, options, policy, prompts, setup, config, queries)
   ms = {name: [1e3 * r.seconds / max(r.tokens, 1) for r in rows] for name, rows in runs.items()}
   tail = slice(max(queries - window, 0), queries)
-  final = {name: 1e3 * sum(r.seconds for r in rows[tail]) / max(sum(r.tokens for r in rows[tail]), 1)
-           for name, rows in runs.items()}
+  final = {
+      name: 1e3 * sum(r.seconds for r in rows[tail]) / max(sum(r.tokens for r in rows[tail]), 1)
+      for name, rows in runs.items()
+  }
   best = min(options, key=lambda name: final[name])
   embeddings = np.concatenate([target.embed(np.asarray([p])) for p in prompts])
   chosen = [policy.option_name(i) for i in policy.choose(embeddings)]
-  return {"queries": queries, "window": window, "ms_per_token": ms,
-          "running": {name: _running_mean(values, window) for name, values in ms.items()},
-          "final": final, "best_fixed": best,
-          "online_vs_best_fixed": final["online"] / final[best],
-          "frozen_vs_best_fixed": final["frozen"] / final[best],
-          "prior_choices": {name: chosen.count(name) / len(chosen) for name in sorted(set(chosen))}}
+  return {
+      "queries": queries,
+      "window": window,
+      "ms_per_token": ms,
+      "running": {name: _running_mean(values, window) for name, values in ms.items()},
+      "final": final,
+      "best_fixed": best,
+      "online_vs_best_fixed": final["online"] / final[best],
+      "frozen_vs_best_fixed": final["frozen"] / final[best],
+      "prior_choices": {name: chosen.count(name) / len(chosen) for name in sorted(set(chosen))},
+  }
 
 
 def _serve(target, drafters, options, policy, prompts, setup, config, queries: int) -> dict:
@@ -71,23 +96,31 @@ def _serve(target, drafters, options, policy, prompts, setup, config, queries: i
   sequence = [prompts[i % len(prompts)] for i in range(queries)]
   runs = {}
   for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
-    evaluate_lib.run_adaptive(target, drafters, policy, prompt, config,
-                              evaluate_lib.query_seed(0, i), setup)
+    evaluate_lib.run_adaptive(
+        target, drafters, policy, prompt, config, evaluate_lib.query_seed(0, i), setup
+    )
   for name, learn in (("online", True), ("frozen", False)):
     own = policy.copy()
-    learner = (evaluate_lib.OnlineLearner(own, setup.online, setup.update_every)
-               if learn and setup.online is not None else None)
+    learner = (
+        evaluate_lib.OnlineLearner(own, setup.online, setup.update_every)
+        if learn and setup.online is not None
+        else None
+    )
     evaluate_lib.warm_adaptive(target, drafters, policy, sequence[0], config, setup)
-    runs[name] = [evaluate_lib.run_adaptive(target, drafters, own, prompt, config,
-                                            evaluate_lib.query_seed(0, i), setup, learner)
-                  for i, prompt in enumerate(sequence)]
+    runs[name] = [
+        evaluate_lib.run_adaptive(
+            target, drafters, own, prompt, config, evaluate_lib.query_seed(0, i), setup, learner
+        )
+        for i, prompt in enumerate(sequence)
+    ]
   for name, drafter in options.items():
     evaluate_lib.run_option(target, drafter, sequence[0], config, 0)
-    runs[name] = [evaluate_lib.run_option(target, drafter, prompt, config,
-                                          evaluate_lib.query_seed(0, i))
-                  for i, prompt in enumerate(sequence)]
+    runs[name] = [
+        evaluate_lib.run_option(target, drafter, prompt, config, evaluate_lib.query_seed(0, i))
+        for i, prompt in enumerate(sequence)
+    ]
   return runs
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
-  return [statistics.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+  return [statistics.mean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]

@@ -57,9 +57,11 @@ def policy_cost(runs: dict, rows: Sequence[int] | None = None) -> dict:
         extra += fused.seconds - plain
         total += fused.seconds
         ratios.append(fused.seconds / plain)
-    out[variant] = {"share": extra / total if total else float("nan"),
-                    "ms_per_query": 1e3 * extra / max(len(ratios), 1),
-                    "median_ratio": statistics.median(ratios) if ratios else float("nan")}
+    out[variant] = {
+        "share": extra / total if total else float("nan"),
+        "ms_per_query": 1e3 * extra / max(len(ratios), 1),
+        "median_ratio": statistics.median(ratios) if ratios else float("nan"),
+    }
   return out
 
 
@@ -79,27 +81,36 @@ def summarize(examples, runs, choices) -> dict:
   domains, shares = {}, {}
   for task in dict.fromkeys(tasks):
     rows = [i for i, t in enumerate(tasks) if t == task]
-    domains[task] = {name: _option_row(task, option_runs, rows, references)
-                     for name, option_runs in runs.items()}
+    domains[task] = {
+        name: _option_row(task, option_runs, rows, references) for name, option_runs in runs.items()
+    }
     base = domains[task][AUTOREGRESSIVE]["ms_per_token"]
     for row in domains[task].values():
       row["speedup"] = base / row["ms_per_token"]
     for variant, chosen in choices.items():
       counts = collections.Counter(chosen[i] for i in rows)
       shares.setdefault(task, {})[variant] = {k: v / len(rows) for k, v in sorted(counts.items())}
-  per_query = {name: [[r.seconds, r.tokens] for r in option_runs[0]] for name, option_runs in runs.items()}
+  per_query = {
+      name: [[r.seconds, r.tokens] for r in option_runs[0]] for name, option_runs in runs.items()
+  }
   cost = {"all": policy_cost(runs)}
   for task in dict.fromkeys(tasks):
     cost[task] = policy_cost(runs, [i for i, t in enumerate(tasks) if t == task])
-  result = {"domains": domains,
-            "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
-            "choices_by_variant": shares, "per_query": per_query, "policy_cost": cost}
+  result = {
+      "domains": domains,
+      "choices": {t: s.get("policy_greedy", {}) for t, s in shares.items()},
+      "choices_by_variant": shares,
+      "per_query": per_query,
+      "policy_cost": cost,
+  }
   if "policy_adaptive" in runs:
     by_task = _rows_by_task(tasks)
-    result["round_choices"] = {task: _round_shares(runs["policy_adaptive"][0], rows)
-                               for task, rows in by_task.items()}
-    result["round_work"] = {task: round_work(runs["policy_adaptive"][0], rows)
-                            for task, rows in by_task.items()}
+    result["round_choices"] = {
+        task: _round_shares(runs["policy_adaptive"][0], rows) for task, rows in by_task.items()
+    }
+    result["round_work"] = {
+        task: round_work(runs["policy_adaptive"][0], rows) for task, rows in by_task.items()
+    }
   return result
 
 
@@ -113,8 +124,11 @@ def round_work(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, floa
   per-round overhead in wall time (both count the reads that scored drafters as work)."""
   achieved = [adaptive_runs[i].work[0] for i in rows]
   best = [adaptive_runs[i].work[1] for i in rows]
-  return {"achieved": float(np.mean(achieved)), "best_fixed_hindsight": float(np.mean(best)),
-          "ratio": float(np.mean(achieved) / np.mean(best))}
+  return {
+      "achieved": float(np.mean(achieved)),
+      "best_fixed_hindsight": float(np.mean(best)),
+      "ratio": float(np.mean(achieved) / np.mean(best)),
+  }
 
 
 def _round_shares(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, float]:
@@ -127,16 +141,25 @@ def _round_shares(adaptive_runs: list[QueryRun], rows: list[int]) -> dict[str, f
 
 
 def _option_row(task, option_runs, rows, references) -> dict:
-  ms = [1e3 * sum(runs[i].seconds for i in rows) / max(sum(runs[i].tokens for i in rows), 1)
-        for runs in option_runs]
+  ms = [
+      1e3 * sum(runs[i].seconds for i in rows) / max(sum(runs[i].tokens for i in rows), 1)
+      for runs in option_runs
+  ]
   first = option_runs[0]
   drafted = sum(first[i].drafted for i in rows)
   metric = _metric_for(task)
-  quality = (None if metric is None else  # reference-free tasks (Spec-Bench): speed only
-             metrics.quality(metric, [first[i].text for i in rows], [references[i] for i in rows]))
-  return {"quality": quality, "metric": metric, "ms_per_token": statistics.mean(ms),
-          "ms_per_token_spread": spread(ms),
-          "acceptance_rate": sum(first[i].accepted for i in rows) / drafted if drafted else None}
+  quality = (
+      None
+      if metric is None  # reference-free tasks (Spec-Bench): speed only
+      else metrics.quality(metric, [first[i].text for i in rows], [references[i] for i in rows])
+  )
+  return {
+      "quality": quality,
+      "metric": metric,
+      "ms_per_token": statistics.mean(ms),
+      "ms_per_token_spread": spread(ms),
+      "acceptance_rate": sum(first[i].accepted for i in rows) / drafted if drafted else None,
+  }
 
 
 def _metric_for(task: str) -> str | None:

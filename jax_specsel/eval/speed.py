@@ -74,9 +74,15 @@ def _repeat_decode(decoder: Decoder, steps: int, params, tokens, position, cache
   return jax.lax.fori_loop(0, steps, body, (tokens, cache))[0]
 
 
-def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int = 1,
-                     position: int | None = None, cache_length: int = 256, steps: int = 32,
-                     repeats: int = 5) -> float:
+def time_decode_step(
+    model: Model,
+    prompt_ids: np.ndarray,
+    block: int = 1,
+    position: int | None = None,
+    cache_length: int = 256,
+    steps: int = 32,
+    repeats: int = 5,
+) -> float:
   """Seconds of one `decode` call of `block` tokens as the decoding loop makes it.
 
   The calls run inside one compiled loop of `steps` calls: no host dispatch per call, the cache
@@ -105,18 +111,26 @@ def time_decode_step(model: Model, prompt_ids: np.ndarray, block: int = 1,
   tokens = jnp.full((batch, block), 3, jnp.int32)
   start = jnp.full((batch,), ids.shape[1] if position is None else position, jnp.int32)
   run = lambda: jax.block_until_ready(
-      _repeat_decode(decoder, steps, params, tokens, start, cache, context))
+      _repeat_decode(decoder, steps, params, tokens, start, cache, context)
+  )
   return _best_seconds_per_call(run, steps, repeats)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _repeat_rounds(spec, count, target_params, drafter_params, ids, mask):
-  return loop.repeat_rounds(spec, count, target_params, drafter_params, ids, mask,
-                            jax.random.PRNGKey(0)).tokens
+  return loop.repeat_rounds(
+      spec, count, target_params, drafter_params, ids, mask, jax.random.PRNGKey(0)
+  ).tokens
 
 
-def time_rounds(target: Model, prompt_ids: np.ndarray, drafter: Model | None = None,
-                gamma: int = 0, rounds: int = 200, repeats: int = 5) -> float:
+def time_rounds(
+    target: Model,
+    prompt_ids: np.ndarray,
+    drafter: Model | None = None,
+    gamma: int = 0,
+    rounds: int = 200,
+    repeats: int = 5,
+) -> float:
   """Seconds of one decoding round inside a compiled loop: no dispatch, weights and caches warm.
 
   The denominator generate() cannot give: its time includes the per-call costs (dispatch, the
@@ -144,8 +158,9 @@ def _repeat_prepare(decoder: Decoder, count: int, cache_length: int, params, ids
   return jax.lax.fori_loop(0, count, body, jnp.zeros((), jnp.float32))
 
 
-def time_prepare(model: Model, prompt_ids: np.ndarray, cache_length: int = 64, count: int = 50,
-                 repeats: int = 5) -> float:
+def time_prepare(
+    model: Model, prompt_ids: np.ndarray, cache_length: int = 64, count: int = 50, repeats: int = 5
+) -> float:
   """Seconds of the model's first pass over a prompt (T5 encoder + cross-attention K/V, LLaMA
   prefill) with its cache allocation, inside a compiled loop: the prompt's share of a call's work.
 
@@ -157,8 +172,15 @@ def time_prepare(model: Model, prompt_ids: np.ndarray, cache_length: int = 64, c
   return _best_seconds_per_call(run, count, repeats)
 
 
-def measure_generation(target: Model, prompts: list[list[int]], drafter: Model | None, gamma: int,
-                       max_new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
+def measure_generation(
+    target: Model,
+    prompts: list[list[int]],
+    drafter: Model | None,
+    gamma: int,
+    max_new_tokens: int,
+    repeats: int,
+    temperature: float = 0.0,
+) -> dict:
   """ms/token (median and `spread` over repeats) and acceptance statistics over prompts, batch 1.
 
   Each repeat decodes every prompt once; a repeat's ms/token is its total time over its total
@@ -169,8 +191,15 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
   def one_pass(seed):
     seconds = tokens = accepted = drafted = rounds = 0
     for prompt in prompts:
-      out = generate(target, [prompt], drafter=drafter, gamma=gamma, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed)
+      out = generate(
+          target,
+          [prompt],
+          drafter=drafter,
+          gamma=gamma,
+          temperature=temperature,
+          max_new_tokens=max_new_tokens,
+          seed=seed,
+      )
       compile_seconds[0] += out.stats.compile_seconds
       seconds += out.stats.seconds
       tokens += out.stats.new_tokens
@@ -193,25 +222,38 @@ def measure_generation(target: Model, prompts: list[list[int]], drafter: Model |
   }
 
 
-def measure_adaptive_costs(target: Model, drafters: Mapping[str, Model], max_gamma: int,
-                           prompt_ids: np.ndarray, cache_length: int = 128) -> adaptive.Costs:
+def measure_adaptive_costs(
+    target: Model,
+    drafters: Mapping[str, Model],
+    max_gamma: int,
+    prompt_ids: np.ndarray,
+    cache_length: int = 128,
+) -> adaptive.Costs:
   """Times a target step, its verify calls and each drafter's step and catch-up read, all inside
   compiled loops (`time_decode_step`), and returns them in target steps."""
   ids = np.asarray(prompt_ids, np.int32)
-  time_step = lambda model, block: time_decode_step(model, ids, block=block,
-                                                          cache_length=cache_length)
+  time_step = lambda model, block: time_decode_step(
+      model, ids, block=block, cache_length=cache_length
+  )
   unit = time_step(target, 1)
   verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
   # A wider call never costs less: a noisy timing that says so would pick gammas for nothing.
   verify = np.maximum.accumulate(verify).tolist()
   models = list(drafters.values())
-  return adaptive.Costs(step=tuple(time_step(m, 1) / unit for m in models),
-               read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
-               verify=tuple(verify))
+  return adaptive.Costs(
+      step=tuple(time_step(m, 1) / unit for m in models),
+      read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
+      verify=tuple(verify),
+  )
 
 
-def regime(target: Model, drafters: Mapping[str, Model], prompt_ids: np.ndarray, gamma: int,
-           rounds: int = 60) -> dict:
+def regime(
+    target: Model,
+    drafters: Mapping[str, Model],
+    prompt_ids: np.ndarray,
+    gamma: int,
+    rounds: int = 60,
+) -> dict:
   """Whether speculation can pay here: step costs of every model and a gamma round's cost.
 
   Speculative decoding pays only where scoring gamma + 1 tokens costs about one target step (a
@@ -226,10 +268,14 @@ def regime(target: Model, drafters: Mapping[str, Model], prompt_ids: np.ndarray,
   ids = np.asarray(prompt_ids, np.int32)
   step = time_rounds(target, ids, rounds=rounds)
   drafter_steps = {name: time_rounds(model, ids, rounds=rounds) for name, model in drafters.items()}
-  measured = {"target_step_us": 1e6 * step,
-              "drafter_step_us": {name: 1e6 * s for name, s in drafter_steps.items()},
-              "step_ratio": {name: step / s for name, s in drafter_steps.items()},
-              "gamma": int(gamma), "round_drafter": None, "round_target_steps": None}
+  measured = {
+      "target_step_us": 1e6 * step,
+      "drafter_step_us": {name: 1e6 * s for name, s in drafter_steps.items()},
+      "step_ratio": {name: step / s for name, s in drafter_steps.items()},
+      "gamma": int(gamma),
+      "round_drafter": None,
+      "round_target_steps": None,
+  }
   if drafters:
     name, first = next(iter(drafters.items()))
     measured["round_drafter"] = name

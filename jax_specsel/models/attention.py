@@ -39,11 +39,19 @@ def causal_mask(start: jax.Array, steps: int, length: int) -> jax.Array:
 
 def padding_mask(key_mask: jax.Array, steps: int) -> jax.Array:
   """bool [B, T, S] from a {0,1} [B, S] mask of real source tokens."""
-  return jnp.broadcast_to(key_mask[:, None, :].astype(bool), (key_mask.shape[0], steps, key_mask.shape[1]))
+  return jnp.broadcast_to(
+      key_mask[:, None, :].astype(bool), (key_mask.shape[0], steps, key_mask.shape[1])
+  )
 
 
-def dot_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                  bias: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
+def dot_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    bias: jax.Array | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
   """Grouped-query attention with a boolean mask and an optional additive bias.
 
   Args:

@@ -58,8 +58,9 @@ class GenerationIds:
 REQUIRED = object()  # a `default` that makes a config field required
 
 
-def config_integer(fields: dict, name: str, default, minimum: int | None = 1,
-                   source: str = "config.json") -> int | None:
+def config_integer(
+    fields: dict, name: str, default, minimum: int | None = 1, source: str = "config.json"
+) -> int | None:
   """`fields[name]` as a whole number >= `minimum`, checked before any module is built.
 
   Args:
@@ -80,12 +81,14 @@ def config_integer(fields: dict, name: str, default, minimum: int | None = 1,
   try:
     return validation.integer(name, value, minimum)
   except (TypeError, ValueError) as err:
-    raise _invalid_field(source, name, err, "a whole number" + (
-        "" if minimum is None else f" >= {minimum}")) from None
+    raise _invalid_field(
+        source, name, err, "a whole number" + ("" if minimum is None else f" >= {minimum}")
+    ) from None
 
 
-def config_real(fields: dict, name: str, default, positive: bool = False,
-                source: str = "config.json") -> float:
+def config_real(
+    fields: dict, name: str, default, positive: bool = False, source: str = "config.json"
+) -> float:
   """`fields[name]` as a finite number (> 0 with `positive`, else >= 0); as `config_integer`."""
   value = _field(fields, name, default)
   try:
@@ -93,20 +96,26 @@ def config_real(fields: dict, name: str, default, positive: bool = False,
   except (TypeError, ValueError) as err:
     raise _invalid_field(source, name, err, "a finite number >= 0") from None
   if positive and result == 0:
-    raise _invalid_field(source, name, ValueError(f"{name}={value!r}: must be > 0."),
-                         "a number > 0")
+    raise _invalid_field(
+        source, name, ValueError(f"{name}={value!r}: must be > 0."), "a number > 0"
+    )
   return result
 
 
-def config_flag(fields: dict, name: str, default: bool | None,
-                source: str = "config.json") -> bool | None:
+def config_flag(
+    fields: dict, name: str, default: bool | None, source: str = "config.json"
+) -> bool | None:
   """`fields[name]` as a bool: JSON true / false only ("false" as a string would read as True)."""
   value = fields.get(name)
   if value is None:
     return default
   if not isinstance(value, (bool, np.bool_)):
-    raise _invalid_field(source, name, TypeError(f"{name}={value!r} ({type(value).__name__}): "
-                                                 "must be true or false."), "true or false")
+    raise _invalid_field(
+        source,
+        name,
+        TypeError(f"{name}={value!r} ({type(value).__name__}): " "must be true or false."),
+        "true or false",
+    )
   return bool(value)
 
 
@@ -122,15 +131,18 @@ def _field(fields: dict, name: str, default):
 
 def _invalid_field(source: str, name: str, err: Exception, wanted: str) -> InvalidConfigError:
   kind = "JSON true or false" if wanted == "true or false" else "a JSON number"
-  return InvalidConfigError(f"{source}: {err} Fix {name} in {source}: it must be {wanted} ({kind}, "
-                            "not a string); restore the value from the checkpoint's source.")
+  return InvalidConfigError(
+      f"{source}: {err} Fix {name} in {source}: it must be {wanted} ({kind}, "
+      "not a string); restore the value from the checkpoint's source."
+  )
 
 
 _ID_FIELDS = ("eos_token_id", "pad_token_id", "decoder_start_token_id", "bos_token_id")
 
 
-def generation_ids(hf_config: dict, generation_config: dict | None,
-                   vocab_size: int) -> GenerationIds:
+def generation_ids(
+    hf_config: dict, generation_config: dict | None, vocab_size: int
+) -> GenerationIds:
   """Stop, pad and decoder-start ids exactly as transformers 5.23 `generate` resolves them.
 
   transformers' `from_pretrained` takes the generation config from generation_config.json when
@@ -164,8 +176,12 @@ def generation_ids(hf_config: dict, generation_config: dict | None,
   eos_ids = _stop_ids(fields, source, vocab_size)
   pad = config_integer(fields, "pad_token_id", None, None, source)
   if pad is not None and not 0 <= pad < vocab_size:
-    log.info("%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset", source, pad,
-             vocab_size)
+    log.info(
+        "%s: pad_token_id=%s is outside the vocabulary [0, %d); treated as unset",
+        source,
+        pad,
+        vocab_size,
+    )
     pad = None
   if pad is None:
     pad = eos_ids[0] if eos_ids else 0
@@ -179,14 +195,20 @@ def _stop_ids(fields: dict, source: str, vocab_size: int) -> tuple[int, ...]:
   vocabulary."""
   eos = fields.get("eos_token_id")
   eos_list = eos if isinstance(eos, (list, tuple)) else [eos]
-  eos_ids = () if eos is None else tuple(
-      config_integer({"eos_token_id": e}, "eos_token_id", None, None, source) for e in eos_list)
+  eos_ids = (
+      ()
+      if eos is None
+      else tuple(
+          config_integer({"eos_token_id": e}, "eos_token_id", None, None, source) for e in eos_list
+      )
+  )
   outside = [e for e in eos_ids if not 0 <= e < vocab_size]
   if outside:
     raise InvalidConfigError(
         f"{source}: eos_token_id={eos!r} has stop id(s) {outside} outside the vocabulary "
         f"[0, {vocab_size}) (vocab_size in config.json); the model can never emit them. Fix "
-        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens).")
+        f"eos_token_id in {source} (null or [] means: no stop id, run to max_new_tokens)."
+    )
   return eos_ids
 
 
@@ -220,8 +242,10 @@ def read_generation_config(directory: str) -> dict | None:
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     # transformers silently falls back to config.json here; a different set of stop ids is
     # exactly the kind of silent change this loader refuses.
-    raise InvalidConfigError(f"{path} is not valid JSON ({err}); fix or delete it (without it "
-                             "the stop ids come from config.json).") from err
+    raise InvalidConfigError(
+        f"{path} is not valid JSON ({err}); fix or delete it (without it "
+        "the stop ids come from config.json)."
+    ) from err
   if not isinstance(parsed, dict):
     raise InvalidConfigError(f"{path} must hold a JSON object, got {type(parsed).__name__}.")
   return parsed
@@ -237,6 +261,7 @@ def read_hf_config(path_or_id: str) -> dict:
   if os.path.isdir(path) or os.path.exists(path) or _looks_like_path(path):
     return read_config(resolve_checkpoint_dir(path))
   import huggingface_hub
+
   offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
   try:
     config_path = huggingface_hub.hf_hub_download(path, "config.json", local_files_only=offline)
@@ -244,7 +269,8 @@ def read_hf_config(path_or_id: str) -> dict:
     raise CheckpointNotFoundError(
         f"cannot get config.json of {path!r} ({type(err).__name__}): "
         + ("HF_HUB_OFFLINE=1 and it is not cached; " if offline else "")
-        + "pass a local checkpoint directory, or download it with huggingface-cli.") from err
+        + "pass a local checkpoint directory, or download it with huggingface-cli."
+    ) from err
   return read_json(config_path, "config.json")
 
 
@@ -254,12 +280,16 @@ def resolve_checkpoint_dir(path_or_id: str) -> str:
   if os.path.isdir(path):
     return path
   if os.path.exists(path):
-    raise CheckpointNotFoundError(f"{path} is a file; pass the checkpoint directory that holds "
-                                  "config.json and the weight files.")
+    raise CheckpointNotFoundError(
+        f"{path} is a file; pass the checkpoint directory that holds "
+        "config.json and the weight files."
+    )
   if _looks_like_path(path):
-    raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist; pass a directory "
-                                  "with config.json and model.safetensors, or a hub id like "
-                                  "org/name.")
+    raise CheckpointNotFoundError(
+        f"checkpoint directory {path} does not exist; pass a directory "
+        "with config.json and model.safetensors, or a hub id like "
+        "org/name."
+    )
   return _hub_snapshot(path)
 
 
@@ -269,23 +299,31 @@ def _looks_like_path(text: str) -> bool:
 
 def _hub_snapshot(repo_id: str) -> str:
   import huggingface_hub
+
   offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
   try:
-    return huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
-                                             local_files_only=offline)
+    return huggingface_hub.snapshot_download(
+        repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline
+    )
   except Exception as err:  # the hub raises several classes for "not cached" / "no network"
-    hint = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache: download it on a machine "
-            "with network (huggingface-cli download " + repo_id + ") or pass a local directory."
-            if offline else "check the id, your network and your token, or pass a local directory.")
-    raise CheckpointNotFoundError(f"cannot get hub checkpoint {repo_id!r} ({type(err).__name__}): "
-                                  f"{hint}") from err
+    hint = (
+        "HF_HUB_OFFLINE=1 is set and it is not in the local cache: download it on a machine "
+        "with network (huggingface-cli download " + repo_id + ") or pass a local directory."
+        if offline
+        else "check the id, your network and your token, or pass a local directory."
+    )
+    raise CheckpointNotFoundError(
+        f"cannot get hub checkpoint {repo_id!r} ({type(err).__name__}): " f"{hint}"
+    ) from err
 
 
 def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
-    raise CheckpointNotFoundError(f"{path} is missing: a HuggingFace checkpoint directory needs "
-                                  "config.json next to its weights.")
+    raise CheckpointNotFoundError(
+        f"{path} is missing: a HuggingFace checkpoint directory needs "
+        "config.json next to its weights."
+    )
   return read_json(path, "config.json")
 
 
@@ -295,12 +333,16 @@ def read_json(path: str, what: str) -> dict:
     with open(path) as f:
       value = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise CorruptCheckpointError(f"{path} is not valid JSON ({err}): the {what} is truncated or "
-                                 "was edited by hand; restore it from the checkpoint's source "
-                                 "(e.g. huggingface-cli download ... --force-download).") from None
+    raise CorruptCheckpointError(
+        f"{path} is not valid JSON ({err}): the {what} is truncated or "
+        "was edited by hand; restore it from the checkpoint's source "
+        "(e.g. huggingface-cli download ... --force-download)."
+    ) from None
   if not isinstance(value, dict):
-    raise CorruptCheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object: "
-                                 f"this is not a {what}; restore it from the checkpoint's source.")
+    raise CorruptCheckpointError(
+        f"{path} holds a JSON {type(value).__name__}, not an object: "
+        f"this is not a {what}; restore it from the checkpoint's source."
+    )
   return value
 
 
@@ -331,6 +373,8 @@ def inverse(transform):
   try:
     return _INVERSES[transform]
   except (KeyError, TypeError):
-    raise ValueError(f"weight-map transform {transform!r} has no inverse: register one in "
-                     "jax_specsel/models/checkpoint.py _INVERSES to export such "
-                     "parameters.") from None
+    raise ValueError(
+        f"weight-map transform {transform!r} has no inverse: register one in "
+        "jax_specsel/models/checkpoint.py _INVERSES to export such "
+        "parameters."
+    ) from None

@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
-                                           read_json)
+from jax_specsel.models.checkpoint import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    read_json,
+)
 
 
 def weight_files(directory: str) -> list[str]:
@@ -26,19 +29,25 @@ def weight_files(directory: str) -> list[str]:
     if os.path.isfile(index_path):
       index = read_json(index_path, "weight index")
       if not isinstance(index.get("weight_map"), dict):
-        raise CorruptCheckpointError(f"{index_path} has no 'weight_map' object: restore the index "
-                                     "from the checkpoint's source.")
+        raise CorruptCheckpointError(
+            f"{index_path} has no 'weight_map' object: restore the index "
+            "from the checkpoint's source."
+        )
       shards = sorted(set(index["weight_map"].values()))
       missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
       if missing:
-        raise CheckpointNotFoundError(f"{index_path} lists shards that are not there: "
-                                      f"{missing[:3]}; the download is incomplete.")
+        raise CheckpointNotFoundError(
+            f"{index_path} lists shards that are not there: "
+            f"{missing[:3]}; the download is incomplete."
+        )
       return [os.path.join(directory, s) for s in shards]
   for single in ("model.safetensors", "pytorch_model.bin"):
     if os.path.isfile(os.path.join(directory, single)):
       return [os.path.join(directory, single)]
-  raise CheckpointNotFoundError(f"no weight file in {directory}: expected model.safetensors, "
-                                "model.safetensors.index.json with shards, or pytorch_model.bin.")
+  raise CheckpointNotFoundError(
+      f"no weight file in {directory}: expected model.safetensors, "
+      "model.safetensors.index.json with shards, or pytorch_model.bin."
+  )
 
 
 def iter_tensors(directory: str) -> Iterator[tuple[str, jax.Array | np.ndarray]]:
@@ -60,7 +69,8 @@ def _unreadable(path: str, err: Exception) -> CorruptCheckpointError:
   return CorruptCheckpointError(
       f"{path} cannot be read ({type(err).__name__}: {first_line}): "
       "the file is truncated or corrupt (an interrupted download or copy?); download it again "
-      "(huggingface-cli download ... --force-download) or re-save the checkpoint.")
+      "(huggingface-cli download ... --force-download) or re-save the checkpoint."
+  )
 
 
 def _iter_safetensors(path: str):
@@ -75,6 +85,7 @@ def _iter_safetensors(path: str):
 def _safetensors_errors(path: str):
   """Turns the reader's errors (a truncated, empty or overwritten file) into one that names it."""
   import safetensors
+
   try:
     yield
   except safetensors.SafetensorError as err:
@@ -85,6 +96,7 @@ def safetensors_open(path: str):
   """`safetensors.safe_open` of a weight file; every read of one goes through here, so a file
   that cannot be parsed raises CorruptCheckpointError naming it, whichever path reads it first."""
   import safetensors
+
   with _safetensors_errors(path):
     return safetensors.safe_open(path, framework="flax")
 
@@ -106,8 +118,11 @@ class CheckpointTensors:
 
   def _all_readers(self) -> dict:
     if self._readers is None:
-      self._readers = {name: reader for path in weight_files(self.directory)
-                       for name, reader in _lazy_tensors(path)}
+      self._readers = {
+          name: reader
+          for path in weight_files(self.directory)
+          for name, reader in _lazy_tensors(path)
+      }
     return self._readers
 
   def read(self, name: str):
@@ -139,20 +154,29 @@ def _iter_torch_bin(path: str):
   try:
     import torch
   except ImportError as err:
-    raise CheckpointNotFoundError(f"{path} is a PyTorch pickle and reading it needs torch: "
-                                  "pip install torch==2.13.0, or convert it to "
-                                  "safetensors.") from err
+    raise CheckpointNotFoundError(
+        f"{path} is a PyTorch pickle and reading it needs torch: "
+        "pip install torch==2.13.0, or convert it to "
+        "safetensors."
+    ) from err
   import pickle
   import zipfile
+
   try:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-          ValueError) as err:
+  except (
+      RuntimeError,
+      OSError,
+      EOFError,
+      pickle.UnpicklingError,
+      zipfile.BadZipFile,
+      ValueError,
+  ) as err:
     raise _unreadable(path, err) from err
   for key, tensor in state.items():
     if tensor.dtype == torch.bfloat16:
       import ml_dtypes
+
       yield key, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
       yield key, tensor.numpy()
-

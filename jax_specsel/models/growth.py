@@ -37,8 +37,18 @@ from jax_specsel.models.loading import WeightMismatchError, load_model
 
 GROWTH_FIELD = "jax_specsel_growth"  # config.json: {"factor", "source"[, "source_growth"]}
 # Files of a source checkpoint that are weights (rewritten, or not valid once widened).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5", ".ckpt", ".pt", ".pth", ".gguf",
-                    ".onnx", ".index.json")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".msgpack",
+    ".h5",
+    ".ckpt",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".onnx",
+    ".index.json",
+)
 
 
 def check_factor(factor) -> int:
@@ -48,16 +58,25 @@ def check_factor(factor) -> int:
     ValueError: naming the argument and the fix (bool, float, str and < 1 are refused).
   """
   if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)):
-    raise ValueError(f"factor={factor!r} ({type(factor).__name__}) is not an integer: growth copies "
-                     "every hidden unit a whole number of times; pass an int >= 1, e.g. factor=2.")
+    raise ValueError(
+        f"factor={factor!r} ({type(factor).__name__}) is not an integer: growth copies "
+        "every hidden unit a whole number of times; pass an int >= 1, e.g. factor=2."
+    )
   if factor < 1:
-    raise ValueError(f"factor={factor} must be >= 1 (1 copies the checkpoint, k widens it k times); "
-                     "pass e.g. factor=2.")
+    raise ValueError(
+        f"factor={factor} must be >= 1 (1 copies the checkpoint, k widens it k times); "
+        "pass e.g. factor=2."
+    )
   return int(factor)
 
 
-def grow_checkpoint(src_dir: str, dst_dir: str, factor: int, overwrite: bool = False,
-                    max_shard_bytes: int = hf_export.DEFAULT_SHARD_BYTES) -> str:
+def grow_checkpoint(
+    src_dir: str,
+    dst_dir: str,
+    factor: int,
+    overwrite: bool = False,
+    max_shard_bytes: int = hf_export.DEFAULT_SHARD_BYTES,
+) -> str:
   """Writes `src_dir`'s checkpoint widened `factor` times (same function) to `dst_dir`.
 
   Any T5 (v1.0, v1.1, Flan) or LLaMA checkpoint `load_model` reads is accepted. Tokenizer files
@@ -107,12 +126,17 @@ def grow_model(model: Model, factor: int, directory: str, overwrite: bool = Fals
     source = os.path.join(scratch, "checkpoint")
     hf_export.save_hf_checkpoint(model, source)
     _grow(source, directory, factor, overwrite, model.name, hf_export.DEFAULT_SHARD_BYTES)
-  return load_model(directory, dtype=model.config.dtype, mesh=model.mesh,
-                    matmul_precision=model.config.matmul_precision)
+  return load_model(
+      directory,
+      dtype=model.config.dtype,
+      mesh=model.mesh,
+      matmul_precision=model.config.matmul_precision,
+  )
 
 
-def _grow(src_dir: str, dst_dir: str, factor, overwrite: bool, source_label: str,
-          max_shard_bytes: int) -> str:
+def _grow(
+    src_dir: str, dst_dir: str, factor, overwrite: bool, source_label: str, max_shard_bytes: int
+) -> str:
   """`grow_checkpoint` with the source named `source_label` in the growth record."""
   factor = check_factor(factor)
   hf_export.check_destination(dst_dir, overwrite)
@@ -122,10 +146,12 @@ def _grow(src_dir: str, dst_dir: str, factor, overwrite: bool, source_label: str
   if getattr(arch, "GROWTH_AXES", None) is None:
     raise registry.UnsupportedModelError(
         f"model_type={hf_config.get('model_type')!r} has no growth tables (GROWTH_AXES in "
-        f"{arch.__name__}); growth supports T5 and LLaMA checkpoints.")
+        f"{arch.__name__}); growth supports T5 and LLaMA checkpoints."
+    )
   config = arch.config_for_checkpoint(
       arch.Config.from_hf(hf_config, "float32", checkpoint.read_generation_config(src)),
-      checkpoint_tensors.CheckpointTensors(src))
+      checkpoint_tensors.CheckpointTensors(src),
+  )
   grown_config = arch.grown_hf_config(hf_config, config, factor) if factor > 1 else dict(hf_config)
   grown_config[GROWTH_FIELD] = _record(hf_config, factor, source_label)
   if factor > 1:
@@ -165,8 +191,10 @@ def _check_stored(arch, config, src: str) -> None:
   stored_paths = {weight_map[n][0] for n in names if n in weight_map}
   missing = sorted(n for n, (path, _) in weight_map.items() if path not in stored_paths)
   if unknown or missing:
-    raise WeightMismatchError(f"{src}: cannot grow: unexpected tensor(s) {unknown[:4]}, missing "
-                              f"tensor(s) {missing[:4]}; config.json does not describe these weights.")
+    raise WeightMismatchError(
+        f"{src}: cannot grow: unexpected tensor(s) {unknown[:4]}, missing "
+        f"tensor(s) {missing[:4]}; config.json does not describe these weights."
+    )
 
 
 def grown_tensors(arch, config, src: str, factor: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -181,8 +209,10 @@ def grown_tensors(arch, config, src: str, factor: int) -> Iterator[tuple[str, np
   Yields:
     numpy arrays in each stored tensor's dtype (computed in float32).
   """
-  rules = [(re.compile(pattern), widened, contracted)
-           for pattern, widened, contracted in arch.GROWTH_AXES]
+  rules = [
+      (re.compile(pattern), widened, contracted)
+      for pattern, widened, contracted in arch.GROWTH_AXES
+  ]
   for name, tensor in checkpoint_tensors.iter_tensors(src):
     if name != arch.LM_HEAD:  # a stored head (untied, or a tied alias) is written below
       yield name, widen(tensor, *_axes(rules, name, arch), factor)
@@ -196,10 +226,14 @@ def grown_tensors(arch, config, src: str, factor: int) -> Iterator[tuple[str, np
 
 
 def _axes(rules, name: str, arch) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  matches = [(widened, contracted) for pattern, widened, contracted in rules if pattern.search(name)]
+  matches = [
+      (widened, contracted) for pattern, widened, contracted in rules if pattern.search(name)
+  ]
   if len(matches) != 1:
-    raise WeightMismatchError(f"tensor {name!r} matches {len(matches)} rows of {arch.__name__}."
-                              "GROWTH_AXES (exactly one is needed): its growth role is unknown.")
+    raise WeightMismatchError(
+        f"tensor {name!r} matches {len(matches)} rows of {arch.__name__}."
+        "GROWTH_AXES (exactly one is needed): its growth role is unknown."
+    )
   return matches[0]
 
 
@@ -217,8 +251,9 @@ def widen(tensor, widened: tuple[int, ...], contracted: tuple[int, ...], factor:
   """
   array = np.asarray(tensor)
   if any(axis >= array.ndim for axis in widened) or not set(contracted) <= set(widened):
-    raise WeightMismatchError(f"growth axes {widened} / {contracted} do not fit a tensor of shape "
-                              f"{array.shape}.")
+    raise WeightMismatchError(
+        f"growth axes {widened} / {contracted} do not fit a tensor of shape " f"{array.shape}."
+    )
   reps = [factor if axis in widened else 1 for axis in range(array.ndim)]
   grown = np.tile(array.astype(np.float32), reps)
   if contracted:

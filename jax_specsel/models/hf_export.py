@@ -32,13 +32,17 @@ from jax_specsel.models.interface import Model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 5 * 2 ** 30
+DEFAULT_SHARD_BYTES = 5 * 2**30
 # The ids generation_config.json holds (models/checkpoint.py reads them back, as transformers).
 _GENERATION_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def save_hf_checkpoint(model: Model, directory: str, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def save_hf_checkpoint(
+    model: Model,
+    directory: str,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
   """Writes `model` as a HuggingFace checkpoint directory.
 
   The directory holds config.json, generation_config.json, the weights (model.safetensors, or
@@ -63,10 +67,13 @@ def save_hf_checkpoint(model: Model, directory: str, overwrite: bool = False,
   if arch is None:
     raise registry.UnsupportedModelError(
         f"{model.name}: {type(model.config).__name__} is no registered architecture's Config; "
-        f"only {sorted(registry.ARCHITECTURES)} models can be saved as HuggingFace checkpoints.")
+        f"only {sorted(registry.ARCHITECTURES)} models can be saved as HuggingFace checkpoints."
+    )
   if model.exit_layers is not None:
-    raise ValueError(f"{model.name} is an early-exit view (the first {model.exit_layers} layers of "
-                     "a model): save the full model instead; the view is made again on load.")
+    raise ValueError(
+        f"{model.name} is an early-exit view (the first {model.exit_layers} layers of "
+        "a model): save the full model instead; the view is made again on load."
+    )
   hf_config = model.config.to_hf()
   check_destination(directory, overwrite)
   with atomic_directory(directory, overwrite) as temp:
@@ -99,7 +106,9 @@ def export_tensors(arch, model: Model) -> Iterator[tuple[str, np.ndarray]]:
     yield name, np.ascontiguousarray(checkpoint.inverse(transform)(value))
   unwritten = sorted(set(params) - written)
   if unwritten:  # a bug in the architecture's map, not in the model
-    raise RuntimeError(f"{arch.__name__}.hf_weight_map leaves parameters unexported: {unwritten[:4]}")
+    raise RuntimeError(
+        f"{arch.__name__}.hf_weight_map leaves parameters unexported: {unwritten[:4]}"
+    )
 
 
 def generation_fields(hf_config: dict) -> dict:
@@ -132,6 +141,7 @@ class TensorWriter:
 
   def _flush(self) -> None:
     from safetensors.numpy import save_file
+
     path = os.path.join(self.directory, f".shard-{len(self._shards)}.safetensors")
     save_file(self._pending, path, metadata={"format": "pt"})  # transformers requires the format
     self._shards.append(list(self._pending))
@@ -143,17 +153,23 @@ class TensorWriter:
       self._flush()
     count = len(self._shards)
     if count == 1:
-      os.replace(os.path.join(self.directory, ".shard-0.safetensors"),
-                 os.path.join(self.directory, SINGLE_FILE))
+      os.replace(
+          os.path.join(self.directory, ".shard-0.safetensors"),
+          os.path.join(self.directory, SINGLE_FILE),
+      )
       return
     weight_map = {}
     for index, names in enumerate(self._shards):
       final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-      os.replace(os.path.join(self.directory, f".shard-{index}.safetensors"),
-                 os.path.join(self.directory, final))
+      os.replace(
+          os.path.join(self.directory, f".shard-{index}.safetensors"),
+          os.path.join(self.directory, final),
+      )
       weight_map.update({name: final for name in names})
-    write_json(os.path.join(self.directory, INDEX_FILE),
-               {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})
+    write_json(
+        os.path.join(self.directory, INDEX_FILE),
+        {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map},
+    )
 
   def __enter__(self) -> TensorWriter:
     return self
@@ -178,8 +194,10 @@ def check_destination(directory: str, overwrite: bool) -> None:
   if os.path.isfile(directory):
     raise FileExistsError(f"{directory} is a file: pass a directory path for the checkpoint.")
   if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty: pass overwrite=True to replace "
-                          "it, or choose another directory.")
+    raise FileExistsError(
+        f"{directory} exists and is not empty: pass overwrite=True to replace "
+        "it, or choose another directory."
+    )
 
 
 @contextlib.contextmanager
@@ -216,7 +234,9 @@ def _replace_directory(new: str, directory: str) -> None:
   if not os.path.exists(directory):
     os.rename(new, directory)
     return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
+  old = tempfile.mkdtemp(
+      prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory)
+  )
   os.rename(directory, os.path.join(old, "replaced"))
   try:
     os.rename(new, directory)

@@ -67,9 +67,11 @@ def check_matmul_precision(value: str) -> str:
     with jax.default_matmul_precision(value):
       pass
   except (ValueError, TypeError) as err:
-    raise ValueError(f"matmul_precision={value!r} is not supported: use 'auto' (float32: "
-                     "'highest'; other dtypes: JAX's default), 'highest', or 'default' / "
-                     f"'tensorfloat32' for TF32 on GPUs ({err}).") from None
+    raise ValueError(
+        f"matmul_precision={value!r} is not supported: use 'auto' (float32: "
+        "'highest'; other dtypes: JAX's default), 'highest', or 'default' / "
+        f"'tensorfloat32' for TF32 on GPUs ({err})."
+    ) from None
   return value
 
 
@@ -110,7 +112,9 @@ class Decoder:
   def _precision(self, module):
     """The matmul-precision context every method traces under (see the module docstring)."""
     precision = matmul_precision(module.config)
-    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    return (
+        contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    )
 
   def _constrain(self, cache):
     # Pin caches to the mesh: the zeros of init_cache carry no sharding of their own, and the
@@ -194,8 +198,14 @@ class Model:
     mesh: the device mesh the weights are placed on (None: a single device).
   """
 
-  def __init__(self, module: nnx.Module, tokenizer=None, name: str = "model",
-               exit_layers: int | None = None, placement: sharding.Placement | None = None):
+  def __init__(
+      self,
+      module: nnx.Module,
+      tokenizer=None,
+      name: str = "model",
+      exit_layers: int | None = None,
+      placement: sharding.Placement | None = None,
+  ):
     graphdef, params = nnx.split(module)
     self.decoder = Decoder(graphdef, exit_layers, placement)
     self.params = params
@@ -293,16 +303,24 @@ class Model:
     """
     ids, mask = self._host_batch(input_ids, attention_mask)
     if self.is_encoder_decoder and decoder_input_ids is None:
-      raise ValueError(f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
-                       f"(starting with decoder_start_token_id={self.decoder_start_id}).")
+      raise ValueError(
+          f"{self.name} is an encoder-decoder model: pass decoder_input_ids "
+          f"(starting with decoder_start_token_id={self.decoder_start_id})."
+      )
     if not self.is_encoder_decoder and decoder_input_ids is not None:
-      raise ValueError(f"{self.name} is decoder-only: pass the whole sequence as input_ids and "
-                       "leave decoder_input_ids=None.")
+      raise ValueError(
+          f"{self.name} is decoder-only: pass the whole sequence as input_ids and "
+          "leave decoder_input_ids=None."
+      )
     if decoder_input_ids is not None:
       decoder_input_ids = jnp.asarray(np.asarray(decoder_input_ids, np.int32))
     aligned, aligned_mask = self._aligned(ids, mask)
-    out = np.asarray(full_logits(self.decoder, self.params, *_on_device(aligned, aligned_mask),
-                                 decoder_input_ids), np.float32)
+    out = np.asarray(
+        full_logits(
+            self.decoder, self.params, *_on_device(aligned, aligned_mask), decoder_input_ids
+        ),
+        np.float32,
+    )
     return out if self.is_encoder_decoder else token_batches.original_layout(out, mask)
 
   def embed(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -328,23 +346,30 @@ class Model:
       raise ValueError("early_exit is for decoder-only (LLaMA) targets; T5 has no early-exit view.")
     total = self.config.num_decoder_layers
     if not 1 <= layers <= total:
-      raise ValueError(f"early_exit(layers={layers}): must be between 1 and the model's {total} layers.")
+      raise ValueError(
+          f"early_exit(layers={layers}): must be between 1 and the model's {total} layers."
+      )
     decoder = Decoder(self.decoder.graphdef, layers, self.decoder.placement)
     base = self.name.split("@")[0]
-    return Model._from_parts(decoder, self.params, self.config, self.tokenizer, f"{base}@layer{layers}")
+    return Model._from_parts(
+        decoder, self.params, self.config, self.tokenizer, f"{base}@layer{layers}"
+    )
 
   def __repr__(self):
     kind = "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
     where = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
-    return (f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, "
-            f"dtype={self.config.dtype}{where})")
+    return (
+        f"Model({self.name!r}, {kind}, {self.num_params / 1e6:.2f}M params, "
+        f"dtype={self.config.dtype}{where})"
+    )
 
 
 def decode_text(model: Model, out) -> list[str]:
   """Generated ids (an output with `tokens` [B, T] and `lengths` [B]) -> text through the model's
   tokenizer (special tokens dropped)."""
-  return model.tokenizer.batch_decode([row[:n] for row, n in zip(out.tokens.tolist(), out.lengths)],
-                                      skip_special_tokens=True)
+  return model.tokenizer.batch_decode(
+      [row[:n] for row, n in zip(out.tokens.tolist(), out.lengths)], skip_special_tokens=True
+  )
 
 
 # ----------------------------------------------------------------------------- placement
@@ -369,10 +394,16 @@ def shard_model(model: Model, mesh: jax.sharding.Mesh, replicated: bool = False)
   sharding.check_mesh(mesh)
   specs = {} if replicated else sharding.param_specs(model, mesh)
   params = jax.tree_util.tree_map_with_path(
-      lambda kp, x: jax.device_put(x, NamedSharding(mesh, specs.get(_flat_path(kp), PartitionSpec()))),
-      model.params)
-  decoder = Decoder(model.decoder.graphdef, model.decoder.exit_layers,
-                    sharding.Placement(mesh, tensor_parallel=not replicated))
+      lambda kp, x: jax.device_put(
+          x, NamedSharding(mesh, specs.get(_flat_path(kp), PartitionSpec()))
+      ),
+      model.params,
+  )
+  decoder = Decoder(
+      model.decoder.graphdef,
+      model.decoder.exit_layers,
+      sharding.Placement(mesh, tensor_parallel=not replicated),
+  )
   return Model._from_parts(decoder, params, model.config, model.tokenizer, model.name)
 
 
@@ -393,9 +424,18 @@ def replicated_on(model: Model, mesh: jax.sharding.Mesh) -> Model:
   replicas = model.__dict__.setdefault("_replicas_by_mesh", {})
   leaves, _ = model.flat_params()
   source, replica = replicas.get(mesh, (None, None))
-  if replica is None or len(source) != len(leaves) or any(a is not b for a, b in zip(source, leaves)):
-    log.info("replicating drafter %s (%.1fM parameters) onto the target's mesh %s; done once per "
-             "drafter and mesh", model.name, model.num_params / 1e6, dict(mesh.shape))
+  if (
+      replica is None
+      or len(source) != len(leaves)
+      or any(a is not b for a, b in zip(source, leaves))
+  ):
+    log.info(
+        "replicating drafter %s (%.1fM parameters) onto the target's mesh %s; done once per "
+        "drafter and mesh",
+        model.name,
+        model.num_params / 1e6,
+        dict(mesh.shape),
+    )
     replica = shard_model(model, mesh, replicated=True)
     replicas[mesh] = (leaves, replica)
   return replica

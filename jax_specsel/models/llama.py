@@ -17,6 +17,7 @@ from typing import Any
 
 from jax_specsel.models import checkpoint, checkpoint_tensors
 from jax_specsel.models.llama_config import Config
+
 # The registry reads `Module` from here, with the rest of the architecture.
 from jax_specsel.models.llama_modules import Module  # noqa: F401
 
@@ -30,25 +31,32 @@ def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Any]]:
   Returns:
     Every tensor the module needs, keyed by its transformers name.
   """
-  mapping = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), checkpoint.identity),
-             "model.norm.weight": (("norm", "scale"), checkpoint.identity)}
+  mapping = {
+      "model.embed_tokens.weight": (("embed_tokens", "embedding"), checkpoint.identity),
+      "model.norm.weight": (("norm", "scale"), checkpoint.identity),
+  }
   if config.tie_word_embeddings:  # a stored copy is an alias (the loader checks it is equal)
     mapping["lm_head.weight"] = (("embed_tokens", "embedding"), checkpoint.identity)
   else:
     mapping["lm_head.weight"] = (("lm_head", "kernel"), checkpoint.transpose)
-  projections = [("self_attn", p, config.attention_bias)
-                 for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+  projections = [
+      ("self_attn", p, config.attention_bias) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+  ]
   projections += [("mlp", p, config.mlp_bias) for p in ("gate_proj", "up_proj", "down_proj")]
   for layer in range(config.num_hidden_layers):
     prefix = f"model.layers.{layer}"
     for norm in ("input_layernorm", "post_attention_layernorm"):
       mapping[f"{prefix}.{norm}.weight"] = (("layers", layer, norm, "scale"), checkpoint.identity)
     for block, proj, has_bias in projections:
-      mapping[f"{prefix}.{block}.{proj}.weight"] = (("layers", layer, block, proj, "kernel"),
-                                                    checkpoint.transpose)
+      mapping[f"{prefix}.{block}.{proj}.weight"] = (
+          ("layers", layer, block, proj, "kernel"),
+          checkpoint.transpose,
+      )
       if has_bias:
-        mapping[f"{prefix}.{block}.{proj}.bias"] = (("layers", layer, block, proj, "bias"),
-                                                    checkpoint.identity)
+        mapping[f"{prefix}.{block}.{proj}.bias"] = (
+            ("layers", layer, block, proj, "bias"),
+            checkpoint.identity,
+        )
   return mapping
 
 
@@ -66,8 +74,9 @@ def is_ignorable(name: str, config: Config) -> bool:
   return name.endswith("rotary_emb.inv_freq")
 
 
-def config_for_checkpoint(config: Config,
-                          stored_tensors: checkpoint_tensors.CheckpointTensors) -> Config:
+def config_for_checkpoint(
+    config: Config, stored_tensors: checkpoint_tensors.CheckpointTensors
+) -> Config:
   """Unties the LM head where transformers 5.23 would not tie it.
 
   With `tie_word_embeddings` set, transformers ties lm_head.weight to model.embed_tokens.weight,
@@ -126,11 +135,16 @@ def grown_hf_config(hf_config: dict, config: Config, factor: int) -> dict:
   Returns:
     The grown config.json dict.
   """
-  return {**hf_config, "hidden_size": config.hidden_size * factor,
-          "intermediate_size": config.intermediate_size * factor,
-          "num_attention_heads": config.num_attention_heads * factor,
-          "num_key_value_heads": config.num_key_value_heads * factor,
-          "head_dim": config.head_dim, "tie_word_embeddings": False}
+  return {
+      **hf_config,
+      "hidden_size": config.hidden_size * factor,
+      "intermediate_size": config.intermediate_size * factor,
+      "num_attention_heads": config.num_attention_heads * factor,
+      "num_key_value_heads": config.num_key_value_heads * factor,
+      "head_dim": config.head_dim,
+      "tie_word_embeddings": False,
+  }
+
 
 # ----------------------------------------------------------------------------- sharding, memory
 # Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
@@ -159,9 +173,15 @@ def dimensions(config: Config) -> dict[str, int]:
     {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "mlp_hidden_tensors" (the
      [tokens, F] temporaries of one SwiGLU: gate, up and their product)}.
   """
-  return {"vocab": config.vocab_size, "embed": config.hidden_size,
-          "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-          "head_dim": config.head_dim, "mlp": config.intermediate_size, "mlp_hidden_tensors": 3}
+  return {
+      "vocab": config.vocab_size,
+      "embed": config.hidden_size,
+      "heads": config.num_attention_heads,
+      "kv_heads": config.num_key_value_heads,
+      "head_dim": config.head_dim,
+      "mlp": config.intermediate_size,
+      "mlp_hidden_tensors": 3,
+  }
 
 
 def context_bytes(config: Config, rows: int, source_length: int, heads: int) -> int:

@@ -97,7 +97,8 @@ class Config:
     if hidden_act != "silu":
       raise UnsupportedModelError(
           f"config.json: hidden_act={hidden_act!r}; this LLaMA implementation supports only "
-          "'silu'.")
+          "'silu'."
+      )
     sizes = _sizes(hf_config)
     ids = checkpoint.generation_ids(hf_config, generation_config, sizes["vocab_size"])
     flag = lambda name: checkpoint.config_flag(hf_config, name, False)
@@ -125,45 +126,64 @@ class Config:
     if self.rope_type in ("linear", "llama3"):
       rope["factor"] = self.rope_factor
     if self.rope_type == "llama3":
-      rope.update(low_freq_factor=self.rope_low_freq_factor,
-                  high_freq_factor=self.rope_high_freq_factor,
-                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
+      rope.update(
+          low_freq_factor=self.rope_low_freq_factor,
+          high_freq_factor=self.rope_high_freq_factor,
+          original_max_position_embeddings=self.rope_original_max_position_embeddings,
+      )
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": self.model_type,
-        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
         "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_parameters": rope,
         "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
-        "mlp_bias": self.mlp_bias, "pad_token_id": self.pad_token_id,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": self.attention_bias,
+        "mlp_bias": self.mlp_bias,
+        "pad_token_id": self.pad_token_id,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": checkpoint.eos_field(self.eos_token_ids), "dtype": self.dtype,
+        "eos_token_id": checkpoint.eos_field(self.eos_token_ids),
+        "dtype": self.dtype,
     }
 
 
 def _sizes(hf_config: dict) -> dict[str, int]:
   """The size fields of config.json, each a whole number >= 1; heads a multiple of K/V heads."""
   size = lambda name, default=checkpoint.REQUIRED: checkpoint.config_integer(
-      hf_config, name, default)
+      hf_config, name, default
+  )
   hidden, heads = size("hidden_size"), size("num_attention_heads")
   kv_heads = size("num_key_value_heads", heads)
   if heads % kv_heads:
     raise checkpoint.InvalidConfigError(
         f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads="
         f"{kv_heads}: grouped-query attention shares each K/V head among a whole number of query "
-        "heads. Fix one of the two in config.json.")
+        "heads. Fix one of the two in config.json."
+    )
   head_dim = size("head_dim", hidden // heads)
   if head_dim < 1:  # the default, hidden_size // num_attention_heads, is 0
     raise checkpoint.InvalidConfigError(
         f"config.json: hidden_size={hidden} is smaller than num_attention_heads={heads}, so the "
-        "heads would have width 0: fix hidden_size or num_attention_heads, or set head_dim.")
-  return dict(vocab_size=size("vocab_size"), hidden_size=hidden,
-              intermediate_size=size("intermediate_size"),
-              num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads,
-              num_key_value_heads=kv_heads, head_dim=head_dim,
-              max_position_embeddings=size("max_position_embeddings", 2048))
+        "heads would have width 0: fix hidden_size or num_attention_heads, or set head_dim."
+    )
+  return dict(
+      vocab_size=size("vocab_size"),
+      hidden_size=hidden,
+      intermediate_size=size("intermediate_size"),
+      num_hidden_layers=size("num_hidden_layers"),
+      num_attention_heads=heads,
+      num_key_value_heads=kv_heads,
+      head_dim=head_dim,
+      max_position_embeddings=size("max_position_embeddings", 2048),
+  )
 
 
 def _rope_fields(hf_config: dict) -> dict[str, Any]:
@@ -171,20 +191,25 @@ def _rope_fields(hf_config: dict) -> dict[str, Any]:
   params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
   if any(isinstance(v, dict) for v in params.values()):
     raise UnsupportedModelError(
-        f"config.json: per-layer-type rope parameters {sorted(params)} are not supported by LLaMA.")
+        f"config.json: per-layer-type rope parameters {sorted(params)} are not supported by LLaMA."
+    )
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in _ROPE_TYPES:
     raise UnsupportedModelError(
-        f"config.json: rope type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}.")
+        f"config.json: rope type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}."
+    )
   partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1.0):
     raise UnsupportedModelError(
-        f"config.json: partial_rotary_factor={partial} is not supported (LLaMA rotates all dims).")
+        f"config.json: partial_rotary_factor={partial} is not supported (LLaMA rotates all dims)."
+    )
   nested = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
   real = lambda name, default=checkpoint.REQUIRED: checkpoint.config_real(
-      params, f"{nested}.{name}", default, positive=True)
-  theta = real("rope_theta",
-               checkpoint.config_real(hf_config, "rope_theta", 10000.0, positive=True))
+      params, f"{nested}.{name}", default, positive=True
+  )
+  theta = real(
+      "rope_theta", checkpoint.config_real(hf_config, "rope_theta", 10000.0, positive=True)
+  )
   fields = {"rope_type": rope_type, "rope_theta": theta}
   if rope_type in ("linear", "llama3"):
     fields["rope_factor"] = real("factor")
@@ -192,6 +217,8 @@ def _rope_fields(hf_config: dict) -> dict[str, Any]:
     fields["rope_low_freq_factor"] = real("low_freq_factor")
     fields["rope_high_freq_factor"] = real("high_freq_factor")
     fields["rope_original_max_position_embeddings"] = checkpoint.config_integer(
-        params, f"{nested}.original_max_position_embeddings",
-        checkpoint.config_integer(hf_config, "max_position_embeddings", 2048))
+        params,
+        f"{nested}.original_max_position_embeddings",
+        checkpoint.config_integer(hf_config, "max_position_embeddings", 2048),
+    )
   return fields

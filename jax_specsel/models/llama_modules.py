@@ -93,8 +93,9 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(in_features: int, out_features: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                    rngs=rngs)
+  return nnx.Linear(
+      in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs
+  )
 
 
 class Attention(nnx.Module):
@@ -102,8 +103,11 @@ class Attention(nnx.Module):
 
   def __init__(self, config: Config, dtype, rngs: nnx.Rngs):
     d, h, bias = config.hidden_size, config.head_dim, config.attention_bias
-    self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads,
-                                                        config.num_key_value_heads, h)
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        h,
+    )
     self.q_proj = _linear(d, self.num_heads * h, bias, dtype, rngs)  # kernel [D, N*H]
     self.k_proj = _linear(d, self.num_kv_heads * h, bias, dtype, rngs)  # kernel [D, K*H]
     self.v_proj = _linear(d, self.num_kv_heads * h, bias, dtype, rngs)  # kernel [D, K*H]
@@ -119,7 +123,7 @@ class Attention(nnx.Module):
     query, key = _apply_rotary(query, cos, sin), _apply_rotary(key, cos, sin)
     keys = write_at_positions(layer_cache["k"], key, start)  # [B, L, K, H]
     values = write_at_positions(layer_cache["v"], value, start)  # [B, L, K, H]
-    out = dot_attention(query, keys, values, mask, scale=self.head_dim ** -0.5)  # [B, T, N, H]
+    out = dot_attention(query, keys, values, mask, scale=self.head_dim**-0.5)  # [B, T, N, H]
     return self.o_proj(out.reshape(batch, steps, -1)), {"k": keys, "v": values}
 
 
@@ -146,8 +150,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, dtype, rngs)
 
   def __call__(self, x, rotary, layer_cache, start, mask):
-    attended, layer_cache = self.self_attn(self.input_layernorm(x), rotary, layer_cache, start,
-                                           mask)
+    attended, layer_cache = self.self_attn(
+        self.input_layernorm(x), rotary, layer_cache, start, mask
+    )
     x = x + attended
     return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
 
@@ -158,14 +163,19 @@ class Module(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                  param_dtype=dtype, rngs=rngs)  # embedding [V, D]
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+    )  # embedding [V, D]
     self.layers = nnx.List(
-        [DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+        [DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)]
+    )
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     # Tied checkpoints reuse the embedding as the output projection; no separate head exists.
-    self.lm_head = None if config.tie_word_embeddings else _linear(
-        config.hidden_size, config.vocab_size, False, dtype, rngs)  # kernel [D, V]
+    self.lm_head = (
+        None
+        if config.tie_word_embeddings
+        else _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
+    )  # kernel [D, V]
 
   def _layer_count(self, num_layers: int | None) -> int:
     total = self.config.num_hidden_layers
@@ -187,15 +197,19 @@ class Module(nnx.Module):
       A tuple over layers of {"k": [B, L, K, H], "v": [B, L, K, H]} zeros.
     """
     shape = (batch, max_len, self.config.num_key_value_heads, self.config.head_dim)
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                 for _ in range(self._layer_count(num_layers)))
+    return tuple(
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for _ in range(self._layer_count(num_layers))
+    )
 
   def _hidden_states(self, tokens, start, cache, num_layers):
     """Runs the first `num_layers` blocks: tokens [B, T] -> un-normed [B, T, D], updated cache."""
     count = self._layer_count(num_layers)
     if len(cache) < count:
-      raise ValueError(f"the cache holds {len(cache)} layers but {count} are run; build it with "
-                       "init_cache(..., num_layers) of the same view.")
+      raise ValueError(
+          f"the cache holds {len(cache)} layers but {count} are run; build it with "
+          "init_cache(..., num_layers) of the same view."
+      )
     steps, length = tokens.shape[1], cache[0]["k"].shape[1]
     start = start.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]  # [B, T]
@@ -247,10 +261,15 @@ class Module(nnx.Module):
   def _logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] -> float32 [B, T, V] (dot accumulated in float32 even for bfloat16 weights)."""
     if self.lm_head is None:
-      return jnp.einsum("BTD,VD->BTV", hidden, self.embed_tokens.embedding[...],
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.kernel[...],
-                      preferred_element_type=jnp.float32)
+      return jnp.einsum(
+          "BTD,VD->BTV",
+          hidden,
+          self.embed_tokens.embedding[...],
+          preferred_element_type=jnp.float32,
+      )
+    return jnp.einsum(
+        "BTD,DV->BTV", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
+    )
 
   def embed(self, context) -> jax.Array:
     """float32 [B, D]: the final hidden state of the last real prompt token."""

@@ -25,9 +25,13 @@ from flax import nnx
 
 from jax_specsel import sharding
 from jax_specsel.models import checkpoint, checkpoint_tensors
+
 # The errors load_model raises, importable from here as well as from where they are defined.
-from jax_specsel.models.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,  # noqa: F401
-                                           InvalidConfigError)
+from jax_specsel.models.checkpoint import (  # noqa: F401
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidConfigError,
+)
 from jax_specsel.models.interface import Model, check_matmul_precision
 from jax_specsel.models.registry import UnsupportedModelError, architecture  # noqa: F401
 
@@ -40,8 +44,13 @@ class WeightMismatchError(ValueError):
   """A tensor is missing, unexpected, or has the wrong shape for the config."""
 
 
-def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
-               mesh: jax.sharding.Mesh | None = None, matmul_precision: str = "auto") -> Model:
+def load_model(
+    path_or_id: str,
+    dtype: str = "float32",
+    name: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    matmul_precision: str = "auto",
+) -> Model:
   """Load a HuggingFace checkpoint (local directory or hub id) as a `Model`.
 
   Args:
@@ -80,9 +89,11 @@ def load_model(path_or_id: str, dtype: str = "float32", name: str | None = None,
   try:
     config = _checkpoint_config(arch, hf_config, dtype, directory)
   except (KeyError, TypeError) as err:  # a field missing or of the wrong type
-    raise CorruptCheckpointError(f"{config_path}: cannot build a {hf_config.get('model_type')} config "
-                                 f"({type(err).__name__}: {err}): a field is missing or malformed; "
-                                 "restore config.json from the checkpoint's source.") from err
+    raise CorruptCheckpointError(
+        f"{config_path}: cannot build a {hf_config.get('model_type')} config "
+        f"({type(err).__name__}: {err}): a field is missing or malformed; "
+        "restore config.json from the checkpoint's source."
+    ) from err
   config = dataclasses.replace(config, matmul_precision=matmul_precision)
   module = build_module(arch, config, directory, mesh)
   label = name or os.path.basename(os.path.normpath(path_or_id))
@@ -108,8 +119,10 @@ def build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
   placements = {}
   if mesh is not None:
     sizes = sharding.axis_sizes(mesh)
-    placements = {path: jax.sharding.NamedSharding(mesh, sharding.spec_for(path, v.shape, config, sizes))
-                  for path, v in expected.items()}
+    placements = {
+        path: jax.sharding.NamedSharding(mesh, sharding.spec_for(path, v.shape, config, sizes))
+        for path, v in expected.items()
+    }
   weight_map = arch.hf_weight_map(config)
   uncovered = sorted(set(expected) - {path for path, _ in weight_map.values()})
   if uncovered:  # a bug in the architecture's map, not in the checkpoint
@@ -128,9 +141,11 @@ def build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
       value = jax.device_put(value, placements[path])
     if path in values and not bool(jnp.array_equal(values[path], value)):
       # Aliases (T5's shared / encoder / decoder embeddings) must agree, or shard order decides.
-      raise WeightMismatchError(f"{directory}: tensor {name!r} is an alias of a parameter already "
-                                f"loaded from another tensor, with different values: the checkpoint "
-                                "is inconsistent (config_for_checkpoint should have untied them).")
+      raise WeightMismatchError(
+          f"{directory}: tensor {name!r} is an alias of a parameter already "
+          f"loaded from another tensor, with different values: the checkpoint "
+          "is inconsistent (config_for_checkpoint should have untied them)."
+      )
     values[path] = value
   _check_complete(weight_map, values, unexpected, directory)
   nnx.replace_by_pure_dict(state, _nest(values))
@@ -140,9 +155,11 @@ def build_module(arch, config, directory: str, mesh=None) -> nnx.Module:
 def _convert(name, tensor, transform: Callable, shape, dtype):
   array = transform(jnp.asarray(tensor))
   if tuple(array.shape) != tuple(shape):
-    raise WeightMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)} (after conversion "
-                              f"{tuple(array.shape)}) but the config implies {tuple(shape)}: "
-                              "config.json and the weights disagree.")
+    raise WeightMismatchError(
+        f"tensor {name!r} has shape {tuple(tensor.shape)} (after conversion "
+        f"{tuple(array.shape)}) but the config implies {tuple(shape)}: "
+        "config.json and the weights disagree."
+    )
   return array.astype(dtype)
 
 
@@ -155,25 +172,33 @@ def _check_finite(file: str, name: str, tensor, value, dtype: str) -> None:
   if bool(jnp.isfinite(value).all()):
     return
   if bool(jnp.isfinite(jnp.asarray(tensor)).all()):
-    raise CorruptCheckpointError(f"tensor {name!r} of {file} overflows {dtype} (values beyond its "
-                                 "range become inf): load the model in bfloat16 or float32.")
+    raise CorruptCheckpointError(
+        f"tensor {name!r} of {file} overflows {dtype} (values beyond its "
+        "range become inf): load the model in bfloat16 or float32."
+    )
   count = int((~jnp.isfinite(jnp.asarray(tensor))).sum())
-  raise CorruptCheckpointError(f"tensor {name!r} of {file} holds {count} NaN/inf value(s): the file "
-                               "is corrupt or was partly overwritten; download it again "
-                               "(huggingface-cli download ... --force-download) or re-save the "
-                               "checkpoint.")
+  raise CorruptCheckpointError(
+      f"tensor {name!r} of {file} holds {count} NaN/inf value(s): the file "
+      "is corrupt or was partly overwritten; download it again "
+      "(huggingface-cli download ... --force-download) or re-save the "
+      "checkpoint."
+  )
 
 
 def _check_complete(weight_map, values, unexpected, directory):
   filled = {path for path in values}
   missing = sorted(name for name, (path, _) in weight_map.items() if path not in filled)
   if missing:
-    raise WeightMismatchError(f"{directory}: {len(missing)} tensor(s) the config needs are missing "
-                              f"from the weights, e.g. {missing[:4]}; the checkpoint is incomplete "
-                              "or belongs to a different config.")
+    raise WeightMismatchError(
+        f"{directory}: {len(missing)} tensor(s) the config needs are missing "
+        f"from the weights, e.g. {missing[:4]}; the checkpoint is incomplete "
+        "or belongs to a different config."
+    )
   if unexpected:
-    raise WeightMismatchError(f"{directory}: {len(unexpected)} unexpected tensor(s), e.g. "
-                              f"{sorted(unexpected)[:4]}; config.json does not describe these weights.")
+    raise WeightMismatchError(
+        f"{directory}: {len(unexpected)} unexpected tensor(s), e.g. "
+        f"{sorted(unexpected)[:4]}; config.json does not describe these weights."
+    )
 
 
 def _nest(flat: dict) -> dict:
@@ -191,4 +216,5 @@ def _load_tokenizer(directory: str):
     log.info("no tokenizer files in %s: the model has no tokenizer attached", directory)
     return None
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(directory)

@@ -61,7 +61,8 @@ def architecture(hf_config: dict, source: str = "config.json") -> ModuleType:
   if model_type not in ARCHITECTURES:
     raise UnsupportedModelError(
         f"{source}: model_type={model_type!r} is not supported. "
-        f"Supported: {sorted(ARCHITECTURES)} (T5 / T5 v1.1 / Flan-T5 and LLaMA-family checkpoints).")
+        f"Supported: {sorted(ARCHITECTURES)} (T5 / T5 v1.1 / Flan-T5 and LLaMA-family checkpoints)."
+    )
   return importlib.import_module(ARCHITECTURES[model_type])
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jax_specsel.models import checkpoint, checkpoint_tensors
 from jax_specsel.models.t5_config import Config
+
 # The registry reads `Module` from here, with the rest of the architecture.
 from jax_specsel.models.t5_modules import Module  # noqa: F401
 
@@ -34,32 +35,43 @@ from jax_specsel.models.t5_modules import Module  # noqa: F401
 def _attention_names(prefix: str, path: tuple, with_bias: bool) -> dict:
   names = {f"{prefix}.{p}.weight": (path + (p,), checkpoint.transpose) for p in "qkvo"}
   if with_bias:
-    names[f"{prefix}.relative_attention_bias.weight"] = (path + ("relative_bias",),
-                                                         checkpoint.identity)
+    names[f"{prefix}.relative_attention_bias.weight"] = (
+        path + ("relative_bias",),
+        checkpoint.identity,
+    )
   return names
 
 
 def _feed_forward_names(prefix: str, path: tuple, config: Config) -> dict:
   inputs = ("wi_0", "wi_1") if config.is_gated_act else ("wi",)
-  return {f"{prefix}.DenseReluDense.{p}.weight": (path + ("feed_forward", p), checkpoint.transpose)
-          for p in inputs + ("wo",)}
+  return {
+      f"{prefix}.DenseReluDense.{p}.weight": (path + ("feed_forward", p), checkpoint.transpose)
+      for p in inputs + ("wo",)
+  }
 
 
 def _block_names(stack: str, index: int, config: Config) -> dict:
   prefix, path = f"{stack}.block.{index}.layer", (stack, "blocks", index)
   names = _attention_names(f"{prefix}.0.SelfAttention", path + ("self_attention",), index == 0)
-  names[f"{prefix}.0.layer_norm.weight"] = (path + ("self_attention_norm", "scale"),
-                                            checkpoint.identity)
+  names[f"{prefix}.0.layer_norm.weight"] = (
+      path + ("self_attention_norm", "scale"),
+      checkpoint.identity,
+  )
   ff = 1
   if stack == "decoder":
     names.update(
-        _attention_names(f"{prefix}.1.EncDecAttention", path + ("cross_attention",), False))
-    names[f"{prefix}.1.layer_norm.weight"] = (path + ("cross_attention_norm", "scale"),
-                                              checkpoint.identity)
+        _attention_names(f"{prefix}.1.EncDecAttention", path + ("cross_attention",), False)
+    )
+    names[f"{prefix}.1.layer_norm.weight"] = (
+        path + ("cross_attention_norm", "scale"),
+        checkpoint.identity,
+    )
     ff = 2
   names.update(_feed_forward_names(f"{prefix}.{ff}", path, config))
-  names[f"{prefix}.{ff}.layer_norm.weight"] = (path + ("feed_forward_norm", "scale"),
-                                              checkpoint.identity)
+  names[f"{prefix}.{ff}.layer_norm.weight"] = (
+      path + ("feed_forward_norm", "scale"),
+      checkpoint.identity,
+  )
   return names
 
 
@@ -73,18 +85,26 @@ def hf_weight_map(config: Config) -> dict[str, tuple[tuple, Callable]]:
   names = {}
   if config.uses_shared_embedding:
     names["shared.weight"] = (("shared",), checkpoint.identity)
-  for stack, separate in (("encoder", config.separate_encoder_embeddings),
-                          ("decoder", config.separate_decoder_embeddings)):
-    names[f"{stack}.embed_tokens.weight"] = (((stack, "embed_tokens") if separate else ("shared",)),
-                                             checkpoint.identity)
+  for stack, separate in (
+      ("encoder", config.separate_encoder_embeddings),
+      ("decoder", config.separate_decoder_embeddings),
+  ):
+    names[f"{stack}.embed_tokens.weight"] = (
+        ((stack, "embed_tokens") if separate else ("shared",)),
+        checkpoint.identity,
+    )
   for index in range(config.num_layers):
     names.update(_block_names("encoder", index, config))
   for index in range(config.num_decoder_layers):
     names.update(_block_names("decoder", index, config))
   names["encoder.final_layer_norm.weight"] = (
-      ("encoder", "final_norm", "scale"), checkpoint.identity)
+      ("encoder", "final_norm", "scale"),
+      checkpoint.identity,
+  )
   names["decoder.final_layer_norm.weight"] = (
-      ("decoder", "final_norm", "scale"), checkpoint.identity)
+      ("decoder", "final_norm", "scale"),
+      checkpoint.identity,
+  )
   if config.tie_word_embeddings:
     names["lm_head.weight"] = (("shared",), checkpoint.identity)  # a stored copy of the tied table
   else:
@@ -103,12 +123,17 @@ def is_ignorable(name: str, config: Config) -> bool:
   return name == "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
 
 
-_TIED_TABLES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-                "lm_head.weight")  # transformers' _tied_weights_keys, source first
+_TIED_TABLES = (
+    "shared.weight",
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "lm_head.weight",
+)  # transformers' _tied_weights_keys, source first
 
 
-def config_for_checkpoint(config: Config,
-                          stored_tensors: checkpoint_tensors.CheckpointTensors) -> Config:
+def config_for_checkpoint(
+    config: Config, stored_tensors: checkpoint_tensors.CheckpointTensors
+) -> Config:
   """Which tables the stored weights tie, decided as transformers 5.23's from_pretrained does.
 
   T5Config forces tie_word_embeddings=True, so encoder.embed_tokens, decoder.embed_tokens and
@@ -131,9 +156,11 @@ def config_for_checkpoint(config: Config,
     return name in stored[1:] and not stored_tensors.equal(name, stored[0])
 
   return dataclasses.replace(
-      config, tie_word_embeddings=not own_table("lm_head.weight"),
+      config,
+      tie_word_embeddings=not own_table("lm_head.weight"),
       separate_encoder_embeddings=own_table("encoder.embed_tokens.weight"),
-      separate_decoder_embeddings=own_table("decoder.embed_tokens.weight"))
+      separate_decoder_embeddings=own_table("decoder.embed_tokens.weight"),
+  )
 
 
 # ------------------------------------------------------------------------ growth (models/growth.py)
@@ -156,7 +183,7 @@ LM_HEAD = "lm_head.weight"  # the output table [V, D] a grown checkpoint always 
 
 def output_scale(config: Config) -> float:
   """What the final hidden state is multiplied by before the LM head (d_model**-0.5 or 1)."""
-  return config.d_model ** -0.5 if config.scale_decoder_outputs else 1.0
+  return config.d_model**-0.5 if config.scale_decoder_outputs else 1.0
 
 
 def grown_hf_config(hf_config: dict, config: Config, factor: int) -> dict:
@@ -173,9 +200,16 @@ def grown_hf_config(hf_config: dict, config: Config, factor: int) -> dict:
   Returns:
     The grown config.json dict.
   """
-  return {**hf_config, "d_model": config.d_model * factor, "d_ff": config.d_ff * factor,
-          "num_heads": config.num_heads * factor, "d_kv": config.d_kv,
-          "tie_word_embeddings": False, "scale_decoder_outputs": False}
+  return {
+      **hf_config,
+      "d_model": config.d_model * factor,
+      "d_ff": config.d_ff * factor,
+      "num_heads": config.num_heads * factor,
+      "d_kv": config.d_kv,
+      "tie_word_embeddings": False,
+      "scale_decoder_outputs": False,
+  }
+
 
 # ----------------------------------------------------------------------------- sharding, memory
 # Tensor-parallel layouts per parameter (read by jax_specsel/sharding.py): per dimension the unit
@@ -200,9 +234,15 @@ def dimensions(config: Config) -> dict[str, int]:
     {"vocab", "embed", "heads", "kv_heads" (= heads: no grouped-query attention), "head_dim",
      "mlp", "mlp_hidden_tensors" ([tokens, F] temporaries of one feed-forward: 3 gated, else 2)}.
   """
-  return {"vocab": config.vocab_size, "embed": config.d_model, "heads": config.num_heads,
-          "kv_heads": config.num_heads, "head_dim": config.d_kv, "mlp": config.d_ff,
-          "mlp_hidden_tensors": 3 if config.is_gated_act else 2}
+  return {
+      "vocab": config.vocab_size,
+      "embed": config.d_model,
+      "heads": config.num_heads,
+      "kv_heads": config.num_heads,
+      "head_dim": config.d_kv,
+      "mlp": config.d_ff,
+      "mlp_hidden_tensors": 3 if config.is_gated_act else 2,
+  }
 
 
 def context_bytes(config: Config, rows: int, source_length: int, heads: int) -> int:

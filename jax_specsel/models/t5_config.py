@@ -58,8 +58,11 @@ class Config:
   @property
   def uses_shared_embedding(self) -> bool:
     """False when the encoder, the decoder and the LM head all have their own tables."""
-    return not (self.separate_encoder_embeddings and self.separate_decoder_embeddings
-                and not self.tie_word_embeddings)
+    return not (
+        self.separate_encoder_embeddings
+        and self.separate_decoder_embeddings
+        and not self.tie_word_embeddings
+    )
 
   @classmethod
   def from_dict(cls, fields: dict) -> Config:
@@ -119,8 +122,9 @@ class Config:
         scale_decoder_outputs=scale,
         pad_token_id=ids.pad_token_id,
         eos_token_ids=ids.eos_token_ids,
-        decoder_start_token_id=(ids.decoder_start_token_id if ids.decoder_start_token_id is not None
-                                else pad or 0),
+        decoder_start_token_id=(
+            ids.decoder_start_token_id if ids.decoder_start_token_id is not None else pad or 0
+        ),
         dtype=dtype,
     )
 
@@ -138,10 +142,16 @@ class Config:
         (transformers reads "gated-gelu" as gelu_new).
     """
     return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": self.model_type,
-        "is_encoder_decoder": True, "vocab_size": self.vocab_size, "d_model": self.d_model,
-        "d_kv": self.d_kv, "d_ff": self.d_ff, "num_heads": self.num_heads,
-        "num_layers": self.num_layers, "num_decoder_layers": self.num_decoder_layers,
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": self.model_type,
+        "is_encoder_decoder": True,
+        "vocab_size": self.vocab_size,
+        "d_model": self.d_model,
+        "d_kv": self.d_kv,
+        "d_ff": self.d_ff,
+        "num_heads": self.num_heads,
+        "num_layers": self.num_layers,
+        "num_decoder_layers": self.num_decoder_layers,
         "relative_attention_num_buckets": self.relative_attention_num_buckets,
         "relative_attention_max_distance": self.relative_attention_max_distance,
         "feed_forward_proj": self._feed_forward_proj(),
@@ -150,7 +160,8 @@ class Config:
         "scale_decoder_outputs": self.scale_decoder_outputs,
         "pad_token_id": self.pad_token_id,
         "eos_token_id": checkpoint.eos_field(self.eos_token_ids),
-        "decoder_start_token_id": self.decoder_start_token_id, "dtype": self.dtype,
+        "decoder_start_token_id": self.decoder_start_token_id,
+        "dtype": self.dtype,
     }
 
   def _feed_forward_proj(self) -> str:
@@ -159,8 +170,10 @@ class Config:
     if self.dense_act_fn == "gelu_new":
       return "gated-gelu"  # transformers' legacy name of gated gelu_new
     if self.dense_act_fn == "gelu":
-      raise ValueError("a gated exact-gelu T5 feed-forward has no feed_forward_proj name "
-                       "(transformers reads 'gated-gelu' as gelu_new); it cannot be exported.")
+      raise ValueError(
+          "a gated exact-gelu T5 feed-forward has no feed_forward_proj name "
+          "(transformers reads 'gated-gelu' as gelu_new); it cannot be exported."
+      )
     return f"gated-{self.dense_act_fn}"
 
 
@@ -171,12 +184,14 @@ def _feed_forward(hf_config: dict) -> tuple[str, bool]:
   if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
     raise checkpoint.InvalidConfigError(
         f"config.json: feed_forward_proj={proj!r} is not of the form 'ACT' or 'gated-ACT'; fix "
-        "it in config.json (e.g. 'relu' or 'gated-gelu').")
+        "it in config.json (e.g. 'relu' or 'gated-gelu')."
+    )
   act = "gelu_new" if proj == "gated-gelu" else parts[-1]  # transformers' legacy special case
   if act not in activations.ACTIVATIONS:
     raise checkpoint.InvalidConfigError(
         f"config.json: feed_forward_proj={proj!r}: activation {act!r} is not supported; "
-        f"supported: {sorted(activations.ACTIVATIONS)}.")
+        f"supported: {sorted(activations.ACTIVATIONS)}."
+    )
   return act, len(parts) == 2
 
 
@@ -185,8 +200,13 @@ def _sizes(hf_config: dict) -> dict[str, int]:
   size = lambda name, default: checkpoint.config_integer(hf_config, name, default)
   num_layers = size("num_layers", 6)
   return dict(
-      vocab_size=size("vocab_size", 32128), d_model=size("d_model", 512), d_kv=size("d_kv", 64),
-      d_ff=size("d_ff", 2048), num_heads=size("num_heads", 8), num_layers=num_layers,
+      vocab_size=size("vocab_size", 32128),
+      d_model=size("d_model", 512),
+      d_kv=size("d_kv", 64),
+      d_ff=size("d_ff", 2048),
+      num_heads=size("num_heads", 8),
+      num_layers=num_layers,
       num_decoder_layers=size("num_decoder_layers", num_layers),
       relative_attention_num_buckets=size("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=size("relative_attention_max_distance", 128))
+      relative_attention_max_distance=size("relative_attention_max_distance", 128),
+  )

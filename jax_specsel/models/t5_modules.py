@@ -37,8 +37,9 @@ from jax_specsel.models import activations, attention, checkpoint
 from jax_specsel.models.t5_config import Config
 
 
-def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> jax.Array:
+def relative_position_bucket(
+    relative_position: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
   """T5's bucket of (key position - query position), as in Mesh TensorFlow and transformers.
 
   Args:
@@ -63,8 +64,9 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
   # Log-spaced buckets beyond max_exact, in float32 like torch so the edges agree exactly;
   # the maximum(., 1) only keeps log finite where the small-distance branch discards the value.
   log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
-                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = max_exact + (
+      log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+  ).astype(jnp.int32)
   large = jnp.minimum(large, num_buckets - 1)
   return offset + jnp.where(distance < max_exact, distance, large)
 
@@ -94,8 +96,9 @@ class LayerNorm(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head attention without score scaling; optionally owns the relative-bias table."""
 
-  def __init__(self, config: Config, *, has_relative_bias: bool, bidirectional: bool,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, config: Config, *, has_relative_bias: bool, bidirectional: bool, rngs: nnx.Rngs
+  ):
     d, i, dtype = config.d_model, config.inner_dim, _dtype(config.dtype)
     self.num_heads, self.head_dim = config.num_heads, config.d_kv
     self.bidirectional = bidirectional
@@ -103,11 +106,14 @@ class Attention(nnx.Module):
     self.max_distance = config.relative_attention_max_distance
     # The same initial scales as transformers' T5 (the q scale absorbs the missing 1/sqrt(H)).
     self.q = _normal(rngs, (d, i), (d * config.d_kv) ** -0.5, dtype)  # [D, I]
-    self.k = _normal(rngs, (d, i), d ** -0.5, dtype)  # [D, I]
-    self.v = _normal(rngs, (d, i), d ** -0.5, dtype)  # [D, I]
-    self.o = _normal(rngs, (i, d), i ** -0.5, dtype)  # [I, D]
-    self.relative_bias = (_normal(rngs, (self.num_buckets, config.num_heads), d ** -0.5, dtype)
-                          if has_relative_bias else None)  # [R, N]
+    self.k = _normal(rngs, (d, i), d**-0.5, dtype)  # [D, I]
+    self.v = _normal(rngs, (d, i), d**-0.5, dtype)  # [D, I]
+    self.o = _normal(rngs, (i, d), i**-0.5, dtype)  # [I, D]
+    self.relative_bias = (
+        _normal(rngs, (self.num_buckets, config.num_heads), d**-0.5, dtype)
+        if has_relative_bias
+        else None
+    )  # [R, N]
 
   def _heads(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
     out = jnp.einsum("BTD,DI->BTI", x, kernel[...])
@@ -117,8 +123,9 @@ class Attention(nnx.Module):
     """Keys and values [B, T, N, H] of inputs x [B, T, D]."""
     return self._heads(x, self.k), self._heads(x, self.v)
 
-  def __call__(self, x: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-               bias: jax.Array | None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, bias: jax.Array | None
+  ) -> jax.Array:
     """Attends queries from x [B, T, D] to key/value [B, L, N, H]; returns [B, T, D]."""
     query = self._heads(x, self.q)
     out = attention.dot_attention(query, key, value, mask, bias, scale=1.0)  # [B, T, N, H]
@@ -128,8 +135,12 @@ class Attention(nnx.Module):
   def position_bias(self, query_positions: jax.Array, key_length: int) -> jax.Array:
     """Relative position bias [B, N, T, L] for queries at query_positions [B, T], keys 0..L-1."""
     relative = jnp.arange(key_length)[None, None, :] - query_positions[:, :, None]  # [B, T, L]
-    buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
-                                       num_buckets=self.num_buckets, max_distance=self.max_distance)
+    buckets = relative_position_bucket(
+        relative,
+        bidirectional=self.bidirectional,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )
     values = jnp.take(self.relative_bias[...], buckets, axis=0)  # [B, T, L, N]
     return values.transpose(0, 3, 1, 2)
 
@@ -142,11 +153,11 @@ class FeedForward(nnx.Module):
     self.activation = config.dense_act_fn
     self.is_gated = config.is_gated_act
     if self.is_gated:
-      self.wi_0 = _normal(rngs, (d, f), d ** -0.5, dtype)  # [D, F]
-      self.wi_1 = _normal(rngs, (d, f), d ** -0.5, dtype)  # [D, F]
+      self.wi_0 = _normal(rngs, (d, f), d**-0.5, dtype)  # [D, F]
+      self.wi_1 = _normal(rngs, (d, f), d**-0.5, dtype)  # [D, F]
     else:
-      self.wi = _normal(rngs, (d, f), d ** -0.5, dtype)  # [D, F]
-    self.wo = _normal(rngs, (f, d), f ** -0.5, dtype)  # [F, D]
+      self.wi = _normal(rngs, (d, f), d**-0.5, dtype)  # [D, F]
+    self.wo = _normal(rngs, (f, d), f**-0.5, dtype)  # [F, D]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     act = activations.ACTIVATIONS[self.activation]
@@ -161,15 +172,16 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm T5 block: self-attention, (decoder only) cross-attention, feed-forward."""
 
-  def __init__(self, config: Config, *, is_decoder: bool, has_relative_bias: bool,
-               rngs: nnx.Rngs):
+  def __init__(self, config: Config, *, is_decoder: bool, has_relative_bias: bool, rngs: nnx.Rngs):
     self.self_attention_norm = LayerNorm(config)
-    self.self_attention = Attention(config, has_relative_bias=has_relative_bias,
-                                    bidirectional=not is_decoder, rngs=rngs)
+    self.self_attention = Attention(
+        config, has_relative_bias=has_relative_bias, bidirectional=not is_decoder, rngs=rngs
+    )
     if is_decoder:
       self.cross_attention_norm = LayerNorm(config)
-      self.cross_attention = Attention(config, has_relative_bias=False, bidirectional=True,
-                                       rngs=rngs)
+      self.cross_attention = Attention(
+          config, has_relative_bias=False, bidirectional=True, rngs=rngs
+      )
     self.feed_forward_norm = LayerNorm(config)
     self.feed_forward = FeedForward(config, rngs=rngs)
 
@@ -180,9 +192,16 @@ class Block(nnx.Module):
     x = x + self.self_attention(normed, key, value, mask, bias)
     return x + self.feed_forward(self.feed_forward_norm(x))
 
-  def decode(self, x: jax.Array, start: jax.Array, layer_cache: dict, self_mask: jax.Array,
-             bias: jax.Array, cross_kv: tuple[jax.Array, jax.Array],
-             cross_mask: jax.Array) -> tuple[jax.Array, dict]:
+  def decode(
+      self,
+      x: jax.Array,
+      start: jax.Array,
+      layer_cache: dict,
+      self_mask: jax.Array,
+      bias: jax.Array,
+      cross_kv: tuple[jax.Array, jax.Array],
+      cross_mask: jax.Array,
+  ) -> tuple[jax.Array, dict]:
     """Decoder block on x [B, T, D]: writes its K/V at start.. and returns (x, layer cache).
 
     cross_kv holds [B, N, S, H] arrays (see `Module.prepare`); the transposes below cancel
@@ -190,24 +209,41 @@ class Block(nnx.Module):
     """
     normed = self.self_attention_norm(x)
     key, value = self.self_attention.key_value(normed)  # [B, T, N, H]
-    layer_cache = {"k": attention.write_at_positions(layer_cache["k"], key, start),
-                   "v": attention.write_at_positions(layer_cache["v"], value, start)}
+    layer_cache = {
+        "k": attention.write_at_positions(layer_cache["k"], key, start),
+        "v": attention.write_at_positions(layer_cache["v"], value, start),
+    }
     x = x + self.self_attention(normed, layer_cache["k"], layer_cache["v"], self_mask, bias)
     cross_key, cross_value = (kv.transpose(0, 2, 1, 3) for kv in cross_kv)  # [B, S, N, H]
-    x = x + self.cross_attention(self.cross_attention_norm(x), cross_key, cross_value,
-                                 cross_mask, None)
+    x = x + self.cross_attention(
+        self.cross_attention_norm(x), cross_key, cross_value, cross_mask, None
+    )
     return x + self.feed_forward(self.feed_forward_norm(x)), layer_cache
 
 
 class Stack(nnx.Module):
   """The encoder or decoder blocks plus the final layer norm (and, untied, its input table)."""
 
-  def __init__(self, config: Config, num_blocks: int, *, is_decoder: bool, own_embeddings: bool,
-               rngs: nnx.Rngs):
-    self.embed_tokens = (_normal(rngs, (config.vocab_size, config.d_model), 1.0,
-                                 _dtype(config.dtype)) if own_embeddings else None)  # [V, D]
-    self.blocks = nnx.List([Block(config, is_decoder=is_decoder, has_relative_bias=i == 0,
-                                  rngs=rngs) for i in range(num_blocks)])
+  def __init__(
+      self,
+      config: Config,
+      num_blocks: int,
+      *,
+      is_decoder: bool,
+      own_embeddings: bool,
+      rngs: nnx.Rngs,
+  ):
+    self.embed_tokens = (
+        _normal(rngs, (config.vocab_size, config.d_model), 1.0, _dtype(config.dtype))
+        if own_embeddings
+        else None
+    )  # [V, D]
+    self.blocks = nnx.List(
+        [
+            Block(config, is_decoder=is_decoder, has_relative_bias=i == 0, rngs=rngs)
+            for i in range(num_blocks)
+        ]
+    )
     self.final_norm = LayerNorm(config)
 
   def position_bias(self, query_positions: jax.Array, key_length: int) -> jax.Array:
@@ -221,22 +257,39 @@ class Module(nnx.Module):
   def __init__(self, config: Config, *, rngs: nnx.Rngs):
     self.config = config
     dtype = _dtype(config.dtype)
-    self.shared = (_normal(rngs, (config.vocab_size, config.d_model), 1.0, dtype)
-                   if config.uses_shared_embedding else None)  # [V, D]
-    self.encoder = Stack(config, config.num_layers, is_decoder=False,
-                         own_embeddings=config.separate_encoder_embeddings, rngs=rngs)
-    self.decoder = Stack(config, config.num_decoder_layers, is_decoder=True,
-                         own_embeddings=config.separate_decoder_embeddings, rngs=rngs)
-    self.lm_head = (None if config.tie_word_embeddings else
-                    _normal(rngs, (config.d_model, config.vocab_size), 1.0, dtype))  # [D, V]
+    self.shared = (
+        _normal(rngs, (config.vocab_size, config.d_model), 1.0, dtype)
+        if config.uses_shared_embedding
+        else None
+    )  # [V, D]
+    self.encoder = Stack(
+        config,
+        config.num_layers,
+        is_decoder=False,
+        own_embeddings=config.separate_encoder_embeddings,
+        rngs=rngs,
+    )
+    self.decoder = Stack(
+        config,
+        config.num_decoder_layers,
+        is_decoder=True,
+        own_embeddings=config.separate_decoder_embeddings,
+        rngs=rngs,
+    )
+    self.lm_head = (
+        None
+        if config.tie_word_embeddings
+        else _normal(rngs, (config.d_model, config.vocab_size), 1.0, dtype)
+    )  # [D, V]
 
   def _embed_tokens(self, ids: jax.Array, stack: Stack) -> jax.Array:
     """[B, T] ids -> [B, T, D] through the stack's own table, else the shared one."""
     table = self.shared if stack.embed_tokens is None else stack.embed_tokens
     return jnp.take(table[...], ids, axis=0)
 
-  def prepare(self, prompt_ids: jax.Array, prompt_mask: jax.Array, cache: Any,
-              num_layers: int | None = None) -> tuple[dict, Any]:
+  def prepare(
+      self, prompt_ids: jax.Array, prompt_mask: jax.Array, cache: Any, num_layers: int | None = None
+  ) -> tuple[dict, Any]:
     """Runs the encoder once and precomputes every decoder layer's cross-attention K/V.
 
     Args:
@@ -262,7 +315,8 @@ class Module(nnx.Module):
     states = self.encoder.final_norm(x)
     cross_kv = tuple(
         tuple(kv.transpose(0, 2, 1, 3) for kv in block.cross_attention.key_value(states))
-        for block in self.decoder.blocks)
+        for block in self.decoder.blocks
+    )
     context = {"encoder_states": states, "encoder_mask": prompt_mask, "cross_kv": cross_kv}
     return context, cache
 
@@ -273,8 +327,14 @@ class Module(nnx.Module):
     zeros = jnp.zeros(shape, _dtype(dtype))
     return tuple({"k": zeros, "v": zeros} for _ in range(self.config.num_decoder_layers))
 
-  def decode(self, tokens: jax.Array, start: jax.Array, cache: tuple, context: dict,
-             num_layers: int | None = None) -> tuple[jax.Array, tuple]:
+  def decode(
+      self,
+      tokens: jax.Array,
+      start: jax.Array,
+      cache: tuple,
+      context: dict,
+      num_layers: int | None = None,
+  ) -> tuple[jax.Array, tuple]:
     """Decoder step(s): tokens [B, T] at absolute positions start[b]..start[b]+T-1.
 
     Args:
@@ -304,10 +364,9 @@ class Module(nnx.Module):
 
   def _logits(self, hidden: jax.Array) -> jax.Array:
     if self.config.scale_decoder_outputs:
-      hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
+      hidden = hidden * jnp.asarray(self.config.d_model**-0.5, hidden.dtype)
     if self.lm_head is None:
-      return jnp.einsum("BTD,VD->BTV", hidden, self.shared[...],
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum("BTD,VD->BTV", hidden, self.shared[...], preferred_element_type=jnp.float32)
     return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
 
   def embed(self, context: dict) -> jax.Array:
