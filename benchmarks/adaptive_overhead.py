@@ -71,6 +71,36 @@ def main(argv):
   target, drafters = zoo.target, zoo.drafters
   probe = zoo.tokenizer([world.split("test", world.domains[0])[0]["prompt"]])["input_ids"]
   costs = measure_adaptive_costs(target, drafters, FLAGS.max_gamma, probe)
+  selected, adaptive = timed_calls(target, drafters, policy, costs)
+  result = {}
+  print("| domain | median adaptive / selected | rounds drafted by |\n|---|---|---|")
+  for domain in world.domains:
+    prompts = [
+        zoo.tokenizer(e["prompt"])["input_ids"]
+        for e in world.split("test", domain)[: FLAGS.queries]
+    ]
+    result[domain] = domain_result(prompts, selected, adaptive)
+    cells = ", ".join(
+        f"{name} {100 * share:.0f}%" for name, share in result[domain]["rounds_by_option"].items()
+    )
+    print(f"| {domain} | {result[domain]['median_ratio']:.3f} | {cells} |")
+  with open(FLAGS.output, "w") as handle:
+    json.dump(
+        {
+            "policy": FLAGS.policy,
+            "queries": FLAGS.queries,
+            "repeats": FLAGS.repeats,
+            "costs": [float(c) for c in np.asarray(costs.as_array())],
+            "result": result,
+        },
+        handle,
+        indent=1,
+    )
+
+
+def timed_calls(target, drafters, policy, costs):
+  """(selected, adaptive): each (prompt, seed) -> (seconds of the whole public call, its output
+  or None), with the flags' settings."""
   rule = RuleSettings(
       learning_rate=DEMO.adaptive.hedge_learning_rate,
       probe_every=FLAGS.probe_every,
@@ -105,42 +135,27 @@ def main(argv):
     )
     return time.perf_counter() - started, out
 
-  result = {}
-  print("| domain | median adaptive / selected | rounds drafted by |\n|---|---|---|")
-  for domain in world.domains:
-    prompts = [
-        zoo.tokenizer(e["prompt"])["input_ids"]
-        for e in world.split("test", domain)[: FLAGS.queries]
-    ]
-    for prompt in prompts:  # compiles every bucket, untimed
-      selected(prompt, 0)
-      adaptive(prompt, 0)
-    ratios, rounds = [], collections.Counter()
-    for repeat in range(FLAGS.repeats):
-      for i, prompt in enumerate(prompts):
-        order = (adaptive, selected) if (i + repeat) % 2 else (selected, adaptive)
-        timed = {call: call(prompt, i) for call in order}
-        ratios.append(timed[adaptive][0] / timed[selected][0])
-        out = timed[adaptive][1]
-        played = out.round_options[0][out.round_options[0] >= 0]
-        rounds.update(out.option_names[o] for o in played.tolist())
-    total = sum(rounds.values())
-    shares = {name: count / total for name, count in sorted(rounds.items())}
-    result[domain] = {"median_ratio": statistics.median(ratios), "rounds_by_option": shares}
-    cells = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
-    print(f"| {domain} | {result[domain]['median_ratio']:.3f} | {cells} |")
-  with open(FLAGS.output, "w") as handle:
-    json.dump(
-        {
-            "policy": FLAGS.policy,
-            "queries": FLAGS.queries,
-            "repeats": FLAGS.repeats,
-            "costs": [float(c) for c in np.asarray(costs.as_array())],
-            "result": result,
-        },
-        handle,
-        indent=1,
-    )
+  return selected, adaptive
+
+
+def domain_result(prompts, selected, adaptive) -> dict:
+  """One domain's median adaptive / selected ratio over the repeats, the order alternating from
+  query to query, and the share of rounds each option drafted (every bucket compiled first)."""
+  for prompt in prompts:  # compiles every bucket, untimed
+    selected(prompt, 0)
+    adaptive(prompt, 0)
+  ratios, rounds = [], collections.Counter()
+  for repeat in range(FLAGS.repeats):
+    for i, prompt in enumerate(prompts):
+      order = (adaptive, selected) if (i + repeat) % 2 else (selected, adaptive)
+      timed = {call: call(prompt, i) for call in order}
+      ratios.append(timed[adaptive][0] / timed[selected][0])
+      out = timed[adaptive][1]
+      played = out.round_options[0][out.round_options[0] >= 0]
+      rounds.update(out.option_names[o] for o in played.tolist())
+  total = sum(rounds.values())
+  shares = {name: count / total for name, count in sorted(rounds.items())}
+  return {"median_ratio": statistics.median(ratios), "rounds_by_option": shares}
 
 
 if __name__ == "__main__":

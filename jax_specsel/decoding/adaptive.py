@@ -26,6 +26,7 @@ scores it on everything it missed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Mapping
 
@@ -33,7 +34,14 @@ import jax
 import numpy as np
 
 from jax_specsel import validation
-from jax_specsel.decoding import adaptive_loop, adaptive_rule, programs, request, transfer
+from jax_specsel.decoding import (
+    adaptive_loop,
+    adaptive_rule,
+    adaptive_state,
+    programs,
+    request,
+    transfer,
+)
 from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
 from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
@@ -138,52 +146,50 @@ def generate_adaptive(
   """
   started = time.perf_counter()
   _check_max_gamma(max_gamma)
-  request.check_settings(max_gamma, temperature, top_k, top_p, max_new_tokens)
-  request.check_target(target)
+  request.check_request(target, max_gamma, temperature, top_k, top_p, max_new_tokens)
   names, models = _drafter_models(target, drafters, max_gamma, assume_shared_vocabulary)
   costs = parameter_costs(target, dict(zip(names, models)), max_gamma) if costs is None else costs
   _check_costs(costs, len(models), max_gamma)
   options = [AUTOREGRESSIVE, *names]
   prior_index = _prior_index(target, policy, options)
+  settings = (temperature, top_k, top_p, max_new_tokens)
+  build = functools.partial(
+      _program, target, models, options, policy, prior_index, costs, rule, max_gamma, settings
+  )
+  prompts = programs.Prompts(prompt_ids, attention_mask, seed)
+  unpack = functools.partial(_output, options)
+  return programs.run(target, prompts, models, max_new_tokens, build, unpack, started)
 
-  def build() -> programs.Program:
-    base = loop_spec(target, None, 0, temperature, top_k, top_p, max_new_tokens)
-    spec = adaptive_loop.AdaptiveSpec(
-        base=dataclasses.replace(base, gamma=int(max_gamma)),
-        drafters=tuple(m.decoder for m in models),
-        rule=rule,
-        policy=None if policy is None else (policy.program, prior_index),
-    )
-    policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
-    drafter_parts = [m.flat_params() for m in models]
-    target_leaves, target_tree = target.flat_params()
-    weights = (
-        target_leaves,
-        [leaves for leaves, _ in drafter_parts],
-        policy_leaves,
-        costs.as_array(),
-    )
-    trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
-    return programs.Program(
-        _PROGRAM,
-        spec,
-        trees,
-        weights,
-        spec.base.cache_length,
-        f"adaptive over {options}, gamma <= {max_gamma}",
-    )
 
-  def unpack(spec, packed, seconds, compile_seconds) -> AdaptiveOutput:
-    return _output(spec, options, packed, seconds, compile_seconds)
-
-  return programs.run(
-      target,
-      programs.Prompts(prompt_ids, attention_mask, seed),
-      models,
-      max_new_tokens,
-      build,
-      unpack,
-      started,
+def _program(
+    target: Model, models, options, policy, prior_index, costs: Costs, rule, max_gamma, settings
+) -> programs.Program:
+  """The program `generate_adaptive` runs for these checked models, policy and costs (`settings`:
+  temperature, top_k, top_p, max_new_tokens)."""
+  base = loop_spec(target, None, 0, *settings)
+  spec = adaptive_state.AdaptiveSpec(
+      base=dataclasses.replace(base, gamma=int(max_gamma)),
+      drafters=tuple(m.decoder for m in models),
+      rule=rule,
+      policy=None if policy is None else (policy.program, prior_index),
+  )
+  policy_leaves, policy_tree = ([], None) if policy is None else policy.program_inputs()
+  drafter_parts = [m.flat_params() for m in models]
+  target_leaves, target_tree = target.flat_params()
+  weights = (
+      target_leaves,
+      [leaves for leaves, _ in drafter_parts],
+      policy_leaves,
+      costs.as_array(),
+  )
+  trees = (target_tree, tuple(tree for _, tree in drafter_parts), policy_tree)
+  return programs.Program(
+      _PROGRAM,
+      spec,
+      trees,
+      weights,
+      spec.base.cache_length,
+      f"adaptive over {options}, gamma <= {max_gamma}",
   )
 
 
@@ -271,7 +277,7 @@ _PROGRAM = transfer.Packed(_run_flat)  # its `AdaptiveSummary` packed into one a
 
 
 def _output(
-    spec, names: list[str], packed: np.ndarray, seconds: float, compile_seconds: float
+    names: list[str], spec, packed: np.ndarray, seconds: float, compile_seconds: float
 ) -> AdaptiveOutput:
   """The fetched `AdaptiveSummary` as the call's output."""
   summary = _PROGRAM.unpack(spec, packed)

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from jax_specsel.decoding import loop, programs, request, sampling, transfer
+from jax_specsel.decoding import loop, loop_state, programs, request, sampling, transfer
 from jax_specsel.models.interface import Model
 
 
@@ -55,9 +55,9 @@ class Stats:
 
   @classmethod
   def from_summary(
-      cls, summary: loop.Summary, gamma: int, seconds: float, compile_seconds: float
+      cls, summary: loop_state.Summary, gamma: int, seconds: float, compile_seconds: float
   ) -> "Stats":
-    """Counters of one loop (a fetched `loop.Summary`); target_calls: the loop's, from row 0."""
+    """Counters of one loop (a fetched `Summary`); target_calls: the loop's, from row 0."""
     return cls(
         drafted=summary.rounds * gamma,
         accepted=summary.accepted,
@@ -144,33 +144,27 @@ def generate(
     ValueError: settings out of range, a malformed prompt or mask, an incompatible drafter.
   """
   started = time.perf_counter()
-  request.check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
-  request.check_target(target)
+  request.check_request(target, gamma, temperature, top_k, top_p, max_new_tokens)
   if drafter is not None:
     drafter = request.checked_drafter(target, drafter, gamma, assume_shared_vocabulary)
+  build = lambda: _program(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
+  prompts = programs.Prompts(prompt_ids, attention_mask, seed)
+  return programs.run(target, prompts, [drafter], max_new_tokens, build, _output, started)
 
-  def build() -> programs.Program:
-    spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
-    target_leaves, target_tree = target.flat_params()
-    drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
-    kind = "greedy" if spec.settings.greedy else "sampled"
-    return programs.Program(
-        PROGRAM,
-        spec,
-        (target_tree, drafter_tree),
-        (target_leaves, drafter_leaves),
-        spec.cache_length,
-        f"gamma {spec.gamma}, {kind}",
-    )
 
-  return programs.run(
-      target,
-      programs.Prompts(prompt_ids, attention_mask, seed),
-      [drafter],
-      max_new_tokens,
-      build,
-      _output,
-      started,
+def _program(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens) -> programs.Program:
+  """The program `generate` runs for these checked models and settings."""
+  spec = loop_spec(target, drafter, gamma, temperature, top_k, top_p, max_new_tokens)
+  target_leaves, target_tree = target.flat_params()
+  drafter_leaves, drafter_tree = ([], None) if drafter is None else drafter.flat_params()
+  kind = "greedy" if spec.settings.greedy else "sampled"
+  return programs.Program(
+      PROGRAM,
+      spec,
+      (target_tree, drafter_tree),
+      (target_leaves, drafter_leaves),
+      spec.cache_length,
+      f"gamma {spec.gamma}, {kind}",
   )
 
 
@@ -182,10 +176,10 @@ def loop_spec(
     top_k: int = 0,
     top_p: float = 1.0,
     max_new_tokens: int = 64,
-) -> loop.LoopSpec:
+) -> loop_state.LoopSpec:
   """The static description of a generation (gamma is 0 without a drafter)."""
   settings = sampling.SamplingSettings(float(temperature), int(top_k), float(top_p))
-  return loop.LoopSpec(
+  return loop_state.LoopSpec(
       target=target.decoder,
       drafter=None if drafter is None else drafter.decoder,
       gamma=0 if drafter is None else int(gamma),
@@ -201,18 +195,18 @@ def loop_spec(
 
 def run_flat(spec, trees, target_leaves, drafter_leaves, packed_prompts):
   """The program `generate` compiles: `loop.run` on flat weight lists (trees: the static
-  treedefs): the final `loop.Summary`."""
+  treedefs): the final `loop_state.Summary`."""
   target_params = jax.tree.unflatten(trees[0], target_leaves)
   drafter_params = None if trees[1] is None else jax.tree.unflatten(trees[1], drafter_leaves)
   ids, mask, key, _ = request.unpack_prompts(packed_prompts)
-  return loop.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
+  return loop_state.summarize(spec, loop.run(spec, target_params, drafter_params, ids, mask, key))
 
 
-PROGRAM = transfer.Packed(run_flat)  # `run_flat` with its `loop.Summary` packed into one array
+PROGRAM = transfer.Packed(run_flat)  # `run_flat` with its `Summary` packed into one array
 
 
 def _output(
-    spec: loop.LoopSpec, packed: np.ndarray, seconds: float, compile_seconds: float
+    spec: loop_state.LoopSpec, packed: np.ndarray, seconds: float, compile_seconds: float
 ) -> GenerateOutput:
   """The fetched summary as the call's output."""
   summary = PROGRAM.unpack(spec, packed)

@@ -59,6 +59,12 @@ def check_settings(gamma, temperature, top_k, top_p, max_new_tokens) -> None:
   validation.integer("max_new_tokens", max_new_tokens, minimum=1)
 
 
+def check_request(target, gamma, temperature, top_k, top_p, max_new_tokens) -> None:
+  """Every entry point's first checks: the settings (`check_settings`), then the target."""
+  check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
+  check_target(target)
+
+
 def check_target(target) -> None:
   """Raises TypeError unless the target is a `Model`."""
   if not isinstance(target, Model):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jax_specsel.decoding import loop, programs, request, transfer
+from jax_specsel.decoding import loop, loop_state, programs, request, transfer
 from jax_specsel.decoding.generate import GenerateOutput, Stats, loop_spec
 from jax_specsel.decoding.request import AUTOREGRESSIVE, unpack_prompts
 from jax_specsel.models.interface import Model
@@ -54,7 +54,7 @@ class SelectionSpec:
     policy: the policy's static program (`bandit.policy.PolicyProgram`): `.logits(inputs, emb)`.
   """
 
-  options: tuple[loop.LoopSpec, ...]
+  options: tuple[loop_state.LoopSpec, ...]
   policy: Any
 
   @property
@@ -62,7 +62,7 @@ class SelectionSpec:
     return max(option.gamma for option in self.options)
 
   @functools.cached_property
-  def branches(self) -> tuple[loop.LoopSpec, ...]:
+  def branches(self) -> tuple[loop_state.LoopSpec, ...]:
     """The distinct loops: options whose drafters share an architecture share one loop (their
     weights are chosen at run time), so the program holds one loop per architecture, not per
     drafter (a program with more loops runs slower at equal work)."""
@@ -143,8 +143,7 @@ def generate_selected(
     SelectedOutput: tokens, lengths, stats as `generate`, plus choices, choice_ids, embeddings.
   """
   started = time.perf_counter()
-  request.check_settings(gamma, temperature, top_k, top_p, max_new_tokens)
-  request.check_target(target)
+  request.check_request(target, gamma, temperature, top_k, top_p, max_new_tokens)
   option_models = _option_models(target, drafters, policy, gamma, assume_shared_vocabulary)
 
   def build() -> programs.Program:
@@ -285,7 +284,7 @@ def _run_selected(
     state = loop.decode_prepared(
         option, target_params, params, context, own_cache, ids, mask, key, active
     )
-    return loop.summarize(option, state, spec.gamma_width)
+    return loop_state.summarize(option, state, spec.gamma_width)
 
   if ids.shape[0] == 1:
     branch = jnp.asarray(spec.branch_of)[choice[0]]
@@ -306,7 +305,7 @@ def _members(spec: SelectionSpec) -> list[int]:
   return [spec.branch_of[:i].count(b) for i, b in enumerate(spec.branch_of)]
 
 
-def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int) -> loop.Summary:
+def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int) -> loop_state.Summary:
   """A batch: one loop per chosen option over the whole batch, the other rows marked done."""
   summary = _empty_summary(batch, spec.options[0].max_new_tokens, spec.gamma_width)
   members = _members(spec)
@@ -319,9 +318,9 @@ def _decode_rows(spec: SelectionSpec, decode_with, choice, batch: int) -> loop.S
   return summary
 
 
-def _empty_summary(batch: int, max_new_tokens: int, gamma_width: int) -> loop.Summary:
+def _empty_summary(batch: int, max_new_tokens: int, gamma_width: int) -> loop_state.Summary:
   rows = jnp.zeros((batch,), jnp.int32)
-  return loop.Summary(
+  return loop_state.Summary(
       tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
       lengths=rows,
       rounds=rows,
@@ -342,7 +341,7 @@ def _where_rows(rows, new, old):
 class SelectedSummary:
   """What the host reads of a selected generation (a pytree, fetched packed: `transfer`)."""
 
-  base: loop.Summary  # accepted_at as wide as the largest gamma
+  base: loop_state.Summary  # accepted_at as wide as the largest gamma
   choice: jax.Array  # int32 [B] the option index each row chose
   embeddings: jax.Array  # float32 [B, D] the query embeddings the policy read
 
