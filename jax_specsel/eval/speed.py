@@ -229,22 +229,37 @@ def measure_adaptive_costs(
     prompt_ids: np.ndarray,
     cache_length: int = 128,
 ) -> adaptive.Costs:
-  """Times a target step, its verify calls and each drafter's step and catch-up read, all inside
-  compiled loops (`time_decode_step`), and returns them in target steps."""
+  """Times each drafter's step and catch-up read (`time_decode_step`) and the target's round at
+  every gamma (`verify_costs`), all inside compiled loops, and returns them in target steps."""
   ids = np.asarray(prompt_ids, np.int32)
   time_step = lambda model, block: time_decode_step(
       model, ids, block=block, cache_length=cache_length
   )
   unit = time_step(target, 1)
-  verify = [1.0] + [time_step(target, g + 1) / unit for g in range(1, max_gamma + 1)]
-  # A wider call never costs less: a noisy timing that says so would pick gammas for nothing.
-  verify = np.maximum.accumulate(verify).tolist()
   models = list(drafters.values())
+  steps = [time_step(m, 1) / unit for m in models]
   return adaptive.Costs(
-      step=tuple(time_step(m, 1) / unit for m in models),
+      step=tuple(steps),
       read=tuple(time_step(m, 2 * (max_gamma + 1)) / unit for m in models),
-      verify=tuple(verify),
+      verify=verify_costs(target, models[0], steps[0], ids, max_gamma),
   )
+
+
+def verify_costs(
+    target: Model, drafter: Model, drafter_step: float, ids, max_gamma: int, rounds: int = 40
+) -> tuple[float, ...]:
+  """v(0..G) in autoregressive rounds: a whole speculative round of gamma g (`time_rounds`: the
+  drafter's g steps, the verify call, acceptance, the loop's bookkeeping) less its g draft steps.
+
+  A bare verify call misses the round's own work, and so priced a drafter that is never accepted,
+  at gamma 1, about as cheap as autoregressive decoding."""
+  unit = time_rounds(target, ids, rounds=rounds, repeats=3)
+  verify = [1.0] + [
+      time_rounds(target, ids, drafter, g, rounds=rounds, repeats=3) / unit - g * drafter_step
+      for g in range(1, max_gamma + 1)
+  ]
+  # A wider call never costs less: a noisy timing that says so would pick gammas for nothing.
+  return tuple(np.maximum.accumulate(verify).tolist())
 
 
 def regime(
