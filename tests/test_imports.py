@@ -346,3 +346,28 @@ def test_no_module_takes_another_modules_private_name():
   assert not uses, "private names of other modules (make them public, or move them):\n" + "\n".join(
       uses
   )
+
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60
+
+
+def test_modules_and_functions_fit_the_house_bounds():
+  """No module of the package, the launches or the benchmarks is over 450 lines, and no function
+  over 60 (def line to last line, docstring included): a module does one job and a function fits
+  on a screen. The tree is formatted (`make lint`), so these are the lines a reader sees."""
+  over = []
+  for folder in (PACKAGE, "launch", "benchmarks"):
+    for directory, _, names in os.walk(os.path.join(ROOT, folder)):
+      for name in sorted(n for n in names if n.endswith(".py")):
+        path = os.path.join(directory, name)
+        source = open(path).read()
+        relative = os.path.relpath(path, ROOT)
+        if source.count("\n") > MAX_MODULE_LINES:
+          over.append(f"{relative}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source, path)):
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+              over.append(f"{relative}:{node.lineno} {node.name}: {length} lines")
+  assert not over, "over the house bounds (split by job):\n" + "\n".join(over)
