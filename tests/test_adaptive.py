@@ -8,6 +8,7 @@ switch options at random every round; the rule's math against numpy references.
 from __future__ import annotations
 
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -192,9 +193,10 @@ def test_the_rule_learns_the_cheap_perfect_drafter_within_the_query(t5_models):
 
 
 @pytest.mark.slow
-def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
-  """A prior that rules every drafter out: none is tracked, so the first probe reads exactly one
-  per row, the one in turn, drawn per row, so that over rows every drafter is seen."""
+def test_a_probe_reads_every_unscored_drafter_where_the_choice_does_poorly(t5_models):
+  """A prior that rules every drafter out, so autoregressive is chosen throughout. Its value is
+  below probe_below of a perfect drafter's, so the round-2 probe reads every drafter (none had
+  been scored); with probe_below=0 no probe runs and no drafter is ever scored."""
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
 
@@ -203,27 +205,39 @@ def test_the_first_probe_reads_one_untracked_drafter_drawn_per_row(t5_models):
       PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
       option_names=["autoregressive"],
   )
-  rule = adaptive_rule.RuleSettings(
-      learning_rate=0.0, randomized=False, probe_every=0, first_probe=2
-  )  # the prior alone chooses
-  scored = []
-  for seed, prompt in enumerate(_prompts(6, 12)):  # batch 1: a read scores every row it spans
-    out = adaptive.generate_adaptive(
-        target,
-        [prompt],
-        drafters,
-        only_autoregressive,
-        costs=_cheap(drafters, 3),
-        max_gamma=3,
-        max_new_tokens=8,
-        rule=rule,
-        seed=seed,
-    )
-    assert np.all(out.round_options[out.round_options >= 0] == 0)  # never drafted
-    scored.append(np.isfinite(out.acceptance[0]))
-  scored = np.asarray(scored)
-  assert np.all(scored.sum(axis=1) == 1), scored
-  assert np.all(scored.any(axis=0)), scored
+  for below, expected in ((0.6, True), (0.0, False)):
+    rule = adaptive_rule.RuleSettings(
+        learning_rate=0.0, randomized=False, probe_every=0, first_probe=2, probe_below=below
+    )  # the prior alone chooses
+    for seed, prompt in enumerate(_prompts(3, 12)):
+      out = adaptive.generate_adaptive(
+          target,
+          [prompt],
+          drafters,
+          only_autoregressive,
+          costs=_cheap(drafters, 3),
+          max_gamma=3,
+          max_new_tokens=8,
+          rule=rule,
+          seed=seed,
+      )
+      assert np.all(out.round_options[out.round_options >= 0] == 0)  # never drafted
+      assert np.all(np.isfinite(out.acceptance[0]) == expected), (below, out.acceptance)
+
+
+def test_probes_back_off_while_they_change_nothing():
+  rule = adaptive_rule.RuleSettings(probe_every=2, probe_backoff=3)
+  gap = jnp.array([2, 6, 18, 2], jnp.int32)
+  changed = jnp.array([False, False, False, True])
+  np.testing.assert_array_equal(
+      adaptive_rule.next_probe_gap(gap, changed, rule, max_rounds=20), [6, 18, 20, 2]
+  )
+  once = adaptive_rule.RuleSettings(probe_every=0)
+  np.testing.assert_array_equal(adaptive_rule.next_probe_gap(gap, changed, once, 20), [21] * 4)
+  with pytest.raises(ValueError, match="probe_backoff=0"):
+    adaptive_rule.RuleSettings(probe_backoff=0)
+  with pytest.raises(ValueError, match="probe_below=1.5"):
+    adaptive_rule.RuleSettings(probe_below=1.5)
 
 
 def _exact_two_token_distribution(model: transformers.LlamaForCausalLM, prompt, vocab, temperature):
@@ -385,7 +399,13 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
       option_names=["autoregressive"],
   )
   rule = adaptive_rule.RuleSettings(
-      learning_rate=0.0, randomized=False, probe_every=1, track_threshold=0.0, prior_floor=1e-6
+      learning_rate=0.0,
+      randomized=False,
+      probe_every=1,
+      probe_backoff=1,
+      probe_below=1.0,
+      track_threshold=0.0,
+      prior_floor=1e-6,
   )
   partial = 0
   for seed, prompt in enumerate(_prompts(9, 3)):

@@ -179,7 +179,7 @@ def read(
 
 
 def score_drafted(
-    drafters: tuple[DrafterState, ...],
+    records: tuple[DrafterRecord, ...],
     rule: adaptive_rule.RuleSettings,
     start,
     choice,
@@ -189,8 +189,8 @@ def score_drafted(
     draft_logprobs,
     target_logprobs,
     active,
-) -> tuple[DrafterState, ...]:
-  """The verification scores the drafter that drafted, on each position it drafted up to the
+) -> tuple[DrafterRecord, ...]:
+  """The records after the verification scores the drafter that drafted, on each position it drafted up to the
   first rejection (greedy: 1 accepted, 0 rejected; sampling: min(1, p(x) / q(x)), x ~ q), and
   says how far its cache is valid: through its last accepted draft it was fed.
 
@@ -212,10 +212,9 @@ def score_drafted(
         jnp.minimum(pick(target_logprobs[:, : drafts.shape[1]]) - pick(draft_logprobs), 0.0)
     )
   # Each row's record is its chosen drafter's: gathered, updated once, scattered back.
-  rows = [chosen & (choice == k + 1) for k in range(len(drafters))]
+  rows = [chosen & (choice == k + 1) for k in range(len(records))]
   old = jax.tree.map(
-      lambda *values: sum(jnp.where(r, v, 0) for r, v in zip(rows, values)),
-      *(d.record for d in drafters),
+      lambda *values: sum(jnp.where(r, v, 0) for r, v in zip(rows, values)), *records
   )
   score_sum, score_count = adaptive_rule.add_scores(
       old.score_sum, old.score_count, scores, scored, rule
@@ -229,6 +228,6 @@ def score_drafted(
       synced=start + 1 + jnp.minimum(num_accepted, jnp.maximum(gamma - 1, 0)),
   )
   return tuple(
-      d.replace(record=jax.tree.map(lambda n, o, r=r: jnp.where(r, n, o), new, d.record))
-      for r, d in zip(rows, drafters)
+      jax.tree.map(lambda n, o, r=r: jnp.where(r, n, o), new, record)
+      for r, record in zip(rows, records)
   )

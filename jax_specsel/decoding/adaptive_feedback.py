@@ -28,51 +28,83 @@ def feedback(
     verified: Verified,
     active,
 ) -> AdaptiveState:
-  """Step 5 of a round: probes score the drafters that sat out; the verification scores the chosen
-  one (on the positions from `scored_from`, the rows' num_generated before the round); then the
-  Hedge step. A round that learned nothing (autoregressive, no probe) skips it."""
-  rounds_done = state.base.target_calls  # counts this round already
-  every, first = spec.rule.probe_every, spec.rule.first_probe
-  due = (rounds_done % every == 0) if every else jnp.asarray(False)
-  if first:
-    due = due | (rounds_done == first)
-  if every or first:
-    state = probe(spec, drafters, costs, state, verified.choice, active, due, turn_offset)
-  learned = due | jnp.any(active & (verified.choice > 0))
+  """Step 5 of a round: the verification scores the chosen drafter (on the positions from
+  `scored_from`, the rows' num_generated before the round); the rows whose probe is due read the
+  drafters that sat out where the chosen option does poorly (`probe`); then the Hedge step and
+  the probe schedule. A round that learned nothing (autoregressive, no probe) skips the step.
 
-  def learn(state):
-    state = state.replace(
-        drafters=adaptive_drafters.score_drafted(
-            state.drafters,
-            spec.rule,
-            scored_from,
-            verified.choice,
-            verified.gamma,
-            verified.num_accepted,
-            verified.drafts,
-            verified.draft_logprobs,
-            verified.target_logprobs,
-            active,
-        )
-    )
-    return hedge_step(spec, state, costs, active)
+  Each conditional carries only the buffers it changes."""
+  drafted = jnp.any(active & (verified.choice > 0))
+  records = when(
+      drafted,
+      lambda records: adaptive_drafters.score_drafted(
+          records,
+          spec.rule,
+          scored_from,
+          verified.choice,
+          verified.gamma,
+          verified.num_accepted,
+          verified.drafts,
+          verified.draft_logprobs,
+          verified.target_logprobs,
+          active,
+      ),
+      tuple(d.record for d in state.drafters),
+  )
+  state = state.replace(
+      drafters=tuple(d.replace(record=r) for d, r in zip(state.drafters, records))
+  )
+  state, probed = probe(spec, drafters, costs, state, verified.choice, active, turn_offset)
+  log_weights, gammas = when(
+      jnp.any(probed) | drafted,
+      lambda carry: hedge_step(spec, state, costs, active, *carry),
+      (state.log_weights, state.gammas),
+  )
+  state = state.replace(log_weights=log_weights, gammas=gammas)
+  return probe_schedule(spec, state, probed, verified.choice)
 
-  return when(learned, learn, state)
+
+def first_probe_round(spec: AdaptiveSpec) -> int:
+  """The round count at which the first probe is due (past the last round: never)."""
+  rule = spec.rule
+  return rule.first_probe or rule.probe_every or spec.max_rounds + 1
 
 
-def hedge_step(spec, state, costs, active):
-  """Every option's value from the current estimates is added to its Hedge log-weight (on the
-  active rows), and each drafter's best gamma is kept for the next choice."""
+def probe_schedule(spec: AdaptiveSpec, state: AdaptiveState, probed, choice) -> AdaptiveState:
+  """After a probe on a row, its next is due `adaptive_rule.next_probe_gap` rounds later: soon if
+  the probe changed the row's choice (the argmax), ever later while probes change nothing."""
+  changed = adaptive_rule.choose_argmax(state.log_weights) != choice
+  gap = adaptive_rule.next_probe_gap(state.probe_gap, changed, spec.rule, spec.max_rounds)
+  return state.replace(
+      probes=state.probes + probed.astype(jnp.int32),
+      probe_gap=jnp.where(probed, gap, state.probe_gap),
+      probe_at=jnp.where(probed, state.base.target_calls + gap, state.probe_at),
+  )
+
+
+def current_values(spec, state, costs):
+  """(values [B, K + 1], best gammas [B, K + 1]) of every option at the current estimates; a
+  drafter not yet scored on the row is worth 0 there (see `adaptive_rule`)."""
   step_costs, _, verify_costs = split_costs(spec, costs)
+  records = [d.record for d in state.drafters]
   alpha = adaptive_rule.acceptance(
-      jnp.stack([d.record.score_sum for d in state.drafters], axis=1),
-      jnp.stack([d.record.score_count for d in state.drafters], axis=1),
+      jnp.stack([r.score_sum for r in records], axis=1),
+      jnp.stack([r.score_count for r in records], axis=1),
       spec.rule,
   )
   values, gammas = adaptive_rule.option_values(alpha, step_costs, verify_costs)
-  return state.replace(
-      log_weights=adaptive_rule.hedge_step(state.log_weights, values, active, spec.rule),
-      gammas=jnp.where(active[:, None], gammas, state.gammas),
+  scored = jnp.stack([r.total_count > 0 for r in records], axis=1)
+  return values.at[:, 1:].set(jnp.where(scored, values[:, 1:], 0.0)), gammas
+
+
+def hedge_step(spec, state, costs, active, log_weights, gammas):
+  """(log_weights, gammas) after the Hedge step: every option's value from the current estimates
+  is added to its log-weight (on the active rows), and each drafter's best gamma is kept for the
+  next choice."""
+  values, best = current_values(spec, state, costs)
+  return (
+      adaptive_rule.hedge_step(log_weights, values, active, spec.rule),
+      jnp.where(active[:, None], best, gammas),
   )
 
 
@@ -99,24 +131,29 @@ def read(spec, k, drafters: DrafterInputs, costs, history, drafter, cost, rows, 
   return drafter, cost, first
 
 
-def probe(spec, drafters: DrafterInputs, costs, state, choice, active, due, turn_offset):
-  """On a probe round, each drafter the Hedge weights track (weight >= track_threshold), and one
-  more in turn (from a random drafter per row, `turn_offset`: over queries every drafter is
-  seen), reads what it missed and is scored on it (the drafter that drafted is current)."""
-  every = max(spec.rule.probe_every, 1)
+def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offset):
+  """(state, probed bool [B]): on the rows whose probe is due (`probe_at`) and whose chosen option
+  is worth less than `probe_below` of the ideal option, each drafter not yet scored, each the
+  Hedge weights track (weight >= track_threshold), and one more in turn (from a random drafter
+  per row, `turn_offset`: over queries every drafter is seen) reads what it missed and is scored
+  on it (the drafter that drafted is current)."""
+  step_costs, _, verify_costs = split_costs(spec, costs)
+  values, _ = current_values(spec, state, costs)
+  chosen = jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0]
+  poor = chosen < spec.rule.probe_below * adaptive_rule.ideal_value(step_costs, verify_costs)
+  poor = poor | (spec.rule.probe_below >= 1)
+  rounds_done = state.base.target_calls  # counts this round already
+  probed = active & ~state.base.done & poor & (rounds_done >= state.probe_at)
+  turn = (state.probes + turn_offset) % spec.num_drafters
   weights = jax.nn.softmax(state.log_weights, axis=1)
-  running = active & ~state.base.done
-  turn = (state.base.target_calls // every + turn_offset) % spec.num_drafters
   history = history_of(state)
 
-  def probe(carry):
+  def reads(carry):
     states, cost = list(carry[0]), carry[1]
     for k in range(spec.num_drafters):
-      rows = (
-          running
-          & (choice != k + 1)
-          & ((weights[:, k + 1] >= spec.rule.track_threshold) | (turn == k))
-      )
+      unscored = states[k].record.total_count == 0
+      tracked = weights[:, k + 1] >= spec.rule.track_threshold
+      rows = probed & (choice != k + 1) & (unscored | tracked | (turn == k))
       states[k] = adaptive_drafters.prepared(
           spec.drafters[k],
           drafters.params[k],
@@ -137,5 +174,5 @@ def probe(spec, drafters: DrafterInputs, costs, state, choice, active, due, turn
         )
     return tuple(states), cost
 
-  states, cost = when(due, probe, (state.drafters, state.cost))
-  return state.replace(drafters=states, cost=cost)
+  states, cost = when(jnp.any(probed), reads, (state.drafters, state.cost))
+  return state.replace(drafters=states, cost=cost), probed

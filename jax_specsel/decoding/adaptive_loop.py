@@ -11,9 +11,11 @@ for the loop's types and `adaptive_feedback.py` for step 5. A round, per row:
   3. the target verifies [pending, drafts] in one call as wide as the batch's largest gamma;
   4. accept exactly (`loop.accept`, num_drafted = the row's gamma) and `loop.advance`;
   5. the chosen drafter is scored on the positions it drafted (the verification itself: bandit
-     feedback); every `probe_every` rounds, each drafter the Hedge weights still track, and one
-     more in turn, reads the tokens it missed and is scored on all of them (full information,
-     lazily); the Hedge log-weights then add every option's current value.
+     feedback); on a row whose probe is due and whose chosen option does poorly, every drafter
+     not yet scored, each the Hedge weights still track, and one more in turn, reads the tokens
+     it missed and is scored on all of them (full information, lazily); the Hedge log-weights
+     then add every option's current value, and the next probe is scheduled (sooner if this one
+     changed the choice).
 
 Each read scores a drafter on every position it had not been scored on, so a drafter that sat
 out many rounds is judged on everything it missed when it comes back.
@@ -62,7 +64,7 @@ def run(
   )
   embeddings = base.target.embed(target_params, context).astype(jnp.float32)  # [B, D]
   prior = _prior(spec, policy_params, embeddings)
-  state = _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs)
+  state = _initial(spec, drafter_params, target_cache, ids, mask, key, prior)
   drafters = DrafterInputs(params=tuple(drafter_params), ids=ids, mask=mask)
   # The choices' uniforms and the probes' turns, drawn up front from streams of their own:
   # independent of every draft.
@@ -93,7 +95,7 @@ def _prior(spec: AdaptiveSpec, policy_params, embeddings) -> jax.Array:
   return jnp.stack(columns, axis=1).astype(jnp.float32)
 
 
-def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
+def _initial(spec, drafter_params, target_cache, ids, mask, key, prior):
   """The AdaptiveState before the first round; no drafter has run its first pass yet."""
   base_state, _ = loop.start(spec.base, None, target_cache, ids, mask, key)
   batch, num = ids.shape[0], spec.num_drafters
@@ -109,11 +111,8 @@ def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
             record=DrafterRecord.zeros(batch),
         )
     )
-  zeros = jnp.zeros((batch, num), jnp.float32)
-  step_costs, _, verify_costs = split_costs(spec, costs)
-  _, gammas = adaptive_rule.option_values(
-      adaptive_rule.acceptance(zeros, zeros, spec.rule), step_costs, verify_costs
-  )
+  # The first round drafts at max_gamma, as the per-query policy does.
+  gammas = jnp.full((batch, num + 1), spec.max_gamma, jnp.int32).at[:, 0].set(0)
   rounds = jnp.full((batch, spec.max_rounds), -1, jnp.int32)
   return AdaptiveState(
       base=base_state,
@@ -128,6 +127,9 @@ def _initial(spec, drafter_params, target_cache, ids, mask, key, prior, costs):
       drafted_by=jnp.zeros((batch, num + 1), jnp.int32),
       accepted_by=jnp.zeros((batch, num + 1), jnp.int32),
       cost=jnp.zeros((batch,), jnp.float32),
+      probe_at=jnp.full((batch,), adaptive_feedback.first_probe_round(spec), jnp.int32),
+      probe_gap=jnp.full((batch,), spec.rule.probe_every, jnp.int32),
+      probes=jnp.zeros((batch,), jnp.int32),
   )
 
 

@@ -17,7 +17,9 @@ an option is the expected number of tokens it emits per target step of work.
   the offline policy's probabilities for the query (log-weights = prior_strength * log prior) and
   given every option's current value as its reward on each round that brought new scores (full
   information, lazily: a drafter that sat out is scored on every token it missed when it reads
-  them at a probe or when it is chosen again). Past log-weights are discounted by `forget` (a
+  them at a probe or when it is chosen again). A drafter not yet scored on the query has no value
+  there (its reward is 0): only the prior or a probe brings it in, never optimism about the unseen,
+  which would spend a drafted round on every option the prior rules out. Past log-weights are discounted by `forget` (a
   tracking variant that follows a best option that changes; `forget=0` is plain Hedge, whose
   regret against the best fixed option is O(sqrt(T log K)) for the rewards it is given).
   `randomized` samples the option from the weights, otherwise their argmax is taken. The draw
@@ -55,29 +57,36 @@ class RuleSettings:
     track_threshold: at each probe, every drafter whose Hedge weight is at least this reads what
       it missed and is scored on it; the others wait for their turn (one per probe, round
       robin) or for being chosen.
-    probe_every: rounds between probes (0: no probes; a drafter is then scored only on the
-      positions it drafts and on what it missed when it is chosen again).
+    probe_every: rounds from a probe to the next while probes change the choice (0: one probe
+      at most; a drafter is then scored only on the positions it drafts and on what it missed
+      when it is chosen again).
+    probe_backoff: after a probe that left the choice as it was, the gap to the next probe is
+      multiplied by this (up to the round budget): probes grow rare while they find nothing
+      better (1: every probe_every rounds).
     first_probe: the round (counted from 1) of the first probe (0: none before probe_every).
-      Like every probe it reads the tracked drafters and one more in turn, the first in turn
-      drawn per query: without it a drafter the prior rules out is never seen on a short query,
-      and online updates never learn about it (reading every drafter there costs a short query
-      a large share of its time).
+      A probe reads every drafter not yet scored on the query, those the Hedge weights track, and
+      one more in turn (the first in turn drawn per query).
+    probe_below: a scheduled probe runs only on rows whose chosen option is worth less than this
+      share of the most any option can give (`ideal_value`): reads pay only while a clearly
+      better option may exist (0: never probe; 1: whatever was chosen).
     randomized: sample the option from the Hedge weights (else take their argmax).
   """
 
-  # The defaults start where the per-query policy would (its argmax, drafted at full gamma, since
-  # a drafter not yet scored counts as good), follow a domain switch within a few rounds, and
-  # score the drafters that sit out every other round.
+  # The defaults start where the per-query policy would (its argmax, drafted at full gamma), read
+  # the other drafters only while the chosen option does clearly worse than a good drafter would
+  # (after round 1, then every other round), and follow a domain switch within a few rounds.
   learning_rate: float = 8.0
   forget: float = 0.5
   prior_strength: float = 1.0
   prior_floor: float = 0.01
-  prior_acceptance: float = 0.9
+  prior_acceptance: float = 0.5
   prior_count: float = 1.0
   decay: float = 0.8
-  track_threshold: float = 0.05
+  track_threshold: float = 0.01
   probe_every: int = 2
-  first_probe: int = 2
+  first_probe: int = 1
+  probe_backoff: int = 2
+  probe_below: float = 0.6
   randomized: bool = False
 
   def __post_init__(self):
@@ -92,6 +101,8 @@ class RuleSettings:
         "track_threshold": 0 <= self.track_threshold <= 1,
         "probe_every": self.probe_every >= 0,
         "first_probe": self.first_probe >= 0,
+        "probe_backoff": self.probe_backoff >= 1,
+        "probe_below": 0 <= self.probe_below <= 1,
     }
     for name, ok in checks.items():
       value = getattr(self, name)
@@ -150,6 +161,21 @@ def option_values(alpha, step_costs, verify_costs):
   )
 
 
+def ideal_value(step_costs: jax.Array, verify_costs: jax.Array) -> jax.Array:
+  """The most any option can give (a scalar): a drafter always accepted, at its best gamma."""
+  return jnp.max(drafter_values(jnp.ones((1, step_costs.shape[0])), step_costs, verify_costs)[0])
+
+
+def next_probe_gap(gap: jax.Array, changed: jax.Array, rule: RuleSettings, max_rounds: int):
+  """Rounds from a probe to the next, int32 [B]: `probe_every` after a probe that changed the
+  choice, else the last gap times `probe_backoff`, at most `max_rounds`; without `probe_every`
+  past any round (one probe at most)."""
+  if not rule.probe_every:
+    return jnp.full_like(gap, max_rounds + 1)
+  grown = jnp.minimum(rule.probe_backoff * gap, max_rounds)
+  return jnp.where(changed, rule.probe_every, grown).astype(gap.dtype)
+
+
 def initial_log_weights(prior: jax.Array, rule: RuleSettings) -> jax.Array:
   """Log-weights [B, K+1] from prior probabilities [B, K+1] (a zero prior stays possible)."""
   return rule.prior_strength * jnp.log(jnp.maximum(prior, rule.prior_floor))
@@ -162,6 +188,11 @@ def hedge_step(log_weights: jax.Array, values: jax.Array, active: jax.Array, rul
   return jnp.where(active[:, None], updated, log_weights)
 
 
+def choose_argmax(log_weights: jax.Array) -> jax.Array:
+  """int32 [B]: the option with the largest log-weight."""
+  return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)
+
+
 def choose(log_weights: jax.Array, uniform: jax.Array, rule: RuleSettings) -> jax.Array:
   """The option of each row, int32 [B]: a Hedge draw by inverse CDF of `uniform` [B] (drawn
   ahead, independent of everything decoded), or the argmax."""
@@ -169,4 +200,4 @@ def choose(log_weights: jax.Array, uniform: jax.Array, rule: RuleSettings) -> ja
     cumulative = jnp.cumsum(jax.nn.softmax(log_weights, axis=-1), axis=-1)
     below = jnp.sum(cumulative < uniform[:, None], axis=-1)
     return jnp.minimum(below, log_weights.shape[-1] - 1).astype(jnp.int32)
-  return jnp.argmax(log_weights, axis=-1).astype(jnp.int32)
+  return choose_argmax(log_weights)

@@ -70,6 +70,10 @@ class AdaptiveState:
       the row's last round).
     drafted_by, accepted_by: int32 [B, K + 1] drafts proposed / accepted per option.
     cost: float32 [B] work spent in target steps (rounds plus the reads that scored drafters).
+    probe_at: int32 [B] the round count from which the row's next probe is due (`probe_schedule`).
+    probe_gap: int32 [B] rounds from the row's last probe to its next
+      (`adaptive_rule.next_probe_gap`; `probe_every` before any probe).
+    probes: int32 [B] probes run on the row so far (which drafter the next reads in turn).
   """
 
   base: loop_state.LoopState
@@ -84,6 +88,9 @@ class AdaptiveState:
   drafted_by: jax.Array
   accepted_by: jax.Array
   cost: jax.Array
+  probe_at: jax.Array
+  probe_gap: jax.Array
+  probes: jax.Array
 
 
 @struct.dataclass
