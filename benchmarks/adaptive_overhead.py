@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 
 from jax_specsel import experiment, validation
-from jax_specsel.decoding import RuleSettings, generate_adaptive, generate_selected
+from jax_specsel.decoding import generate_adaptive, generate_selected
 from jax_specsel.eval.speed import measure_adaptive_costs
 
 DEMO = common.DEMO
@@ -101,10 +101,10 @@ def main(argv):
 def timed_calls(target, drafters, policy, costs):
   """(selected, adaptive): each (prompt, seed) -> (seconds of the whole public call, its output
   or None), with the flags' settings."""
-  rule = RuleSettings(
-      learning_rate=DEMO.adaptive.hedge_learning_rate,
-      probe_every=FLAGS.probe_every,
-      track_threshold=FLAGS.track_threshold,
+  from jax_specsel import pipeline
+
+  rule = pipeline.rule_settings(
+      DEMO.adaptive, probe_every=FLAGS.probe_every, track_threshold=FLAGS.track_threshold
   )
 
   def selected(prompt, seed):

@@ -95,6 +95,26 @@ def eval_config_of(config) -> evaluate_lib.EvalConfig:
   )
 
 
+def rule_settings(settings, **overrides) -> adaptive_rule.RuleSettings:
+  """The per-round rule of config.adaptive (`settings`): its fields there, RuleSettings' defaults
+  for the rest, then `overrides` (field -> value)."""
+  fields = dict(
+      learning_rate=settings.hedge_learning_rate,
+      probe_every=settings.probe_every,
+      track_threshold=settings.get("track_threshold", adaptive_rule.RuleSettings.track_threshold),
+  )
+  return adaptive_rule.RuleSettings(**{**fields, **overrides})
+
+
+def online_config(settings) -> ml_collections.ConfigDict | None:
+  """The online updates' config of config.adaptive (`settings`); None when it is frozen."""
+  if settings.frozen:
+    return None
+  online = default_online_config()
+  online.learning_rate = settings.online_learning_rate
+  return online
+
+
 def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup | None:
   """The `policy_adaptive` row's setup from config.adaptive (None when the config has none):
   the per-option costs are measured here, on this machine, on the first test prompt."""
@@ -104,20 +124,11 @@ def adaptive_setup(target, drafters, test, config) -> evaluate_lib.AdaptiveSetup
   prompt = target.tokenizer([test["prompt"][0]])["input_ids"]
   costs = speed.measure_adaptive_costs(target, drafters, settings.max_gamma, prompt)
   log.info("adaptive costs (target steps): %s", costs)
-  online = None
-  if not settings.frozen:
-    online = default_online_config()
-    online.learning_rate = settings.online_learning_rate
-  rule = adaptive_rule.RuleSettings(
-      learning_rate=settings.hedge_learning_rate,
-      probe_every=settings.probe_every,
-      track_threshold=settings.get("track_threshold", adaptive_rule.RuleSettings.track_threshold),
-  )
   return evaluate_lib.AdaptiveSetup(
       costs=costs,
       max_gamma=settings.max_gamma,
-      rule=rule,
-      online=online,
+      rule=rule_settings(settings),
+      online=online_config(settings),
       update_every=settings.update_every,
   )
 
