@@ -227,10 +227,15 @@ def test_one_query_forms_agree(saved_policy):
 
 
 def test_one_compilation_for_repeated_single_queries(policy):
-  updater = bandit.OnlinePolicyUpdater(policy)
+  """The first update compiles the only executable its later single-query updates use (its
+  optimizer state starts on the device, as every update returns it)."""
+  config = bandit.default_online_config()
+  config.learning_rate = 1.2345e-3  # an update step of its own: no other test compiled it
+  updater = bandit.OnlinePolicyUpdater(policy.copy(), config)
   compiled = lambda: updater._update_step._cache_size()  # shared by updaters of this shape
   updater.update(queries(0, 1, seed=0)[0], SHIFTED_REWARDS)
   after_first = compiled()
+  assert after_first == 1
   for step in range(1, 4):
     updater.update(queries(0, 1, seed=step)[0], noisy(SHIFTED_REWARDS, 1, step)[0])
   assert compiled() == after_first

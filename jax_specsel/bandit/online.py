@@ -158,7 +158,10 @@ class OnlinePolicyUpdater:
     self.policy = policy
     self.config = ml_collections.FrozenConfigDict(config)
     self._optimizer = objective.make_optimizer(config)
-    self.optimizer_state = self._optimizer.init(policy.params)
+    # On the params' device, as every update returns it: the first update and the later ones
+    # then share one compiled executable (an uncommitted state would compile a second).
+    device = jax.tree.leaves(policy.params)[0].sharding
+    self.optimizer_state = jax.device_put(self._optimizer.init(policy.params), device)
     self.updates = 0
     self._base_key = jax.random.key(int(config.seed))
     self._update_step = _make_update_step(

@@ -303,12 +303,10 @@ def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_s
 
 def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup) -> None:
   """Compiles the adaptive program for this prompt's bucket and, on a throwaway copy of the
-  policy, the online update of `update_every` queries: no timed call compiles. Two updates: the
-  second one's inputs (the optimizer state and params the first returned, committed to the
-  device) compile a second executable, which no timed query should pay."""
+  policy, the online update of `update_every` queries: no timed call compiles."""
   own = policy.copy()
   learner = None if setup.online is None else OnlineLearner(own, setup.online, setup.update_every)
-  for _ in range(1 if learner is None else 2 * setup.update_every):
+  for _ in range(1 if learner is None else setup.update_every):
     run_adaptive(target, drafters, own, prompt, config, 0, setup, learner)
 
 
