@@ -3,13 +3,15 @@ learning online across queries (beyond the paper: its sec. 6 names online learni
 
 The policy is trained on the same collection without that domain's queries, so its prior for them
 comes from other domains. The domain's test queries are then served one after another through
-`generate_adaptive`, once with online updates of (a copy of) the policy after every query and
-once with the policy frozen, and once with each single option; every call is timed around the
-whole public call (the online update included). Speed against queries seen is the curve.
+`generate_adaptive`, once with online updates of (a copy of) the policy and once with the policy
+frozen, and once with each single option, the variants taking turns query by query; every call is
+timed around the whole public call (the online update included). Speed against queries seen is
+the curve.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Sequence
 
@@ -92,13 +94,18 @@ def run_shift(
 
 def _serve(target, drafters, options, policy, prompts, setup, config, queries: int) -> dict:
   """Variant -> [QueryRun per query]: `queries` queries (the prompts in turn) served online, frozen
-  and with every single option, each after its untimed warm-up."""
+  and with every single option, after an untimed warm-up. The variants take turns: every variant
+  serves query i before any serves query i + 1, in an order rotated per query, so that the
+  machine's drift over the run falls on all of them alike (each learns only from its own)."""
   sequence = [prompts[i % len(prompts)] for i in range(queries)]
-  runs = {}
   for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
     evaluate_lib.run_adaptive(
         target, drafters, policy, prompt, config, evaluate_lib.query_seed(0, i), setup
     )
+  evaluate_lib.warm_adaptive(target, drafters, policy, sequence[0], config, setup)
+  for drafter in options.values():
+    evaluate_lib.run_option(target, drafter, sequence[0], config, 0)
+  decoders = {}  # variant -> (prompt, seed) -> QueryRun
   for name, learn in (("online", True), ("frozen", False)):
     own = policy.copy()
     learner = (
@@ -106,20 +113,26 @@ def _serve(target, drafters, options, policy, prompts, setup, config, queries: i
         if learn and setup.online is not None
         else None
     )
-    evaluate_lib.warm_adaptive(target, drafters, policy, sequence[0], config, setup)
-    runs[name] = [
-        evaluate_lib.run_adaptive(
-            target, drafters, own, prompt, config, evaluate_lib.query_seed(0, i), setup, learner
-        )
-        for i, prompt in enumerate(sequence)
-    ]
+    decoders[name] = functools.partial(
+        _adaptive_query, target, drafters, own, config, setup, learner
+    )
   for name, drafter in options.items():
-    evaluate_lib.run_option(target, drafter, sequence[0], config, 0)
-    runs[name] = [
-        evaluate_lib.run_option(target, drafter, prompt, config, evaluate_lib.query_seed(0, i))
-        for i, prompt in enumerate(sequence)
-    ]
+    decoders[name] = functools.partial(_option_query, target, drafter, config)
+  runs = {name: [] for name in decoders}
+  names = list(decoders)
+  for i, prompt in enumerate(sequence):
+    turn = i % len(names)
+    for name in names[turn:] + names[:turn]:
+      runs[name].append(decoders[name](prompt, evaluate_lib.query_seed(0, i)))
   return runs
+
+
+def _adaptive_query(target, drafters, policy, config, setup, learner, prompt, seed):
+  return evaluate_lib.run_adaptive(target, drafters, policy, prompt, config, seed, setup, learner)
+
+
+def _option_query(target, drafter, config, prompt, seed):
+  return evaluate_lib.run_option(target, drafter, prompt, config, seed)
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
