@@ -33,10 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   # shifted domain the policy never saw. Remove this section to run the paper's pipeline only.
   config.adaptive = ml_collections.ConfigDict()
   config.adaptive.max_gamma = 5  # rounds choose gamma in 1..5 from measured costs
-  # Every other round where the chosen option does poorly, each drafter not yet scored, each the
-  # Hedge weights still track (weight >= track_threshold) and one more in turn read the verified
-  # tokens and are scored on them (full information, as in HedgeSpec, where it may pay).
-  config.adaptive.probe_every = 2
+  # Where the chosen option does poorly, each drafter not yet scored, each the Hedge weights still
+  # track (weight >= track_threshold) and one more in turn read the verified tokens and are scored
+  # on them (full information, as in HedgeSpec, where it may pay): after round 1, then probe_every
+  # rounds later, the gap doubling while probes change nothing (RuleSettings.probe_backoff).
+  config.adaptive.probe_every = 1
   config.adaptive.track_threshold = 0.01
   config.adaptive.hedge_learning_rate = 8.0  # the rule's default (RuleSettings)
   config.adaptive.online_learning_rate = 3e-3  # larger rates drift the prior across domains

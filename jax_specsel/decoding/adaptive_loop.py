@@ -18,7 +18,8 @@ for the loop's types and `adaptive_feedback.py` for step 5. A round, per row:
      changed the choice).
 
 Each read scores a drafter on every position it had not been scored on, so a drafter that sat
-out many rounds is judged on everything it missed when it comes back.
+out many rounds is judged on everything it missed when it comes back. Rounds that choose
+autoregressive and learn nothing (no probe due) run back to back (`_autoregressive_rounds`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run(
   )
 
   def body(state):
-    return _round(spec, target_params, drafters, context, costs, draws, state)
+    state = _round(spec, target_params, drafters, context, costs, draws, state)
+    return _autoregressive_rounds(spec, target_params, context, costs, state)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), body, state)
   return summarize(spec, state, costs, prior, embeddings)
@@ -160,6 +162,45 @@ def _round(spec, target_params, drafters, context, costs, draws: Draws, state):
   return adaptive_feedback.feedback(
       spec, drafters, costs, draws.turn_offset, state, base.num_generated, verified, active
   )
+
+
+def _autoregressive_rounds(spec, target_params, context, costs, state):
+  """The rounds `_round` would run next while every active row chooses autoregressive and no
+  row's probe falls due, run back to back without the drafters' and the feedback's conditionals:
+  such a round learns nothing (no drafter drafts or reads; the Hedge weights, and so the next
+  choice, stay as they are). Only with the argmax choice: a Hedge draw changes with each round."""
+  if spec.rule.randomized:
+    return state
+  settings, max_gamma = spec.base.settings, spec.max_gamma
+  step_costs, _, verify_costs = split_costs(spec, costs)
+
+  def continues(state):
+    choice = adaptive_rule.choose_argmax(state.log_weights)
+    probes = adaptive_feedback.probe_due(spec, state, costs, choice, state.base.target_calls + 1)
+    stays = (choice == 0) & ~probes
+    return jnp.any(~state.base.done) & jnp.all(stays | state.base.done)
+
+  def autoregressive_round(state):
+    base = state.base
+    key, _, accept_key = loop.round_keys(settings, base.key)
+    batch = base.pending.shape[0]
+    zeros = jnp.zeros((batch,), jnp.int32)
+    drafts = jnp.zeros((batch, max_gamma), jnp.int32)
+    draft_logprobs = (
+        None if settings.greedy else jnp.zeros((batch, max_gamma, spec.base.target_vocab))
+    )
+    logits, target_cache = loop.verify(spec.base, target_params, context, base, drafts[:, :0])
+    logits = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, max_gamma), (0, 0)))
+    num_accepted, next_token, target_logprobs = loop.accept(
+        settings, drafts, draft_logprobs, logits, accept_key, zeros
+    )
+    after = loop.advance(spec.base, base, drafts, num_accepted, next_token, target_cache, None, key)
+    verified = Verified(
+        zeros, zeros, drafts, draft_logprobs, num_accepted, next_token, target_logprobs
+    )
+    return _record(spec, state, after, verified, step_costs, verify_costs)
+
+  return jax.lax.while_loop(continues, autoregressive_round, state)
 
 
 def _drafts(spec, drafters: DrafterInputs, costs, state, choice, gamma, active, key):

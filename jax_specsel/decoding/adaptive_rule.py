@@ -74,7 +74,8 @@ class RuleSettings:
 
   # The defaults start where the per-query policy would (its argmax, drafted at full gamma), read
   # the other drafters only while the chosen option does clearly worse than a good drafter would
-  # (after round 1, then every other round), and follow a domain switch within a few rounds.
+  # (after round 1, then at rounds 2, 4, 8, ... while nothing better turns up), and follow a
+  # domain switch within a few rounds.
   learning_rate: float = 8.0
   forget: float = 0.5
   prior_strength: float = 1.0
@@ -83,10 +84,10 @@ class RuleSettings:
   prior_count: float = 1.0
   decay: float = 0.8
   track_threshold: float = 0.01
-  probe_every: int = 2
+  probe_every: int = 1
   first_probe: int = 1
   probe_backoff: int = 2
-  probe_below: float = 0.6
+  probe_below: float = 0.7
   randomized: bool = False
 
   def __post_init__(self):
