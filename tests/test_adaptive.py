@@ -225,7 +225,8 @@ def test_a_probe_reads_every_unscored_drafter_where_the_choice_does_poorly(t5_mo
       assert np.all(np.isfinite(out.acceptance[0]) == expected), (below, out.acceptance)
 
 
-def test_autoregressive_stretches_emit_what_single_rounds_emit(t5_models):
+@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.0, marks=pytest.mark.slow)])
+def test_autoregressive_stretches_emit_what_single_rounds_emit(temperature, t5_models):
   """Rounds that choose autoregressive and learn nothing run back to back: greedy and sampled,
   batched, their tokens and round counts equal those of the same rounds run one at a time (a
   probe due every round keeps them apart), and greedy they are plain decoding's."""
@@ -242,28 +243,27 @@ def test_autoregressive_stretches_emit_what_single_rounds_emit(t5_models):
       learning_rate=0.0, probe_every=1, first_probe=1, probe_backoff=1, probe_below=1.0
   )
   prompts = _prompts(5, 4)
-  for temperature in (0.0, 1.0):
-    outs = [
-        adaptive.generate_adaptive(
-            target,
-            prompts,
-            drafters,
-            only_autoregressive,
-            costs=_cheap(drafters, 3),
-            max_gamma=3,
-            max_new_tokens=12,
-            rule=rule,
-            temperature=temperature,
-            seed=3,
-        )
-        for rule in (stretched, single)
-    ]
-    assert _rows(outs[0]) == _rows(outs[1]), temperature
-    np.testing.assert_array_equal(outs[0].round_options, outs[1].round_options)
-    assert np.all(outs[0].round_options[outs[0].round_options >= 0] == 0)
-    assert np.all(np.isnan(outs[0].acceptance)) and np.all(np.isfinite(outs[1].acceptance))
-    plain = _rows(js.generate(target, prompts, max_new_tokens=12))
-    assert (_rows(outs[0]) == plain) == (temperature == 0.0)  # sampled: the check can fail
+  outs = [
+      adaptive.generate_adaptive(
+          target,
+          prompts,
+          drafters,
+          only_autoregressive,
+          costs=_cheap(drafters, 3),
+          max_gamma=3,
+          max_new_tokens=12,
+          rule=rule,
+          temperature=temperature,
+          seed=3,
+      )
+      for rule in (stretched, single)
+  ]
+  assert _rows(outs[0]) == _rows(outs[1]), temperature
+  np.testing.assert_array_equal(outs[0].round_options, outs[1].round_options)
+  assert np.all(outs[0].round_options[outs[0].round_options >= 0] == 0)
+  assert np.all(np.isnan(outs[0].acceptance)) and np.all(np.isfinite(outs[1].acceptance))
+  plain = _rows(js.generate(target, prompts, max_new_tokens=12))
+  assert (_rows(outs[0]) == plain) == (temperature == 0.0)  # sampled: the check can fail
 
 
 def test_probes_back_off_while_they_change_nothing():
@@ -420,6 +420,7 @@ def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_m
   )
 
 
+@pytest.mark.slow  # builds a LLaMA of its own; CI runs it with the slow set
 def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_path):
   """Autoregressive in every round (one token a round), every drafter read after every round:
   each drafter's hindsight acceptance is its teacher-forced greedy agreement with the emitted
