@@ -79,6 +79,31 @@ def _prompts(seed: int, count: int, vocab=VOCAB) -> list[list[int]]:
   return [rng.integers(3, vocab, size=n).tolist() for n in rng.integers(3, 9, size=count)]
 
 
+def _only_autoregressive(target):
+  """A policy that names autoregressive alone: the drafters start at the prior floor."""
+  from flax import nnx
+  from jax_specsel.bandit.policy import Policy, PolicyNetwork
+
+  return Policy(
+      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
+      option_names=["autoregressive"],
+  )
+
+
+def _under_autoregressive_prior(target, drafters, prompts, rule, **kwargs):
+  """`generate_adaptive` with `_only_autoregressive` as prior, cheap costs and max_gamma 3."""
+  return adaptive.generate_adaptive(
+      target,
+      prompts,
+      drafters,
+      _only_autoregressive(target),
+      costs=_cheap(drafters, 3),
+      max_gamma=3,
+      rule=rule,
+      **kwargs,
+  )
+
+
 def _rows(out):
   return [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
 
@@ -197,26 +222,16 @@ def test_a_probe_reads_every_unscored_drafter_where_the_choice_does_poorly(t5_mo
   """A prior that rules every drafter out, so autoregressive is chosen throughout. Its value is
   below probe_below of a perfect drafter's, so the round-2 probe reads every drafter (none had
   been scored); with probe_below=0 no probe runs and no drafter is ever scored."""
-  from flax import nnx
-  from jax_specsel.bandit.policy import Policy, PolicyNetwork
-
   target, drafters = t5_models
-  only_autoregressive = Policy(
-      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
-      option_names=["autoregressive"],
-  )
   for below, expected in ((0.6, True), (0.0, False)):
     rule = adaptive_rule.RuleSettings(
         learning_rate=0.0, randomized=False, probe_every=0, first_probe=2, probe_below=below
     )  # the prior alone chooses
     for seed, prompt in enumerate(_prompts(3, 12)):
-      out = adaptive.generate_adaptive(
+      out = _under_autoregressive_prior(
           target,
-          [prompt],
           drafters,
-          only_autoregressive,
-          costs=_cheap(drafters, 3),
-          max_gamma=3,
+          [prompt],
           max_new_tokens=8,
           rule=rule,
           seed=seed,
@@ -230,27 +245,17 @@ def test_autoregressive_stretches_emit_what_single_rounds_emit(temperature, t5_m
   """Rounds that choose autoregressive and learn nothing run back to back: greedy and sampled,
   batched, their tokens and round counts equal those of the same rounds run one at a time (a
   probe due every round keeps them apart), and greedy they are plain decoding's."""
-  from flax import nnx
-  from jax_specsel.bandit.policy import Policy, PolicyNetwork
-
   target, drafters = t5_models
-  only_autoregressive = Policy(
-      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
-      option_names=["autoregressive"],
-  )
   stretched = adaptive_rule.RuleSettings(learning_rate=0.0, probe_below=0.0)
   single = adaptive_rule.RuleSettings(
       learning_rate=0.0, probe_every=1, first_probe=1, probe_backoff=1, probe_below=1.0
   )
   prompts = _prompts(5, 4)
   outs = [
-      adaptive.generate_adaptive(
+      _under_autoregressive_prior(
           target,
-          prompts,
           drafters,
-          only_autoregressive,
-          costs=_cheap(drafters, 3),
-          max_gamma=3,
+          prompts,
           max_new_tokens=12,
           rule=rule,
           temperature=temperature,
@@ -426,9 +431,6 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
   each drafter's hindsight acceptance is its teacher-forced greedy agreement with the emitted
   tokens (all but the last round's, which no probe follows), computed here from its own logits.
   A read that resumed after the position it last read would score none of them."""
-  from flax import nnx
-  from jax_specsel.bandit.policy import Policy, PolicyNetwork
-
   _llama_torch(VOCAB, eos=None, seed=3).save_pretrained(tmp_path)
   target = js.load_model(str(tmp_path))
   drafters = {
@@ -436,10 +438,6 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
       "exit2": target.early_exit(layers=2),
       "self": target,
   }
-  only_autoregressive = Policy(
-      PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
-      option_names=["autoregressive"],
-  )
   rule = adaptive_rule.RuleSettings(
       learning_rate=0.0,
       randomized=False,
@@ -451,13 +449,10 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
   )
   partial = 0
   for seed, prompt in enumerate(_prompts(9, 3)):
-    out = adaptive.generate_adaptive(
+    out = _under_autoregressive_prior(
         target,
-        [prompt],
         drafters,
-        only_autoregressive,
-        costs=_cheap(drafters, 3),
-        max_gamma=3,
+        [prompt],
         max_new_tokens=12,
         rule=rule,
         seed=seed,
