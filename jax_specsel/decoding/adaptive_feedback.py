@@ -131,15 +131,14 @@ def read(spec, k, drafters: DrafterInputs, costs, history, drafter, cost, rows, 
   return drafter, cost, first
 
 
-def probe_due(spec, state: AdaptiveState, costs, choice, rounds_done) -> jax.Array:
-  """bool [B]: whether a row that chose `choice` probes after its round `rounds_done`: its probe
-  is due (`probe_at`) and the chosen option is worth less than `probe_below` of the ideal one."""
+def poor_choice(spec, state: AdaptiveState, costs, choice) -> jax.Array:
+  """bool [B]: whether the option each row chose is worth less than `probe_below` of the ideal
+  option at the current estimates (where a probe may find a better one)."""
   step_costs, _, verify_costs = split_costs(spec, costs)
   values, _ = current_values(spec, state, costs)
   chosen = jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0]
   poor = chosen < spec.rule.probe_below * adaptive_rule.ideal_value(step_costs, verify_costs)
-  poor = poor | (spec.rule.probe_below >= 1)
-  return poor & (rounds_done >= state.probe_at)
+  return poor | (spec.rule.probe_below >= 1)
 
 
 def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offset):
@@ -149,7 +148,8 @@ def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offs
   per row, `turn_offset`: over queries every drafter is seen) reads what it missed and is scored
   on it (the drafter that drafted is current)."""
   rounds_done = state.base.target_calls  # counts this round already
-  probed = active & ~state.base.done & probe_due(spec, state, costs, choice, rounds_done)
+  due = rounds_done >= state.probe_at
+  probed = active & ~state.base.done & due & poor_choice(spec, state, costs, choice)
   turn = (state.probes + turn_offset) % spec.num_drafters
   weights = jax.nn.softmax(state.log_weights, axis=1)
   history = history_of(state)
