@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adaptive.probe_every = 1
   config.adaptive.track_threshold = 0.01
   config.adaptive.hedge_learning_rate = 8.0  # the rule's default (RuleSettings)
-  config.adaptive.online_learning_rate = 3e-3  # larger rates drift the prior across domains
+  config.adaptive.online_learning_rate = 0.03  # gradient steps (bandit.default_online_config)
   config.adaptive.update_every = 4  # queries per online update (amortizes its fixed cost)
   config.adaptive.frozen = False  # True: the offline policy is never updated
   config.adaptive.shifted_domain = "summarize"  # held out of the policy's training

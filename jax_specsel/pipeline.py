@@ -319,6 +319,7 @@ def write_report(
       "choices": result["choices"],
       "choices_by_variant": result["choices_by_variant"],
       "policy_cost": result.get("policy_cost", {}),
+      "repeat_timing": result.get("repeat_timing", "mean"),
       "round_choices": result.get("round_choices", {}),
       "round_work": result.get("round_work", {}),
       "shifted": _shift_summary(result.get("shifted")),

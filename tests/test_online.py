@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -101,6 +102,7 @@ def test_reinforce_draws_fresh_actions_each_update_from_the_seed():
 
 def test_first_update_is_one_adamw_step_on_the_expected_reward(policy):
   config = bandit.default_online_config()
+  config.optimizer, config.estimator, config.learning_rate = "adamw", "expected", 3e-3
   embeddings, rewards = queries(0, 3, seed=3), noisy(SHIFTED_REWARDS, 3, 4)  # padded to 4 rows
   optimizer = optax.adamw(
       config.learning_rate,
@@ -130,6 +132,57 @@ def test_first_update_is_one_adamw_step_on_the_expected_reward(policy):
   assert stats["loss"] == pytest.approx(float(loss), rel=1e-5)
   for got, want in zip(flat_params(policy), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_default_update_is_one_gradient_step_toward_the_tempered_best_observed(policy):
+  """The default: SGD on the cross-entropy from softmax(rewards / 0.1) over the observed options
+  to the policy renormalized over them (numpy target, jax.grad of the reference loss)."""
+  config = bandit.default_online_config()
+  assert (config.optimizer, config.estimator) == ("sgd", "hindsight")
+  embeddings, rewards = queries(0, 3, seed=3), noisy(SHIFTED_REWARDS, 3, 4)
+  observed = np.array([[True, True, True], [True, False, True], [False, True, True]])
+  target = np.where(observed, np.exp(rewards / 0.1), 0.0)
+  target /= target.sum(axis=1, keepdims=True)
+
+  @jax.jit
+  def reference_step(params):
+    def loss_fn(params):
+      inputs = {
+          "params": params,
+          "input_mean": policy.input_mean,
+          "input_scale": policy.input_scale,
+      }
+      logits = jnp.where(observed, policy.program.logits(inputs, embeddings), -jnp.inf)
+      log_probs = jax.nn.log_softmax(logits)
+      return -jnp.where(observed, target * log_probs, 0.0).sum(axis=1).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return loss, jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads)
+
+  loss, expected = reference_step(jax.tree.map(np.array, policy.params))
+  stats = bandit.OnlinePolicyUpdater(policy, config).update(embeddings, rewards, observed)
+  assert stats["loss"] == pytest.approx(float(loss), rel=1e-5)
+  for got, want in zip(flat_params(policy), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_feedback_the_policy_agrees_with_leaves_the_other_domain_alone(policy):
+  """Cluster A's queries, rewarded as the policy already chooses (option 0 best): the default
+  update barely moves cluster B's choice probabilities; AdamW on the expected reward scales the
+  small gradients up to full steps and moves them four times as much or more."""
+  other = queries(1, 100, seed=77)
+  before = policy.probabilities(other)
+
+  def drift(config):
+    own = policy.copy()
+    updater = bandit.OnlinePolicyUpdater(own, config)
+    for step in range(8):
+      updater.update(queries(0, 4, seed=300 + step), noisy(OFFLINE_REWARDS[0], 4, 400 + step))
+    return np.abs(own.probabilities(other) - before).max()
+
+  adam = bandit.default_online_config()
+  adam.optimizer, adam.estimator, adam.learning_rate = "adamw", "expected", 3e-3
+  assert drift(bandit.default_online_config()) < drift(adam) / 4
 
 
 def test_program_inputs_and_choices_follow_the_updated_weights(policy, saved_policy):

@@ -113,6 +113,31 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
   )
 
 
+def test_greedy_repeats_count_each_querys_fastest_and_sampled_ones_their_mean():
+  run = lambda seconds, choice=None: run_tables.QueryRun(seconds, 10, 0, 0, "x", choice)
+  examples = datasets.Dataset.from_dict({"task": ["t", "t"], "reference": ["x", "x"]})
+  runs = {  # repeat 0 stalls on query 0 (a second of interference), repeat 1 on query 1
+      "autoregressive": [[run(2.0), run(1.0)], [run(1.0), run(1.5)]],
+      "drafter": [[run(0.5), run(0.5)], [run(0.5), run(0.5)]],
+      "policy_greedy": [
+          [run(1.52, "drafter"), run(0.51, "drafter")],
+          [run(0.53, "drafter"), run(1.5, "drafter")],
+      ],
+  }
+  fastest = run_tables.summarize(examples, runs, {}, fastest=True)
+  row = fastest["domains"]["t"]["autoregressive"]
+  assert row["ms_per_token"] == pytest.approx(1e3 * (1.0 + 1.0) / 20)
+  assert row["ms_per_token_spread"] == pytest.approx(1e3 * 0.25 / 20)  # over the repeats' totals
+  assert fastest["per_query"]["autoregressive"] == [[1.0, 10], [1.0, 10]]
+  cost = fastest["policy_cost"]["all"]["policy_greedy"]
+  assert cost["share"] == pytest.approx((0.03 + 0.01) / (0.53 + 0.51))
+  assert fastest["repeat_timing"] == "fastest"
+  mean = run_tables.summarize(examples, runs, {})
+  assert mean["domains"]["t"]["autoregressive"]["ms_per_token"] == pytest.approx(1e3 * 2.75 / 20)
+  assert mean["per_query"]["autoregressive"] == [[2.0, 10], [1.0, 10]]  # the first repeat
+  assert mean["repeat_timing"] == "mean"
+
+
 def test_round_work_averages_achieved_and_hindsight_over_the_domain_rows():
   run = lambda achieved, best: run_tables.QueryRun(1.0, 10, 0, 0, "", work=(achieved, best))
   runs = [run(1.0, 2.0), run(3.0, 2.0), run(9.0, 9.0)]

@@ -5,6 +5,11 @@ Two gradient estimators of J = E_q E_{a~pi(.|q)} r(q, a) (see `reinforce` for th
                b = 0 ("none") or the leave-one-out mean of the batch's sampled rewards ("mean").
   "expected"   minimize -sum_a pi(a|q) r(q, a): the exact gradient of J on the batch, possible
                when every option's reward is known (no sampling variance).
+and one surrogate for feedback that scores several options (online, full information):
+  "hindsight"  minimize the cross-entropy from softmax(r(q, .) / HINDSIGHT_TEMPERATURE) to pi:
+               learn to pick what turned out best. Its gradient p - target does not vanish where
+               the policy is confidently wrong (J's does, p (r - E r) with p near 0), and does
+               where the policy already agrees. Rewards in [0, 1] (each row's best = 1).
 
 With an `observed` mask [B, K] (online feedback that scored only some options), both estimate the
 gradient of the same restricted objective: the expected reward of pi renormalized over the
@@ -27,28 +32,37 @@ import optax
 from jax_specsel import validation
 from jax_specsel.bandit.policy_network import standardized_logits
 
-ESTIMATORS = ("reinforce", "expected")
+ESTIMATORS = ("reinforce", "expected", "hindsight")
+HINDSIGHT_TEMPERATURE = 0.1  # rewards 0.1 apart: target odds e : 1
 BASELINES = ("none", "mean")
+OPTIMIZERS = ("adamw", "sgd")
 
 # The logit an unobserved option gets: exp(x - logsumexp) is exactly 0 in float32, and unlike
 # -inf it keeps every intermediate of the forward and backward pass finite.
 _UNOBSERVED_LOGIT = -1e30
 
 
-def per_example_loss(log_probs, rewards, weights, key, estimator: str, baseline: str):
-  """Surrogate losses [B] whose gradient estimates -grad J, and the policy's rewards [B].
+def per_example_loss(
+    log_probs, rewards, weights, key, estimator: str, baseline: str, observed=None
+):
+  """Surrogate losses [B] (see the module docstring), and the policy's rewards [B].
 
   Args:
     log_probs: [B, K] log pi(.|q) of each row.
     rewards: [B, K] reward of each option.
     weights: [B] 1 for a real row, 0 for padding.
     key: PRNG key of the sampled actions ("reinforce" only).
-    estimator: "expected" or "reinforce".
+    estimator: one of ESTIMATORS.
     baseline: "none" or "mean" ("reinforce" only).
+    observed: optional bool [B, K]: the options the "hindsight" target spreads over.
   """
+  expected_rewards = jnp.sum(jnp.exp(log_probs) * rewards, axis=-1)  # [B]
   if estimator == "expected":
-    expected_rewards = jnp.sum(jnp.exp(log_probs) * rewards, axis=-1)  # [B]
     return -expected_rewards, expected_rewards
+  if estimator == "hindsight":
+    scaled = rewards / HINDSIGHT_TEMPERATURE
+    target = jax.nn.softmax(scaled if observed is None else jnp.where(observed, scaled, -jnp.inf))
+    return -jnp.sum(target * log_probs, axis=-1), expected_rewards
   actions = jax.random.categorical(key, jax.lax.stop_gradient(log_probs), axis=-1)  # [B]
   sampled_rewards = jnp.take_along_axis(rewards, actions[:, None], axis=-1)[:, 0]  # [B]
   advantage = sampled_rewards
@@ -93,7 +107,9 @@ def batch_loss(
     logits = jnp.where(observed, logits, _UNOBSERVED_LOGIT)
     rewards = jnp.where(observed, rewards, 0.0)
   log_probs = jax.nn.log_softmax(logits)  # [B, K]
-  losses, policy_rewards = per_example_loss(log_probs, rewards, weights, key, estimator, baseline)
+  losses, policy_rewards = per_example_loss(
+      log_probs, rewards, weights, key, estimator, baseline, observed
+  )
   count = jnp.sum(weights)
   return jnp.sum(weights * losses) / count, jnp.sum(weights * policy_rewards) / count
 
@@ -112,8 +128,15 @@ def optimizer_step(
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """optax.adamw from config.{learning_rate, b1, b2, eps, weight_decay}."""
+  """config.optimizer (default "adamw") from config.{learning_rate, b1, b2, eps, weight_decay}.
+
+  "adamw": optax.adamw, the trainers' choice. "sgd": plain gradient steps (b1, b2 and eps unused;
+  weight decay added to the gradient): a step in proportion to the gradient, so feedback the
+  policy already agrees with (a saturated softmax, a gradient near zero) moves nothing, where
+  Adam would scale that near-zero gradient up to a full learning-rate step in every weight.
+  """
   return _cached_optimizer(
+      str(config.get("optimizer", "adamw")),
       float(config.learning_rate),
       float(config.b1),
       float(config.b2),
@@ -123,8 +146,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_optimizer(learning_rate, b1, b2, eps, weight_decay):
+def _cached_optimizer(name, learning_rate, b1, b2, eps, weight_decay):
   # Cached so that equal settings give the same object, and so the same compiled train step.
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
@@ -134,15 +159,18 @@ def validate_estimator(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.estimator={config.estimator!r}; choose one of {ESTIMATORS}")
   if config.baseline not in BASELINES:
     raise ValueError(f"config.baseline={config.baseline!r}; choose one of {BASELINES}")
-  if config.estimator == "expected" and config.baseline != "none":
+  if config.estimator != "reinforce" and config.baseline != "none":
     raise ValueError(
-        "config.baseline='mean' only applies to estimator='reinforce' (the expected "
-        "gradient has no sampling variance to reduce); set config.baseline='none'"
+        f"config.baseline='mean' only applies to estimator='reinforce' (the "
+        f"{config.estimator!r} estimator samples nothing, so has no variance to reduce); set "
+        "config.baseline='none'"
     )
 
 
 def validate_optimizer(config: ml_collections.ConfigDict) -> None:
-  """Raises TypeError or ValueError naming the first bad AdamW field of `config`."""
+  """Raises TypeError or ValueError naming the first bad optimizer field of `config`."""
+  if config.get("optimizer", "adamw") not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer={config.optimizer!r}; choose one of {OPTIMIZERS}")
   # optax takes NaN or a negative rate silently and trains a policy of NaN weights.
   if validation.real("config.learning_rate", config.learning_rate) <= 0:
     raise ValueError(f"config.learning_rate={config.learning_rate}: must be > 0.")

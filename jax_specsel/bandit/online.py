@@ -4,8 +4,8 @@ The offline trainer (`reinforce`) fits the policy once on a collected table. Whe
 queries drift away from that table (a new domain), the rewards measured while serving can keep
 the policy current: after a query, the caller hands its embedding and the measured rewards of the
 options (e.g. tokens per unit cost) to `OnlinePolicyUpdater.update`, which takes
-`steps_per_update` AdamW steps of the offline trainer's estimator (`objective.batch_loss`) and
-writes the new weights into the `Policy` in place: the policy's own calls and the fused serving
+`steps_per_update` steps of `config.optimizer` on the offline trainer's estimator
+(`objective.batch_loss`) and writes the new weights into the `Policy` in place: the policy's own calls and the fused serving
 program (`Policy.program_inputs`) use them from the next query on. The input standardization
 (input_mean, input_scale) stays the one fitted offline.
 
@@ -45,16 +45,22 @@ _POLICY_ITEM, _UPDATER_ITEM = "policy", "updater"
 
 
 def default_online_config() -> ml_collections.ConfigDict:
-  """Settings of online updates: the offline AdamW (no weight decay), the exact estimator."""
+  """Settings of online updates: plain gradient steps (no weight decay), the exact estimator."""
   config = ml_collections.ConfigDict()
-  config.learning_rate = 3e-3  # optax.adamw; higher than offline: few, single-query steps
+  # "sgd", not the offline trainer's AdamW: served queries the policy already gets right give
+  # near-zero gradients, which Adam would scale up to full steps that move every other domain's
+  # choice (objective.make_optimizer); gradient steps move where the feedback disagrees.
+  config.optimizer = "sgd"  # objective.OPTIMIZERS
+  config.learning_rate = 0.03
   # Offline 1e-2; here 0: decay applied at every one of thousands of updates would shrink the
   # offline-trained weights toward a uniform policy whatever the rewards say.
   config.weight_decay = 0.0
-  config.b1 = 0.9
+  config.b1 = 0.9  # b1, b2, eps: AdamW's only
   config.b2 = 0.99
   config.eps = 1e-8
-  config.estimator = "expected"  # "expected" (all observed options) | "reinforce" (sampled)
+  # "hindsight": learn to pick the best observed option; unlike "expected" (whose gradient
+  # vanishes where the prior is confidently wrong) it leaves a wrong prior within one update.
+  config.estimator = "hindsight"  # objective.ESTIMATORS
   config.baseline = "none"  # "none" | "mean" (leave-one-out batch mean; reinforce only)
   config.steps_per_update = 1  # optimizer steps on each update's feedback
   config.frozen = False  # True: update() validates and reports but never changes the weights
@@ -148,7 +154,7 @@ class OnlinePolicyUpdater:
   Attributes:
     policy: the policy it updates (its params change in place at every non-frozen update).
     config: a copy of the online config (`default_online_config`), fixed at construction.
-    optimizer_state: the AdamW state, carried from update to update.
+    optimizer_state: the optimizer state (empty for "sgd"), carried from update to update.
     updates: how many updates changed the weights so far.
   """
 
@@ -420,7 +426,10 @@ def _restore(path: str, policy: Policy) -> OnlinePolicyUpdater:
           f"{_policy_shape(policy)} (parts of two saves); save the updater "
           "again."
       )
-    updater = OnlinePolicyUpdater(policy, ml_collections.ConfigDict(metadata["config"]))
+    config = ml_collections.ConfigDict(metadata["config"])
+    if "optimizer" not in config:  # saved before the field existed: AdamW was the only one
+      config.optimizer = "adamw"
+    updater = OnlinePolicyUpdater(policy, config)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"optimizer": updater.optimizer_state})
     state = checkpointer.restore(
         updater_path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))

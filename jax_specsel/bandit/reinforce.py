@@ -38,7 +38,8 @@ def paper_train_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.hidden_dim = 512  # width of the hidden layers
   config.num_layers = 3  # Linear layers, tanh between them
-  config.learning_rate = 1e-3  # optax.adamw
+  config.optimizer = "adamw"  # objective.OPTIMIZERS
+  config.learning_rate = 1e-3
   config.weight_decay = 1e-2
   config.b1 = 0.9
   config.b2 = 0.99

@@ -185,6 +185,7 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
       _regime_markdown(models.get("regime")),
       _partial_collection_note(payload.get("collection")),
       "## Table 1 layout: quality, speedup (ms/token ± spread over seeds), acceptance\n",
+      _repeat_timing_note(payload),
       results_table(payload),
       "\n## Choices of the policy per domain\n",
       choices_table(payload),
@@ -200,6 +201,16 @@ def markdown_report(payload: dict, target: Model, drafters: dict[str, Model]) ->
       "![sample efficiency](figure3_sample_efficiency.png)\n",
   ]
   return "\n".join(parts)
+
+
+def _repeat_timing_note(payload) -> str:
+  """How the repeats of a query make its time (`run_tables.summarize`'s "repeat_timing")."""
+  if payload.get("repeat_timing") == "fastest":
+    return (
+        "\nGreedy repeats decode the same tokens: each query counts its fastest repeat (a stall"
+        " of the shared machine only adds time); the spread is over the repeats' totals.\n\n"
+    )
+  return ""
 
 
 def _regime_markdown(regime: dict | None) -> str:
