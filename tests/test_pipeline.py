@@ -8,10 +8,13 @@ import datasets
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
-from jax_specsel import config_checks, pipeline
+import jax_specsel as js
+from jax_specsel import bandit, config_checks, pipeline
 from jax_specsel.data import tasks
 from jax_specsel.eval import checks as checks_lib
+from jax_specsel.eval import evaluate as evaluate_lib
 from jax_specsel.eval import run_tables
 from fake_models import fake_model_with_tokenizer
 
@@ -111,6 +114,37 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
   assert run_tables.policy_cost(runs, rows=[0])["policy_greedy"]["share"] == pytest.approx(
       0.01 / 0.51
   )
+
+
+def test_threaded_warm_up_compiles_everything_the_timed_calls_run():
+  """Two prompt buckets compiled on worker threads: every program the evaluation then runs
+  (single options, both fused variants, the adaptive row with its online update) is compiled."""
+  target = fake_model_with_tokenizer(0, name="target")
+  drafters = {"same": fake_model_with_tokenizer(0, name="same")}
+  drafters["other"] = fake_model_with_tokenizer(4, name="other")
+  names = ["same", "other", "autoregressive"]
+  policy = bandit.Policy(bandit.PolicyNetwork(4, 3, 8, 2, rngs=nnx.Rngs(0)), option_names=names)
+  long_prompt = " ".join(f"w{3 + i % 9}" for i in range(30))
+  examples = datasets.Dataset.from_list(
+      [
+          {"id": str(i), "task": "fake_a", "prompt": prompt, "reference": "w3 w4"}
+          for i, prompt in enumerate(["w3 w4", long_prompt, "w5 w6", long_prompt])
+      ]
+  )
+  config = evaluate_lib.EvalConfig(gamma=3, max_new_tokens=6, seeds=(0,))
+  setup = evaluate_lib.AdaptiveSetup(
+      costs=js.decoding.adaptive.Costs(step=(0.1, 0.1), read=(0.2, 0.2), verify=(1.0, 1.1, 1.2)),
+      max_gamma=2,
+      online=bandit.default_online_config(),
+      update_every=2,
+  )
+  prompts = target.tokenizer(list(examples["prompt"]))["input_ids"]
+  assert len({js.decoding.bucket_length(len(p)) for p in prompts}) == 2
+  options = {"autoregressive": None, **drafters}
+  evaluate_lib.warm_up(target, options, drafters, prompts, config, policy, setup)
+  warm = js.compilation_count()
+  evaluate_lib.evaluate(target, drafters, examples, policy, config, setup)
+  assert js.compilation_count() == warm
 
 
 def test_greedy_repeats_count_each_querys_fastest_and_sampled_ones_their_mean():

@@ -22,7 +22,9 @@ The tables themselves are made from the runs in eval/run_tables.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -232,7 +234,7 @@ def evaluate(
     _check_policy_options(policy, options)
     if adaptive_setup is not None:
       variants["policy_adaptive"] = adaptive_setup
-  _warm_up(target, options, drafters, prompts, config, policy, adaptive_setup)
+  warm_up(target, options, drafters, prompts, config, policy, adaptive_setup)
   rows = [*options, *variants]
   runs = {name: [[None] * len(prompts) for _ in config.seeds] for name in rows}
   for repeat, seed in enumerate(config.seeds):
@@ -282,27 +284,37 @@ def _row_decoder(name, target, options, drafters, policy, variants, config):
   return decode
 
 
-def _warm_up(target, options, drafters, prompts, config, policy=None, adaptive_setup=None):
+def warm_up(target, options, drafters, prompts, config, policy=None, adaptive_setup=None):
   """Runs every path a timed call will take once, untimed. Each (option, prompt bucket) compiles
-  once. The policy variants and the adaptive row also run every query once, with the first
-  repeat's seed: the first execution of a branch of a compiled program is itself slow on XLA:CPU
-  (the kernels' runtimes are set up on first use), and which branches a call takes depends on the
-  query (its chosen option, its rounds' choices and probes)."""
-  seen = set()
-  for i, prompt in enumerate(prompts):
-    bucket = bucket_length(len(prompt))
-    if bucket not in seen:
-      seen.add(bucket)
-      for drafter in options.values():
-        run_option(target, drafter, prompt, config, 0)
-      if policy is not None and adaptive_setup is not None:
-        warm_adaptive(target, drafters, policy, prompt, config, adaptive_setup)
+  once, the buckets on threads: XLA compiles a program on one core, so two buckets compile at
+  once on two. The policy variants and the adaptive row then also run every query once, with the
+  first repeat's seed: the first execution of a branch of a compiled program is itself slow on
+  XLA:CPU (the kernels' runtimes are set up on first use), and which branches a call takes
+  depends on the query (its chosen option, its rounds' choices and probes)."""
+  firsts = {}
+  for prompt in prompts:
+    firsts.setdefault(bucket_length(len(prompt)), prompt)
+
+  def compile_bucket(prompt):
+    for drafter in options.values():
+      run_option(target, drafter, prompt, config, 0)
     if policy is not None:
-      seed = query_seed(config.seeds[0], i)
       for greedy in (True, False):
-        run_policy(target, drafters, policy, prompt, greedy, config, seed)
+        run_policy(target, drafters, policy, prompt, greedy, config, 0)
       if adaptive_setup is not None:
-        run_adaptive(target, drafters, policy, prompt, config, seed, adaptive_setup)
+        warm_adaptive(target, drafters, policy, prompt, config, adaptive_setup)
+
+  workers = max(1, min(len(firsts), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    list(pool.map(compile_bucket, firsts.values()))  # list(): a worker's error is raised here
+  if policy is None:
+    return
+  for i, prompt in enumerate(prompts):
+    seed = query_seed(config.seeds[0], i)
+    for greedy in (True, False):
+      run_policy(target, drafters, policy, prompt, greedy, config, seed)
+    if adaptive_setup is not None:
+      run_adaptive(target, drafters, policy, prompt, config, seed, adaptive_setup)
 
 
 def warm_adaptive(target, drafters, policy, prompt, config, setup: AdaptiveSetup) -> None:

@@ -98,7 +98,9 @@ def _serve(target, drafters, options, policy, prompts, setup, config, queries: i
   serves query i before any serves query i + 1, in an order rotated per query, so that the
   machine's drift over the run falls on all of them alike (each learns only from its own)."""
   sequence = [prompts[i % len(prompts)] for i in range(queries)]
-  for i, prompt in enumerate(prompts):  # every path the timed queries take, once (`_warm_up`)
+  for i, prompt in enumerate(
+      prompts
+  ):  # every path the timed queries take, once (`evaluate.warm_up`)
     evaluate_lib.run_adaptive(
         target, drafters, policy, prompt, config, evaluate_lib.query_seed(0, i), setup
     )

@@ -267,13 +267,14 @@ def regime(
     drafters: Mapping[str, Model],
     prompt_ids: np.ndarray,
     gamma: int,
-    rounds: int = 60,
+    rounds: int = 40,
 ) -> dict:
   """Whether speculation can pay here: step costs of every model and a gamma round's cost.
 
   Speculative decoding pays only where scoring gamma + 1 tokens costs about one target step (a
   memory-bound target). Each round is timed inside a compiled loop (`time_rounds`) with the
-  first drafter; the result is stated in every report so a reader can check the regime.
+  first drafter; the result is stated in every report so a reader can check the regime. (As many
+  rounds as `verify_costs` times: the same compiled loops serve both.)
 
   Returns:
     {"target_step_us", "drafter_step_us": {name: us}, "step_ratio": {name: target / drafter},
