@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache_dir = ""  # zoo cache; "" = under the user cache ($XDG_CACHE_HOME/jax_specsel)
   config.zoo = "default"  # "default" or "tiny" (seconds, for tests)
   config.collect_per_domain = 150  # training queries per domain for the offline collection
-  config.test_per_domain = 16  # evaluation queries per domain (each decoded per option and seed)
+  config.test_per_domain = 10  # evaluation queries per domain (each decoded per option and seed)
   config.max_new_tokens = 48  # longest output of the world's domains plus headroom
   config.collect_batch_size = 32  # queries per generate call during collection
   config.shard_size = 300  # queries per collection shard (the unit of resumption)

@@ -60,7 +60,7 @@ class ZooConfig:
       d_ff=512,
       encoder_layers=2,
       decoder_layers=6,
-      train_steps=2400,
+      train_steps=2200,
       batch_size=32,
       learning_rate=1.5e-3,
       warmup_steps=200,
