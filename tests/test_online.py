@@ -393,6 +393,7 @@ def test_bad_inputs_are_named_and_change_nothing(policy, arguments, message):
         ("learning_rate", -1e-3, "config.learning_rate=-0.001: must be > 0"),
         ("learning_rate", "fast", "config.learning_rate='fast'"),
         ("estimator", "ppo", r"config.estimator='ppo'; choose one of"),
+        ("optimizer", "adam", r"config.optimizer='adam'; choose one of \('adamw', 'sgd'\)"),
         ("baseline", "mean", "only applies to estimator='reinforce'"),
         ("steps_per_update", 0, "config.steps_per_update=0: must be >= 1"),
         ("frozen", "yes", "config.frozen='yes': must be True or False"),
