@@ -105,9 +105,9 @@ def summarize(examples, runs, choices, fastest: bool = False) -> dict:
     for variant, chosen in choices.items():
       counts = collections.Counter(chosen[i] for i in rows)
       shares.setdefault(task, {})[variant] = {k: v / len(rows) for k, v in sorted(counts.items())}
-  pick = (lambda runs, i: fastest_run(runs, i)) if fastest else (lambda runs, i: runs[0][i])
+  pick = fastest_run if fastest else (lambda option_runs, i: option_runs[0][i])
   per_query = {
-      name: [[pick(option_runs, i).seconds, pick(option_runs, i).tokens] for i in range(len(tasks))]
+      name: [[run.seconds, run.tokens] for run in (pick(option_runs, i) for i in range(len(tasks)))]
       for name, option_runs in runs.items()
   }
   cost = {"all": policy_cost(runs, fastest=fastest)}
