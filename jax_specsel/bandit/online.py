@@ -4,10 +4,10 @@ The offline trainer (`reinforce`) fits the policy once on a collected table. Whe
 queries drift away from that table (a new domain), the rewards measured while serving can keep
 the policy current: after a query, the caller hands its embedding and the measured rewards of the
 options (e.g. tokens per unit cost) to `OnlinePolicyUpdater.update`, which takes
-`steps_per_update` steps of `config.optimizer` on the offline trainer's estimator
-(`objective.batch_loss`) and writes the new weights into the `Policy` in place: the policy's own calls and the fused serving
-program (`Policy.program_inputs`) use them from the next query on. The input standardization
-(input_mean, input_scale) stays the one fitted offline.
+`steps_per_update` steps of `config.optimizer` on the estimators the offline trainer shares
+(`objective.batch_loss`) and writes the new weights into the `Policy` in place: the policy's own
+calls and the fused serving program (`Policy.program_inputs`) use them from the next query on.
+The input standardization (input_mean, input_scale) stays the one fitted offline.
 
 Partial feedback: `observed` [N, K] marks the rewards that were measured. Each row's objective
 is the policy's expected reward renormalized over its observed options (`objective`): an
@@ -45,7 +45,7 @@ _POLICY_ITEM, _UPDATER_ITEM = "policy", "updater"
 
 
 def default_online_config() -> ml_collections.ConfigDict:
-  """Settings of online updates: plain gradient steps (no weight decay), the exact estimator."""
+  """Settings of online updates: plain gradient steps (no weight decay), the hindsight estimator."""
   config = ml_collections.ConfigDict()
   # "sgd", not the offline trainer's AdamW: served queries the policy already gets right give
   # near-zero gradients, which Adam would scale up to full steps that move every other domain's
@@ -59,7 +59,7 @@ def default_online_config() -> ml_collections.ConfigDict:
   config.b2 = 0.99
   config.eps = 1e-8
   # "hindsight": learn to pick the best observed option; unlike "expected" (whose gradient
-  # vanishes where the prior is confidently wrong) it leaves a wrong prior within one update.
+  # vanishes where the prior is confidently wrong) it leaves a wrong prior within an update or two.
   config.estimator = "hindsight"  # objective.ESTIMATORS
   config.baseline = "none"  # "none" | "mean" (leave-one-out batch mean; reinforce only)
   config.steps_per_update = 1  # optimizer steps on each update's feedback
