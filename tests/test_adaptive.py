@@ -426,11 +426,14 @@ def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_m
 
 
 @pytest.mark.slow  # builds a LLaMA of its own; CI runs it with the slow set
-def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_path):
-  """Autoregressive in every round (one token a round), every drafter read after every round:
-  each drafter's hindsight acceptance is its teacher-forced greedy agreement with the emitted
-  tokens (all but the last round's, which no probe follows), computed here from its own logits.
-  A read that resumed after the position it last read would score none of them."""
+@pytest.mark.parametrize("probe_every", [1, 12, 20])
+def test_drafters_read_after_rounds_are_scored_on_every_token_they_missed(probe_every, tmp_path):
+  """Autoregressive in every round (one token a round), every drafter read after round 1 and then
+  every `probe_every` rounds, the last probe after the last round but one: each drafter's
+  hindsight acceptance is its teacher-forced greedy agreement with the emitted tokens (all but
+  the last, which no probe follows), computed here from its own logits. The gaps (1, 12, 20
+  tokens) take each width of a read (8, 16, the whole history: max_gamma 3). A read that resumed
+  after the position it last read, or one too narrow for its gap, would miss some of them."""
   _llama_torch(VOCAB, eos=None, seed=3).save_pretrained(tmp_path)
   target = js.load_model(str(tmp_path))
   drafters = {
@@ -441,23 +444,26 @@ def test_drafters_read_every_round_are_scored_on_every_token_they_missed(tmp_pat
   rule = adaptive_rule.RuleSettings(
       learning_rate=0.0,
       randomized=False,
-      probe_every=1,
+      probe_every=probe_every,
       probe_backoff=1,
       probe_below=1.0,
       track_threshold=0.0,
       prior_floor=1e-6,
   )
+  max_new_tokens = 12 if probe_every == 1 else 2 + probe_every * (24 // probe_every)
+  # Each read is charged by its width: the narrowest of 8, 16 or the whole history (max_new + 1)
+  # that covers the tokens since the last probe.
+  probe_rounds = list(range(1, max_new_tokens, probe_every))  # none follows the last round
+  gaps = np.diff([0, *probe_rounds])
+  widths = np.where(gaps < 8, 8, np.where(gaps < 16, 16, max_new_tokens + 1))
+  read_cost = len(drafters) * np.sum(0.02 * widths / 8)  # `_cheap`: 0.02 a read of 8
   partial = 0
   for seed, prompt in enumerate(_prompts(9, 3)):
     out = _under_autoregressive_prior(
-        target,
-        drafters,
-        [prompt],
-        max_new_tokens=12,
-        rule=rule,
-        seed=seed,
+        target, drafters, [prompt], max_new_tokens=max_new_tokens, rule=rule, seed=seed
     )
     assert np.all(out.round_options[out.round_options >= 0] == 0)
+    assert out.cost[0] == pytest.approx(max_new_tokens + read_cost, rel=1e-5)
     tokens = out.tokens[0][: out.lengths[0]]
     sequence = np.concatenate([prompt, tokens])[None]
     for k, drafter in enumerate(drafters.values()):

@@ -131,6 +131,30 @@ def read(spec, k, drafters: DrafterInputs, costs, history, drafter, cost, rows, 
   return drafter, cost, first
 
 
+def catch_up(spec, k, drafters: DrafterInputs, costs, history, rows, drafter, cost, narrowest=0):
+  """Drafter k, after its first pass, reads what its cache lacks up to `pending` for `rows` (none:
+  nothing runs), at the narrowest of `spec.read_widths[narrowest:]` that covers the longest gap
+  of those rows: (drafter, cost, its logits at `pending`)."""
+  drafter = adaptive_drafters.prepared(
+      spec.drafters[k], drafters.params[k], drafters.ids, drafters.mask, drafter, jnp.any(rows)
+  )
+  gap = history.num_generated - adaptive_drafters.read_start(drafter.record, history.num_generated)
+  widths = spec.read_widths[narrowest:]
+  # A width w covers a gap g when the block [start, start + w) reaches `pending` (g < w).
+  narrower = sum((gap >= width).astype(jnp.int32) for width in widths if width is not None)
+  kind = jnp.max(jnp.where(rows, narrower, -1))
+  first = jnp.zeros((rows.shape[0], spec.base.target_vocab), jnp.float32)
+  for index, width in enumerate(widths):
+    drafter, cost, first = when(
+        kind == index,
+        lambda carry, width=width: read(
+            spec, k, drafters, costs, history, carry[0], carry[1], rows, width
+        ),
+        (drafter, cost, first),
+    )
+  return drafter, cost, first
+
+
 def poor_choice(spec, state: AdaptiveState, costs, choice) -> jax.Array:
   """bool [B]: whether the option each row chose is worth less than `probe_below` of the ideal
   option at the current estimates (where a probe may find a better one)."""
@@ -160,24 +184,9 @@ def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offs
       unscored = states[k].record.total_count == 0
       tracked = weights[:, k + 1] >= spec.rule.track_threshold
       rows = probed & (choice != k + 1) & (unscored | tracked | (turn == k))
-      states[k] = adaptive_drafters.prepared(
-          spec.drafters[k],
-          drafters.params[k],
-          drafters.ids,
-          drafters.mask,
-          states[k],
-          jnp.any(rows),
+      states[k], cost, _ = catch_up(
+          spec, k, drafters, costs, history, rows, states[k], cost, narrowest=1
       )
-      start = adaptive_drafters.read_start(states[k].record, history.num_generated)
-      far = jnp.any(rows & (history.num_generated - start >= spec.read_width))
-      for wanted, width in ((~far, spec.read_width), (far, None)):
-        states[k], cost = when(
-            jnp.any(rows) & wanted,
-            lambda c, width=width, k=k, rows=rows: read(
-                spec, k, drafters, costs, history, c[0], c[1], rows, width
-            )[:2],
-            (states[k], cost),
-        )
     return tuple(states), cost
 
   states, cost = when(jnp.any(probed), reads, (state.drafters, state.cost))

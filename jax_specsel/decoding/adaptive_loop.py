@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_specsel.decoding import adaptive_drafters, adaptive_feedback, adaptive_rule, loop, loop_state
+from jax_specsel.decoding import adaptive_feedback, adaptive_rule, loop, loop_state
 from jax_specsel.decoding.adaptive_drafters import DrafterRecord, DrafterState
 from jax_specsel.decoding.adaptive_state import (
     AdaptiveSpec,
@@ -230,10 +230,13 @@ def _drafts(spec, drafters: DrafterInputs, costs, state, choice, gamma, active, 
 def _read_and_draft(
     spec, k, drafters: DrafterInputs, costs, history, position, key, rows, count, carry
 ):
-  """Drafter k catches up (`_catch_up`) and proposes `count` tokens at `position`: the carry
-  (its DrafterState, cost, drafts, log q) with the drafts of `rows` in place."""
+  """Drafter k catches up (`adaptive_feedback.catch_up`) and proposes `count` tokens at
+  `position`: the carry (its DrafterState, cost, drafts, log q) with the drafts of `rows` in
+  place."""
   drafter, cost, drafts, logprobs = carry
-  drafter, cost, first = _catch_up(spec, k, drafters, costs, history, rows, drafter, cost)
+  drafter, cost, first = adaptive_feedback.catch_up(
+      spec, k, drafters, costs, history, rows, drafter, cost
+  )
   tokens, token_logprobs, cache = loop.propose(
       spec.base.settings,
       spec.drafters[k],
@@ -258,29 +261,6 @@ def _read_and_draft(
       drafts,
       logprobs,
   )
-
-
-def _catch_up(spec, k, drafters: DrafterInputs, costs, history, rows, drafter, cost):
-  """Drafter k, after its first pass, reads what its cache lacks up to `pending` for `rows`: the
-  two-token read, a catch-up read, or the whole history (the longest any of those rows needs):
-  (drafter, cost, its logits at `pending`)."""
-  drafter = adaptive_drafters.prepared(
-      spec.drafters[k], drafters.params[k], drafters.ids, drafters.mask, drafter
-  )
-  gap = history.num_generated - adaptive_drafters.read_start(drafter.record, history.num_generated)
-  kind = jnp.max(
-      jnp.where(rows, jnp.where(gap <= 1, 0, jnp.where(gap < spec.read_width, 1, 2)), -1)
-  )
-  first = jnp.zeros((rows.shape[0], spec.base.target_vocab), jnp.float32)
-  for index, width in enumerate((2, spec.read_width, None)):
-    drafter, cost, first = when(
-        kind == index,
-        lambda carry, width=width: adaptive_feedback.read(
-            spec, k, drafters, costs, history, carry[0], carry[1], rows, width
-        ),
-        (drafter, cost, first),
-    )
-  return drafter, cost, first
 
 
 def _verify(spec, target_params, context, base, drafts, width):

@@ -45,8 +45,15 @@ class AdaptiveSpec:
 
   @property
   def read_width(self) -> int:
-    """Tokens of a catch-up read after rounds a drafter sat out (longer gaps read the history)."""
+    """Tokens of a catch-up read after rounds a drafter sat out (the unit its cost is measured in)."""
     return 2 * (self.max_gamma + 1)
+
+  @property
+  def read_widths(self) -> tuple[int | None, ...]:
+    """The widths a read may take, narrowest first: the two tokens of a draft step, one and two
+    catch-up blocks, and None, the whole history from its start (for the longest gaps). A read
+    runs at the narrowest that covers its rows' gaps: its cost grows with its width."""
+    return (2, self.read_width, 2 * self.read_width, None)
 
 
 @struct.dataclass
