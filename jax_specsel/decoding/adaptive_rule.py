@@ -75,9 +75,10 @@ class RuleSettings:
   # The defaults start where the per-query policy would (its argmax, drafted at full gamma), read
   # the other drafters only while the chosen option does clearly worse than a good drafter would
   # (after round 1, then at rounds 2, 4, 8, ... while nothing better turns up), and follow a
-  # domain switch within a few rounds.
+  # domain switch within a round or two: the argmax keeps a tenth of the past log-weights, so
+  # the acceptance estimates (`decay`) do the smoothing and the Hedge step adds little inertia.
   learning_rate: float = 8.0
-  forget: float = 0.5
+  forget: float = 0.9
   prior_strength: float = 1.0
   prior_floor: float = 0.01
   prior_acceptance: float = 0.5
