@@ -61,6 +61,7 @@ def _llama(path):
   return js.load_model(str(path))
 
 
+@pytest.mark.slow  # builds two models of its own; CI runs it with the slow set
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_a_model_agrees_with_its_own_greedy_answer_everywhere(family, tmp_path):
   """A one-position shift between the answer and the logits that guess it would fail this."""
