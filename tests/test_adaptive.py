@@ -240,7 +240,8 @@ def test_a_probe_reads_every_unscored_drafter_where_the_choice_does_poorly(t5_mo
       assert np.all(np.isfinite(out.acceptance[0]) == expected), (below, out.acceptance)
 
 
-@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.0, marks=pytest.mark.slow)])
+@pytest.mark.slow  # compiles two loops per temperature; CI runs it with the slow set
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_autoregressive_stretches_emit_what_single_rounds_emit(temperature, t5_models):
   """Rounds that choose autoregressive and learn nothing run back to back: greedy and sampled,
   batched, their tokens and round counts equal those of the same rounds run one at a time (a
