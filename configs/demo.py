@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the chosen option does poorly, each drafter not yet scored, each the Hedge weights still
   # track (weight >= track_threshold) and one more in turn read the verified tokens and are scored
   # on them (full information, as in HedgeSpec, where it may pay): after round 1, then probe_every
-  # rounds later, the gap doubling while probes change nothing (RuleSettings.probe_backoff).
+  # rounds later, the gap doubling while probes change nothing (RuleSettings.probe_backoff), and
+  # at once when the chosen drafter's first draft is rejected (RuleSettings.probe_on_miss).
   config.adaptive.probe_every = 1
   config.adaptive.track_threshold = 0.01
   config.adaptive.hedge_learning_rate = 8.0  # the rule's default (RuleSettings)

@@ -79,24 +79,24 @@ def _prompts(seed: int, count: int, vocab=VOCAB) -> list[list[int]]:
   return [rng.integers(3, vocab, size=n).tolist() for n in rng.integers(3, 9, size=count)]
 
 
-def _only_autoregressive(target):
-  """A policy that names autoregressive alone: the drafters start at the prior floor."""
+def _only_option(target, name="autoregressive"):
+  """A policy that names one option alone: the others start at the prior floor."""
   from flax import nnx
   from jax_specsel.bandit.policy import Policy, PolicyNetwork
 
   return Policy(
       PolicyNetwork(target.hidden_size, 1, hidden_dim=8, rngs=nnx.Rngs(0)),
-      option_names=["autoregressive"],
+      option_names=[name],
   )
 
 
 def _under_autoregressive_prior(target, drafters, prompts, rule, **kwargs):
-  """`generate_adaptive` with `_only_autoregressive` as prior, cheap costs and max_gamma 3."""
+  """`generate_adaptive` with `_only_option` (autoregressive) as prior, cheap costs, max_gamma 3."""
   return adaptive.generate_adaptive(
       target,
       prompts,
       drafters,
-      _only_autoregressive(target),
+      _only_option(target),
       costs=_cheap(drafters, 3),
       max_gamma=3,
       rule=rule,
@@ -238,6 +238,45 @@ def test_a_probe_reads_every_unscored_drafter_where_the_choice_does_poorly(t5_mo
       )
       assert np.all(out.round_options[out.round_options >= 0] == 0)  # never drafted
       assert np.all(np.isfinite(out.acceptance[0]) == expected), (below, out.acceptance)
+
+
+@pytest.mark.slow  # compiles two loops; CI runs it with the slow set
+def test_a_rejected_first_draft_makes_a_probe_due_at_once(llama_models):
+  """The prior alone chooses "exit1" (the target's first layer: its first draft is often
+  rejected) and no probe is ever scheduled (probe_every=0, first_probe=0). With probe_on_miss, a
+  round whose first draft was rejected reads the drafters that sat out (they are scored: their
+  acceptance is finite); without it they are never scored. Either way the output is plain
+  decoding's."""
+  target, drafters = llama_models
+  names, prompts = list(drafters), _prompts(7, 6)
+  plain = _rows(js.generate(target, prompts, max_new_tokens=16))
+  others = [i for i, name in enumerate(names) if name != "exit1"]
+  for on_miss in (True, False):
+    rule = adaptive_rule.RuleSettings(
+        learning_rate=0.0, probe_every=0, first_probe=0, probe_below=1.0, probe_on_miss=on_miss
+    )
+    out = adaptive.generate_adaptive(
+        target,
+        prompts,
+        drafters,
+        _only_option(target, "exit1"),
+        costs=_cheap(drafters, 3),
+        max_gamma=3,
+        rule=rule,
+        max_new_tokens=16,
+    )
+    assert _rows(out) == plain
+    played = out.round_options
+    assert np.all(played[played >= 0] == 1 + names.index("exit1"))
+    # A round emits its accepted drafts plus one token; only the last may be cut short, so a row
+    # shorter than 2 * rounds - 1 had a round before its last that emitted one token: a miss.
+    missed = out.lengths < 2 * np.sum(played >= 0, axis=1) - 1
+    assert np.any(missed), (out.lengths, played, out.acceptance)
+    scored = np.isfinite(out.acceptance[:, others])
+    if on_miss:
+      assert np.all(scored[missed]), (missed, out.acceptance)
+    else:
+      assert not np.any(scored), out.acceptance
 
 
 @pytest.mark.slow  # compiles two loops per temperature; CI runs it with the slow set

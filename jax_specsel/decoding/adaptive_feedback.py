@@ -54,7 +54,9 @@ def feedback(
   state = state.replace(
       drafters=tuple(d.replace(record=r) for d, r in zip(state.drafters, records))
   )
-  state, probed = probe(spec, drafters, costs, state, verified.choice, active, turn_offset)
+  state, probed = probe(
+      spec, drafters, costs, state, verified.choice, active, turn_offset, first_rejected(verified)
+  )
   log_weights, gammas = when(
       jnp.any(probed) | drafted,
       lambda carry: hedge_step(spec, state, costs, active, *carry),
@@ -155,6 +157,11 @@ def catch_up(spec, k, drafters: DrafterInputs, costs, history, rows, drafter, co
   return drafter, cost, first
 
 
+def first_rejected(verified: Verified) -> jax.Array:
+  """bool [B]: the row's drafter drafted this round and its first draft was rejected."""
+  return (verified.choice > 0) & (verified.gamma > 0) & (verified.num_accepted == 0)
+
+
 def poor_choice(spec, state: AdaptiveState, costs, choice) -> jax.Array:
   """bool [B]: whether the option each row chose is worth less than `probe_below` of the ideal
   option at the current estimates (where a probe may find a better one)."""
@@ -165,14 +172,15 @@ def poor_choice(spec, state: AdaptiveState, costs, choice) -> jax.Array:
   return poor | (spec.rule.probe_below >= 1)
 
 
-def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offset):
-  """(state, probed bool [B]): on the rows whose probe is due (`probe_at`) and whose chosen option
-  is worth less than `probe_below` of the ideal option, each drafter not yet scored, each the
+def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offset, missed):
+  """(state, probed bool [B]): on the rows whose probe is due (`probe_at`, or at once where the
+  chosen drafter's first draft was rejected, `missed`, with `RuleSettings.probe_on_miss`) and
+  whose chosen option is worth less than `probe_below` of the ideal option, each drafter not yet scored, each the
   Hedge weights track (weight >= track_threshold), and one more in turn (from a random drafter
   per row, `turn_offset`: over queries every drafter is seen) reads what it missed and is scored
   on it (the drafter that drafted is current)."""
   rounds_done = state.base.target_calls  # counts this round already
-  due = rounds_done >= state.probe_at
+  due = (rounds_done >= state.probe_at) | (missed & spec.rule.probe_on_miss)
   probed = active & ~state.base.done & due & poor_choice(spec, state, costs, choice)
   turn = (state.probes + turn_offset) % spec.num_drafters
   weights = jax.nn.softmax(state.log_weights, axis=1)

@@ -11,7 +11,8 @@ for the loop's types and `adaptive_feedback.py` for step 5. A round, per row:
   3. the target verifies [pending, drafts] in one call as wide as the batch's largest gamma;
   4. accept exactly (`loop.accept`, num_drafted = the row's gamma) and `loop.advance`;
   5. the chosen drafter is scored on the positions it drafted (the verification itself: bandit
-     feedback); on a row whose probe is due and whose chosen option does poorly, every drafter
+     feedback); on a row whose probe is due (by its schedule, or at once where the chosen
+     drafter's first draft was rejected) and whose chosen option does poorly, every drafter
      not yet scored, each the Hedge weights still track, and one more in turn, reads the tokens
      it missed and is scored on all of them (full information, lazily); the Hedge log-weights
      then add every option's current value, and the next probe is scheduled (sooner if this one

@@ -63,6 +63,10 @@ class RuleSettings:
     probe_backoff: after a probe that left the choice as it was, the gap to the next probe is
       multiplied by this (up to the round budget): probes grow rare while they find nothing
       better (1: every probe_every rounds).
+    probe_on_miss: a probe is also due at once on a round whose chosen drafter had its first draft
+      rejected (what a switch of domain looks like), whatever the schedule says: the drafters
+      that sat out are read while the evidence of a change is fresh, and an autoregressive
+      choice, which gives no such evidence, keeps the backed-off schedule.
     first_probe: the round (counted from 1) of the first probe (0: none before probe_every).
       A probe reads every drafter not yet scored on the query, those the Hedge weights track, and
       one more in turn (the first in turn drawn per query).
@@ -74,20 +78,22 @@ class RuleSettings:
 
   # The defaults start where the per-query policy would (its argmax, drafted at full gamma), read
   # the other drafters only while the chosen option does clearly worse than a good drafter would
-  # (after round 1, then at rounds 2, 4, 8, ... while nothing better turns up), and follow a
-  # domain switch within a round or two: the argmax keeps a tenth of the past log-weights, so
-  # the acceptance estimates (`decay`) do the smoothing and the Hedge step adds little inertia.
+  # (after round 1, then at rounds 2, 4, 8, ... while nothing better turns up, and at once when
+  # the chosen drafter's first draft is rejected), and follow a domain switch within a round or
+  # two: the argmax keeps a tenth of the past log-weights, so the acceptance estimates (`decay`,
+  # about three positions) do the smoothing and the Hedge step adds little inertia.
   learning_rate: float = 8.0
   forget: float = 0.9
   prior_strength: float = 1.0
   prior_floor: float = 0.01
   prior_acceptance: float = 0.5
   prior_count: float = 1.0
-  decay: float = 0.8
+  decay: float = 0.7
   track_threshold: float = 0.01
   probe_every: int = 1
   first_probe: int = 1
   probe_backoff: int = 2
+  probe_on_miss: bool = True
   probe_below: float = 0.7
   randomized: bool = False
 
