@@ -324,6 +324,8 @@ def test_probes_back_off_while_they_change_nothing():
     adaptive_rule.RuleSettings(probe_backoff=0)
   with pytest.raises(ValueError, match="probe_below=1.5"):
     adaptive_rule.RuleSettings(probe_below=1.5)
+  with pytest.raises(ValueError, match="probe_on_miss=1: pass True or False"):
+    adaptive_rule.RuleSettings(probe_on_miss=1)
 
 
 def _exact_two_token_distribution(model: transformers.LlamaForCausalLM, prompt, vocab, temperature):

@@ -174,11 +174,11 @@ def poor_choice(spec, state: AdaptiveState, costs, choice) -> jax.Array:
 
 def probe(spec, drafters: DrafterInputs, costs, state, choice, active, turn_offset, missed):
   """(state, probed bool [B]): on the rows whose probe is due (`probe_at`, or at once where the
-  chosen drafter's first draft was rejected, `missed`, with `RuleSettings.probe_on_miss`) and
-  whose chosen option is worth less than `probe_below` of the ideal option, each drafter not yet scored, each the
-  Hedge weights track (weight >= track_threshold), and one more in turn (from a random drafter
-  per row, `turn_offset`: over queries every drafter is seen) reads what it missed and is scored
-  on it (the drafter that drafted is current)."""
+  chosen drafter's first draft was rejected, `missed` [B], with `RuleSettings.probe_on_miss`) and
+  whose chosen option is worth less than `probe_below` of the ideal option, each drafter not yet
+  scored, each the Hedge weights track (weight >= track_threshold), and one more in turn (from a
+  random drafter per row, `turn_offset`: over queries every drafter is seen) reads what it missed
+  and is scored on it (the drafter that drafted is current)."""
   rounds_done = state.base.target_calls  # counts this round already
   due = (rounds_done >= state.probe_at) | (missed & spec.rule.probe_on_miss)
   probed = active & ~state.base.done & due & poor_choice(spec, state, costs, choice)

@@ -116,6 +116,9 @@ class RuleSettings:
       value = getattr(self, name)
       if not ok or not np.isfinite(float(value)):
         raise ValueError(f"RuleSettings.{name}={value!r} is out of range: see its docstring.")
+    for name in ("probe_on_miss", "randomized"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"RuleSettings.{name}={getattr(self, name)!r}: pass True or False.")
 
 
 def acceptance(score_sum: jax.Array, score_count: jax.Array, rule: RuleSettings) -> jax.Array:
