@@ -18,6 +18,7 @@ from scipy import stats as scipy_stats
 import jax_specsel as js
 from jax_specsel.decoding import adaptive, adaptive_rule
 from jax_specsel.eval import speed
+from random_t5 import saved_t5
 
 VOCAB = 96
 EOS = 1
@@ -34,8 +35,9 @@ def _cheap(drafters, max_gamma):
 
 
 def _t5(path, seed, d_model, layers, vocab=VOCAB):
-  torch.manual_seed(seed)
-  config = transformers.T5Config(
+  return saved_t5(
+      path,
+      seed,
       vocab_size=vocab,
       d_model=d_model,
       d_kv=8,
@@ -49,12 +51,6 @@ def _t5(path, seed, d_model, layers, vocab=VOCAB):
       pad_token_id=0,
       decoder_start_token_id=0,
   )
-  model = transformers.T5ForConditionalGeneration(config)
-  with torch.no_grad():
-    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
-  model.eval().save_pretrained(path)
-  return js.load_model(str(path))
 
 
 def _llama_torch(vocab, eos, seed=0):

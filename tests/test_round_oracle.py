@@ -11,6 +11,7 @@ import transformers
 import jax_specsel as js
 from jax_specsel.decoding.adaptive import Costs
 from jax_specsel.eval import round_oracle
+from random_t5 import saved_t5
 
 VOCAB = 40
 
@@ -37,17 +38,10 @@ def test_where_no_drafter_agrees_every_round_is_autoregressive():
 
 def _t5(path):
   # A larger initializer: at the default scale a T5 this small repeats one token.
-  torch.manual_seed(3)
-  config = transformers.T5Config(
-      vocab_size=VOCAB, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+  return saved_t5(
+      path, 3, vocab_size=VOCAB, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
       eos_token_id=1, pad_token_id=0, decoder_start_token_id=0, initializer_factor=8.0,
   )  # fmt: skip
-  model = transformers.T5ForConditionalGeneration(config)
-  with torch.no_grad():
-    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
-  model.eval().save_pretrained(path)
-  return js.load_model(str(path))
 
 
 def _llama(path):
