@@ -204,8 +204,10 @@ class Block(nnx.Module):
   ) -> tuple[jax.Array, dict]:
     """Decoder block on x [B, T, D]: writes its K/V at start.. and returns (x, layer cache).
 
-    cross_kv holds [B, N, S, H] arrays (see `Module.prepare`); the transposes below cancel
-    against that storage layout inside XLA, so no copy is made per step.
+    cross_kv holds [B, N, S, H] arrays (see `Module.prepare`): the transposes below cancel against
+    that layout for the keys. XLA:CPU still transposes the values, and the self-attention cache
+    ([B, L, N, H]), once per step; head-major or key-transposed caches moved these copies rather
+    than removed them and measured no faster (BUILD_NOTES, "cache layouts").
     """
     normed = self.self_attention_norm(x)
     key, value = self.self_attention.key_value(normed)  # [B, T, N, H]
@@ -300,9 +302,9 @@ class Module(nnx.Module):
 
     Returns:
       (context, cache) with context = {"encoder_states": [B, S, D], "encoder_mask": int32 [B, S],
-      "cross_kv": per decoder layer (k, v), each [B, N, S, H]}. Heads-major K/V is the layout
-      the attention dots read; stored [B, S, N, H] they would be transposed (copied) in every
-      decode step.
+      "cross_kv": per decoder layer (k, v), each [B, N, S, H]}. Heads-major, the keys are read
+      in place by the attention dot; stored [B, S, N, H] they were transposed in every decode
+      step.
     """
     del num_layers
     length = prompt_ids.shape[1]
