@@ -80,15 +80,16 @@ class RuleSettings:
   # the other drafters only while the chosen option does clearly worse than a good drafter would
   # (after round 1, then at rounds 2, 4, 8, ... while nothing better turns up, and at once when
   # the chosen drafter's first draft is rejected), and follow a domain switch within a round or
-  # two: the argmax keeps a tenth of the past log-weights, so the acceptance estimates (`decay`,
-  # about three positions) do the smoothing and the Hedge step adds little inertia.
+  # two: the argmax keeps a hundredth of the past log-weights, so the acceptance estimates
+  # (`decay`, about three positions) do the smoothing and the Hedge step adds almost no inertia
+  # (a tenth kept a drafter that had just missed twice ahead of one that had just hit).
   learning_rate: float = 8.0
-  forget: float = 0.9
+  forget: float = 0.99
   prior_strength: float = 1.0
   prior_floor: float = 0.01
   prior_acceptance: float = 0.5
   prior_count: float = 1.0
-  decay: float = 0.7
+  decay: float = 0.65
   track_threshold: float = 0.01
   probe_every: int = 1
   first_probe: int = 1
