@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import jax_specsel as js
+from random_t5 import random_t5
 
 TINY = dict(
     vocab_size=96,
@@ -348,8 +349,10 @@ def test_malformed_weight_index(checkpoint):
 
 
 def _tiny_t5(directory) -> transformers.T5ForConditionalGeneration:
-  """A Flan-style (gated-gelu, untied) random T5; see shared/PITFALLS.md for the untying."""
-  config = transformers.T5Config(
+  """A Flan-style (gated-gelu, untied) random T5, saved to `directory`."""
+  model = random_t5(
+      3,
+      tie=False,
       vocab_size=80,
       d_model=32,
       d_kv=8,
@@ -359,15 +362,7 @@ def _tiny_t5(directory) -> transformers.T5ForConditionalGeneration:
       num_decoder_layers=2,
       feed_forward_proj="gated-gelu",
       decoder_start_token_id=0,
-      tie_word_embeddings=False,
-      dropout_rate=0.0,
   )
-  config.tie_word_embeddings = False
-  torch.manual_seed(3)
-  model = transformers.T5ForConditionalGeneration(config).eval()
-  with torch.no_grad():  # real checkpoints keep these aliases equal to shared.weight
-    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
   model.save_pretrained(str(directory))
   return model
 

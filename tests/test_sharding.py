@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import jax_specsel as js
 import sharding_worker
 from fake_models import fake_model
+from random_t5 import random_t5
 from jax_specsel import memory, sharding
 from jax_specsel.bandit import collect as collect_lib
 from jax_specsel.bandit import collection_store
@@ -74,17 +75,15 @@ def _result(completed: subprocess.CompletedProcess) -> dict:
 
 
 def _save(model, directory) -> str:
-  if isinstance(model, transformers.T5ForConditionalGeneration):
-    with torch.no_grad():  # untied random T5: real checkpoints keep these equal to shared.weight
-      model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-      model.decoder.embed_tokens.weight.copy_(model.shared.weight)
   model.eval().save_pretrained(str(directory))
   return str(directory)
 
 
 def _t5(seed: int, heads: int, layers: int) -> transformers.T5ForConditionalGeneration:
-  torch.manual_seed(seed)
-  config = transformers.T5Config(
+  """A Flan-style (gated-gelu, untied) random T5."""
+  return random_t5(
+      seed,
+      tie=False,
       vocab_size=VOCAB,
       d_model=32,
       d_kv=8,
@@ -98,10 +97,7 @@ def _t5(seed: int, heads: int, layers: int) -> transformers.T5ForConditionalGene
       eos_token_id=1,
       pad_token_id=0,
       decoder_start_token_id=0,
-      tie_word_embeddings=False,
   )
-  config.tie_word_embeddings = False  # transformers 5.23 forces True (shared/PITFALLS.md)
-  return transformers.T5ForConditionalGeneration(config)
 
 
 @pytest.fixture(scope="module")

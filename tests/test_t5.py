@@ -24,6 +24,7 @@ from flax import nnx
 
 import jax_specsel as js
 from jax_specsel.models import t5, t5_modules
+from random_t5 import random_t5
 
 SOURCE_LEN, TARGET_LEN = 30, 25
 
@@ -57,25 +58,9 @@ SPECS = {
 
 def _build(spec: dict, directory: str) -> transformers.T5ForConditionalGeneration:
   spec = dict(spec)
-  tie = spec.pop("tie")
-  config = transformers.T5Config(
-      num_layers=2,
-      num_decoder_layers=2,
-      decoder_start_token_id=0,
-      tie_word_embeddings=tie,
-      dropout_rate=0.0,
-      **spec,
+  model = random_t5(
+      0, tie=spec.pop("tie"), num_layers=2, num_decoder_layers=2, decoder_start_token_id=0, **spec
   )
-  # transformers 5.23 forces tie_word_embeddings=True (the argument only sets the output scaling):
-  # untie by hand for a v1.1/Flan-style model (shared/PITFALLS.md).
-  config.tie_word_embeddings = tie
-  torch.manual_seed(0)
-  model = transformers.T5ForConditionalGeneration(config).eval()
-  with torch.no_grad():
-    # Untied, the encoder/decoder embeddings are separate random tensors; real checkpoints keep
-    # them equal to shared.weight (one table). Distinct tables: the untied tests at the end.
-    model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.decoder.embed_tokens.weight.copy_(model.shared.weight)
   model.save_pretrained(directory)
   return model
 
