@@ -423,6 +423,7 @@ def test_bad_inputs_raise_before_any_work(t5_models):
     adaptive.generate_adaptive(target, [[3, 4]], drafters, max_gamma=2.5)
 
 
+@pytest.mark.slow  # shares its program with test_counters_agree_with_the_rounds there
 def test_regret_hindsight_values_and_cost_recomputed_from_the_round_records(t5_models):
   target, drafters = t5_models
   max_gamma, step = 3, np.array([0.3, 0.05, 0.2])

@@ -24,65 +24,76 @@ def test_a_flag_of_the_wrong_type_is_one_line():
   )
 
 
-@pytest.mark.parametrize(
-    "script,args,message",
-    [
-        (
-            "benchmark.py",
-            ["--output_dir=/proc/jax_specsel/out"],
-            "--output_dir=/proc/jax_specsel/out: cannot write there",
-        ),
-        ("benchmark.py", ["--gamma=0"], "--gamma=0: must be >= 1."),
-        ("benchmark.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
-        (
-            "profile_decoding.py",
-            ["--trace_dir=/proc/jax_specsel/trace"],
-            "--trace_dir=/proc/jax_specsel/trace: cannot write there",
-        ),
-        (
-            "round_cost.py",
-            ["--target=/no/such/target", "--output=/proc/jax_specsel/round_cost.json"],
-            "--output=/proc/jax_specsel/round_cost.json: cannot write its directory",
-        ),
-        (
-            "adaptive_overhead.py",
-            ["--output=/proc/jax_specsel/adaptive.json"],
-            "--output=/proc/jax_specsel/adaptive.json: cannot write its directory",
-        ),
-        (
-            "adaptive_overhead.py",
-            ["--policy=/no/such/policy", "--output=/tmp/adaptive_overhead.json"],
-            "--policy=/no/such/policy is not a saved policy directory",
-        ),
-        ("adaptive_overhead.py", ["--probe_every=-1"], "--probe_every=-1: must be >= 0."),
-        ("selection_overhead.py", ["--repeats=0"], "--repeats=0: must be >= 1."),
-        (
-            "rule_work.py",
-            ["--rule=probe_sooner=1"],
-            "--rule=probe_sooner=1: write field=value with a field of",
-        ),
-        ("rule_work.py", ["--costs=/no/such.json"], "--costs=/no/such.json is not a file"),
-        (
-            "compare_backends.py",
-            ["--backends=cpu,quantum"],
-            "--backends=cpu,quantum: choose from ['cpu', 'gpu', 'tpu'].",
-        ),
-        ("step_latency.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
-        ("conditional_copies.py", ["--iterations=0"], "--iterations=0: must be >= 1."),
-        (
-            "experiment_estimators.py",
-            ["--sizes=256,many"],
-            "--sizes=256,many: 'many' is not an integer; give a comma-separated list of integers",
-        ),
-        ("round_cost.py", ["--gammas=a,b"], "--gammas=a,b: 'a' is not an integer"),
-        ("round_cost.py", ["--gammas=2,0"], "--gammas entry=0: must be >= 1."),
-        (
-            "round_cost.py",
-            ["--drafter=drafter_nowhere"],
-            "--drafter='drafter_nowhere': without --target, name a drafter of the demo zoo",
-        ),
-    ],
-)
+def _first_case_of_each_script_by_default(cases):
+  """Each script's first case runs in the default set, its other cases with the slow set: every
+  case is a subprocess that imports the package (seconds each)."""
+  seen, params = set(), []
+  for script, args, message in cases:
+    marks = [pytest.mark.slow] if script in seen else []
+    seen.add(script)
+    params.append(pytest.param(script, args, message, marks=marks))
+  return params
+
+
+_DIAGNOSTICS = [
+    (
+        "benchmark.py",
+        ["--output_dir=/proc/jax_specsel/out"],
+        "--output_dir=/proc/jax_specsel/out: cannot write there",
+    ),
+    ("benchmark.py", ["--gamma=0"], "--gamma=0: must be >= 1."),
+    ("benchmark.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
+    (
+        "profile_decoding.py",
+        ["--trace_dir=/proc/jax_specsel/trace"],
+        "--trace_dir=/proc/jax_specsel/trace: cannot write there",
+    ),
+    (
+        "round_cost.py",
+        ["--target=/no/such/target", "--output=/proc/jax_specsel/round_cost.json"],
+        "--output=/proc/jax_specsel/round_cost.json: cannot write its directory",
+    ),
+    (
+        "adaptive_overhead.py",
+        ["--output=/proc/jax_specsel/adaptive.json"],
+        "--output=/proc/jax_specsel/adaptive.json: cannot write its directory",
+    ),
+    (
+        "adaptive_overhead.py",
+        ["--policy=/no/such/policy", "--output=/tmp/adaptive_overhead.json"],
+        "--policy=/no/such/policy is not a saved policy directory",
+    ),
+    ("adaptive_overhead.py", ["--probe_every=-1"], "--probe_every=-1: must be >= 0."),
+    ("selection_overhead.py", ["--repeats=0"], "--repeats=0: must be >= 1."),
+    (
+        "rule_work.py",
+        ["--rule=probe_sooner=1"],
+        "--rule=probe_sooner=1: write field=value with a field of",
+    ),
+    ("rule_work.py", ["--costs=/no/such.json"], "--costs=/no/such.json is not a file"),
+    (
+        "compare_backends.py",
+        ["--backends=cpu,quantum"],
+        "--backends=cpu,quantum: choose from ['cpu', 'gpu', 'tpu'].",
+    ),
+    ("step_latency.py", ["--families=gpt2"], "--families=gpt2: choose from ['llama', 't5']."),
+    ("conditional_copies.py", ["--iterations=0"], "--iterations=0: must be >= 1."),
+    (
+        "experiment_estimators.py",
+        ["--sizes=256,many"],
+        "--sizes=256,many: 'many' is not an integer; give a comma-separated list of integers",
+    ),
+    ("round_cost.py", ["--gammas=a,b"], "--gammas=a,b: 'a' is not an integer"),
+    ("round_cost.py", ["--gammas=2,0"], "--gammas entry=0: must be >= 1."),
+    (
+        "round_cost.py",
+        ["--drafter=drafter_nowhere"],
+        "--drafter='drafter_nowhere': without --target, name a drafter of the demo zoo",
+    ),
+]
+
+
+@pytest.mark.parametrize("script,args,message", _first_case_of_each_script_by_default(_DIAGNOSTICS))
 def test_diagnostics_check_flags_and_outputs_first(script, args, message, tmp_path):
   cache = tmp_path / "zoo"  # where round_cost would build the demo zoo: never reached
   extra = [f"--cache_dir={cache}"] if script == "round_cost.py" else []

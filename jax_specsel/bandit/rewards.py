@@ -11,11 +11,11 @@ Everything here is host-side numpy: it runs once per collected example, not unde
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 # \w with re.UNICODE matches letters of every script (ä, ß, é, Cyrillic...) plus digits and '_'.
 _WORD_PATTERN = re.compile(r"\w+", re.UNICODE)
@@ -33,7 +33,13 @@ class UnicodeWordTokenizer:
     return _WORD_PATTERN.findall(text.lower())
 
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWordTokenizer())
+@functools.cache
+def _scorer():
+  """rouge-score's ROUGE-L scorer, built on first use: rouge-score imports nltk and scipy (about a
+  second), which every command that never scores text would pay at start-up."""
+  from rouge_score import rouge_scorer
+
+  return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWordTokenizer())
 
 
 def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
@@ -66,7 +72,7 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
       scores[index] = 1.0 if candidate_empty and reference_empty else 0.0
     else:
       # rouge-score's signature is score(target, prediction).
-      scores[index] = _SCORER.score(reference, candidate)["rougeL"].fmeasure
+      scores[index] = _scorer().score(reference, candidate)["rougeL"].fmeasure
   return scores
 
 
