@@ -28,7 +28,7 @@ import datasets
 import ml_collections
 from absl import flags
 
-from jax_specsel import validation
+from jax_specsel import cpu_backend, validation
 from jax_specsel.bandit.collection_store import CollectionMismatchError, IncompleteCollectionError
 from jax_specsel.data import loaders
 from jax_specsel.decoding import AUTOREGRESSIVE
@@ -58,12 +58,14 @@ def require_config_flag(example: str, name: str = "config") -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but every error exits with one clear line.
+  """absl's flag parsing, but every error exits with one clear line; first, before any JAX work,
+  the CPU backend's settings (`cpu_backend.prefer_eigen_dots`).
 
   Besides absl's own errors (a bad value, a missing required flag): ml_collections raises a bare
   AttributeError / KeyError from inside flag parsing for a field the (locked) config does not
   have, and defers a config file it cannot load to the first access of the config.
   """
+  cpu_backend.prefer_eigen_dots()
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as err:

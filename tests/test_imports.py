@@ -28,6 +28,7 @@ LAYERS = (
         (
             "jax_specsel.versions",
             "jax_specsel.validation",
+            "jax_specsel.cpu_backend",
             "jax_specsel.flat_params",
             "jax_specsel.token_batches",
             "jax_specsel.models",
