@@ -1,8 +1,9 @@
 """XLA:CPU settings that every launch applies before JAX starts its backends.
 
-A workaround for one backend, kept out of the decoding code: on CPUs whose few-row matmuls are
-compute-bound, XLA:CPU's YNNPACK fusions make a target's verify call over gamma + 1 tokens cost
-2.6-3 single-token steps, and its Eigen dots 1.7-1.9 (BUILD_NOTES.md, "Issue 20, eighth pass").
+A workaround for one backend, kept out of the decoding code: on a CPU whose few-row matmuls are
+compute-bound, a speculative round of the demo's target (gamma 5) cost 2.6-3.0 target steps with
+XLA:CPU's YNNPACK fusions and 1.7-1.9 with its Eigen dots (BUILD_NOTES.md, "Issue 20, eighth
+pass").
 """
 
 from __future__ import annotations
