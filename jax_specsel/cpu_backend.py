@@ -1,9 +1,9 @@
 """XLA:CPU settings that every launch applies before JAX starts its backends.
 
 A workaround for one backend, kept out of the decoding code: on a CPU whose few-row matmuls are
-compute-bound, a speculative round of the demo's target (gamma 5) cost 2.6-3.0 target steps with
-XLA:CPU's YNNPACK fusions and 1.7-1.9 with its Eigen dots (BUILD_NOTES.md, "Issue 20, eighth
-pass").
+compute-bound, XLA:CPU's YNNPACK dots make a target's verify call over gamma + 1 tokens cost
+several single-token steps, where its Eigen dots stay near the memory-bound cost that
+speculative decoding relies on (measured in BUILD_NOTES.md, "Issue 20, eighth pass").
 """
 
 from __future__ import annotations
