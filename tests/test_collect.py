@@ -212,6 +212,7 @@ def test_unfinished_collection_is_refused_unless_allowed(models, tmp_path, monke
   assert meta["missing_shards"] == ["shard-00001.parquet", "shard-00002.parquet"]
 
 
+@pytest.mark.slow  # two collector processes; CI runs it with the slow set
 def test_two_writers_on_one_directory_split_the_work(tmp_path):
   context = multiprocessing.get_context("spawn")  # jax does not survive fork
   barrier = context.Barrier(2)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "jax_specsel"
 
@@ -176,6 +178,7 @@ def test_no_module_imports_one_of_a_layer_above_it():
   assert not upward, "\n".join(upward)
 
 
+@pytest.mark.slow  # one interpreter per module; CI runs it with the slow set
 def test_every_module_imports_on_its_own():
   """Each module imported first in a fresh package state: in one subprocess, every jax_specsel
   module is dropped from sys.modules before the next is imported (third-party modules stay

@@ -116,6 +116,7 @@ def test_policy_cost_is_the_fused_call_minus_the_plain_call_with_the_chosen_opti
   )
 
 
+@pytest.mark.slow  # compiles every program of an evaluation; CI runs it with the slow set
 def test_threaded_warm_up_compiles_everything_the_timed_calls_run():
   """Two prompt buckets compiled on worker threads: every program the evaluation then runs
   (single options, both fused variants, the adaptive row with its online update) is compiled."""
