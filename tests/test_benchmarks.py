@@ -26,7 +26,7 @@ def test_a_flag_of_the_wrong_type_is_one_line():
 
 def _first_case_of_each_script_by_default(cases):
   """Each script's first case runs in the default set, its other cases with the slow set: every
-  case is a subprocess that imports the package (seconds each)."""
+  case is a subprocess that imports the package."""
   seen, params = set(), []
   for script, args, message in cases:
     marks = [pytest.mark.slow] if script in seen else []

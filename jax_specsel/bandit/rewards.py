@@ -35,8 +35,8 @@ class UnicodeWordTokenizer:
 
 @functools.cache
 def _scorer():
-  """rouge-score's ROUGE-L scorer, built on first use: rouge-score imports nltk and scipy (about a
-  second), which every command that never scores text would pay at start-up."""
+  """rouge-score's ROUGE-L scorer, built on first use: rouge-score imports nltk and scipy, which
+  every command that never scores text would otherwise pay at start-up."""
   from rouge_score import rouge_scorer
 
   return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWordTokenizer())
