@@ -332,6 +332,8 @@ def _exact_two_token_distribution(model: transformers.LlamaForCausalLM, prompt, 
   return (first[:, None] * second).numpy().astype(np.float64)  # [x1, x2]
 
 
+# With the slow set: test_decoding checks adaptive sampling after rejections and switches by default.
+@pytest.mark.slow
 def test_sampled_output_is_distributed_as_the_target_while_options_switch(tmp_path):
   vocab, temperature = 12, 0.8
   reference = _llama_torch(vocab, None, seed=3)

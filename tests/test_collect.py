@@ -396,7 +396,8 @@ def test_an_inconsistent_collection_json_is_refused_on_load(
     store.load_collection(str(tmp_path))
 
 
-@pytest.mark.parametrize("point", ["shard", "meta"])
+# The shard kill with the slow set: the metadata kill checks the same resume by default.
+@pytest.mark.parametrize("point", [pytest.param("shard", marks=pytest.mark.slow), "meta"])
 def test_a_collector_killed_while_writing_resumes_each_query_exactly_once(point, tmp_path):
   """A real collector process killed (SIGKILL) halfway through writing a shard or collection.json,
   then resumed: every query once, in order, and nothing of the killed writer left behind."""

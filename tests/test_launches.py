@@ -185,7 +185,9 @@ def test_evaluate_with_an_empty_test_split_fails_before_loading_models(tmp_path)
   )
 
 
-@pytest.mark.parametrize("script", ["train_policy.py", "evaluate.py"])
+@pytest.mark.parametrize(
+    "script", [pytest.param("train_policy.py", marks=pytest.mark.slow), "evaluate.py"]
+)
 def test_a_collection_of_other_models_than_the_config_is_refused(script, tmp_path):
   _collection(tmp_path)
   _fails_with(

@@ -160,7 +160,7 @@ def _mid_tokens(rows) -> list[int]:
   return [int(t) for t in np.argsort(-counts, kind="stable") if counts[t]]
 
 
-@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("t5", marks=pytest.mark.slow)])
 def test_no_stop_id_runs_to_max_new_tokens(family, bases):
   directory, prompts, reference = bases[family]
   assert js.load_model(directory).eos_ids == ()
