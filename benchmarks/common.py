@@ -8,6 +8,7 @@ diagnostic measures what the demo runs instead of a copy of its values.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -53,6 +54,25 @@ def choices_flag(name: str, known, allow_empty: bool = False) -> list[str]:
   if set(values) - set(known) or (not values and not allow_empty):
     raise ValueError(f"--{name}={','.join(values)}: choose from {sorted(known)}.")
   return values
+
+
+def rule_overrides(items: list[str]) -> dict:
+  """A --rule list flag's `field=value` items as RuleSettings fields, each value of its default's
+  type; ValueError names a bad item."""
+  from jax_specsel.decoding import RuleSettings
+
+  known = {f.name: f.default for f in dataclasses.fields(RuleSettings)}
+  overrides = {}
+  for item in items:
+    name, _, value = item.partition("=")
+    if name not in known or not value:
+      raise ValueError(f"--rule={item}: write field=value with a field of {sorted(known)}.")
+    kind = type(known[name])
+    try:
+      overrides[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    except ValueError:
+      raise ValueError(f"--rule={item}: {name} takes a {kind.__name__}.") from None
+  return overrides
 
 
 def define_zoo_flags() -> None:

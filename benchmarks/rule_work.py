@@ -64,22 +64,6 @@ common.define_zoo_flags()
 flags.adopt_module_key_flags(common)
 
 
-def rule_overrides() -> dict:
-  """--rule as RuleSettings fields, each value of its default's type; ValueError names a bad one."""
-  known = {f.name: f.default for f in dataclasses.fields(RuleSettings)}
-  overrides = {}
-  for item in FLAGS.rule:
-    name, _, value = item.partition("=")
-    if name not in known or not value:
-      raise ValueError(f"--rule={item}: write field=value with a field of {sorted(known)}.")
-    kind = type(known[name])
-    try:
-      overrides[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
-    except ValueError:
-      raise ValueError(f"--rule={item}: {name} takes a {kind.__name__}.") from None
-  return overrides
-
-
 def check_flags() -> RuleSettings:
   """Validates every flag before the zoo loads; returns the rule."""
   from jax_specsel import pipeline
@@ -89,7 +73,7 @@ def check_flags() -> RuleSettings:
   validation.writable_file(FLAGS.output, "--output")
   if FLAGS.costs and not os.path.isfile(FLAGS.costs):
     raise ValueError(f"--costs={FLAGS.costs} is not a file: name a JSON this script wrote.")
-  return pipeline.rule_settings(DEMO.adaptive, **rule_overrides())
+  return pipeline.rule_settings(DEMO.adaptive, **common.rule_overrides(FLAGS.rule))
 
 
 def load_costs(target, drafters, prompt) -> Costs:

@@ -64,6 +64,12 @@ _DIAGNOSTICS = [
         "--policy=/no/such/policy is not a saved policy directory",
     ),
     ("adaptive_overhead.py", ["--probe_every=-1"], "--probe_every=-1: must be >= 0."),
+    (
+        "adaptive_overhead.py",
+        ["--rule=probe_below=2"],
+        "RuleSettings.probe_below=2.0 is out of range",
+    ),
+    ("adaptive_overhead.py", ["--domains=poetry"], "--domains=poetry: choose from"),
     ("selection_overhead.py", ["--repeats=0"], "--repeats=0: must be >= 1."),
     (
         "rule_work.py",
