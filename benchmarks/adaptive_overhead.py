@@ -11,9 +11,9 @@ domain and the rounds each option drafted, and writes them as JSON to --output. 
 rule settings default to the demo's (configs/demo.py); --rule overrides RuleSettings fields.
 
 --clock=wall (the default) is what a user waits for. --clock=process times the process's CPU
-time (both cores' work) instead: on a shared machine it moves about half as much between runs,
-which makes rule settings comparable when their difference is a percent or two; it counts the
-work and not the waiting, so report wall ratios as the speed.
+time (both cores' work) instead: steadier on a shared machine (BUILD_NOTES.md, "Issue 20, ninth
+pass"), so rule settings a percent or two apart can be compared; it counts the work and not the
+waiting, so report wall ratios as the speed.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ flags.DEFINE_integer(
     DEMO.max_new_tokens,
     "Tokens generated at most per query (default: the demo's).",
 )
-flags.DEFINE_list("rule", [], "RuleSettings overrides, field=value (after the flags above).")
+flags.DEFINE_list(
+    "rule", [], "RuleSettings overrides, field=value (over --probe_every and --track_threshold)."
+)
 flags.DEFINE_list("domains", [], "Domains of the world to time (default: all).")
 flags.DEFINE_enum(
     "clock", "wall", list(CLOCKS), "What times a call: wall (perf_counter) or process CPU time."
